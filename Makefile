@@ -1,0 +1,55 @@
+# excb: build the CPU reference, its tests and the benchmark.
+#   make            build ./excb
+#   make test       build and run the Criterion suites (fast unit suites, then the step suites)
+#   make bench      ./excb bench for the two configurations of issue 2
+# Optional features are probed and announced; without them the build degrades, never silently:
+#   oneDNN (libdnnl-dev)  the fast GEMM; without it the naive GEMM is used (correct, ~50x slower)
+#   OpenMP                threads; results are bitwise the same for any thread count
+CC      ?= gcc
+# -ffp-contract=off: every a*b+c in the source rounds twice, as written (no silent FMA contraction);
+# no -ffast-math: IEEE semantics (subnormals, NaN checks, the fp16 rounding of A4) are part of the method.
+CFLAGS  ?= -O3 -march=native
+CFLAGS  += -std=c11 -Wall -Wextra -Wno-unknown-pragmas -ffp-contract=off -fopenmp
+LDLIBS  += -lm -fopenmp
+
+HAVE_DNNL := $(shell echo '\#include <dnnl.h>' | $(CC) -E - >/dev/null 2>&1 && echo 1)
+ifeq ($(HAVE_DNNL),1)
+  CFLAGS += -DEXCB_USE_DNNL
+  LDLIBS += -ldnnl
+  $(info ✓ oneDNN found: dnnl_sgemm is the GEMM)
+else
+  $(info ✗ oneDNN not found: naive GEMM (slow). Install: apt-get install libdnnl-dev)
+endif
+HAVE_CRITERION := $(shell pkg-config --exists criterion 2>/dev/null && echo 1)
+
+TESTS := tests/test_equations tests/test_gradients tests/test_step
+
+.PHONY: all test test-fast test-step bench clean
+all: excb
+
+excb: excb.c excb.h
+	$(CC) $(CFLAGS) -o $@ excb.c $(LDLIBS)
+
+# the whole implementation compiled without main, for the tests
+excb_test.o: excb.c excb.h
+	$(CC) $(CFLAGS) -DTESTING -c -o $@ excb.c
+
+tests/%: tests/%.c tests/testutil.h excb_test.o
+ifneq ($(HAVE_CRITERION),1)
+	$(error Criterion not found: apt-get install libcriterion-dev pkg-config)
+endif
+	$(CC) $(CFLAGS) $(shell pkg-config --cflags criterion) -I. -o $@ $< excb_test.o $(shell pkg-config --libs criterion) $(LDLIBS)
+
+test: test-fast test-step
+test-fast: tests/test_equations tests/test_gradients
+	./tests/test_equations
+	./tests/test_gradients
+test-step: tests/test_step
+	./tests/test_step
+
+bench: excb
+	./excb bench --config resnet20s --global-size 28 --local-size 12 --batch 256 --K 4096
+	./excb bench --config resnet18 --global-size 32 --local-size 16 --batch 64 --K 4096
+
+clean:
+	rm -f excb excb_test.o $(TESTS)

@@ -1,0 +1,309 @@
+/*
+ * excb.h: the interface shared by excb.c (the CPU reference) and excb_kernels.cu (the GPU twin).
+ *
+ * ExCB: "Efficient Unsupervised Visual Representation Learning with Explicit Cluster Balancing",
+ * I. Maniadis Metaxas, G. Tzimiropoulos, I. Patras, ECCV 2024, arXiv 2407.11168.
+ * Equation labels E0..E14 are those of shared/METHOD.md (written from the official code); the paper's
+ * own equation numbers are UNCONFIRMED and are never used here.
+ *
+ * Dimension letters, used in every shape comment of this project:
+ *   B  images (samples) in a batch          Vg, Vl  global / local views per image (2, 6)
+ *   N  rows of one tensor (e.g. Vg*B)        C  channels      H, W  spatial size
+ *   D  backbone feature width                Hd MLP hidden width     d  bottleneck width (256)
+ *   K  clusters (prototypes)
+ *
+ * Memory layouts (one for the whole project, CPU and GPU):
+ *   - activations are FEATURE-MAJOR: an image tensor is (C, N, H, W) and a feature matrix is (F, N).
+ *     BatchNorm then reads one channel as one contiguous run, a 1x1 convolution and a Linear layer are
+ *     the same GEMM  Y(Cout, N*H*W) = W(Cout, Cin) . X(Cin, N*H*W), and BN1d is BN2d with H = W = 1.
+ *   - input images arrive as (N, C, H, W) with view-major rows (row = v*B + i), as PyTorch stores them.
+ *   - similarity / logit matrices are (N, K) row-major, so each sample's softmax is one contiguous row.
+ *   - weights use PyTorch's layouts: conv (Cout, Cin, kh, kw), linear (out, in), centroids (K, d).
+ */
+#ifndef EXCB_H
+#define EXCB_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#define EXCB_VERSION "0.1.0"
+
+/* Exit codes of the `excb` program (see README.md, "Exit codes"). */
+enum {
+    EXCB_EXIT_OK = 0,
+    EXCB_EXIT_USAGE = 64,      /* EX_USAGE: bad command line                         */
+    EXCB_EXIT_DATA = 65,       /* EX_DATAERR: a file's content is wrong               */
+    EXCB_EXIT_NOINPUT = 66,    /* EX_NOINPUT: a file cannot be opened                 */
+    EXCB_EXIT_SOFTWARE = 70,   /* EX_SOFTWARE: internal error                         */
+    EXCB_EXIT_OSERR = 71,      /* EX_OSERR: out of memory                             */
+    EXCB_EXIT_IO = 74,         /* EX_IOERR: read or write failure                     */
+    EXCB_EXIT_DIVERGED = 3,    /* the loss became NaN or Inf                          */
+};
+
+/* ------------------------------------------------------------------------------------------------ */
+/* Configuration: every constant of the method is a field here, with its default in excb_config_*. */
+
+typedef enum { EXCB_BLOCK_BASIC = 0, EXCB_BLOCK_BOTTLENECK = 1 } ExcbBlock;
+typedef enum { EXCB_STEM_CIFAR = 0, EXCB_STEM_IMAGENET = 1 } ExcbStem;
+#define EXCB_MAX_STAGES 4
+
+typedef struct {
+    char name[32];             /* config name, e.g. "resnet20s"                                       */
+    /* backbone (METHOD.md 1.1) */
+    ExcbBlock block;           /* BasicBlock (ResNet-18/20) or Bottleneck (ResNet-50)                  */
+    ExcbStem stem;             /* CIFAR: conv3x3/1, no max-pool; ImageNet: conv7x7/2 + maxpool3x3/2    */
+    int in_ch;                 /* input channels, 1 (Fashion-MNIST) or 3                              */
+    int n_stages;              /* 3 (resnet20s) or 4                                                  */
+    int widths[EXCB_MAX_STAGES];   /* stage widths, e.g. 16/32/64 or 64/128/256/512                   */
+    int blocks[EXCB_MAX_STAGES];   /* blocks per stage, e.g. 3/3/3 or 2/2/2/2 or 3/4/6/3              */
+    /* heads (E0, E1, E10) */
+    int hidden;                /* MLP hidden width Hd, 512 (resnet20s) or 2048                        */
+    int d;                     /* bottleneck width d, 256                                              */
+    int K;                     /* clusters, 65536 in the paper's runs, 4096 for laptop-sized ones      */
+    /* views (METHOD.md 1.8) */
+    int n_global, n_local;     /* Vg = 2, Vl = 6                                                       */
+    int global_size, local_size;   /* crop sides, e.g. 28/12 (Fashion-MNIST), 32/16, 224/96            */
+    int batch;                 /* B, images per step (each with all its views)                         */
+    /* the criterion (E2..E8) */
+    double tau_s;               /* student temperature, 0.1                                             */
+    double tau_t;               /* teacher temperature, 0.04, constant (A18)                            */
+    double m_s;                 /* cluster-size EMA momentum "center_momentum", 0.999 (A5)              */
+    double boost;               /* E5 argmax boost, 0.01 (factor 1.01, A1)                              */
+    int fp16_count_term;       /* 1: round the E3 update term through float16 as the official code (A4) */
+    /* normalisation */
+    double bn_eps;              /* 1e-5, every BatchNorm                                               */
+    double bn_momentum;         /* 0.1, running statistics for evaluation                              */
+    double norm_eps;            /* 1e-12, F.normalize: x / max(||x||, eps)                              */
+    /* optimisation (E9, E14, Appendix A) */
+    double lr_peak;             /* 0.6, absolute, not scaled by batch (A19)                             */
+    double lr_min_factor;       /* 1e-4: cosine ends at lr_peak * 1e-4                                 */
+    double weight_decay;        /* 1e-4 on weights; 0 on biases and 1-D parameters                     */
+    double centroid_wd_boost;   /* 9: centroid wd = wd * (1 + 9 (1+cos(pi t/T))/2), "wdx10c1" (A10)      */
+    double sgd_momentum;        /* 0.9                                                                  */
+    double ema_start;           /* teacher momentum 0.996 -> 1.0 by cosine (E9)                         */
+    long total_steps;          /* T: all optimisation steps of the run                                 */
+    long warmup_steps;         /* W: linear lr warm-up (10 epochs in the official config)             */
+    /* reproducibility and speed */
+    uint64_t seed;             /* the one root seed                                                    */
+    int threads;               /* worker threads; results do not depend on it                          */
+} ExcbConfig;
+
+/* Named configurations: "resnet20s", "resnet18", "resnet50", "tiny" (tests). 0 on success. */
+int excb_config_named(ExcbConfig *cfg, const char *name);
+
+/* ------------------------------------------------------------------------------------------------ */
+/* The table of named tensors: parameters, gradients, momentum and teacher share this one layout.   */
+
+typedef enum {
+    EXCB_GROUP_WEIGHT = 0,     /* conv and linear weights: weight decay wd                             */
+    EXCB_GROUP_NO_DECAY = 1,   /* biases and 1-D parameters (BN gamma/beta): no weight decay          */
+    EXCB_GROUP_CENTROID = 2,   /* the centroid direction v: wd times the "wdx10c1" multiplier         */
+} ExcbGroup;
+
+typedef struct {
+    char name[80];             /* PyTorch state_dict name, e.g. "backbone.layer1.0.conv1.weight"      */
+    int ndim, shape[4];
+    size_t offset, numel;      /* in floats, from the start of the buffer                             */
+    ExcbGroup group;
+} ExcbTensor;
+
+/* One convolution followed by its BatchNorm: the unit every ResNet here is built from. */
+typedef struct {
+    int cin, cout, k, stride, pad;
+    int w;                     /* tensor index of the conv weight (cout, cin, k, k)                   */
+    int gamma, beta;           /* tensor indices of the BN affine parameters (cout)                   */
+    size_t stats;              /* offset of this BN's running mean, then running var, in `running`    */
+} ExcbConvBN;
+
+typedef struct {
+    int n_main;                /* 2 (basic) or 3 (bottleneck) ConvBN units on the main path           */
+    ExcbConvBN main[3];
+    int has_down;              /* 1: the shortcut is conv1x1(stride)+BN ("downsample")                */
+    ExcbConvBN down;
+} ExcbResBlock;
+
+/* Linear (out, in) + bias, optionally followed by BatchNorm1d and ReLU (the MLP heads, E0/E10). */
+typedef struct {
+    int in, out;
+    int w, b;                  /* tensor indices                                                      */
+    int has_bn;                /* Linear-BN-ReLU (hidden layers) or a bare Linear (last layer)        */
+    int gamma, beta; size_t stats;
+} ExcbLinear;
+
+#define EXCB_MAX_BLOCKS 32
+#define EXCB_MAX_TENSORS 512
+
+/* Activations of one backbone call (one resolution), kept for the backward pass. */
+typedef struct {
+    float *y;                  /* conv output, before BN: (Cout, N, Ho, Wo)                           */
+    float *a;                  /* after BN and ReLU (and the residual add, last unit of a block)      */
+    float *mean, *rstd;        /* batch statistics of the BN (Cout)                                   */
+    int N, H, W;               /* output geometry                                                     */
+} ExcbUnitActs;
+
+typedef struct {
+    int N, H;                  /* images in this call and their input side                            */
+    float *x;                  /* input, (C, N, H, H) feature-major                                   */
+    ExcbUnitActs stem;
+    float *pool;               /* ImageNet stem: max-pool output (C, N, H/4, W/4)                     */
+    int32_t *pool_arg;         /* and the flat input index of each output's maximum                   */
+    ExcbUnitActs main[EXCB_MAX_BLOCKS][3], down[EXCB_MAX_BLOCKS];
+} ExcbBackboneActs;
+
+/* Activations of the heads on N rows (feature-major (F, N)). */
+typedef struct {
+    float *y[3], *a[3], *mean[3], *rstd[3];   /* projector layers 1..3 (a[2] = h, y/mean/rstd unused) */
+} ExcbMLPActs;
+
+/* ------------------------------------------------------------------------------------------------ */
+/* The model: student, teacher, optimiser state, cluster sizes, and every buffer a step needs.     */
+
+typedef struct {
+    ExcbConfig cfg;
+    /* structure */
+    ExcbConvBN stem;
+    int n_blocks;
+    ExcbResBlock blocks[EXCB_MAX_BLOCKS];
+    int D;                     /* backbone output width                                               */
+    ExcbLinear proj[3];        /* projector: D->Hd (BN,ReLU), Hd->Hd (BN,ReLU), Hd->d                 */
+    int pred_bn_gamma, pred_bn_beta; size_t pred_bn_stats;   /* BN(d) before the predictor (E10a)  */
+    ExcbLinear pred[2];        /* predictor: d->Hd (BN,ReLU), Hd->d                                   */
+    int centroids;             /* tensor index of v (K, d)                                            */
+    /* parameters: one layout, four buffers */
+    int n_tensors;
+    ExcbTensor tensors[EXCB_MAX_TENSORS];
+    size_t n_params;
+    float *params, *grads, *momentum, *teacher;
+    size_t n_running;          /* BN running mean/var (evaluation only), student and teacher          */
+    float *running, *teacher_running;
+    /* the method's state */
+    float *s;                  /* cluster-size estimate (K), sums to 1, starts at 1/K (E3)           */
+    long step;                 /* optimisation steps done (0-based index of the next step)            */
+    /* activation arenas, sized once in excb_build; nothing is allocated inside a step */
+    float *arena; size_t arena_floats;
+    ExcbBackboneActs act_global, act_local;   /* teacher reuses act_global before the student runs */
+    float *f;                  /* backbone features (D, Vg*B + Vl*B): global columns, then local      */
+    ExcbMLPActs proj_act;      /* projector activations over all student rows                         */
+    float *h;                  /* projection (d, NS) where NS = (Vg+Vl)*B                              */
+    float *pre_y, *pre_mean, *pre_rstd;  /* predictor input BN: output (d, NS) and statistics       */
+    float *pred_y, *pred_a, *pred_mean, *pred_rstd;   /* predictor hidden layer (Hd, NS)           */
+    float *p;                  /* predictor output (d, NS)                                             */
+    float *c, *c_inv_norm;     /* unit centroids (K, d) and 1/||v_k|| (K)                              */
+    float *u_dir, *u_dir_den;  /* normalised global projections (Vg*B, d) and max(||h||, eps)          */
+    float *u_pred, *u_pred_den;    /* normalised predictor outputs (NS, d) and max(||p||, eps)        */
+    float *ut, *ut_den;        /* the teacher's normalised projections (Vg*B, d)                       */
+    int32_t *counts;           /* teacher labels per cluster this step (K)                             */
+    double *row_loss;          /* loss of each student row, summed in a fixed order                    */
+    float *z_dir;              /* direct similarities of global crops (Vg*B, K); then dL/dz            */
+    float *z_pred;             /* predictor similarities of all crops (NS, K); then dL/dz              */
+    float *q;                  /* balanced teacher targets (Vg*B, K)  (E6)                             */
+    int32_t *labels;           /* argmax of q per teacher row (Vg*B)  (E2)                              */
+    float *zt;                 /* teacher similarities (Vg*B, K)  (E1)                                  */
+    float *r, *lower, *higher; /* balancing factors (K)  (E3', E4)                                     */
+    /* backward scratch */
+    float *dbuf[3]; size_t dbuf_floats;
+    float *dhead[4];           /* head gradients, each max(D,Hd,d) x NS                                */
+    float *col;  size_t col_floats;     /* im2col panels, one per worker                               */
+    float *slots; size_t slot_floats;   /* per-slot partial weight gradients (EXCB_SLOTS of them)    */
+    int max_threads;
+} ExcbModel;
+
+/* What one step reports (A21 diagnostics included). */
+typedef struct {
+    double loss;               /* E8, the 18-term mean                                                 */
+    float lr, wd_centroid, ema_m;
+    int unique_labels;         /* distinct teacher labels over both views (of Vg*B)                   */
+    int empty_clusters;        /* clusters with no teacher label this step                            */
+} ExcbStepStats;
+
+int  excb_build(ExcbModel *m, const ExcbConfig *cfg);        /* 0 ok; allocates everything        */
+void excb_free(ExcbModel *m);
+int  excb_find_tensor(const ExcbModel *m, const char *name);  /* index or -1                      */
+/* One ExCB training step on images xg (Vg*B, C, G, G) and xl (Vl*B, C, L, L), view-major rows.  */
+int  excb_step(ExcbModel *m, const float *xg, const float *xl, ExcbStepStats *st);
+/* The step's parts, in order: teacher + targets + student + loss and dL/dz (changes no state but
+   BN running statistics); E2/E3; backward into m->grads; SGD, EMA and step += 1.              */
+double excb_forward_loss(ExcbModel *m, const float *xg, const float *xl, ExcbStepStats *st);
+void excb_update_cluster_sizes(ExcbModel *m, ExcbStepStats *st);
+void excb_backward(ExcbModel *m);
+void excb_update(ExcbModel *m, ExcbStepStats *st);
+
+/* ------------------------------------------------------------------------------------------------ */
+/* Operators. Each takes plain pointers and sizes so a CUDA twin can sit behind the same call.     */
+/* Convention: activation gradients are written (=), parameter gradients accumulated (+=).        */
+
+/* GEMM, row-major, C = alpha op(A) op(B) + beta C; op(A) is M x K, op(B) is K x N. */
+void matmul(char ta, char tb, int M, int N, int K, float alpha, const float *A, int lda,
+            const float *B, int ldb, float beta, float *C, int ldc);
+void matmul_naive(char ta, char tb, int M, int N, int K, float alpha, const float *A, int lda,
+                  const float *B, int ldb, float beta, float *C, int ldc);
+
+void conv2d_forward(float *y, const float *x, const float *w, float *col, int N, int Cin, int H,
+                    int W, int Cout, int k, int stride, int pad);
+void conv2d_backward(float *dx, float *dw, const float *dy, const float *x, const float *w,
+                     float *col, float *slots, int N, int Cin, int H, int W, int Cout, int k,
+                     int stride, int pad);
+
+void batchnorm_forward(float *out, float *mean, float *rstd, float *run_mean, float *run_var,
+                       const float *y, const float *gamma, const float *beta, const float *residual,
+                       int relu, int C, int NHW, float eps, float momentum);
+void batchnorm_backward(float *dy, float *dgamma, float *dbeta, const float *dout, const float *out,
+                        const float *y, const float *mean, const float *rstd, const float *gamma,
+                        int relu, int C, int NHW);
+
+void maxpool_forward(float *out, int32_t *arg, const float *x, int C, int N, int H, int W);
+void maxpool_backward(float *dx, const float *dout, const int32_t *arg, int C, int N, int H, int W);
+void avgpool_forward(float *f, int ldf, const float *x, int C, int N, int HW);
+void avgpool_backward(float *dx, const float *df, int ldf, int C, int N, int HW);
+
+void linear_forward(float *y, const float *x, const float *w, const float *b, int in, int out, int N);
+void linear_backward(float *dx, float *dw, float *db, const float *dy, const float *x,
+                     const float *w, int in, int out, int N);
+
+/* E1: rows of u = x / max(||x||, eps), from a feature-major x (d, N) with leading dim ldx. */
+void l2norm_rows_forward(float *u, float *den, const float *x, int ldx, int d, int N, float eps);
+void l2norm_rows_backward(float *dx, int ldx, const float *du, const float *u, const float *den,
+                          int d, int N, float eps, int accumulate);
+/* weight norm with gain 1: c_k = v_k / ||v_k|| (E1), and dv = (I - c c^T) dc / ||v|| (E13). */
+void weightnorm_forward(float *c, float *inv, const float *v, int K, int d);
+void weightnorm_backward(float *dv, const float *dc, const float *c, const float *inv, int K, int d);
+
+/* E3': r = K s / sum(s); E4 factors lower = min(r,1), higher = min(1/r,1); A3's jitter where a
+   factor is exactly 0, drawn from (seed, step). */
+void balance_factors(float *r, float *lower, float *higher, const float *s, int K, uint64_t seed,
+                     long step);
+/* E4-E6 for N teacher rows: q = softmax(clamp(boost(B(z; r)), -1, 1) / tau_t); labels = argmax q. */
+void balanced_targets(float *q, int32_t *labels, float *zhat, const float *z, const float *lower,
+                      const float *higher, int N, int K, double boost, double tau_t);
+/* E2, E3: s <- m_s s + (1-m_s) counts/N, the term rounded through float16 if fp16_term (A4). */
+void cluster_size_update(float *s, int32_t *counts, const int32_t *labels, int N, int K, double m_s,
+                         int fp16_term);
+/* E7, E8, E11: the loss over student rows z (n_rows, K) matched to teacher targets; z is replaced
+   by dL/dz. Row u of z is matched by the teacher rows listed in match[u] (see excb.c). */
+double excb_loss_forward_backward(float *z_dir, float *z_pred, double *row_loss, const float *q,
+                                  int Vg, int Vl, int B, int K, double tau_s);
+
+/* Schedules (Appendix A). t is the 1-based scheduler step, `step` the 0-based train step. */
+double lr_at(long t, long T, long W, double lr_peak, double lr_min_factor);
+double centroid_wd_at(long t, long T, double wd, double boost);
+double ema_momentum_at(long step, long T, double start);
+double crop_scale_min_at(long epoch, long epochs);
+/* E9: teacher <- m teacher + (1-m) student, in the official code's float roundings. */
+void ema_update(float *teacher, const float *student, size_t n, double m);
+/* E14: SGD, momentum, coupled weight decay per group. */
+void sgd_update(ExcbModel *m, double lr, double wd, double wd_centroid);
+
+/* Counter-based randomness: a value is a pure function of (seed, purpose, a, b, counter). */
+uint64_t excb_hash(uint64_t seed, uint64_t purpose, uint64_t a, uint64_t b, uint64_t counter);
+float excb_uniform(uint64_t seed, uint64_t purpose, uint64_t a, uint64_t b, uint64_t counter);
+float excb_normal(uint64_t seed, uint64_t purpose, uint64_t a, uint64_t b, uint64_t counter);
+enum { EXCB_RNG_INIT = 1, EXCB_RNG_BENCH = 2, EXCB_RNG_TEST = 3, EXCB_RNG_VIEW = 4, EXCB_RNG_JITTER = 5 };
+
+/* float -> IEEE binary16 -> float, round to nearest even (A4's rounding). */
+float excb_round_fp16(float x);
+
+/* Multiply-accumulates of one sample (all its views) for the teacher forward and student forward. */
+void excb_count_macs(const ExcbModel *m, double *teacher_fwd, double *student_fwd);
+void excb_set_threads(int n);
+
+#endif /* EXCB_H */

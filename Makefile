@@ -22,9 +22,9 @@ else
 endif
 HAVE_CRITERION := $(shell pkg-config --exists criterion 2>/dev/null && echo 1)
 
-TESTS := tests/test_equations tests/test_gradients tests/test_step
+TESTS := tests/test_equations tests/test_gradients tests/test_whole_model_f64 tests/test_step
 
-.PHONY: all test test-fast test-step bench clean
+.PHONY: all test test-fast test-step bench bench-compare fixture parity-peer clean
 all: excb
 
 excb: excb.c excb.h
@@ -34,6 +34,13 @@ excb: excb.c excb.h
 excb_test.o: excb.c excb.h
 	$(CC) $(CFLAGS) -DTESTING -c -o $@ excb.c
 
+# the same source in float64 (real = double, naive GEMM), for whole-network finite differences
+excb_f64.o: excb.c excb.h
+	$(CC) $(CFLAGS) -DTESTING -DEXCB_REAL_DOUBLE -c -o $@ excb.c
+
+tests/test_whole_model_f64: tests/test_whole_model_f64.c tests/testutil.h excb_f64.o
+	$(CC) $(CFLAGS) -DEXCB_REAL_DOUBLE $(shell pkg-config --cflags criterion) -I. -o $@ $< excb_f64.o $(shell pkg-config --libs criterion) $(LDLIBS)
+
 tests/%: tests/%.c tests/testutil.h excb_test.o
 ifneq ($(HAVE_CRITERION),1)
 	$(error Criterion not found: apt-get install libcriterion-dev pkg-config)
@@ -41,9 +48,10 @@ endif
 	$(CC) $(CFLAGS) $(shell pkg-config --cflags criterion) -I. -o $@ $< excb_test.o $(shell pkg-config --libs criterion) $(LDLIBS)
 
 test: test-fast test-step
-test-fast: tests/test_equations tests/test_gradients
+test-fast: tests/test_equations tests/test_gradients tests/test_whole_model_f64
 	./tests/test_equations
 	./tests/test_gradients
+	./tests/test_whole_model_f64
 test-step: tests/test_step
 	./tests/test_step
 
@@ -51,5 +59,20 @@ bench: excb
 	./excb bench --config resnet20s --global-size 28 --local-size 12 --batch 256 --K 4096
 	./excb bench --config resnet18 --global-size 32 --local-size 16 --batch 64 --K 4096
 
+# the same-run comparison with the PyTorch peer (issue 2's figures); needs python3-torch
+bench-compare: excb
+	bash bench/compare.sh
+
+# regenerate the float64 parity fixtures (needs python3-torch; CI never does this)
+fixture:
+	/usr/bin/python3 tests/reference/make_fixture.py
+	/usr/bin/python3 tests/reference/make_fixture.py --yardstick
+
+# one step against the second, independent reference: ../shared/bench/torch_excb.py --dump
+PEER ?= ../shared/bench/torch_excb.py
+parity-peer: tests/test_step
+	/usr/bin/python3 $(PEER) --dump /tmp/excb_torch_dump.bin
+	EXCB_TORCH_DUMP=/tmp/excb_torch_dump.bin ./tests/test_step --filter 'parity/*'
+
 clean:
-	rm -f excb excb_test.o $(TESTS)
+	rm -f excb excb_test.o excb_f64.o $(TESTS)

@@ -27,7 +27,7 @@
  */
 #define _DEFAULT_SOURCE  /* M_PI, clock_gettime and getrusage under -std=c11                   */
 #include "excb.h"        /* ExcbConfig, ExcbModel, the operator declarations, exit codes        */
-#include <math.h>        /* sqrt, exp, log, cos, fabs                                           */
+#include <tgmath.h>      /* sqrt, exp, log, cos, fabs, fmax: type-generic, real for real args  */
 #include <stdarg.h>      /* va_list, for the parameter table's names                            */
 #include <stdio.h>       /* fprintf, printf                                                     */
 #include <stdlib.h>      /* aligned_alloc, free, strtol                                         */
@@ -36,6 +36,9 @@
 #include <sys/resource.h>    /* getrusage: peak resident memory                                 */
 #ifdef _OPENMP
 #include <omp.h>         /* omp_get_thread_num, omp_set_num_threads                            */
+#endif
+#if defined(EXCB_USE_DNNL) && defined(EXCB_REAL_DOUBLE)
+#undef EXCB_USE_DNNL           /* oneDNN has no double GEMM: the float64 build uses the naive one */
 #endif
 #ifdef EXCB_USE_DNNL
 #include <dnnl.h>        /* dnnl_sgemm: oneDNN's GEMM, the fastest on this class of CPU         */
@@ -128,24 +131,24 @@ float excb_round_fp16(float x) { return (float)(_Float16)x; }
  * Every call here is sequential: callers cut the work into fixed tiles and run tiles in parallel.
  * oneDNN runs a GEMM called inside an OpenMP parallel region on the calling thread alone.
  */
-void matmul_naive(char ta, char tb, int M, int N, int K, float alpha, const float *A, int lda,
-                  const float *B, int ldb, float beta, float *C, int ldc) {
+void matmul_naive(char ta, char tb, int M, int N, int K, real alpha, const real *A, int lda,
+                  const real *B, int ldb, real beta, real *C, int ldc) {
     for (int i = 0; i < M; i++) {
         for (int j = 0; j < N; j++) {
             double acc = 0.0;
             for (int k = 0; k < K; k++) {
-                float a = ta == 'N' ? A[(size_t)i * lda + k] : A[(size_t)k * lda + i];
-                float b = tb == 'N' ? B[(size_t)k * ldb + j] : B[(size_t)j * ldb + k];
+                real a = ta == 'N' ? A[(size_t)i * lda + k] : A[(size_t)k * lda + i];
+                real b = tb == 'N' ? B[(size_t)k * ldb + j] : B[(size_t)j * ldb + k];
                 acc += (double)a * b;
             }
-            float *c = &C[(size_t)i * ldc + j];
-            *c = (float)(alpha * acc + (beta == 0.0f ? 0.0 : (double)beta * *c));
+            real *c = &C[(size_t)i * ldc + j];
+            *c = (real)(alpha * acc + (beta == 0.0f ? 0.0 : (double)beta * *c));
         }
     }
 }
 
-void matmul(char ta, char tb, int M, int N, int K, float alpha, const float *A, int lda,
-            const float *B, int ldb, float beta, float *C, int ldc) {
+void matmul(char ta, char tb, int M, int N, int K, real alpha, const real *A, int lda,
+            const real *B, int ldb, real beta, real *C, int ldc) {
     if (M <= 0 || N <= 0) return;
     if (K <= 0) {                                   /* C = beta C, as BLAS defines it           */
         for (int i = 0; i < M; i++)
@@ -160,13 +163,13 @@ void matmul(char ta, char tb, int M, int N, int K, float alpha, const float *A, 
 }
 
 /* The same product cut into fixed tiles of EXCB_TILE_M rows of C, tiles in parallel. */
-static void matmul_tiled(char ta, char tb, int M, int N, int K, float alpha, const float *A, int lda,
-                         const float *B, int ldb, float beta, float *C, int ldc) {
+static void matmul_tiled(char ta, char tb, int M, int N, int K, real alpha, const real *A, int lda,
+                         const real *B, int ldb, real beta, real *C, int ldc) {
     int tiles = (M + EXCB_TILE_M - 1) / EXCB_TILE_M;
 #pragma omp parallel for schedule(static)
     for (int t = 0; t < tiles; t++) {
         int m0 = t * EXCB_TILE_M, mm = imin(EXCB_TILE_M, M - m0);
-        const float *At = ta == 'N' ? A + (size_t)m0 * lda : A + m0;   /* row m0 of op(A)       */
+        const real *At = ta == 'N' ? A + (size_t)m0 * lda : A + m0;   /* row m0 of op(A)       */
         matmul(ta, tb, mm, N, K, alpha, At, lda, B, ldb, beta, C + (size_t)m0 * ldc, ldc);
     }
 }
@@ -199,22 +202,22 @@ static int conv_chunk_images(int Cin, int k, int HoWo, int N) {
     return (int)nc;
 }
 
-static void im2col(float *col, const float *x, int N, int n0, int nc, int Cin, int H, int W, int k,
+static void im2col(real *col, const real *x, int N, int n0, int nc, int Cin, int H, int W, int k,
                    int stride, int pad, int Ho, int Wo) {
     size_t ld = (size_t)nc * Ho * Wo;
     for (int c = 0; c < Cin; c++)
         for (int i = 0; i < k; i++)
             for (int j = 0; j < k; j++) {
-                float *dst = col + (size_t)((c * k + i) * k + j) * ld;   /* row (c,i,j) of col */
+                real *dst = col + (size_t)((c * k + i) * k + j) * ld;   /* row (c,i,j) of col */
                 for (int n = 0; n < nc; n++) {
-                    const float *src = x + ((size_t)c * N + n0 + n) * H * W;  /* plane (c, n0+n) */
+                    const real *src = x + ((size_t)c * N + n0 + n) * H * W;  /* plane (c, n0+n) */
                     for (int oy = 0; oy < Ho; oy++, dst += Wo) {
                         int iy = oy * stride - pad + i;
                         if (iy < 0 || iy >= H) {
-                            memset(dst, 0, sizeof(float) * Wo);
+                            memset(dst, 0, sizeof(real) * Wo);
                             continue;
                         }
-                        const float *row = src + (size_t)iy * W;
+                        const real *row = src + (size_t)iy * W;
                         for (int ox = 0; ox < Wo; ox++) {
                             int ix = ox * stride - pad + j;
                             dst[ox] = (ix >= 0 && ix < W) ? row[ix] : 0.0f;
@@ -225,19 +228,19 @@ static void im2col(float *col, const float *x, int N, int n0, int nc, int Cin, i
 }
 
 /* col2im: the adjoint of im2col, dx[c, n, iy, ix] += dcol[(c,i,j), (n, oy, ox)] */
-static void col2im(float *dx, const float *col, int N, int n0, int nc, int Cin, int H, int W, int k,
+static void col2im(real *dx, const real *col, int N, int n0, int nc, int Cin, int H, int W, int k,
                    int stride, int pad, int Ho, int Wo) {
     size_t ld = (size_t)nc * Ho * Wo;
     for (int c = 0; c < Cin; c++)
         for (int i = 0; i < k; i++)
             for (int j = 0; j < k; j++) {
-                const float *src = col + (size_t)((c * k + i) * k + j) * ld;
+                const real *src = col + (size_t)((c * k + i) * k + j) * ld;
                 for (int n = 0; n < nc; n++) {
-                    float *dst = dx + ((size_t)c * N + n0 + n) * H * W;
+                    real *dst = dx + ((size_t)c * N + n0 + n) * H * W;
                     for (int oy = 0; oy < Ho; oy++, src += Wo) {
                         int iy = oy * stride - pad + i;
                         if (iy < 0 || iy >= H) continue;
-                        float *row = dst + (size_t)iy * W;
+                        real *row = dst + (size_t)iy * W;
                         for (int ox = 0; ox < Wo; ox++) {
                             int ix = ox * stride - pad + j;
                             if (ix >= 0 && ix < W) row[ix] += src[ox];
@@ -247,7 +250,7 @@ static void col2im(float *dx, const float *col, int N, int n0, int nc, int Cin, 
             }
 }
 
-void conv2d_forward(float *y, const float *x, const float *w, float *col, int N, int Cin, int H,
+void conv2d_forward(real *y, const real *x, const real *w, real *col, int N, int Cin, int H,
                     int W, int Cout, int k, int stride, int pad) {
     int Ho = conv_out(H, k, stride, pad), Wo = conv_out(W, k, stride, pad), HoWo = Ho * Wo;
     int CKK = Cin * k * k;
@@ -257,10 +260,10 @@ void conv2d_forward(float *y, const float *x, const float *w, float *col, int N,
 #pragma omp parallel for schedule(static)
     for (int ch = 0; ch < n_chunks; ch++) {
         int n0 = ch * nc, cnt = imin(nc, N - n0);
-        const float *B = x + (size_t)n0 * HoWo;            /* 1x1/1: x's own columns            */
+        const real *B = x + (size_t)n0 * HoWo;            /* 1x1/1: x's own columns            */
         int ldb = N * HoWo;
         if (!direct) {
-            float *p = col + (size_t)thread_id() * panel;  /* this worker's panel               */
+            real *p = col + (size_t)thread_id() * panel;  /* this worker's panel               */
             im2col(p, x, N, n0, cnt, Cin, H, W, k, stride, pad, Ho, Wo);
             B = p;
             ldb = cnt * HoWo;
@@ -272,8 +275,8 @@ void conv2d_forward(float *y, const float *x, const float *w, float *col, int N,
 /* Backward of y = w . col:  dw += dy . col^T  and  dcol = w^T . dy, then dx = col2im(dcol).
  * dw is a sum over every image: each of EXCB_SLOTS slots sums a fixed run of chunks into its own
  * buffer, then the slots are added to dw in slot order. dx may be NULL (the input image). */
-void conv2d_backward(float *dx, float *dw, const float *dy, const float *x, const float *w,
-                     float *col, float *slots, int N, int Cin, int H, int W, int Cout, int k,
+void conv2d_backward(real *dx, real *dw, const real *dy, const real *x, const real *w,
+                     real *col, real *slots, int N, int Cin, int H, int W, int Cout, int k,
                      int stride, int pad) {
     int Ho = conv_out(H, k, stride, pad), Wo = conv_out(W, k, stride, pad), HoWo = Ho * Wo;
     int CKK = Cin * k * k;
@@ -282,13 +285,13 @@ void conv2d_backward(float *dx, float *dw, const float *dy, const float *x, cons
     size_t panel = (size_t)CKK * nc * HoWo, nw = (size_t)Cout * CKK;
 #pragma omp parallel for schedule(static)
     for (int s = 0; s < EXCB_SLOTS; s++) {
-        float *dws = slots + (size_t)s * nw;
-        memset(dws, 0, sizeof(float) * nw);
-        float *p = col + (size_t)thread_id() * panel;
+        real *dws = slots + (size_t)s * nw;
+        memset(dws, 0, sizeof(real) * nw);
+        real *p = col + (size_t)thread_id() * panel;
         for (int ch = s * n_chunks / EXCB_SLOTS; ch < (s + 1) * n_chunks / EXCB_SLOTS; ch++) {
             int n0 = ch * nc, cnt = imin(nc, N - n0);
-            const float *dyc = dy + (size_t)n0 * HoWo;   /* columns of this chunk, ld N*HoWo  */
-            const float *B = x + (size_t)n0 * HoWo;
+            const real *dyc = dy + (size_t)n0 * HoWo;   /* columns of this chunk, ld N*HoWo  */
+            const real *B = x + (size_t)n0 * HoWo;
             int ldb = N * HoWo;
             if (!direct) {
                 im2col(p, x, N, n0, cnt, Cin, H, W, k, stride, pad, Ho, Wo);
@@ -305,13 +308,13 @@ void conv2d_backward(float *dx, float *dw, const float *dy, const float *x, cons
             }
             matmul('T', 'N', CKK, cnt * HoWo, Cout, 1.0f, w, CKK, dyc, N * HoWo, 0.0f, p, cnt * HoWo);
             for (int c = 0; c < Cin; c++)
-                memset(dx + ((size_t)c * N + n0) * H * W, 0, sizeof(float) * cnt * H * W);
+                memset(dx + ((size_t)c * N + n0) * H * W, 0, sizeof(real) * cnt * H * W);
             col2im(dx, p, N, n0, cnt, Cin, H, W, k, stride, pad, Ho, Wo);
         }
     }
 #pragma omp parallel for schedule(static)
     for (size_t i = 0; i < nw; i++) {
-        float acc = 0.0f;
+        real acc = 0.0f;
         for (int s = 0; s < EXCB_SLOTS; s++) acc += slots[(size_t)s * nw + i];
         dw[i] += acc;
     }
@@ -326,12 +329,12 @@ void conv2d_backward(float *dx, float *dw, const float *dy, const float *x, cons
  *   run_mean = (1-m) run_mean + m mean,   run_var = (1-m) run_var + m var n/(n-1)
  * Sums run in double over 8 independent lanes (vectorisable, and fixed order).
  */
-void batchnorm_forward(float *out, float *mean, float *rstd, float *run_mean, float *run_var,
-                       const float *y, const float *gamma, const float *beta, const float *residual,
-                       int relu, int C, int NHW, float eps, float momentum) {
+void batchnorm_forward(real *out, real *mean, real *rstd, real *run_mean, real *run_var,
+                       const real *y, const real *gamma, const real *beta, const real *residual,
+                       int relu, int C, int NHW, real eps, real momentum) {
 #pragma omp parallel for schedule(static)
     for (int c = 0; c < C; c++) {
-        const float *yc = y + (size_t)c * NHW;
+        const real *yc = y + (size_t)c * NHW;
         double s[8] = {0}, ss[8] = {0};
         int i = 0;
         for (; i + 8 <= NHW; i += 8)
@@ -352,19 +355,19 @@ void batchnorm_forward(float *out, float *mean, float *rstd, float *run_mean, fl
         }
         double mu = sum / NHW, var = sumsq / NHW - mu * mu;
         if (var < 0) var = 0;
-        float rs = (float)(1.0 / sqrt(var + eps));
-        mean[c] = (float)mu;
+        real rs = (real)(1.0 / sqrt(var + eps));
+        mean[c] = (real)mu;
         rstd[c] = rs;
         if (run_mean) {
-            run_mean[c] = (1.0f - momentum) * run_mean[c] + momentum * (float)mu;
+            run_mean[c] = (1.0f - momentum) * run_mean[c] + momentum * (real)mu;
             double unbiased = NHW > 1 ? var * NHW / (NHW - 1) : var;
-            run_var[c] = (1.0f - momentum) * run_var[c] + momentum * (float)unbiased;
+            run_var[c] = (1.0f - momentum) * run_var[c] + momentum * (real)unbiased;
         }
-        float scale = gamma[c] * rs, shift = beta[c] - (float)mu * scale;
-        float *oc = out + (size_t)c * NHW;
-        const float *rc = residual ? residual + (size_t)c * NHW : NULL;   /* may alias oc */
+        real scale = gamma[c] * rs, shift = beta[c] - (real)mu * scale;
+        real *oc = out + (size_t)c * NHW;
+        const real *rc = residual ? residual + (size_t)c * NHW : NULL;   /* may alias oc */
         for (i = 0; i < NHW; i++) {
-            float v = yc[i] * scale + shift;
+            real v = yc[i] * scale + shift;
             if (rc) v += rc[i];
             if (relu) v = v < 0.0f ? 0.0f : v;          /* NaN passes through, as in PyTorch */
             oc[i] = v;
@@ -378,24 +381,24 @@ void batchnorm_forward(float *out, float *mean, float *rstd, float *run_mean, fl
  *   dy = gamma rstd (g - mean(g) - xhat mean(g xhat))
  * The residual's gradient is g itself; callers add it (identity) or pass g through the shortcut
  * BN by calling this again with the shortcut's y and statistics and the same dout and out. */
-void batchnorm_backward(float *dy, float *dgamma, float *dbeta, const float *dout, const float *out,
-                        const float *y, const float *mean, const float *rstd, const float *gamma,
+void batchnorm_backward(real *dy, real *dgamma, real *dbeta, const real *dout, const real *out,
+                        const real *y, const real *mean, const real *rstd, const real *gamma,
                         int relu, int C, int NHW) {
 #pragma omp parallel for schedule(static)
     for (int c = 0; c < C; c++) {
         size_t o = (size_t)c * NHW;
-        const float *gc = dout + o, *oc = out + o, *yc = y + o;
-        float mu = mean[c], rs = rstd[c];
+        const real *gc = dout + o, *oc = out + o, *yc = y + o;
+        real mu = mean[c], rs = rstd[c];
         double sg[8] = {0}, sgx[8] = {0};
         int i = 0;
         for (; i + 8 <= NHW; i += 8)
             for (int l = 0; l < 8; l++) {
-                float g = (!relu || oc[i + l] > 0.0f) ? gc[i + l] : 0.0f;
+                real g = (!relu || oc[i + l] > 0.0f) ? gc[i + l] : 0.0f;
                 sg[l] += g;
                 sgx[l] += (double)g * ((yc[i + l] - mu) * rs);
             }
         for (; i < NHW; i++) {
-            float g = (!relu || oc[i] > 0.0f) ? gc[i] : 0.0f;
+            real g = (!relu || oc[i] > 0.0f) ? gc[i] : 0.0f;
             sg[0] += g;
             sgx[0] += (double)g * ((yc[i] - mu) * rs);
         }
@@ -404,12 +407,12 @@ void batchnorm_backward(float *dy, float *dgamma, float *dbeta, const float *dou
             sum_g += sg[l];
             sum_gx += sgx[l];
         }
-        dbeta[c] += (float)sum_g;
-        dgamma[c] += (float)sum_gx;
-        float k1 = gamma[c] * rs, a = (float)(sum_g / NHW), b = (float)(sum_gx / NHW);
-        float *dc = dy + o;
+        dbeta[c] += (real)sum_g;
+        dgamma[c] += (real)sum_gx;
+        real k1 = gamma[c] * rs, a = (real)(sum_g / NHW), b = (real)(sum_gx / NHW);
+        real *dc = dy + o;
         for (i = 0; i < NHW; i++) {
-            float g = (!relu || oc[i] > 0.0f) ? gc[i] : 0.0f;
+            real g = (!relu || oc[i] > 0.0f) ? gc[i] : 0.0f;
             dc[i] = k1 * (g - a - (yc[i] - mu) * rs * b);
         }
     }
@@ -418,22 +421,22 @@ void batchnorm_backward(float *dy, float *dgamma, float *dbeta, const float *dou
 /* --- the ImageNet stem's max-pool, 3x3, stride 2, padding 1 ----------------------------------------
  * out[c,n,oy,ox] = max over the window; arg keeps the flat index (iy*W + ix) of the first maximum
  * (PyTorch's tie rule), so the backward routes each gradient to exactly one input. */
-void maxpool_forward(float *out, int32_t *arg, const float *x, int C, int N, int H, int W) {
+void maxpool_forward(real *out, int32_t *arg, const real *x, int C, int N, int H, int W) {
     int Ho = conv_out(H, 3, 2, 1), Wo = conv_out(W, 3, 2, 1);
 #pragma omp parallel for schedule(static)
     for (long pl = 0; pl < (long)C * N; pl++) {
-        const float *xp = x + (size_t)pl * H * W;
-        float *op = out + (size_t)pl * Ho * Wo;
+        const real *xp = x + (size_t)pl * H * W;
+        real *op = out + (size_t)pl * Ho * Wo;
         int32_t *ap = arg + (size_t)pl * Ho * Wo;
         for (int oy = 0; oy < Ho; oy++)
             for (int ox = 0; ox < Wo; ox++) {
-                float best = -INFINITY;
+                real best = -INFINITY;
                 int32_t at = -1;
                 for (int i = 0; i < 3; i++)
                     for (int j = 0; j < 3; j++) {
                         int iy = oy * 2 - 1 + i, ix = ox * 2 - 1 + j;
                         if (iy < 0 || iy >= H || ix < 0 || ix >= W) continue;
-                        float v = xp[iy * W + ix];
+                        real v = xp[iy * W + ix];
                         if (v > best || isnan(v)) {
                             best = v;
                             at = iy * W + ix;
@@ -446,35 +449,35 @@ void maxpool_forward(float *out, int32_t *arg, const float *x, int C, int N, int
 }
 
 /* dx[arg] += dout, per plane (planes are disjoint, so planes run in parallel) */
-void maxpool_backward(float *dx, const float *dout, const int32_t *arg, int C, int N, int H, int W) {
+void maxpool_backward(real *dx, const real *dout, const int32_t *arg, int C, int N, int H, int W) {
     int Ho = conv_out(H, 3, 2, 1), Wo = conv_out(W, 3, 2, 1);
 #pragma omp parallel for schedule(static)
     for (long pl = 0; pl < (long)C * N; pl++) {
-        float *dp = dx + (size_t)pl * H * W;
-        memset(dp, 0, sizeof(float) * H * W);
+        real *dp = dx + (size_t)pl * H * W;
+        memset(dp, 0, sizeof(real) * H * W);
         for (int o = 0; o < Ho * Wo; o++) dp[arg[(size_t)pl * Ho * Wo + o]] += dout[(size_t)pl * Ho * Wo + o];
     }
 }
 
 /* --- global average pool: f[c, n] = mean over H*W of x[c, n]; f has leading dimension ldf -------- */
-void avgpool_forward(float *f, int ldf, const float *x, int C, int N, int HW) {
+void avgpool_forward(real *f, int ldf, const real *x, int C, int N, int HW) {
 #pragma omp parallel for schedule(static)
     for (int c = 0; c < C; c++)
         for (int n = 0; n < N; n++) {
-            const float *xp = x + ((size_t)c * N + n) * HW;
+            const real *xp = x + ((size_t)c * N + n) * HW;
             double acc = 0;
             for (int i = 0; i < HW; i++) acc += xp[i];
-            f[(size_t)c * ldf + n] = (float)(acc / HW);
+            f[(size_t)c * ldf + n] = (real)(acc / HW);
         }
 }
 
 /* dx[c, n, :] = df[c, n] / HW */
-void avgpool_backward(float *dx, const float *df, int ldf, int C, int N, int HW) {
+void avgpool_backward(real *dx, const real *df, int ldf, int C, int N, int HW) {
 #pragma omp parallel for schedule(static)
     for (int c = 0; c < C; c++)
         for (int n = 0; n < N; n++) {
-            float g = df[(size_t)c * ldf + n] / (float)HW;
-            float *dp = dx + ((size_t)c * N + n) * HW;
+            real g = df[(size_t)c * ldf + n] / (real)HW;
+            real *dp = dx + ((size_t)c * N + n) * HW;
             for (int i = 0; i < HW; i++) dp[i] = g;
         }
 }
@@ -489,7 +492,7 @@ void avgpool_backward(float *dx, const float *df, int ldf, int C, int N, int HW)
  */
 
 /* y (out, N) = w (out, in) . x (in, N) + b: y is filled with b, then the GEMM adds w.x (addmm). */
-void linear_forward(float *y, const float *x, const float *w, const float *b, int in, int out, int N) {
+void linear_forward(real *y, const real *x, const real *w, const real *b, int in, int out, int N) {
     int tiles = (out + EXCB_TILE_M - 1) / EXCB_TILE_M;
 #pragma omp parallel for schedule(static)
     for (int t = 0; t < tiles; t++) {
@@ -501,13 +504,13 @@ void linear_forward(float *y, const float *x, const float *w, const float *b, in
 }
 
 /* From y = w.x + b:  db += sum_n dy,   dw += dy . x^T,   dx = w^T . dy  (dx may be NULL) */
-void linear_backward(float *dx, float *dw, float *db, const float *dy, const float *x,
-                     const float *w, int in, int out, int N) {
+void linear_backward(real *dx, real *dw, real *db, const real *dy, const real *x,
+                     const real *w, int in, int out, int N) {
 #pragma omp parallel for schedule(static)
     for (int o = 0; o < out; o++) {
         double acc = 0;
         for (int n = 0; n < N; n++) acc += dy[(size_t)o * N + n];
-        db[o] += (float)acc;
+        db[o] += (real)acc;
     }
     matmul_tiled('N', 'T', out, in, N, 1.0f, dy, N, x, N, 1.0f, dw, in);
     if (dx) matmul_tiled('T', 'N', in, N, out, 1.0f, w, in, dy, N, 0.0f, dx, N);
@@ -526,7 +529,7 @@ void linear_backward(float *dx, float *dw, float *db, const float *dy, const flo
  */
 
 /* x is feature-major (d, N) with leading dimension ldx; u is row-major (N, d); den[n] = max(||x_n||, eps) */
-void l2norm_rows_forward(float *u, float *den, const float *x, int ldx, int d, int N, float eps) {
+void l2norm_rows_forward(real *u, real *den, const real *x, int ldx, int d, int N, real eps) {
     int tiles = (N + 63) / 64;
 #pragma omp parallel for schedule(static)
     for (int t = 0; t < tiles; t++) {
@@ -538,7 +541,7 @@ void l2norm_rows_forward(float *u, float *den, const float *x, int ldx, int d, i
                 ss[n] += v * v;
             }
         for (int n = 0; n < nn; n++) {
-            float nrm = (float)sqrt(ss[n]);
+            real nrm = (real)sqrt(ss[n]);
             den[n0 + n] = nrm < eps ? eps : nrm;              /* max(||x||, eps); NaN stays NaN */
         }
         for (int j = 0; j < d; j++)
@@ -548,44 +551,44 @@ void l2norm_rows_forward(float *u, float *den, const float *x, int ldx, int d, i
 
 /* From u = x / max(||x||, eps): dx = (du - u <u, du>) / ||x|| when ||x|| > eps, else du / eps.
  * dx is feature-major with leading dimension ldx; written, or added to when accumulate. */
-void l2norm_rows_backward(float *dx, int ldx, const float *du, const float *u, const float *den,
-                          int d, int N, float eps, int accumulate) {
+void l2norm_rows_backward(real *dx, int ldx, const real *du, const real *u, const real *den,
+                          int d, int N, real eps, int accumulate) {
 #pragma omp parallel for schedule(static)
     for (int n = 0; n < N; n++) {
-        const float *un = u + (size_t)n * d, *dun = du + (size_t)n * d;
+        const real *un = u + (size_t)n * d, *dun = du + (size_t)n * d;
         double dot = 0;
         if (den[n] > eps)
             for (int j = 0; j < d; j++) dot += (double)un[j] * dun[j];
-        float dotf = (float)dot;
+        real dotf = (real)dot;
         for (int j = 0; j < d; j++) {
-            float g = (dun[j] - un[j] * dotf) / den[n];
-            float *t = &dx[(size_t)j * ldx + n];
+            real g = (dun[j] - un[j] * dotf) / den[n];
+            real *t = &dx[(size_t)j * ldx + n];
             *t = accumulate ? *t + g : g;
         }
     }
 }
 
 /* c_k = v_k * (1/||v_k||) (torch._weight_norm with g = 1 multiplies by g/||v||); inv[k] = 1/||v_k|| */
-void weightnorm_forward(float *c, float *inv, const float *v, int K, int d) {
+void weightnorm_forward(real *c, real *inv, const real *v, int K, int d) {
 #pragma omp parallel for schedule(static)
     for (int k = 0; k < K; k++) {
-        const float *vk = v + (size_t)k * d;
+        const real *vk = v + (size_t)k * d;
         double ss = 0;
         for (int j = 0; j < d; j++) ss += (double)vk[j] * vk[j];
-        float r = 1.0f / (float)sqrt(ss);
+        real r = 1.0f / (real)sqrt(ss);
         inv[k] = r;
         for (int j = 0; j < d; j++) c[(size_t)k * d + j] = vk[j] * r;
     }
 }
 
 /* E13: dv_k += (dc_k - c_k <c_k, dc_k>) / ||v_k|| */
-void weightnorm_backward(float *dv, const float *dc, const float *c, const float *inv, int K, int d) {
+void weightnorm_backward(real *dv, const real *dc, const real *c, const real *inv, int K, int d) {
 #pragma omp parallel for schedule(static)
     for (int k = 0; k < K; k++) {
-        const float *ck = c + (size_t)k * d, *dck = dc + (size_t)k * d;
+        const real *ck = c + (size_t)k * d, *dck = dc + (size_t)k * d;
         double dot = 0;
         for (int j = 0; j < d; j++) dot += (double)ck[j] * dck[j];
-        float dotf = (float)dot;
+        real dotf = (real)dot;
         for (int j = 0; j < d; j++) dv[(size_t)k * d + j] += (dck[j] - ck[j] * dotf) * inv[k];
     }
 }
@@ -602,16 +605,16 @@ void weightnorm_backward(float *dv, const float *dc, const float *c, const float
  * rounded to binary16, multiplied (exact in float32), rounded to binary16 again; fp16_term = 1
  * reproduces that bit for bit, fp16_term = 0 is the plain float32 formula.
  */
-void cluster_size_update(float *s, int32_t *counts, const int32_t *labels, int N, int K, double m_s,
+void cluster_size_update(real *s, int32_t *counts, const int32_t *labels, int N, int K, double m_s,
                          int fp16_term) {
     memset(counts, 0, sizeof(int32_t) * K);
     for (int n = 0; n < N; n++) counts[labels[n]]++;
-    float m = (float)m_s;                                /* s * m_s: the scalar cast to float32 */
-    float one_minus_m = (float)(1.0 - m_s);              /* (1 - m_s) formed in double, as Python */
-    float one_minus_m16 = excb_round_fp16(one_minus_m);  /* torch.tensor(1 - m_s).half()        */
+    real m = (real)m_s;                                /* s * m_s: the scalar cast to float32 */
+    real one_minus_m = (real)(1.0 - m_s);              /* (1 - m_s) formed in double, as Python */
+    real one_minus_m16 = excb_round_fp16(one_minus_m);  /* torch.tensor(1 - m_s).half()        */
     for (int k = 0; k < K; k++) {
-        float frac = (float)counts[k] / (float)N;        /* s_hat_k, E2                          */
-        float term = fp16_term ? excb_round_fp16(excb_round_fp16(frac) * one_minus_m16) : frac * one_minus_m;
+        real frac = (real)counts[k] / (real)N;        /* s_hat_k, E2                          */
+        real term = fp16_term ? excb_round_fp16(excb_round_fp16(frac) * one_minus_m16) : frac * one_minus_m;
         s[k] = s[k] * m + term;                          /* E3                                   */
     }
 }
@@ -630,15 +633,15 @@ void cluster_size_update(float *s, int32_t *counts, const int32_t *labels, int N
  * which FP32 with subnormals never reaches, METHOD.md A3) the code adds U(0,1) * 0.001. For r = 0,
  * 1/r = inf and 1 - relu(1 - inf) = 1: IEEE arithmetic gives the official value with no NaN.
  */
-void balance_factors(float *r, float *lower, float *higher, const float *s, int K, uint64_t seed,
+void balance_factors(real *r, real *lower, real *higher, const real *s, int K, uint64_t seed,
                      long step) {
     double sum = 0;
-    for (int k = 0; k < K; k++) sum += fabsf(s[k]);
-    float den = (float)sum > 1e-12f ? (float)sum : 1e-12f;     /* F.normalize(s, p=1)          */
+    for (int k = 0; k < K; k++) sum += fabs(s[k]);
+    real den = (real)sum > 1e-12f ? (real)sum : 1e-12f;     /* F.normalize(s, p=1)          */
     for (int k = 0; k < K; k++) {
-        float rk = s[k] / den * (float)K;                         /* E3'                          */
-        float lo = 1.0f - fmaxf(1.0f - rk, 0.0f);
-        float hi = 1.0f - fmaxf(1.0f - 1.0f / rk, 0.0f);
+        real rk = s[k] / den * (real)K;                         /* E3'                          */
+        real lo = 1.0f - fmax(1.0f - rk, 0.0f);
+        real hi = 1.0f - fmax(1.0f - 1.0f / rk, 0.0f);
         if (lo == 0.0f) lo += excb_uniform(seed, EXCB_RNG_JITTER, (uint64_t)step, 0, k) * 0.001f;
         if (hi == 0.0f) hi += excb_uniform(seed, EXCB_RNG_JITTER, (uint64_t)step, 1, k) * 0.001f;
         r[k] = rk;
@@ -647,35 +650,35 @@ void balance_factors(float *r, float *lower, float *higher, const float *s, int 
     }
 }
 
-void balanced_targets(float *q, int32_t *labels, float *zhat, const float *z, const float *lower,
-                      const float *higher, int N, int K, double boost, double tau_t) {
-    float factor = (float)(1.0 + boost), tau = (float)tau_t;
+void balanced_targets(real *q, int32_t *labels, real *zhat, const real *z, const real *lower,
+                      const real *higher, int N, int K, double boost, double tau_t) {
+    real factor = (real)(1.0 + boost), tau = (real)tau_t;
 #pragma omp parallel for schedule(static)
     for (int n = 0; n < N; n++) {
-        const float *zn = z + (size_t)n * K;
-        float *zh = zhat ? zhat + (size_t)n * K : q + (size_t)n * K;
-        float *qn = q + (size_t)n * K;
+        const real *zn = z + (size_t)n * K;
+        real *zh = zhat ? zhat + (size_t)n * K : q + (size_t)n * K;
+        real *qn = q + (size_t)n * K;
         int a = 0;
         for (int k = 0; k < K; k++) {
-            float z1 = 1.0f - (1.0f - zn[k]) * lower[k];           /* E4, lower branch          */
-            float z2 = (z1 + 1.0f) * higher[k] - 1.0f;              /* E4, upper branch          */
+            real z1 = 1.0f - (1.0f - zn[k]) * lower[k];           /* E4, lower branch          */
+            real z2 = (z1 + 1.0f) * higher[k] - 1.0f;              /* E4, upper branch          */
             zh[k] = z2;
             if (z2 > zh[a]) a = k;                                  /* first maximum             */
         }
         zh[a] *= factor;                                            /* E5 boost (A1)             */
-        float mx = -INFINITY;
+        real mx = -INFINITY;
         for (int k = 0; k < K; k++) {
-            zh[k] = fminf(fmaxf(zh[k], -1.0f), 1.0f);               /* E5 clamp (A2)             */
-            float l = zh[k] / tau;
+            zh[k] = fmin(fmax(zh[k], -1.0f), 1.0f);               /* E5 clamp (A2)             */
+            real l = zh[k] / tau;
             mx = l > mx ? l : mx;
         }
         double sum = 0;
         for (int k = 0; k < K; k++) {
-            float e = expf(zh[k] / tau - mx);
+            real e = exp(zh[k] / tau - mx);
             qn[k] = e;                                              /* zh[k] is not read again   */
             sum += e;
         }
-        float inv = (float)(1.0 / sum);
+        real inv = (real)(1.0 / sum);
         int best = 0;
         for (int k = 0; k < K; k++) {
             qn[k] *= inv;                                           /* E6                        */
@@ -701,19 +704,19 @@ void balanced_targets(float *q, int32_t *labels, float *zhat, const float *z, co
  * z_dir is (Vg*B, K) and z_pred ((Vg+Vl)*B, K); both are overwritten with dL/dz. The loss of each
  * row goes to row_loss, then rows are summed in order (a sum that no thread count changes).
  */
-static double loss_row(float *z, const float *q, int B, int K, int i, int n_views, int skip_view,
+static double loss_row(real *z, const real *q, int B, int K, int i, int n_views, int skip_view,
                        double tau_s, double scale) {
-    float tau = (float)tau_s, mx = -INFINITY;
+    real tau = (real)tau_s, mx = -INFINITY;
     for (int k = 0; k < K; k++) {
-        float l = z[k] / tau;
+        real l = z[k] / tau;
         mx = l > mx ? l : mx;
     }
     double se = 0, qs = 0, ql = 0;
     for (int k = 0; k < K; k++) {
-        float l = z[k] / tau, qk = 0.0f;
+        real l = z[k] / tau, qk = 0.0f;
         for (int v = 0; v < n_views; v++)
             if (v != skip_view) qk += q[((size_t)v * B + i) * K + k];
-        float e = expf(l - mx);
+        real e = exp(l - mx);
         se += e;
         qs += qk;
         ql += (double)qk * l;
@@ -721,17 +724,17 @@ static double loss_row(float *z, const float *q, int B, int K, int i, int n_view
     }
     double lse = mx + log(se);
     int n_match = skip_view >= 0 ? n_views - 1 : n_views;
-    float inv_se = (float)(1.0 / se), sc = (float)scale;
+    real inv_se = (real)(1.0 / se), sc = (real)scale;
     for (int k = 0; k < K; k++) {
-        float qk = 0.0f;
+        real qk = 0.0f;
         for (int v = 0; v < n_views; v++)
             if (v != skip_view) qk += q[((size_t)v * B + i) * K + k];
-        z[k] = ((float)n_match * (z[k] * inv_se) - qk) * sc;      /* E11, divided by tau_s |M| B */
+        z[k] = ((real)n_match * (z[k] * inv_se) - qk) * sc;      /* E11, divided by tau_s |M| B */
     }
     return lse * qs - ql;                /* sum_v sum_k -q_{v,k} log p_k = sum_k q_k (lse - l_k) */
 }
 
-double excb_loss_forward_backward(float *z_dir, float *z_pred, double *row_loss, const float *q,
+double excb_loss_forward_backward(real *z_dir, real *z_pred, double *row_loss, const real *q,
                                   int Vg, int Vl, int B, int K, double tau_s) {
     int n_terms = Vg * (Vg - 1) + Vg * (Vg + Vl);                  /* |M| = 18                  */
     double scale = 1.0 / (tau_s * n_terms * B);
@@ -778,12 +781,12 @@ double crop_scale_min_at(long epoch, long epochs) {
 }
 
 /* E9: theta_T <- m theta_T + (1 - m) theta_S, over every parameter (not the BN running buffers,
- * A13), in PyTorch's roundings: t = t * float(m), then t = t + s * float(1 - m). */
-void ema_update(float *teacher, const float *student, size_t n, double m) {
-    float mf = (float)m, omf = (float)(1.0 - m);
+ * A13), in PyTorch's roundings: t = t * real(m), then t = t + s * real(1 - m). */
+void ema_update(real *teacher, const real *student, size_t n, double m) {
+    real mf = (real)m, omf = (real)(1.0 - m);
 #pragma omp parallel for schedule(static)
     for (size_t i = 0; i < n; i++) {
-        float t = teacher[i] * mf;
+        real t = teacher[i] * mf;
         teacher[i] = t + student[i] * omf;
     }
 }
@@ -793,16 +796,16 @@ void ema_update(float *teacher, const float *student, size_t n, double m) {
  * (the first step's buf = g' equals 0.9 * 0 + g' with buf zero-initialised). The groups: weights wd,
  * biases and 1-D parameters 0, the centroid direction v wd_centroid(t). */
 void sgd_update(ExcbModel *m, double lr, double wd, double wd_centroid) {
-    float mom = (float)m->cfg.sgd_momentum, lrf = (float)lr;
+    real mom = (real)m->cfg.sgd_momentum, lrf = (real)lr;
     for (int t = 0; t < m->n_tensors; t++) {
         const ExcbTensor *T = &m->tensors[t];
-        float wdt = T->group == EXCB_GROUP_WEIGHT ? (float)wd
-                  : T->group == EXCB_GROUP_CENTROID ? (float)wd_centroid : 0.0f;
-        float *p = m->params + T->offset, *g = m->grads + T->offset, *b = m->momentum + T->offset;
+        real wdt = T->group == EXCB_GROUP_WEIGHT ? (real)wd
+                  : T->group == EXCB_GROUP_CENTROID ? (real)wd_centroid : 0.0f;
+        real *p = m->params + T->offset, *g = m->grads + T->offset, *b = m->momentum + T->offset;
 #pragma omp parallel for schedule(static)
         for (size_t i = 0; i < T->numel; i++) {
-            float gi = g[i] + wdt * p[i];
-            float bi = b[i] * mom;
+            real gi = g[i] + wdt * p[i];
+            real bi = b[i] * mom;
             b[i] = bi + gi;
             p[i] = p[i] - lrf * b[i];
         }
@@ -991,23 +994,23 @@ int excb_find_tensor(const ExcbModel *m, const char *name) {
  * Each tensor draws from (seed, INIT, tensor index, element): independent of everything else. */
 static void init_params(ExcbModel *m) {
     const uint64_t seed = m->cfg.seed;
-    memset(m->params, 0, sizeof(float) * m->n_params);
+    memset(m->params, 0, sizeof(real) * m->n_params);
     for (int t = 0; t < m->n_tensors; t++) {
         ExcbTensor *T = &m->tensors[t];
-        float *p = m->params + T->offset;
+        real *p = m->params + T->offset;
         const char *nm = T->name;
         size_t len = strlen(nm);
         int is_bias = len > 5 && !strcmp(nm + len - 5, ".bias");
         if (T->ndim == 4) {
-            float std = sqrtf(2.0f / (float)(T->shape[0] * T->shape[2] * T->shape[3]));
+            real std = sqrt(2.0f / (real)(T->shape[0] * T->shape[2] * T->shape[3]));
             for (size_t i = 0; i < T->numel; i++) p[i] = std * excb_normal(seed, EXCB_RNG_INIT, t, 0, i);
         } else if (t == m->centroids) {
-            float bound = 1.0f / sqrtf((float)T->shape[1]);
+            real bound = 1.0f / sqrt((real)T->shape[1]);
             for (size_t i = 0; i < T->numel; i++)
                 p[i] = (2.0f * excb_uniform(seed, EXCB_RNG_INIT, t, 0, i) - 1.0f) * bound;
         } else if (T->ndim == 2) {
             for (size_t i = 0; i < T->numel; i++) {
-                float v;
+                real v;
                 uint64_t draw = i;
                 do v = 0.02f * excb_normal(seed, EXCB_RNG_INIT, t, 1, draw), draw += T->numel;
                 while (v < -2.0f || v > 2.0f);
@@ -1019,7 +1022,7 @@ static void init_params(ExcbModel *m) {
     }
     for (int b = 0; b < m->n_blocks; b++) {                        /* zero_init_residual         */
         const ExcbConvBN *u = &m->blocks[b].main[m->blocks[b].n_main - 1];
-        memset(m->params + m->tensors[u->gamma].offset, 0, sizeof(float) * u->cout);
+        memset(m->params + m->tensors[u->gamma].offset, 0, sizeof(real) * u->cout);
     }
     for (size_t i = 0; i < m->n_running; i++) m->running[i] = 0.0f;      /* running means 0 ...    */
     /* ... and running variances 1: each stats block is (mean[c], var[c]) */
@@ -1034,18 +1037,18 @@ static void init_params(ExcbModel *m) {
     SET_VAR(m->pred[0].stats, m->pred[0].out);
     SET_VAR(m->pred_bn_stats, m->cfg.d);
 #undef SET_VAR
-    memcpy(m->teacher, m->params, sizeof(float) * m->n_params);  /* the teacher starts as a copy */
-    memcpy(m->teacher_running, m->running, sizeof(float) * m->n_running);
-    memset(m->momentum, 0, sizeof(float) * m->n_params);
-    memset(m->grads, 0, sizeof(float) * m->n_params);
-    for (int k = 0; k < m->cfg.K; k++) m->s[k] = 1.0f / (float)m->cfg.K;   /* E3's start      */
+    memcpy(m->teacher, m->params, sizeof(real) * m->n_params);  /* the teacher starts as a copy */
+    memcpy(m->teacher_running, m->running, sizeof(real) * m->n_running);
+    memset(m->momentum, 0, sizeof(real) * m->n_params);
+    memset(m->grads, 0, sizeof(real) * m->n_params);
+    for (int k = 0; k < m->cfg.K; k++) m->s[k] = 1.0f / (real)m->cfg.K;   /* E3's start      */
     m->step = 0;
 }
 
 /* --- activation arenas: one bump allocator, run once to count and once to hand out pointers ------- */
-typedef struct { float *base; size_t used; } Arena;
-static float *take(Arena *a, size_t n) {
-    float *p = a->base ? a->base + a->used : NULL;
+typedef struct { real *base; size_t used; } Arena;
+static real *take(Arena *a, size_t n) {
+    real *p = a->base ? a->base + a->used : NULL;
     a->used += (n + 15) / 16 * 16;
     return p;
 }
@@ -1162,17 +1165,17 @@ int excb_build(ExcbModel *m, const ExcbConfig *cfg) {
     excb_set_threads(cfg->threads);
     m->max_threads = max_threads();
     build_structure(m);
-    m->params = xmalloc(sizeof(float) * m->n_params);
-    m->grads = xmalloc(sizeof(float) * m->n_params);
-    m->momentum = xmalloc(sizeof(float) * m->n_params);
-    m->teacher = xmalloc(sizeof(float) * m->n_params);
-    m->running = xmalloc(sizeof(float) * m->n_running);
-    m->teacher_running = xmalloc(sizeof(float) * m->n_running);
-    m->s = xmalloc(sizeof(float) * cfg->K);
+    m->params = xmalloc(sizeof(real) * m->n_params);
+    m->grads = xmalloc(sizeof(real) * m->n_params);
+    m->momentum = xmalloc(sizeof(real) * m->n_params);
+    m->teacher = xmalloc(sizeof(real) * m->n_params);
+    m->running = xmalloc(sizeof(real) * m->n_running);
+    m->teacher_running = xmalloc(sizeof(real) * m->n_running);
+    m->s = xmalloc(sizeof(real) * cfg->K);
     Arena count = {0};
     plan_arena(m, &count);
     m->arena_floats = count.used;
-    m->arena = xmalloc(sizeof(float) * m->arena_floats);
+    m->arena = xmalloc(sizeof(real) * m->arena_floats);
     Arena real = {m->arena, 0};
     plan_arena(m, &real);
     init_params(m);
@@ -1191,24 +1194,24 @@ void excb_free(ExcbModel *m) {
 #define PT(base, idx) ((base) + m->tensors[(idx)].offset)     /* tensor idx inside a buffer   */
 
 /* conv + BN (+ReLU), one unit; `residual` (may alias ua->a) is added before the ReLU */
-static void unit_forward(ExcbModel *m, const float *P, float *run, ExcbUnitActs *ua, const ExcbConvBN *u,
-                         const float *x, int H, int W, const float *residual, int relu) {
+static void unit_forward(ExcbModel *m, const real *P, real *run, ExcbUnitActs *ua, const ExcbConvBN *u,
+                         const real *x, int H, int W, const real *residual, int relu) {
     conv2d_forward(ua->y, x, PT(P, u->w), m->col, ua->N, u->cin, H, W, u->cout, u->k, u->stride, u->pad);
     batchnorm_forward(ua->a, ua->mean, ua->rstd, run + u->stats, run + u->stats + u->cout, ua->y,
                       PT(P, u->gamma), PT(P, u->beta), residual, relu, u->cout, ua->N * ua->H * ua->W,
-                      (float)m->cfg.bn_eps, (float)m->cfg.bn_momentum);
+                      (real)m->cfg.bn_eps, (real)m->cfg.bn_momentum);
 }
 
 /* x_nchw (N, C, H, H) -> features f[:, col0 .. col0+N) of a (D, ldf) matrix. P: the parameters to
  * use (student or teacher), run: their BN running statistics. */
-static void backbone_forward(ExcbModel *m, const float *P, float *run, ExcbBackboneActs *A,
-                             const float *x_nchw, float *f, int ldf) {
+static void backbone_forward(ExcbModel *m, const real *P, real *run, ExcbBackboneActs *A,
+                             const real *x_nchw, real *f, int ldf) {
     int N = A->N, H = A->H, C = m->cfg.in_ch;
     for (int n = 0; n < N; n++)                     /* (N, C, H, W) -> (C, N, H, W)             */
         for (int c = 0; c < C; c++)
-            memcpy(A->x + ((size_t)c * N + n) * H * H, x_nchw + ((size_t)n * C + c) * H * H, sizeof(float) * H * H);
+            memcpy(A->x + ((size_t)c * N + n) * H * H, x_nchw + ((size_t)n * C + c) * H * H, sizeof(real) * H * H);
     unit_forward(m, P, run, &A->stem, &m->stem, A->x, H, H, NULL, 1);
-    const float *cur = A->stem.a;
+    const real *cur = A->stem.a;
     int h = A->stem.H;
     if (m->cfg.stem == EXCB_STEM_IMAGENET) {
         maxpool_forward(A->pool, A->pool_arg, A->stem.a, m->stem.cout, N, h, h);
@@ -1217,13 +1220,13 @@ static void backbone_forward(ExcbModel *m, const float *P, float *run, ExcbBackb
     }
     for (int b = 0; b < m->n_blocks; b++) {
         const ExcbResBlock *blk = &m->blocks[b];
-        const float *in = cur;
+        const real *in = cur;
         int hin = h;
         if (blk->has_down)              /* shortcut BN(conv1x1(x)) written where the sum will go */
             unit_forward(m, P, run, &A->down[b], &blk->down, in, hin, hin, NULL, 0);
         for (int j = 0; j < blk->n_main; j++) {
             int is_last = j == blk->n_main - 1;
-            const float *res = !is_last ? NULL : blk->has_down ? A->down[b].a : in;
+            const real *res = !is_last ? NULL : blk->has_down ? A->down[b].a : in;
             unit_forward(m, P, run, &A->main[b][j], &blk->main[j], cur, h, h, res, 1);
             cur = A->main[b][j].a;
             h = A->main[b][j].H;
@@ -1234,18 +1237,18 @@ static void backbone_forward(ExcbModel *m, const float *P, float *run, ExcbBackb
 
 /* Backward of backbone_forward for the STUDENT parameters: df is (D, ldf), columns [0, N) of it
  * belong to this call. Parameter gradients are added to m->grads. */
-static void backbone_backward(ExcbModel *m, ExcbBackboneActs *A, const float *df, int ldf) {
-    const float *P = m->params;
-    float *G = m->grads;
+static void backbone_backward(ExcbModel *m, ExcbBackboneActs *A, const real *df, int ldf) {
+    const real *P = m->params;
+    real *G = m->grads;
     int N = A->N;
-    float *dcur = m->dbuf[0], *dy = m->dbuf[1], *dx = m->dbuf[2];
+    real *dcur = m->dbuf[0], *dy = m->dbuf[1], *dx = m->dbuf[2];
     const ExcbResBlock *lastblk = &m->blocks[m->n_blocks - 1];
     const ExcbUnitActs *out = &A->main[m->n_blocks - 1][lastblk->n_main - 1];
     avgpool_backward(dcur, df, ldf, m->D, N, out->H * out->W);
     for (int b = m->n_blocks - 1; b >= 0; b--) {
         const ExcbResBlock *blk = &m->blocks[b];
         const ExcbUnitActs *ua_last = &A->main[b][blk->n_main - 1];
-        const float *block_in;
+        const real *block_in;
         int hin;
         if (b > 0) {
             const ExcbUnitActs *prev = &A->main[b - 1][m->blocks[b - 1].n_main - 1];
@@ -1262,10 +1265,10 @@ static void backbone_backward(ExcbModel *m, ExcbBackboneActs *A, const float *df
         for (int j = blk->n_main - 1; j >= 0; j--) {
             const ExcbConvBN *u = &blk->main[j];
             const ExcbUnitActs *ua = &A->main[b][j];
-            const float *dout = j == blk->n_main - 1 ? dcur : dx;
+            const real *dout = j == blk->n_main - 1 ? dcur : dx;
             batchnorm_backward(dy, PT(G, u->gamma), PT(G, u->beta), dout, ua->a, ua->y, ua->mean, ua->rstd,
                                PT(P, u->gamma), 1, u->cout, N * ua->H * ua->W);
-            const float *xin = j > 0 ? A->main[b][j - 1].a : block_in;
+            const real *xin = j > 0 ? A->main[b][j - 1].a : block_in;
             int h = j > 0 ? A->main[b][j - 1].H : hin;
             conv2d_backward(dx, PT(G, u->w), dy, xin, PT(P, u->w), m->col, m->slots, N, u->cin, h, h,
                             u->cout, u->k, u->stride, u->pad);
@@ -1282,20 +1285,20 @@ static void backbone_backward(ExcbModel *m, ExcbBackboneActs *A, const float *df
 #pragma omp parallel for schedule(static)
             for (size_t i = 0; i < n_in; i++) dx[i] += dcur[i];
         } else {                             /* identity: the ReLU-gated output gradient itself  */
-            const float *o = ua_last->a;
+            const real *o = ua_last->a;
 #pragma omp parallel for schedule(static)
             for (size_t i = 0; i < n_in; i++) dx[i] += o[i] > 0.0f ? dcur[i] : 0.0f;
         }
-        float *t = dcur;                     /* the block input's gradient is the next dcur      */
+        real *t = dcur;                     /* the block input's gradient is the next dcur      */
         dcur = dx;
         dx = t;
     }
-    const float *dstem = dcur;              /* gradient w.r.t. the stem's output (after the pool)  */
+    const real *dstem = dcur;              /* gradient w.r.t. the stem's output (after the pool)  */
     if (m->cfg.stem == EXCB_STEM_IMAGENET) {
         maxpool_backward(dx, dcur, A->pool_arg, m->stem.cout, N, A->stem.H, A->stem.W);
         dstem = dx;
     }
-    float *dys = dy;                        /* dy is free here in both cases                     */
+    real *dys = dy;                        /* dy is free here in both cases                     */
     batchnorm_backward(dys, PT(G, m->stem.gamma), PT(G, m->stem.beta), dstem, A->stem.a, A->stem.y,
                        A->stem.mean, A->stem.rstd, PT(P, m->stem.gamma), 1, m->stem.cout,
                        N * A->stem.H * A->stem.W);
@@ -1304,23 +1307,23 @@ static void backbone_backward(ExcbModel *m, ExcbBackboneActs *A, const float *df
 }
 
 /* Linear (+BN+ReLU) layer of a head: x (in, N) -> y (out, N) pre-BN and a (out, N) */
-static void head_layer_forward(ExcbModel *m, const float *P, float *run, const ExcbLinear *L,
-                               const float *x, float *y, float *a, float *mean, float *rstd, int N) {
+static void head_layer_forward(ExcbModel *m, const real *P, real *run, const ExcbLinear *L,
+                               const real *x, real *y, real *a, real *mean, real *rstd, int N) {
     if (!L->has_bn) {
         linear_forward(a, x, PT(P, L->w), PT(P, L->b), L->in, L->out, N);
         return;
     }
     linear_forward(y, x, PT(P, L->w), PT(P, L->b), L->in, L->out, N);
     batchnorm_forward(a, mean, rstd, run + L->stats, run + L->stats + L->out, y, PT(P, L->gamma),
-                      PT(P, L->beta), NULL, 1, L->out, N, (float)m->cfg.bn_eps, (float)m->cfg.bn_momentum);
+                      PT(P, L->beta), NULL, 1, L->out, N, (real)m->cfg.bn_eps, (real)m->cfg.bn_momentum);
 }
 
-static void head_layer_backward(ExcbModel *m, const ExcbLinear *L, float *dx, float *da, float *tmp,
-                                const float *x, const float *y, const float *a, const float *mean,
-                                const float *rstd, int N) {
-    const float *P = m->params;
-    float *G = m->grads;
-    const float *dy = da;
+static void head_layer_backward(ExcbModel *m, const ExcbLinear *L, real *dx, real *da, real *tmp,
+                                const real *x, const real *y, const real *a, const real *mean,
+                                const real *rstd, int N) {
+    const real *P = m->params;
+    real *G = m->grads;
+    const real *dy = da;
     if (L->has_bn) {
         batchnorm_backward(tmp, PT(G, L->gamma), PT(G, L->beta), da, a, y, mean, rstd, PT(P, L->gamma), 1, L->out, N);
         dy = tmp;
@@ -1329,7 +1332,7 @@ static void head_layer_backward(ExcbModel *m, const ExcbLinear *L, float *dx, fl
 }
 
 /* E0 over N rows of f (D, N) -> h (d, N) = m->h */
-static void projector_forward(ExcbModel *m, const float *P, float *run, const float *f, int N) {
+static void projector_forward(ExcbModel *m, const real *P, real *run, const real *f, int N) {
     ExcbMLPActs *A = &m->proj_act;
     head_layer_forward(m, P, run, &m->proj[0], f, A->y[0], A->a[0], A->mean[0], A->rstd[0], N);
     head_layer_forward(m, P, run, &m->proj[1], A->a[0], A->y[1], A->a[1], A->mean[1], A->rstd[1], N);
@@ -1348,14 +1351,14 @@ static void projector_forward(ExcbModel *m, const float *P, float *run, const fl
  *  cluster sizes:      E2, E3 from argmax q
  *  backward:           E12, E13 and the network; SGD (E14); teacher EMA (E9)
  */
-static void centroids_forward(ExcbModel *m, const float *P) {
+static void centroids_forward(ExcbModel *m, const real *P) {
     weightnorm_forward(m->c, m->c_inv_norm, PT(P, m->centroids), m->cfg.K, m->cfg.d);
 }
 
-double excb_forward_loss(ExcbModel *m, const float *xg, const float *xl, ExcbStepStats *st) {
+double excb_forward_loss(ExcbModel *m, const real *xg, const real *xl, ExcbStepStats *st) {
     const ExcbConfig *c = &m->cfg;
     int B = c->batch, NG = c->n_global * B, NL = c->n_local * B, NS = NG + NL, K = c->K, d = c->d;
-    float eps = (float)c->norm_eps;
+    real eps = (real)c->norm_eps;
     /* --- teacher: global crops only, its own parameters and BN statistics, no gradient ----------- */
     backbone_forward(m, m->teacher, m->teacher_running, &m->act_global, xg, m->f, NG);
     projector_forward(m, m->teacher, m->teacher_running, m->f, NG);
@@ -1374,7 +1377,7 @@ double excb_forward_loss(ExcbModel *m, const float *xg, const float *xl, ExcbSte
     /* predictor E10a: BN(d) without ReLU, Linear-BN-ReLU, Linear */
     batchnorm_forward(m->pre_y, m->pre_mean, m->pre_rstd, m->running + m->pred_bn_stats,
                       m->running + m->pred_bn_stats + d, m->h, PT(m->params, m->pred_bn_gamma),
-                      PT(m->params, m->pred_bn_beta), NULL, 0, d, NS, (float)c->bn_eps, (float)c->bn_momentum);
+                      PT(m->params, m->pred_bn_beta), NULL, 0, d, NS, (real)c->bn_eps, (real)c->bn_momentum);
     head_layer_forward(m, m->params, m->running, &m->pred[0], m->pre_y, m->pred_y, m->pred_a, m->pred_mean,
                        m->pred_rstd, NS);
     head_layer_forward(m, m->params, m->running, &m->pred[1], m->pred_a, NULL, m->p, NULL, NULL, NS);
@@ -1402,24 +1405,24 @@ void excb_update_cluster_sizes(ExcbModel *m, ExcbStepStats *st) {
 void excb_backward(ExcbModel *m) {
     const ExcbConfig *c = &m->cfg;
     int B = c->batch, NG = c->n_global * B, NL = c->n_local * B, NS = NG + NL, K = c->K, d = c->d;
-    float eps = (float)c->norm_eps;
-    const float *P = m->params;
-    float *G = m->grads;
-    memset(G, 0, sizeof(float) * m->n_params);             /* the one place gradients are zeroed */
-    float *dU = m->dhead[0], *dh = m->dhead[1], *t1 = m->dhead[2], *dC = m->dhead[3];
+    real eps = (real)c->norm_eps;
+    const real *P = m->params;
+    real *G = m->grads;
+    memset(G, 0, sizeof(real) * m->n_params);             /* the one place gradients are zeroed */
+    real *dU = m->dhead[0], *dh = m->dhead[1], *t1 = m->dhead[2], *dC = m->dhead[3];
     /* E13: only the direct global rows reach the centroids: dc = dz_dir^T u_dir, then weight norm */
     matmul_tiled('T', 'N', K, d, NG, 1.0f, m->z_dir, K, m->u_dir, d, 0.0f, dC, d);
     weightnorm_backward(PT(G, m->centroids), dC, m->c, m->c_inv_norm, K, d);
     /* E12, direct rows: du = dz_dir c, dh[:, global] = (I - u u^T) du / ||h||; local columns 0 */
     matmul_tiled('N', 'N', NG, d, K, 1.0f, m->z_dir, K, m->c, d, 0.0f, dU, d);
     l2norm_rows_backward(dh, NS, dU, m->u_dir, m->u_dir_den, d, NG, eps, 0);
-    for (int j = 0; j < d; j++) memset(dh + (size_t)j * NS + NG, 0, sizeof(float) * NL);
+    for (int j = 0; j < d; j++) memset(dh + (size_t)j * NS + NG, 0, sizeof(real) * NL);
     /* E12, predictor rows (c is a constant here): du = dz_pred c, dp = (I - u u^T) du / ||p|| */
     matmul_tiled('N', 'N', NS, d, K, 1.0f, m->z_pred, K, m->c, d, 0.0f, dU, d);
-    float *dp = m->dhead[2];
+    real *dp = m->dhead[2];
     l2norm_rows_backward(dp, NS, dU, m->u_pred, m->u_pred_den, d, NS, eps, 0);
     /* predictor, last layer to first; then its input BN(d) adds into dh */
-    float *da = m->dhead[0], *tmp = m->dhead[3];
+    real *da = m->dhead[0], *tmp = m->dhead[3];
     head_layer_backward(m, &m->pred[1], da, dp, NULL, m->pred_a, NULL, m->p, NULL, NULL, NS);
     head_layer_backward(m, &m->pred[0], t1, da, tmp, m->pre_y, m->pred_y, m->pred_a, m->pred_mean, m->pred_rstd, NS);
     batchnorm_backward(tmp, PT(G, m->pred_bn_gamma), PT(G, m->pred_bn_beta), t1, m->pre_y, m->h, m->pre_mean,
@@ -1430,7 +1433,7 @@ void excb_backward(ExcbModel *m) {
     ExcbMLPActs *A = &m->proj_act;
     head_layer_backward(m, &m->proj[2], da, dh, NULL, A->a[1], NULL, A->a[2], NULL, NULL, NS);
     head_layer_backward(m, &m->proj[1], t1, da, tmp, A->a[0], A->y[1], A->a[1], A->mean[1], A->rstd[1], NS);
-    float *df = m->dhead[1];
+    real *df = m->dhead[1];
     head_layer_backward(m, &m->proj[0], df, t1, tmp, m->f, A->y[0], A->a[0], A->mean[0], A->rstd[0], NS);
     /* backbone: local crops, then global crops; both add into the same parameter gradients */
     if (NL > 0) backbone_backward(m, &m->act_local, df + NG, NS);
@@ -1453,7 +1456,7 @@ void excb_update(ExcbModel *m, ExcbStepStats *st) {
     }
 }
 
-int excb_step(ExcbModel *m, const float *xg, const float *xl, ExcbStepStats *st) {
+int excb_step(ExcbModel *m, const real *xg, const real *xl, ExcbStepStats *st) {
     ExcbStepStats local;
     if (!st) st = &local;
     double loss = excb_forward_loss(m, xg, xl, st);
@@ -1498,6 +1501,7 @@ void excb_count_macs(const ExcbModel *m, double *teacher_fwd, double *student_fw
                  + c->n_global * cos;
 }
 
+#ifndef TESTING
 static double now_seconds(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
@@ -1509,7 +1513,6 @@ static int cmp_double(const void *a, const void *b) {
     return (x > y) - (x < y);
 }
 
-#ifndef TESTING
 /* ================================================================================================
  * 12. Command line
  * ================================================================================================ */
@@ -1569,7 +1572,7 @@ static int cmd_bench(int argc, char **argv) {
     if (excb_build(&m, &cfg)) return EXCB_EXIT_USAGE;
     size_t ng = (size_t)cfg.n_global * cfg.batch * cfg.in_ch * cfg.global_size * cfg.global_size;
     size_t nl = (size_t)cfg.n_local * cfg.batch * cfg.in_ch * cfg.local_size * cfg.local_size;
-    float *xg = xmalloc(sizeof(float) * ng), *xl = xmalloc(sizeof(float) * (nl + 1));
+    real *xg = xmalloc(sizeof(real) * ng), *xl = xmalloc(sizeof(real) * (nl + 1));
     for (size_t i = 0; i < ng; i++) xg[i] = excb_normal(cfg.seed, EXCB_RNG_BENCH, 0, 0, i);
     for (size_t i = 0; i < nl; i++) xl[i] = excb_normal(cfg.seed, EXCB_RNG_BENCH, 1, 0, i);
     double tm, sm;

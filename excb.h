@@ -28,6 +28,15 @@
 
 #define EXCB_VERSION "0.1.0"
 
+/* The scalar type of every tensor. float (FP32) is the implementation; -DEXCB_REAL_DOUBLE builds the
+ * same source in float64 (naive GEMM), which the finite-difference tests use as an exact-enough
+ * reference for whole-network derivatives. */
+#ifdef EXCB_REAL_DOUBLE
+typedef double real;
+#else
+typedef float real;
+#endif
+
 /* Exit codes of the `excb` program (see README.md, "Exit codes"). */
 enum {
     EXCB_EXIT_OK = 0,
@@ -135,24 +144,24 @@ typedef struct {
 
 /* Activations of one backbone call (one resolution), kept for the backward pass. */
 typedef struct {
-    float *y;                  /* conv output, before BN: (Cout, N, Ho, Wo)                           */
-    float *a;                  /* after BN and ReLU (and the residual add, last unit of a block)      */
-    float *mean, *rstd;        /* batch statistics of the BN (Cout)                                   */
+    real *y;                  /* conv output, before BN: (Cout, N, Ho, Wo)                           */
+    real *a;                  /* after BN and ReLU (and the residual add, last unit of a block)      */
+    real *mean, *rstd;        /* batch statistics of the BN (Cout)                                   */
     int N, H, W;               /* output geometry                                                     */
 } ExcbUnitActs;
 
 typedef struct {
     int N, H;                  /* images in this call and their input side                            */
-    float *x;                  /* input, (C, N, H, H) feature-major                                   */
+    real *x;                  /* input, (C, N, H, H) feature-major                                   */
     ExcbUnitActs stem;
-    float *pool;               /* ImageNet stem: max-pool output (C, N, H/4, W/4)                     */
+    real *pool;               /* ImageNet stem: max-pool output (C, N, H/4, W/4)                     */
     int32_t *pool_arg;         /* and the flat input index of each output's maximum                   */
     ExcbUnitActs main[EXCB_MAX_BLOCKS][3], down[EXCB_MAX_BLOCKS];
 } ExcbBackboneActs;
 
 /* Activations of the heads on N rows (feature-major (F, N)). */
 typedef struct {
-    float *y[3], *a[3], *mean[3], *rstd[3];   /* projector layers 1..3 (a[2] = h, y/mean/rstd unused) */
+    real *y[3], *a[3], *mean[3], *rstd[3];   /* projector layers 1..3 (a[2] = h, y/mean/rstd unused) */
 } ExcbMLPActs;
 
 /* ------------------------------------------------------------------------------------------------ */
@@ -173,38 +182,38 @@ typedef struct {
     int n_tensors;
     ExcbTensor tensors[EXCB_MAX_TENSORS];
     size_t n_params;
-    float *params, *grads, *momentum, *teacher;
+    real *params, *grads, *momentum, *teacher;
     size_t n_running;          /* BN running mean/var (evaluation only), student and teacher          */
-    float *running, *teacher_running;
+    real *running, *teacher_running;
     /* the method's state */
-    float *s;                  /* cluster-size estimate (K), sums to 1, starts at 1/K (E3)           */
+    real *s;                  /* cluster-size estimate (K), sums to 1, starts at 1/K (E3)           */
     long step;                 /* optimisation steps done (0-based index of the next step)            */
     /* activation arenas, sized once in excb_build; nothing is allocated inside a step */
-    float *arena; size_t arena_floats;
+    real *arena; size_t arena_floats;
     ExcbBackboneActs act_global, act_local;   /* teacher reuses act_global before the student runs */
-    float *f;                  /* backbone features (D, Vg*B + Vl*B): global columns, then local      */
+    real *f;                  /* backbone features (D, Vg*B + Vl*B): global columns, then local      */
     ExcbMLPActs proj_act;      /* projector activations over all student rows                         */
-    float *h;                  /* projection (d, NS) where NS = (Vg+Vl)*B                              */
-    float *pre_y, *pre_mean, *pre_rstd;  /* predictor input BN: output (d, NS) and statistics       */
-    float *pred_y, *pred_a, *pred_mean, *pred_rstd;   /* predictor hidden layer (Hd, NS)           */
-    float *p;                  /* predictor output (d, NS)                                             */
-    float *c, *c_inv_norm;     /* unit centroids (K, d) and 1/||v_k|| (K)                              */
-    float *u_dir, *u_dir_den;  /* normalised global projections (Vg*B, d) and max(||h||, eps)          */
-    float *u_pred, *u_pred_den;    /* normalised predictor outputs (NS, d) and max(||p||, eps)        */
-    float *ut, *ut_den;        /* the teacher's normalised projections (Vg*B, d)                       */
+    real *h;                  /* projection (d, NS) where NS = (Vg+Vl)*B                              */
+    real *pre_y, *pre_mean, *pre_rstd;  /* predictor input BN: output (d, NS) and statistics       */
+    real *pred_y, *pred_a, *pred_mean, *pred_rstd;   /* predictor hidden layer (Hd, NS)           */
+    real *p;                  /* predictor output (d, NS)                                             */
+    real *c, *c_inv_norm;     /* unit centroids (K, d) and 1/||v_k|| (K)                              */
+    real *u_dir, *u_dir_den;  /* normalised global projections (Vg*B, d) and max(||h||, eps)          */
+    real *u_pred, *u_pred_den;    /* normalised predictor outputs (NS, d) and max(||p||, eps)        */
+    real *ut, *ut_den;        /* the teacher's normalised projections (Vg*B, d)                       */
     int32_t *counts;           /* teacher labels per cluster this step (K)                             */
     double *row_loss;          /* loss of each student row, summed in a fixed order                    */
-    float *z_dir;              /* direct similarities of global crops (Vg*B, K); then dL/dz            */
-    float *z_pred;             /* predictor similarities of all crops (NS, K); then dL/dz              */
-    float *q;                  /* balanced teacher targets (Vg*B, K)  (E6)                             */
+    real *z_dir;              /* direct similarities of global crops (Vg*B, K); then dL/dz            */
+    real *z_pred;             /* predictor similarities of all crops (NS, K); then dL/dz              */
+    real *q;                  /* balanced teacher targets (Vg*B, K)  (E6)                             */
     int32_t *labels;           /* argmax of q per teacher row (Vg*B)  (E2)                              */
-    float *zt;                 /* teacher similarities (Vg*B, K)  (E1)                                  */
-    float *r, *lower, *higher; /* balancing factors (K)  (E3', E4)                                     */
+    real *zt;                 /* teacher similarities (Vg*B, K)  (E1)                                  */
+    real *r, *lower, *higher; /* balancing factors (K)  (E3', E4)                                     */
     /* backward scratch */
-    float *dbuf[3]; size_t dbuf_floats;
-    float *dhead[4];           /* head gradients, each max(D,Hd,d) x NS                                */
-    float *col;  size_t col_floats;     /* im2col panels, one per worker                               */
-    float *slots; size_t slot_floats;   /* per-slot partial weight gradients (EXCB_SLOTS of them)    */
+    real *dbuf[3]; size_t dbuf_floats;
+    real *dhead[4];           /* head gradients, each max(D,Hd,d) x NS                                */
+    real *col;  size_t col_floats;     /* im2col panels, one per worker                               */
+    real *slots; size_t slot_floats;   /* per-slot partial weight gradients (EXCB_SLOTS of them)    */
     int max_threads;
 } ExcbModel;
 
@@ -220,10 +229,10 @@ int  excb_build(ExcbModel *m, const ExcbConfig *cfg);        /* 0 ok; allocates 
 void excb_free(ExcbModel *m);
 int  excb_find_tensor(const ExcbModel *m, const char *name);  /* index or -1                      */
 /* One ExCB training step on images xg (Vg*B, C, G, G) and xl (Vl*B, C, L, L), view-major rows.  */
-int  excb_step(ExcbModel *m, const float *xg, const float *xl, ExcbStepStats *st);
+int  excb_step(ExcbModel *m, const real *xg, const real *xl, ExcbStepStats *st);
 /* The step's parts, in order: teacher + targets + student + loss and dL/dz (changes no state but
    BN running statistics); E2/E3; backward into m->grads; SGD, EMA and step += 1.              */
-double excb_forward_loss(ExcbModel *m, const float *xg, const float *xl, ExcbStepStats *st);
+double excb_forward_loss(ExcbModel *m, const real *xg, const real *xl, ExcbStepStats *st);
 void excb_update_cluster_sizes(ExcbModel *m, ExcbStepStats *st);
 void excb_backward(ExcbModel *m);
 void excb_update(ExcbModel *m, ExcbStepStats *st);
@@ -233,54 +242,54 @@ void excb_update(ExcbModel *m, ExcbStepStats *st);
 /* Convention: activation gradients are written (=), parameter gradients accumulated (+=).        */
 
 /* GEMM, row-major, C = alpha op(A) op(B) + beta C; op(A) is M x K, op(B) is K x N. */
-void matmul(char ta, char tb, int M, int N, int K, float alpha, const float *A, int lda,
-            const float *B, int ldb, float beta, float *C, int ldc);
-void matmul_naive(char ta, char tb, int M, int N, int K, float alpha, const float *A, int lda,
-                  const float *B, int ldb, float beta, float *C, int ldc);
+void matmul(char ta, char tb, int M, int N, int K, real alpha, const real *A, int lda,
+            const real *B, int ldb, real beta, real *C, int ldc);
+void matmul_naive(char ta, char tb, int M, int N, int K, real alpha, const real *A, int lda,
+                  const real *B, int ldb, real beta, real *C, int ldc);
 
-void conv2d_forward(float *y, const float *x, const float *w, float *col, int N, int Cin, int H,
+void conv2d_forward(real *y, const real *x, const real *w, real *col, int N, int Cin, int H,
                     int W, int Cout, int k, int stride, int pad);
-void conv2d_backward(float *dx, float *dw, const float *dy, const float *x, const float *w,
-                     float *col, float *slots, int N, int Cin, int H, int W, int Cout, int k,
+void conv2d_backward(real *dx, real *dw, const real *dy, const real *x, const real *w,
+                     real *col, real *slots, int N, int Cin, int H, int W, int Cout, int k,
                      int stride, int pad);
 
-void batchnorm_forward(float *out, float *mean, float *rstd, float *run_mean, float *run_var,
-                       const float *y, const float *gamma, const float *beta, const float *residual,
-                       int relu, int C, int NHW, float eps, float momentum);
-void batchnorm_backward(float *dy, float *dgamma, float *dbeta, const float *dout, const float *out,
-                        const float *y, const float *mean, const float *rstd, const float *gamma,
+void batchnorm_forward(real *out, real *mean, real *rstd, real *run_mean, real *run_var,
+                       const real *y, const real *gamma, const real *beta, const real *residual,
+                       int relu, int C, int NHW, real eps, real momentum);
+void batchnorm_backward(real *dy, real *dgamma, real *dbeta, const real *dout, const real *out,
+                        const real *y, const real *mean, const real *rstd, const real *gamma,
                         int relu, int C, int NHW);
 
-void maxpool_forward(float *out, int32_t *arg, const float *x, int C, int N, int H, int W);
-void maxpool_backward(float *dx, const float *dout, const int32_t *arg, int C, int N, int H, int W);
-void avgpool_forward(float *f, int ldf, const float *x, int C, int N, int HW);
-void avgpool_backward(float *dx, const float *df, int ldf, int C, int N, int HW);
+void maxpool_forward(real *out, int32_t *arg, const real *x, int C, int N, int H, int W);
+void maxpool_backward(real *dx, const real *dout, const int32_t *arg, int C, int N, int H, int W);
+void avgpool_forward(real *f, int ldf, const real *x, int C, int N, int HW);
+void avgpool_backward(real *dx, const real *df, int ldf, int C, int N, int HW);
 
-void linear_forward(float *y, const float *x, const float *w, const float *b, int in, int out, int N);
-void linear_backward(float *dx, float *dw, float *db, const float *dy, const float *x,
-                     const float *w, int in, int out, int N);
+void linear_forward(real *y, const real *x, const real *w, const real *b, int in, int out, int N);
+void linear_backward(real *dx, real *dw, real *db, const real *dy, const real *x,
+                     const real *w, int in, int out, int N);
 
 /* E1: rows of u = x / max(||x||, eps), from a feature-major x (d, N) with leading dim ldx. */
-void l2norm_rows_forward(float *u, float *den, const float *x, int ldx, int d, int N, float eps);
-void l2norm_rows_backward(float *dx, int ldx, const float *du, const float *u, const float *den,
-                          int d, int N, float eps, int accumulate);
+void l2norm_rows_forward(real *u, real *den, const real *x, int ldx, int d, int N, real eps);
+void l2norm_rows_backward(real *dx, int ldx, const real *du, const real *u, const real *den,
+                          int d, int N, real eps, int accumulate);
 /* weight norm with gain 1: c_k = v_k / ||v_k|| (E1), and dv = (I - c c^T) dc / ||v|| (E13). */
-void weightnorm_forward(float *c, float *inv, const float *v, int K, int d);
-void weightnorm_backward(float *dv, const float *dc, const float *c, const float *inv, int K, int d);
+void weightnorm_forward(real *c, real *inv, const real *v, int K, int d);
+void weightnorm_backward(real *dv, const real *dc, const real *c, const real *inv, int K, int d);
 
 /* E3': r = K s / sum(s); E4 factors lower = min(r,1), higher = min(1/r,1); A3's jitter where a
    factor is exactly 0, drawn from (seed, step). */
-void balance_factors(float *r, float *lower, float *higher, const float *s, int K, uint64_t seed,
+void balance_factors(real *r, real *lower, real *higher, const real *s, int K, uint64_t seed,
                      long step);
 /* E4-E6 for N teacher rows: q = softmax(clamp(boost(B(z; r)), -1, 1) / tau_t); labels = argmax q. */
-void balanced_targets(float *q, int32_t *labels, float *zhat, const float *z, const float *lower,
-                      const float *higher, int N, int K, double boost, double tau_t);
+void balanced_targets(real *q, int32_t *labels, real *zhat, const real *z, const real *lower,
+                      const real *higher, int N, int K, double boost, double tau_t);
 /* E2, E3: s <- m_s s + (1-m_s) counts/N, the term rounded through float16 if fp16_term (A4). */
-void cluster_size_update(float *s, int32_t *counts, const int32_t *labels, int N, int K, double m_s,
+void cluster_size_update(real *s, int32_t *counts, const int32_t *labels, int N, int K, double m_s,
                          int fp16_term);
 /* E7, E8, E11: the loss over student rows z (n_rows, K) matched to teacher targets; z is replaced
    by dL/dz. Row u of z is matched by the teacher rows listed in match[u] (see excb.c). */
-double excb_loss_forward_backward(float *z_dir, float *z_pred, double *row_loss, const float *q,
+double excb_loss_forward_backward(real *z_dir, real *z_pred, double *row_loss, const real *q,
                                   int Vg, int Vl, int B, int K, double tau_s);
 
 /* Schedules (Appendix A). t is the 1-based scheduler step, `step` the 0-based train step. */
@@ -288,8 +297,8 @@ double lr_at(long t, long T, long W, double lr_peak, double lr_min_factor);
 double centroid_wd_at(long t, long T, double wd, double boost);
 double ema_momentum_at(long step, long T, double start);
 double crop_scale_min_at(long epoch, long epochs);
-/* E9: teacher <- m teacher + (1-m) student, in the official code's float roundings. */
-void ema_update(float *teacher, const float *student, size_t n, double m);
+/* E9: teacher <- m teacher + (1-m) student, in the official code's real roundings. */
+void ema_update(real *teacher, const real *student, size_t n, double m);
 /* E14: SGD, momentum, coupled weight decay per group. */
 void sgd_update(ExcbModel *m, double lr, double wd, double wd_centroid);
 

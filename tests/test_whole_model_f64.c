@@ -1,0 +1,86 @@
+/* test_whole_model_f64.c: finite differences of the WHOLE student network, on the float64 build of
+ * excb.c (compiled with -DEXCB_REAL_DOUBLE: the same source, real = double, naive GEMM).
+ *
+ * L(theta_S) = excb_forward_loss is a plain function of the student parameters: the teacher's
+ * targets depend only on the teacher and on s, which the forward does not change. So the analytic
+ * gradient of excb_backward must equal central differences through everything at once: stem,
+ * residual adds, identity and conv shortcuts, max-pool (tiny50), the heads and the loss.
+ * The centroids are left out here on purpose: the predictor sees them detached (A9), so the full
+ * loss's derivative w.r.t. v is NOT what the step applies; tests/test_gradients.c checks that
+ * routing exactly (and shows that its check fails without the stop-gradient).
+ *
+ * Precision: in float64 the loss (~3-7) carries ~1e-15 of rounding noise. Per entry, eps = 1e-6:
+ * noise/eps ~ 1e-9, truncation eps^2 ~ 1e-12. A ReLU or max-pool switch inside +-eps would show up
+ * as an error of ~1e-2: the fixture state keeps every checked entry clear of one (deterministic).
+ * Tolerance: 1e-6 of the tensor's largest gradient entry; a wrong term gives 1e-2 and more. */
+#include "testutil.h"
+
+static void load(ExcbModel *m, const Fixture *fx, const char *prefix, real *dst) {
+    char nm[160];
+    for (int t = 0; t < m->n_tensors; t++) {
+        snprintf(nm, sizeof nm, "%s%s", prefix, m->tensors[t].name);
+        const FixTensor *f = fix_get(fx, nm);
+        cr_assert(f != NULL, "fixture lacks %s", nm);
+        for (size_t i = 0; i < f->numel; i++) dst[m->tensors[t].offset + i] = f->data[i];
+    }
+}
+
+static real *to_real(const FixTensor *f) {
+    real *r = malloc(sizeof(real) * f->numel);
+    for (size_t i = 0; i < f->numel; i++) r[i] = f->data[i];
+    return r;
+}
+
+static void whole_model(const char *config, const char *path) {
+    cr_assert(sizeof(real) == 8, "this suite must be built with -DEXCB_REAL_DOUBLE");
+    Fixture fx;
+    cr_assert(fixture_load(&fx, path) == 0, "cannot read %s", path);
+    ExcbConfig cfg;
+    excb_config_named(&cfg, config);
+    ExcbModel m;
+    cr_assert(excb_build(&m, &cfg) == 0);
+    load(&m, &fx, "param.", m.params);
+    load(&m, &fx, "teacher.", m.teacher);
+    const FixTensor *s = fix_get(&fx, "s_before");
+    for (int k = 0; k < cfg.K; k++) m.s[k] = s->data[k];
+    real *xg = to_real(fix_get(&fx, "x_global")), *xl = to_real(fix_get(&fx, "x_local"));
+    excb_forward_loss(&m, xg, xl, NULL);
+    excb_backward(&m);
+    real *g = malloc(sizeof(real) * m.n_params);
+    memcpy(g, m.grads, sizeof(real) * m.n_params);
+    double worst = 0, gall = 0;
+    const char *worst_name = "";
+    int checked = 0;
+    for (size_t i = 0; i < m.n_params; i++) gall = fabs(g[i]) > gall ? fabs(g[i]) : gall;
+    for (int t = 0; t < m.n_tensors; t++) {
+        if (t == m.centroids) continue;
+        const ExcbTensor *T = &m.tensors[t];
+        /* judged against the tensor's largest entry, or 1e-3 of the model's for the four gradients
+           that are exactly 0 (a bias feeding Linear -> BatchNorm): there both sides must be ~0 */
+        double gmax = 1e-3 * gall;
+        for (size_t i = 0; i < T->numel; i++) gmax = fabs(g[T->offset + i]) > gmax ? fabs(g[T->offset + i]) : gmax;
+        size_t n_check = T->numel < 6 ? T->numel : 6;
+        for (size_t c = 0; c < n_check; c++) {
+            size_t i = T->offset + (T->numel <= 6 ? c : (size_t)(excb_hash(4, 4, t, 0, c) % T->numel));
+            const double eps = 1e-6;
+            real p0 = m.params[i];
+            m.params[i] = p0 + eps;
+            double lp = excb_forward_loss(&m, xg, xl, NULL);
+            m.params[i] = p0 - eps;
+            double lm = excb_forward_loss(&m, xg, xl, NULL);
+            m.params[i] = p0;
+            double e = fabs((lp - lm) / (2 * eps) - g[i]) / gmax;
+            if (e > worst) { worst = e; worst_name = T->name; }
+            checked++;
+        }
+    }
+    printf("%s (float64): %d entries of %d tensors, worst error %.2e (%s)\n", config, checked, m.n_tensors - 1,
+           worst, worst_name);
+    cr_expect(worst <= 1e-6, "whole-model finite differences: %.3g > 1e-6 in %s", worst, worst_name);
+    free(g); free(xg); free(xl);
+    excb_free(&m);
+    fixture_free(&fx);
+}
+
+Test(whole_model_f64, basicblock_resnet, .timeout = 300) { whole_model("tiny", "tests/reference/tiny.bin"); }
+Test(whole_model_f64, bottleneck_imagenet_stem_maxpool, .timeout = 300) { whole_model("tiny50", "tests/reference/tiny50.bin"); }

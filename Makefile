@@ -61,7 +61,7 @@ bench: excb
 
 # the same-run comparison with the PyTorch peer (issue 2's figures); needs python3-torch
 bench-compare: excb
-	bash bench/compare.sh
+	/usr/bin/python3 bench/compare.py
 
 # regenerate the float64 parity fixtures (needs python3-torch; CI never does this)
 fixture:

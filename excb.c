@@ -633,8 +633,8 @@ void cluster_size_update(real *s, int32_t *counts, const int32_t *labels, int N,
  * which FP32 with subnormals never reaches, METHOD.md A3) the code adds U(0,1) * 0.001. For r = 0,
  * 1/r = inf and 1 - relu(1 - inf) = 1: IEEE arithmetic gives the official value with no NaN.
  */
-void balance_factors(real *r, real *lower, real *higher, const real *s, int K, uint64_t seed,
-                     long step) {
+void balance_factors(real *r, real *lower, real *higher, const real *s, int K, double jitter,
+                     uint64_t seed, long step) {
     double sum = 0;
     for (int k = 0; k < K; k++) sum += fabs(s[k]);
     real den = (real)sum > 1e-12f ? (real)sum : 1e-12f;     /* F.normalize(s, p=1)          */
@@ -642,8 +642,8 @@ void balance_factors(real *r, real *lower, real *higher, const real *s, int K, u
         real rk = s[k] / den * (real)K;                         /* E3'                          */
         real lo = 1.0f - fmax(1.0f - rk, 0.0f);
         real hi = 1.0f - fmax(1.0f - 1.0f / rk, 0.0f);
-        if (lo == 0.0f) lo += excb_uniform(seed, EXCB_RNG_JITTER, (uint64_t)step, 0, k) * 0.001f;
-        if (hi == 0.0f) hi += excb_uniform(seed, EXCB_RNG_JITTER, (uint64_t)step, 1, k) * 0.001f;
+        if (lo == 0.0f) lo += excb_uniform(seed, EXCB_RNG_JITTER, (uint64_t)step, 0, k) * (real)jitter;
+        if (hi == 0.0f) hi += excb_uniform(seed, EXCB_RNG_JITTER, (uint64_t)step, 1, k) * (real)jitter;
         r[k] = rk;
         lower[k] = lo;
         higher[k] = hi;
@@ -651,8 +651,8 @@ void balance_factors(real *r, real *lower, real *higher, const real *s, int K, u
 }
 
 void balanced_targets(real *q, int32_t *labels, real *zhat, const real *z, const real *lower,
-                      const real *higher, int N, int K, double boost, double tau_t) {
-    real factor = (real)(1.0 + boost), tau = (real)tau_t;
+                      const real *higher, int N, int K, double boost, double clamp, double tau_t) {
+    real factor = (real)(1.0 + boost), tau = (real)tau_t, c = (real)clamp;
 #pragma omp parallel for schedule(static)
     for (int n = 0; n < N; n++) {
         const real *zn = z + (size_t)n * K;
@@ -668,7 +668,7 @@ void balanced_targets(real *q, int32_t *labels, real *zhat, const real *z, const
         zh[a] *= factor;                                            /* E5 boost (A1)             */
         real mx = -INFINITY;
         for (int k = 0; k < K; k++) {
-            zh[k] = fmin(fmax(zh[k], -1.0f), 1.0f);               /* E5 clamp (A2)             */
+            zh[k] = fmin(fmax(zh[k], -c), c);                       /* E5 clamp (A2)             */
             real l = zh[k] / tau;
             mx = l > mx ? l : mx;
         }
@@ -825,6 +825,9 @@ static void config_defaults(ExcbConfig *c) {
     c->tau_t = 0.04;
     c->m_s = 0.999;
     c->boost = 0.01;
+    c->clamp = 1.0;
+    c->zero_jitter = 0.001;
+    c->optimizer = EXCB_OPT_SGD;
     c->fp16_count_term = 1;
     c->bn_eps = 1e-5;
     c->bn_momentum = 0.1;
@@ -1365,8 +1368,8 @@ double excb_forward_loss(ExcbModel *m, const real *xg, const real *xl, ExcbStepS
     centroids_forward(m, m->teacher);
     l2norm_rows_forward(m->ut, m->ut_den, m->h, NG, d, NG, eps);
     matmul_tiled('N', 'T', NG, K, d, 1.0f, m->ut, d, m->c, d, 0.0f, m->zt, K);      /* E1 */
-    balance_factors(m->r, m->lower, m->higher, m->s, K, c->seed, m->step);         /* E3', E4 */
-    balanced_targets(m->q, m->labels, NULL, m->zt, m->lower, m->higher, NG, K, c->boost, c->tau_t);
+    balance_factors(m->r, m->lower, m->higher, m->s, K, c->zero_jitter, c->seed, m->step);  /* E3', E4 */
+    balanced_targets(m->q, m->labels, NULL, m->zt, m->lower, m->higher, NG, K, c->boost, c->clamp, c->tau_t);
     /* --- student: backbone once per resolution (A20), heads over all crops ------------------------- */
     backbone_forward(m, m->params, m->running, &m->act_global, xg, m->f, NS);
     if (NL > 0) backbone_forward(m, m->params, m->running, &m->act_local, xl, m->f + NG, NS);
@@ -1446,7 +1449,9 @@ void excb_update(ExcbModel *m, ExcbStepStats *st) {
     double lr = lr_at(t, c->total_steps, c->warmup_steps, c->lr_peak, c->lr_min_factor);
     double wdc = centroid_wd_at(t, c->total_steps, c->weight_decay, c->centroid_wd_boost);
     double mom = ema_momentum_at(m->step, c->total_steps, c->ema_start);
-    sgd_update(m, lr, c->weight_decay, wdc);                                        /* E14        */
+    switch (c->optimizer) {                 /* LARS and AdamW (ViT) would be further cases        */
+    case EXCB_OPT_SGD: sgd_update(m, lr, c->weight_decay, wdc); break;                  /* E14  */
+    }
     ema_update(m->teacher, m->params, m->n_params, mom);                            /* E9         */
     m->step++;
     if (st) {

@@ -54,6 +54,8 @@ enum {
 
 typedef enum { EXCB_BLOCK_BASIC = 0, EXCB_BLOCK_BOTTLENECK = 1 } ExcbBlock;
 typedef enum { EXCB_STEM_CIFAR = 0, EXCB_STEM_IMAGENET = 1 } ExcbStem;
+/* The optimiser. SGD is the official ResNet recipe; LARS and AdamW (ViT) would slot in here. */
+typedef enum { EXCB_OPT_SGD = 0 } ExcbOptimizer;
 #define EXCB_MAX_STAGES 4
 
 typedef struct {
@@ -78,12 +80,15 @@ typedef struct {
     double tau_t;               /* teacher temperature, 0.04, constant (A18)                            */
     double m_s;                 /* cluster-size EMA momentum "center_momentum", 0.999 (A5)              */
     double boost;               /* E5 argmax boost, 0.01 (factor 1.01, A1)                              */
+    double clamp;               /* E5 clamp of the balanced similarity to [-1, 1] (A2)                  */
+    double zero_jitter;         /* A3: U(0,1) * 0.001 added where a balancing factor is exactly 0      */
     int fp16_count_term;       /* 1: round the E3 update term through float16 as the official code (A4) */
     /* normalisation */
     double bn_eps;              /* 1e-5, every BatchNorm                                               */
     double bn_momentum;         /* 0.1, running statistics for evaluation                              */
     double norm_eps;            /* 1e-12, F.normalize: x / max(||x||, eps)                              */
     /* optimisation (E9, E14, Appendix A) */
+    ExcbOptimizer optimizer;   /* SGD with momentum and coupled weight decay                           */
     double lr_peak;             /* 0.6, absolute, not scaled by batch (A19)                             */
     double lr_min_factor;       /* 1e-4: cosine ends at lr_peak * 1e-4                                 */
     double weight_decay;        /* 1e-4 on weights; 0 on biases and 1-D parameters                     */
@@ -277,13 +282,13 @@ void l2norm_rows_backward(real *dx, int ldx, const real *du, const real *u, cons
 void weightnorm_forward(real *c, real *inv, const real *v, int K, int d);
 void weightnorm_backward(real *dv, const real *dc, const real *c, const real *inv, int K, int d);
 
-/* E3': r = K s / sum(s); E4 factors lower = min(r,1), higher = min(1/r,1); A3's jitter where a
-   factor is exactly 0, drawn from (seed, step). */
-void balance_factors(real *r, real *lower, real *higher, const real *s, int K, uint64_t seed,
-                     long step);
-/* E4-E6 for N teacher rows: q = softmax(clamp(boost(B(z; r)), -1, 1) / tau_t); labels = argmax q. */
+/* E3': r = K s / sum(s); E4 factors lower = min(r,1), higher = min(1/r,1); A3's jitter (U(0,1) times
+   `jitter`) where a factor is exactly 0, drawn from (seed, step). */
+void balance_factors(real *r, real *lower, real *higher, const real *s, int K, double jitter,
+                     uint64_t seed, long step);
+/* E4-E6 for N teacher rows: q = softmax(clamp(boost(B(z; r)), -c, c) / tau_t); labels = argmax q. */
 void balanced_targets(real *q, int32_t *labels, real *zhat, const real *z, const real *lower,
-                      const real *higher, int N, int K, double boost, double tau_t);
+                      const real *higher, int N, int K, double boost, double clamp, double tau_t);
 /* E2, E3: s <- m_s s + (1-m_s) counts/N, the term rounded through float16 if fp16_term (A4). */
 void cluster_size_update(real *s, int32_t *counts, const int32_t *labels, int N, int K, double m_s,
                          int fp16_term);

@@ -10,7 +10,7 @@ Test(balancing, T1_pipeline) {
     float s[4] = {0.5f, 0.25f, 0.125f, 0.125f}, z[4] = {0.9f, 0.2f, -0.3f, 0.6f};
     float r[4], lo[4], hi[4], q[4], zh[4];
     int32_t lab;
-    balance_factors(r, lo, hi, s, 4, 0, 0);
+    balance_factors(r, lo, hi, s, 4, 0.001, 0, 0);
     /* r = 4 s / 1 = [2, 1, 0.5, 0.5]; lower = min(r,1) = [1,1,.5,.5]; higher = min(1/r,1) = [.5,1,1,1] */
     const float r_want[4] = {2, 1, 0.5f, 0.5f}, lo_want[4] = {1, 1, 0.5f, 0.5f}, hi_want[4] = {0.5f, 1, 1, 1};
     for (int k = 0; k < 4; k++) {
@@ -18,7 +18,7 @@ Test(balancing, T1_pipeline) {
         EXPECT_NEAR(lo[k], lo_want[k], 0, "lower[%d]", k);
         EXPECT_NEAR(hi[k], hi_want[k], 0, "higher[%d]", k);
     }
-    balanced_targets(q, &lab, zh, z, lo, hi, 1, 4, 0.01, 0.04);
+    balanced_targets(q, &lab, zh, z, lo, hi, 1, 4, 0.01, 1.0, 0.04);
     /* lower branch 1-(1-z)lower: [0.9, 0.2, 1-1.3*.5 = 0.35, 1-0.4*.5 = 0.8]
        upper branch (z'+1)higher-1: [1.9*.5-1 = -0.05, 0.2, 0.35, 0.8]
        argmax = 3 (the raw argmax was 0): boost 0.8*1.01 = 0.808, clamp changes nothing */
@@ -109,11 +109,27 @@ Test(balancing, T4_negative_max_boost) {
     float s[4] = {0.25f, 0.25f, 0.25f, 0.25f}, z[4] = {-0.5f, -0.2f, -0.9f, -0.3f};
     float r[4], lo[4], hi[4], q[4], zh[4];
     int32_t lab;
-    balance_factors(r, lo, hi, s, 4, 0, 0);
-    balanced_targets(q, &lab, zh, z, lo, hi, 1, 4, 0.01, 0.04);
+    balance_factors(r, lo, hi, s, 4, 0.001, 0, 0);
+    balanced_targets(q, &lab, zh, z, lo, hi, 1, 4, 0.01, 1.0, 0.04);
     /* r = 1 everywhere: B is the identity; argmax = 1 (-0.2); -0.2 * 1.01 = -0.202 */
     const float want[4] = {-0.5f, -0.202f, -0.9f, -0.3f};
     for (int k = 0; k < 4; k++) EXPECT_NEAR(zh[k], want[k], 1e-7, "zhat[%d]", k);
+}
+
+/* E5 clamp (A2): a boosted maximum above 1 is capped, which can tie it with another entry */
+Test(balancing, E5_clamp_caps_the_boosted_maximum) {
+    float s[3] = {1.0f / 3, 1.0f / 3, 1.0f / 3}, z[3] = {0.995f, 0.5f, 1.0f / 1.01f}, r[3], lo[3], hi[3], q[3], zh[3];
+    int32_t lab;
+    balance_factors(r, lo, hi, s, 3, 0.001, 0, 0);
+    /* r = 1 (up to rounding of 3 * (1/3)): B is the identity to an ulp; argmax = 0 (0.995);
+       0.995 * 1.01 = 1.00495 -> clamped to 1.0; z[2] = 1/1.01 = 0.990099 stays; labels -> 0 */
+    balanced_targets(q, &lab, zh, z, lo, hi, 1, 3, 0.01, 1.0, 0.04);
+    EXPECT_NEAR(zh[0], 1.0, 0, "boosted maximum clamped");
+    EXPECT_NEAR(zh[1], 0.5, 1.2e-7, "other entry unchanged");
+    cr_expect(lab == 0, "label %d", lab);
+    /* with the clamp widened to 2 the boost shows: 0.995 * 1.01 = 1.00495 */
+    balanced_targets(q, &lab, zh, z, lo, hi, 1, 3, 0.01, 2.0, 0.04);
+    EXPECT_NEAR(zh[0], 1.00495, 2.4e-7, "boost without the clamp");
 }
 
 /* T5: properties of B(z; r) over a grid: monotone in z, identity at r = 1, B(1; r<1) = 1,
@@ -125,8 +141,8 @@ Test(balancing, T5_properties) {
     int32_t lab[NZ];
     for (int i = 0; i < NZ; i++)
         for (int k = 0; k < K; k++) z[i * K + k] = -1.0f + 2.0f * i / (NZ - 1);
-    balance_factors(r, lo, hi, s, K, 0, 0);
-    balanced_targets(q, lab, zh, z, lo, hi, NZ, K, 0.0, 1.0);
+    balance_factors(r, lo, hi, s, K, 0.001, 0, 0);
+    balanced_targets(q, lab, zh, z, lo, hi, NZ, K, 0.0, 1.0, 1.0);
     for (int k = 0; k < K; k++) {
         for (int i = 1; i < NZ; i++)
             cr_expect(zh[i * K + k] > zh[(i - 1) * K + k], "B not increasing at k=%d i=%d", k, i);
@@ -147,14 +163,14 @@ Test(balancing, T5_properties) {
 /* A3: a cluster with s_k = 0 exactly: lower = 0 gets U(0,1)*0.001 jitter, 1/r = inf gives higher = 1 */
 Test(balancing, A3_dead_cluster_guard) {
     float s[2] = {0.0f, 1.0f}, r[2], lo[2], hi[2];
-    balance_factors(r, lo, hi, s, 2, 5, 17);
+    balance_factors(r, lo, hi, s, 2, 0.001, 5, 17);
     cr_expect(r[0] == 0.0f, "r[0] = %g", r[0]);
     cr_expect(lo[0] > 0.0f && lo[0] < 0.001f, "lower[0] = %g, want jitter in (0, 0.001)", lo[0]);
     cr_expect(hi[0] == 1.0f, "higher[0] = %g, want 1 (1 - relu(1 - inf))", hi[0]);
     EXPECT_NEAR(r[1], 2.0, 0, "r[1]");
     EXPECT_NEAR(hi[1], 0.5, 0, "higher[1]");
     float lo2[2], hi2[2], r2[2];
-    balance_factors(r2, lo2, hi2, s, 2, 5, 17);
+    balance_factors(r2, lo2, hi2, s, 2, 0.001, 5, 17);
     cr_expect(lo2[0] == lo[0], "the jitter is a function of (seed, step): same key, same value");
 }
 

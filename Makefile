@@ -7,7 +7,7 @@
 #   OpenMP                threads; results are bitwise the same for any thread count
 CC      ?= gcc
 # -ffp-contract=off: every a*b+c in the source rounds twice, as written (no silent FMA contraction);
-# no -ffast-math: IEEE semantics (subnormals, NaN checks, the fp16 rounding of A4) are part of the method.
+# and no fast-math flags: IEEE semantics (subnormals, NaN checks, the fp16 rounding of A4) are part of the method.
 CFLAGS  ?= -O3 -march=native
 CFLAGS  += -std=c11 -Wall -Wextra -Wno-unknown-pragmas -ffp-contract=off -fopenmp
 LDLIBS  += -lm -fopenmp

@@ -169,7 +169,7 @@ static void matmul_tiled(char ta, char tb, int M, int N, int K, real alpha, cons
 #pragma omp parallel for schedule(static)
     for (int t = 0; t < tiles; t++) {
         int m0 = t * EXCB_TILE_M, mm = imin(EXCB_TILE_M, M - m0);
-        const real *At = ta == 'N' ? A + (size_t)m0 * lda : A + m0;   /* row m0 of op(A)       */
+        const real *At = ta == 'N' ? A + (size_t)m0 * lda : A + m0;    /* row m0 of op(A)       */
         matmul(ta, tb, mm, N, K, alpha, At, lda, B, ldb, beta, C + (size_t)m0 * ldc, ldc);
     }
 }
@@ -208,9 +208,9 @@ static void im2col(real *col, const real *x, int N, int n0, int nc, int Cin, int
     for (int c = 0; c < Cin; c++)
         for (int i = 0; i < k; i++)
             for (int j = 0; j < k; j++) {
-                real *dst = col + (size_t)((c * k + i) * k + j) * ld;   /* row (c,i,j) of col */
+                real *dst = col + (size_t)((c * k + i) * k + j) * ld;    /* row (c,i,j) of col */
                 for (int n = 0; n < nc; n++) {
-                    const real *src = x + ((size_t)c * N + n0 + n) * H * W;  /* plane (c, n0+n) */
+                    const real *src = x + ((size_t)c * N + n0 + n) * H * W;   /* plane (c, n0+n) */
                     for (int oy = 0; oy < Ho; oy++, dst += Wo) {
                         int iy = oy * stride - pad + i;
                         if (iy < 0 || iy >= H) {
@@ -260,10 +260,10 @@ void conv2d_forward(real *y, const real *x, const real *w, real *col, int N, int
 #pragma omp parallel for schedule(static)
     for (int ch = 0; ch < n_chunks; ch++) {
         int n0 = ch * nc, cnt = imin(nc, N - n0);
-        const real *B = x + (size_t)n0 * HoWo;            /* 1x1/1: x's own columns            */
+        const real *B = x + (size_t)n0 * HoWo;             /* 1x1/1: x's own columns            */
         int ldb = N * HoWo;
         if (!direct) {
-            real *p = col + (size_t)thread_id() * panel;  /* this worker's panel               */
+            real *p = col + (size_t)thread_id() * panel;   /* this worker's panel               */
             im2col(p, x, N, n0, cnt, Cin, H, W, k, stride, pad, Ho, Wo);
             B = p;
             ldb = cnt * HoWo;
@@ -290,7 +290,7 @@ void conv2d_backward(real *dx, real *dw, const real *dy, const real *x, const re
         real *p = col + (size_t)thread_id() * panel;
         for (int ch = s * n_chunks / EXCB_SLOTS; ch < (s + 1) * n_chunks / EXCB_SLOTS; ch++) {
             int n0 = ch * nc, cnt = imin(nc, N - n0);
-            const real *dyc = dy + (size_t)n0 * HoWo;   /* columns of this chunk, ld N*HoWo  */
+            const real *dyc = dy + (size_t)n0 * HoWo;    /* columns of this chunk, ld N*HoWo  */
             const real *B = x + (size_t)n0 * HoWo;
             int ldb = N * HoWo;
             if (!direct) {
@@ -365,7 +365,7 @@ void batchnorm_forward(real *out, real *mean, real *rstd, real *run_mean, real *
         }
         real scale = gamma[c] * rs, shift = beta[c] - (real)mu * scale;
         real *oc = out + (size_t)c * NHW;
-        const real *rc = residual ? residual + (size_t)c * NHW : NULL;   /* may alias oc */
+        const real *rc = residual ? residual + (size_t)c * NHW : NULL;    /* may alias oc */
         for (i = 0; i < NHW; i++) {
             real v = yc[i] * scale + shift;
             if (rc) v += rc[i];
@@ -609,11 +609,11 @@ void cluster_size_update(real *s, int32_t *counts, const int32_t *labels, int N,
                          int fp16_term) {
     memset(counts, 0, sizeof(int32_t) * K);
     for (int n = 0; n < N; n++) counts[labels[n]]++;
-    real m = (real)m_s;                                /* s * m_s: the scalar cast to float32 */
-    real one_minus_m = (real)(1.0 - m_s);              /* (1 - m_s) formed in double, as Python */
-    real one_minus_m16 = excb_round_fp16(one_minus_m);  /* torch.tensor(1 - m_s).half()        */
+    real m = (real)m_s;                                  /* s * m_s: the scalar cast to float32 */
+    real one_minus_m = (real)(1.0 - m_s);                /* (1 - m_s) formed in double, as Python */
+    real one_minus_m16 = excb_round_fp16(one_minus_m);   /* torch.tensor(1 - m_s).half()        */
     for (int k = 0; k < K; k++) {
-        real frac = (real)counts[k] / (real)N;        /* s_hat_k, E2                          */
+        real frac = (real)counts[k] / (real)N;           /* s_hat_k, E2                          */
         real term = fp16_term ? excb_round_fp16(excb_round_fp16(frac) * one_minus_m16) : frac * one_minus_m;
         s[k] = s[k] * m + term;                          /* E3                                   */
     }
@@ -637,9 +637,9 @@ void balance_factors(real *r, real *lower, real *higher, const real *s, int K, d
                      uint64_t seed, long step) {
     double sum = 0;
     for (int k = 0; k < K; k++) sum += fabs(s[k]);
-    real den = (real)sum > 1e-12f ? (real)sum : 1e-12f;     /* F.normalize(s, p=1)          */
+    real den = (real)sum > 1e-12f ? (real)sum : 1e-12f;        /* F.normalize(s, p=1)          */
     for (int k = 0; k < K; k++) {
-        real rk = s[k] / den * (real)K;                         /* E3'                          */
+        real rk = s[k] / den * (real)K;                           /* E3'                          */
         real lo = 1.0f - fmax(1.0f - rk, 0.0f);
         real hi = 1.0f - fmax(1.0f - 1.0f / rk, 0.0f);
         if (lo == 0.0f) lo += excb_uniform(seed, EXCB_RNG_JITTER, (uint64_t)step, 0, k) * (real)jitter;
@@ -660,8 +660,8 @@ void balanced_targets(real *q, int32_t *labels, real *zhat, const real *z, const
         real *qn = q + (size_t)n * K;
         int a = 0;
         for (int k = 0; k < K; k++) {
-            real z1 = 1.0f - (1.0f - zn[k]) * lower[k];           /* E4, lower branch          */
-            real z2 = (z1 + 1.0f) * higher[k] - 1.0f;              /* E4, upper branch          */
+            real z1 = 1.0f - (1.0f - zn[k]) * lower[k];            /* E4, lower branch          */
+            real z2 = (z1 + 1.0f) * higher[k] - 1.0f;               /* E4, upper branch          */
             zh[k] = z2;
             if (z2 > zh[a]) a = k;                                  /* first maximum             */
         }
@@ -729,7 +729,7 @@ static double loss_row(real *z, const real *q, int B, int K, int i, int n_views,
         real qk = 0.0f;
         for (int v = 0; v < n_views; v++)
             if (v != skip_view) qk += q[((size_t)v * B + i) * K + k];
-        z[k] = ((real)n_match * (z[k] * inv_se) - qk) * sc;      /* E11, divided by tau_s |M| B */
+        z[k] = ((real)n_match * (z[k] * inv_se) - qk) * sc;       /* E11, divided by tau_s |M| B */
     }
     return lse * qs - ql;                /* sum_v sum_k -q_{v,k} log p_k = sum_k q_k (lse - l_k) */
 }
@@ -905,6 +905,15 @@ static int add_tensor(ExcbModel *m, ExcbGroup group, int ndim, int s0, int s1, i
     return m->n_tensors++;
 }
 
+/* Running statistics of one BatchNorm: mean[C] then var[C] in `running`; recorded for the init. */
+static size_t add_bn_stats(ExcbModel *m, int C) {
+    size_t off = m->n_running;
+    m->bn_stats[m->n_bn] = off;
+    m->bn_channels[m->n_bn++] = C;
+    m->n_running += 2 * (size_t)C;
+    return off;
+}
+
 /* conv (cout, cin, k, k) named "<prefix>conv<idx>.weight" and BN "<prefix>bn<idx>.{weight,bias}";
    downsample units use "downsample.0" and "downsample.1" as torchvision does. */
 static ExcbConvBN add_convbn(ExcbModel *m, const char *conv_name, const char *bn_name, int cin,
@@ -913,8 +922,7 @@ static ExcbConvBN add_convbn(ExcbModel *m, const char *conv_name, const char *bn
     u.w = add_tensor(m, EXCB_GROUP_WEIGHT, 4, cout, cin, k, k, "%s.weight", conv_name);
     u.gamma = add_tensor(m, EXCB_GROUP_NO_DECAY, 1, cout, 0, 0, 0, "%s.weight", bn_name);
     u.beta = add_tensor(m, EXCB_GROUP_NO_DECAY, 1, cout, 0, 0, 0, "%s.bias", bn_name);
-    u.stats = m->n_running;
-    m->n_running += 2 * (size_t)cout;
+    u.stats = add_bn_stats(m, cout);
     return u;
 }
 
@@ -925,8 +933,7 @@ static ExcbLinear add_linear(ExcbModel *m, const char *prefix, int lin_idx, int 
     if (bn) {
         l.gamma = add_tensor(m, EXCB_GROUP_NO_DECAY, 1, out, 0, 0, 0, "%s.mlp.%d.weight", prefix, lin_idx + 1);
         l.beta = add_tensor(m, EXCB_GROUP_NO_DECAY, 1, out, 0, 0, 0, "%s.mlp.%d.bias", prefix, lin_idx + 1);
-        l.stats = m->n_running;
-        m->n_running += 2 * (size_t)out;
+        l.stats = add_bn_stats(m, out);
     }
     return l;
 }
@@ -977,8 +984,7 @@ static void build_structure(ExcbModel *m) {
     m->centroids = add_tensor(m, EXCB_GROUP_CENTROID, 2, c->K, c->d, 0, 0, "classifier.centroid_layer.weight_v");
     m->pred_bn_gamma = add_tensor(m, EXCB_GROUP_NO_DECAY, 1, c->d, 0, 0, 0, "classifier.predictor_activation.weight");
     m->pred_bn_beta = add_tensor(m, EXCB_GROUP_NO_DECAY, 1, c->d, 0, 0, 0, "classifier.predictor_activation.bias");
-    m->pred_bn_stats = m->n_running;
-    m->n_running += 2 * (size_t)c->d;
+    m->pred_bn_stats = add_bn_stats(m, c->d);
 }
 
 int excb_find_tensor(const ExcbModel *m, const char *name) {
@@ -1027,24 +1033,16 @@ static void init_params(ExcbModel *m) {
         const ExcbConvBN *u = &m->blocks[b].main[m->blocks[b].n_main - 1];
         memset(m->params + m->tensors[u->gamma].offset, 0, sizeof(real) * u->cout);
     }
-    for (size_t i = 0; i < m->n_running; i++) m->running[i] = 0.0f;      /* running means 0 ...    */
-    /* ... and running variances 1: each stats block is (mean[c], var[c]) */
-#define SET_VAR(stats, c) for (int i_ = 0; i_ < (c); i_++) m->running[(stats) + (c) + i_] = 1.0f
-    SET_VAR(m->stem.stats, m->stem.cout);
-    for (int b = 0; b < m->n_blocks; b++) {
-        for (int j = 0; j < m->blocks[b].n_main; j++) SET_VAR(m->blocks[b].main[j].stats, m->blocks[b].main[j].cout);
-        if (m->blocks[b].has_down) SET_VAR(m->blocks[b].down.stats, m->blocks[b].down.cout);
-    }
-    SET_VAR(m->proj[0].stats, m->proj[0].out);
-    SET_VAR(m->proj[1].stats, m->proj[1].out);
-    SET_VAR(m->pred[0].stats, m->pred[0].out);
-    SET_VAR(m->pred_bn_stats, m->cfg.d);
-#undef SET_VAR
-    memcpy(m->teacher, m->params, sizeof(real) * m->n_params);  /* the teacher starts as a copy */
+    for (int b = 0; b < m->n_bn; b++)                                /* running mean 0, var 1   */
+        for (int c = 0; c < m->bn_channels[b]; c++) {
+            m->running[m->bn_stats[b] + c] = 0.0f;
+            m->running[m->bn_stats[b] + m->bn_channels[b] + c] = 1.0f;
+        }
+    memcpy(m->teacher, m->params, sizeof(real) * m->n_params);   /* the teacher starts as a copy */
     memcpy(m->teacher_running, m->running, sizeof(real) * m->n_running);
     memset(m->momentum, 0, sizeof(real) * m->n_params);
     memset(m->grads, 0, sizeof(real) * m->n_params);
-    for (int k = 0; k < m->cfg.K; k++) m->s[k] = 1.0f / (real)m->cfg.K;   /* E3's start      */
+    for (int k = 0; k < m->cfg.K; k++) m->s[k] = 1.0f / (real)m->cfg.K;    /* E3's start      */
     m->step = 0;
 }
 
@@ -1225,7 +1223,7 @@ static void backbone_forward(ExcbModel *m, const real *P, real *run, ExcbBackbon
         const ExcbResBlock *blk = &m->blocks[b];
         const real *in = cur;
         int hin = h;
-        if (blk->has_down)              /* shortcut BN(conv1x1(x)) written where the sum will go */
+        if (blk->has_down)              /* shortcut BN(conv1x1/s(x)), added by the last main unit */
             unit_forward(m, P, run, &A->down[b], &blk->down, in, hin, hin, NULL, 0);
         for (int j = 0; j < blk->n_main; j++) {
             int is_last = j == blk->n_main - 1;
@@ -1292,16 +1290,16 @@ static void backbone_backward(ExcbModel *m, ExcbBackboneActs *A, const real *df,
 #pragma omp parallel for schedule(static)
             for (size_t i = 0; i < n_in; i++) dx[i] += o[i] > 0.0f ? dcur[i] : 0.0f;
         }
-        real *t = dcur;                     /* the block input's gradient is the next dcur      */
+        real *t = dcur;                      /* the block input's gradient is the next dcur      */
         dcur = dx;
         dx = t;
     }
-    const real *dstem = dcur;              /* gradient w.r.t. the stem's output (after the pool)  */
+    const real *dstem = dcur;               /* gradient w.r.t. the stem's output (after the pool)  */
     if (m->cfg.stem == EXCB_STEM_IMAGENET) {
         maxpool_backward(dx, dcur, A->pool_arg, m->stem.cout, N, A->stem.H, A->stem.W);
         dstem = dx;
     }
-    real *dys = dy;                        /* dy is free here in both cases                     */
+    real *dys = dy;                         /* dy is free here in both cases                     */
     batchnorm_backward(dys, PT(G, m->stem.gamma), PT(G, m->stem.beta), dstem, A->stem.a, A->stem.y,
                        A->stem.mean, A->stem.rstd, PT(P, m->stem.gamma), 1, m->stem.cout,
                        N * A->stem.H * A->stem.W);
@@ -1411,7 +1409,7 @@ void excb_backward(ExcbModel *m) {
     real eps = (real)c->norm_eps;
     const real *P = m->params;
     real *G = m->grads;
-    memset(G, 0, sizeof(real) * m->n_params);             /* the one place gradients are zeroed */
+    memset(G, 0, sizeof(real) * m->n_params);              /* the one place gradients are zeroed */
     real *dU = m->dhead[0], *dh = m->dhead[1], *t1 = m->dhead[2], *dC = m->dhead[3];
     /* E13: only the direct global rows reach the centroids: dc = dz_dir^T u_dir, then weight norm */
     matmul_tiled('T', 'N', K, d, NG, 1.0f, m->z_dir, K, m->u_dir, d, 0.0f, dC, d);

@@ -149,24 +149,24 @@ typedef struct {
 
 /* Activations of one backbone call (one resolution), kept for the backward pass. */
 typedef struct {
-    real *y;                  /* conv output, before BN: (Cout, N, Ho, Wo)                           */
-    real *a;                  /* after BN and ReLU (and the residual add, last unit of a block)      */
-    real *mean, *rstd;        /* batch statistics of the BN (Cout)                                   */
+    real *y;                   /* conv output, before BN: (Cout, N, Ho, Wo)                           */
+    real *a;                   /* after BN and ReLU (and the residual add, last unit of a block)      */
+    real *mean, *rstd;         /* batch statistics of the BN (Cout)                                   */
     int N, H, W;               /* output geometry                                                     */
 } ExcbUnitActs;
 
 typedef struct {
     int N, H;                  /* images in this call and their input side                            */
-    real *x;                  /* input, (C, N, H, H) feature-major                                   */
+    real *x;                   /* input, (C, N, H, H) feature-major                                   */
     ExcbUnitActs stem;
-    real *pool;               /* ImageNet stem: max-pool output (C, N, H/4, W/4)                     */
+    real *pool;                /* ImageNet stem: max-pool output (C, N, H/4, W/4)                     */
     int32_t *pool_arg;         /* and the flat input index of each output's maximum                   */
     ExcbUnitActs main[EXCB_MAX_BLOCKS][3], down[EXCB_MAX_BLOCKS];
 } ExcbBackboneActs;
 
 /* Activations of the heads on N rows (feature-major (F, N)). */
 typedef struct {
-    real *y[3], *a[3], *mean[3], *rstd[3];   /* projector layers 1..3 (a[2] = h, y/mean/rstd unused) */
+    real *y[3], *a[3], *mean[3], *rstd[3];    /* projector layers 1..3 (a[2] = h, y/mean/rstd unused) */
 } ExcbMLPActs;
 
 /* ------------------------------------------------------------------------------------------------ */
@@ -189,36 +189,38 @@ typedef struct {
     size_t n_params;
     real *params, *grads, *momentum, *teacher;
     size_t n_running;          /* BN running mean/var (evaluation only), student and teacher          */
+    int n_bn;                  /* every BatchNorm's statistics block: (offset in `running`, channels) */
+    size_t bn_stats[EXCB_MAX_TENSORS]; int bn_channels[EXCB_MAX_TENSORS];
     real *running, *teacher_running;
     /* the method's state */
-    real *s;                  /* cluster-size estimate (K), sums to 1, starts at 1/K (E3)           */
+    real *s;                   /* cluster-size estimate (K), sums to 1, starts at 1/K (E3)           */
     long step;                 /* optimisation steps done (0-based index of the next step)            */
     /* activation arenas, sized once in excb_build; nothing is allocated inside a step */
     real *arena; size_t arena_floats;
     ExcbBackboneActs act_global, act_local;   /* teacher reuses act_global before the student runs */
-    real *f;                  /* backbone features (D, Vg*B + Vl*B): global columns, then local      */
+    real *f;                   /* backbone features (D, Vg*B + Vl*B): global columns, then local      */
     ExcbMLPActs proj_act;      /* projector activations over all student rows                         */
-    real *h;                  /* projection (d, NS) where NS = (Vg+Vl)*B                              */
-    real *pre_y, *pre_mean, *pre_rstd;  /* predictor input BN: output (d, NS) and statistics       */
-    real *pred_y, *pred_a, *pred_mean, *pred_rstd;   /* predictor hidden layer (Hd, NS)           */
-    real *p;                  /* predictor output (d, NS)                                             */
-    real *c, *c_inv_norm;     /* unit centroids (K, d) and 1/||v_k|| (K)                              */
-    real *u_dir, *u_dir_den;  /* normalised global projections (Vg*B, d) and max(||h||, eps)          */
-    real *u_pred, *u_pred_den;    /* normalised predictor outputs (NS, d) and max(||p||, eps)        */
-    real *ut, *ut_den;        /* the teacher's normalised projections (Vg*B, d)                       */
+    real *h;                   /* projection (d, NS) where NS = (Vg+Vl)*B                              */
+    real *pre_y, *pre_mean, *pre_rstd;   /* predictor input BN: output (d, NS) and statistics       */
+    real *pred_y, *pred_a, *pred_mean, *pred_rstd;    /* predictor hidden layer (Hd, NS)           */
+    real *p;                   /* predictor output (d, NS)                                             */
+    real *c, *c_inv_norm;      /* unit centroids (K, d) and 1/||v_k|| (K)                              */
+    real *u_dir, *u_dir_den;   /* normalised global projections (Vg*B, d) and max(||h||, eps)          */
+    real *u_pred, *u_pred_den;     /* normalised predictor outputs (NS, d) and max(||p||, eps)        */
+    real *ut, *ut_den;         /* the teacher's normalised projections (Vg*B, d)                       */
     int32_t *counts;           /* teacher labels per cluster this step (K)                             */
     double *row_loss;          /* loss of each student row, summed in a fixed order                    */
-    real *z_dir;              /* direct similarities of global crops (Vg*B, K); then dL/dz            */
-    real *z_pred;             /* predictor similarities of all crops (NS, K); then dL/dz              */
-    real *q;                  /* balanced teacher targets (Vg*B, K)  (E6)                             */
+    real *z_dir;               /* direct similarities of global crops (Vg*B, K); then dL/dz            */
+    real *z_pred;              /* predictor similarities of all crops (NS, K); then dL/dz              */
+    real *q;                   /* balanced teacher targets (Vg*B, K)  (E6)                             */
     int32_t *labels;           /* argmax of q per teacher row (Vg*B)  (E2)                              */
-    real *zt;                 /* teacher similarities (Vg*B, K)  (E1)                                  */
+    real *zt;                  /* teacher similarities (Vg*B, K)  (E1)                                  */
     real *r, *lower, *higher; /* balancing factors (K)  (E3', E4)                                     */
     /* backward scratch */
     real *dbuf[3]; size_t dbuf_floats;
-    real *dhead[4];           /* head gradients, each max(D,Hd,d) x NS                                */
-    real *col;  size_t col_floats;     /* im2col panels, one per worker                               */
-    real *slots; size_t slot_floats;   /* per-slot partial weight gradients (EXCB_SLOTS of them)    */
+    real *dhead[4];            /* head gradients, each max(D,Hd,d) x NS                                */
+    real *col;  size_t col_floats;      /* im2col panels, one per worker                               */
+    real *slots; size_t slot_floats;    /* per-slot partial weight gradients (EXCB_SLOTS of them)    */
     int max_threads;
 } ExcbModel;
 

@@ -422,5 +422,16 @@ Test(model, parameter_table_matches_pytorch_shapes) {
     size_t total = 0;
     for (int i = 0; i < m.n_tensors; i++) total += m.tensors[i].numel;
     cr_expect(total == 2013872, "trainable parameters %zu, want 2013872", total);
+    /* conv BNs: stem 1 + stage 1 (3 blocks x 2) 6 + stages 2, 3 (6 + 1 shortcut) 7 each = 21;
+       + 2 projector BNs + 1 predictor BN + BN(d) = 25 running-statistics blocks, each mean 0 and
+       variance 1 at the start, for student and teacher */
+    cr_expect(m.n_bn == 25, "BatchNorms: %d, want 25", m.n_bn);
+    int bad = 0;
+    for (int b = 0; b < m.n_bn; b++)
+        for (int c = 0; c < m.bn_channels[b]; c++) {
+            bad += m.running[m.bn_stats[b] + c] != 0.0f || m.running[m.bn_stats[b] + m.bn_channels[b] + c] != 1.0f;
+            bad += m.teacher_running[m.bn_stats[b] + c] != 0.0f;
+        }
+    cr_expect(bad == 0, "%d running statistics not initialised to mean 0, var 1", bad);
     excb_free(&m);
 }

@@ -220,21 +220,30 @@ static void small_config(ExcbConfig *cfg) {
     cfg->seed = 11;
 }
 
+/* Inputs of one step: xg (Vg*B, C, G, G) and xl (Vl*B, C, L, L), N(0,1) from streams s and s+1. */
+static void make_inputs(const ExcbConfig *c, uint64_t stream, float **xg, float **xl) {
+    size_t ng = (size_t)c->n_global * c->batch * c->in_ch * c->global_size * c->global_size;
+    size_t nl = (size_t)c->n_local * c->batch * c->in_ch * c->local_size * c->local_size;
+    *xg = malloc(sizeof(float) * ng);
+    *xl = malloc(sizeof(float) * (nl + 1));
+    fill_normal(*xg, ng, stream, 1);
+    fill_normal(*xl, nl, stream + 1, 1);
+}
+
 static void run_steps(const ExcbConfig *cfg, int threads, int steps, float **params, float **teacher,
                       float **s, double *losses) {
     ExcbConfig c = *cfg;
     c.threads = threads;
     ExcbModel m;
     cr_assert(excb_build(&m, &c) == 0);
-    size_t ng = (size_t)c.n_global * c.batch * c.in_ch * c.global_size * c.global_size;
-    size_t nl = (size_t)c.n_local * c.batch * c.in_ch * c.local_size * c.local_size;
-    float *xg = malloc(sizeof(float) * ng), *xl = malloc(sizeof(float) * nl);
     for (int t = 0; t < steps; t++) {
-        fill_normal(xg, ng, 100 + t, 1);              /* a new batch each step                    */
-        fill_normal(xl, nl, 200 + t, 1);
+        float *xg, *xl;
+        make_inputs(&c, 100 + 2 * t, &xg, &xl);       /* a new batch each step                    */
         ExcbStepStats st;
         cr_assert(excb_step(&m, xg, xl, &st) == 0, "step %d diverged", t);
         losses[t] = st.loss;
+        free(xg);
+        free(xl);
     }
     *params = malloc(sizeof(float) * m.n_params);
     *teacher = malloc(sizeof(float) * m.n_params);
@@ -242,8 +251,6 @@ static void run_steps(const ExcbConfig *cfg, int threads, int steps, float **par
     memcpy(*params, m.params, sizeof(float) * m.n_params);
     memcpy(*teacher, m.teacher, sizeof(float) * m.n_params);
     memcpy(*s, m.s, sizeof(float) * c.K);
-    free(xg);
-    free(xl);
     excb_free(&m);
 }
 
@@ -287,11 +294,8 @@ Test(training, loss_goes_down_on_a_fixed_batch, .timeout = 120) {
     cfg.seed = 11;
     ExcbModel m;
     cr_assert(excb_build(&m, &cfg) == 0);
-    size_t ng = (size_t)cfg.n_global * cfg.batch * cfg.global_size * cfg.global_size;
-    size_t nl = (size_t)cfg.n_local * cfg.batch * cfg.local_size * cfg.local_size;
-    float *xg = malloc(sizeof(float) * ng), *xl = malloc(sizeof(float) * nl);
-    fill_normal(xg, ng, 1, 1);
-    fill_normal(xl, nl, 2, 1);
+    float *xg, *xl;
+    make_inputs(&cfg, 1, &xg, &xl);
     enum { STEPS = 30 };
     double loss[STEPS];
     for (int t = 0; t < STEPS; t++) {
@@ -314,11 +318,8 @@ Test(training, size_estimate_and_ema_follow_their_formulas, .timeout = 120) {
     small_config(&cfg);
     ExcbModel m;
     cr_assert(excb_build(&m, &cfg) == 0);
-    size_t ng = (size_t)cfg.n_global * cfg.batch * cfg.global_size * cfg.global_size;
-    size_t nl = (size_t)cfg.n_local * cfg.batch * cfg.local_size * cfg.local_size;
-    float *xg = malloc(sizeof(float) * ng), *xl = malloc(sizeof(float) * nl);
-    fill_normal(xg, ng, 1, 1);
-    fill_normal(xl, nl, 2, 1);
+    float *xg, *xl;
+    make_inputs(&cfg, 1, &xg, &xl);
     ExcbStepStats st;
     cr_assert(excb_step(&m, xg, xl, &st) == 0);       /* a first step so that s is not uniform  */
     float *s0 = malloc(sizeof(float) * cfg.K), *t0 = malloc(sizeof(float) * m.n_params);
@@ -356,11 +357,8 @@ Test(training, diverged_step_leaves_the_state_intact, .timeout = 60) {
     excb_config_named(&cfg, "tiny");
     ExcbModel m;
     cr_assert(excb_build(&m, &cfg) == 0);
-    size_t ng = (size_t)cfg.n_global * cfg.batch * cfg.global_size * cfg.global_size;
-    size_t nl = (size_t)cfg.n_local * cfg.batch * cfg.local_size * cfg.local_size;
-    float *xg = malloc(sizeof(float) * ng), *xl = malloc(sizeof(float) * nl);
-    fill_normal(xg, ng, 1, 1);
-    fill_normal(xl, nl, 2, 1);
+    float *xg, *xl;
+    make_inputs(&cfg, 1, &xg, &xl);
     xg[3] = NAN;
     float *p0 = malloc(sizeof(float) * m.n_params);
     memcpy(p0, m.params, sizeof(float) * m.n_params);

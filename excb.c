@@ -1410,32 +1410,34 @@ void excb_backward(ExcbModel *m) {
     const real *P = m->params;
     real *G = m->grads;
     memset(G, 0, sizeof(real) * m->n_params);              /* the one place gradients are zeroed */
-    real *dU = m->dhead[0], *dh = m->dhead[1], *t1 = m->dhead[2], *dC = m->dhead[3];
+    /* Four scratch buffers of (max(D, Hd, d), NS) floats (the fourth also holds dc (K, d)). Each is
+       reused as soon as the gradient it holds has been consumed; the comments say what is where. */
+    real *s0 = m->dhead[0], *s1 = m->dhead[1], *s2 = m->dhead[2], *s3 = m->dhead[3];
+    real *dh = s1;                                         /* dL/dh (d, NS): both branches add here */
     /* E13: only the direct global rows reach the centroids: dc = dz_dir^T u_dir, then weight norm */
-    matmul_tiled('T', 'N', K, d, NG, 1.0f, m->z_dir, K, m->u_dir, d, 0.0f, dC, d);
-    weightnorm_backward(PT(G, m->centroids), dC, m->c, m->c_inv_norm, K, d);
+    matmul_tiled('T', 'N', K, d, NG, 1.0f, m->z_dir, K, m->u_dir, d, 0.0f, s3, d);            /* s3 = dc */
+    weightnorm_backward(PT(G, m->centroids), s3, m->c, m->c_inv_norm, K, d);
     /* E12, direct rows: du = dz_dir c, dh[:, global] = (I - u u^T) du / ||h||; local columns 0 */
-    matmul_tiled('N', 'N', NG, d, K, 1.0f, m->z_dir, K, m->c, d, 0.0f, dU, d);
-    l2norm_rows_backward(dh, NS, dU, m->u_dir, m->u_dir_den, d, NG, eps, 0);
+    matmul_tiled('N', 'N', NG, d, K, 1.0f, m->z_dir, K, m->c, d, 0.0f, s0, d);               /* s0 = du */
+    l2norm_rows_backward(dh, NS, s0, m->u_dir, m->u_dir_den, d, NG, eps, 0);
     for (int j = 0; j < d; j++) memset(dh + (size_t)j * NS + NG, 0, sizeof(real) * NL);
     /* E12, predictor rows (c is a constant here): du = dz_pred c, dp = (I - u u^T) du / ||p|| */
-    matmul_tiled('N', 'N', NS, d, K, 1.0f, m->z_pred, K, m->c, d, 0.0f, dU, d);
-    real *dp = m->dhead[2];
-    l2norm_rows_backward(dp, NS, dU, m->u_pred, m->u_pred_den, d, NS, eps, 0);
-    /* predictor, last layer to first; then its input BN(d) adds into dh */
-    real *da = m->dhead[0], *tmp = m->dhead[3];
-    head_layer_backward(m, &m->pred[1], da, dp, NULL, m->pred_a, NULL, m->p, NULL, NULL, NS);
-    head_layer_backward(m, &m->pred[0], t1, da, tmp, m->pre_y, m->pred_y, m->pred_a, m->pred_mean, m->pred_rstd, NS);
-    batchnorm_backward(tmp, PT(G, m->pred_bn_gamma), PT(G, m->pred_bn_beta), t1, m->pre_y, m->h, m->pre_mean,
-                       m->pre_rstd, PT(P, m->pred_bn_gamma), 0, d, NS);
+    matmul_tiled('N', 'N', NS, d, K, 1.0f, m->z_pred, K, m->c, d, 0.0f, s0, d);              /* s0 = du */
+    l2norm_rows_backward(s2, NS, s0, m->u_pred, m->u_pred_den, d, NS, eps, 0);               /* s2 = dp */
+    /* predictor E10a, last layer to first, then its input BN(d); the result adds into dh */
+    head_layer_backward(m, &m->pred[1], s0, s2, NULL, m->pred_a, NULL, m->p, NULL, NULL, NS);  /* s0 = d pred_a */
+    head_layer_backward(m, &m->pred[0], s2, s0, s3, m->pre_y, m->pred_y, m->pred_a, m->pred_mean,
+                        m->pred_rstd, NS);                                                    /* s2 = d BN(h) */
+    batchnorm_backward(s3, PT(G, m->pred_bn_gamma), PT(G, m->pred_bn_beta), s2, m->pre_y, m->h, m->pre_mean,
+                       m->pre_rstd, PT(P, m->pred_bn_gamma), 0, d, NS);                        /* s3 = dh_pred */
 #pragma omp parallel for schedule(static)
-    for (size_t i = 0; i < (size_t)d * NS; i++) dh[i] += tmp[i];
-    /* projector, last layer to first: df (D, NS) */
+    for (size_t i = 0; i < (size_t)d * NS; i++) dh[i] += s3[i];
+    /* projector E0, last layer to first: df (D, NS) */
     ExcbMLPActs *A = &m->proj_act;
-    head_layer_backward(m, &m->proj[2], da, dh, NULL, A->a[1], NULL, A->a[2], NULL, NULL, NS);
-    head_layer_backward(m, &m->proj[1], t1, da, tmp, A->a[0], A->y[1], A->a[1], A->mean[1], A->rstd[1], NS);
-    real *df = m->dhead[1];
-    head_layer_backward(m, &m->proj[0], df, t1, tmp, m->f, A->y[0], A->a[0], A->mean[0], A->rstd[0], NS);
+    head_layer_backward(m, &m->proj[2], s0, dh, NULL, A->a[1], NULL, A->a[2], NULL, NULL, NS);      /* s0 = d a1 */
+    head_layer_backward(m, &m->proj[1], s2, s0, s3, A->a[0], A->y[1], A->a[1], A->mean[1], A->rstd[1], NS); /* s2 = d a0 */
+    real *df = s1;                                         /* dh is consumed: df (D, NS) goes here */
+    head_layer_backward(m, &m->proj[0], df, s2, s3, m->f, A->y[0], A->a[0], A->mean[0], A->rstd[0], NS);
     /* backbone: local crops, then global crops; both add into the same parameter gradients */
     if (NL > 0) backbone_backward(m, &m->act_local, df + NG, NS);
     backbone_backward(m, &m->act_global, df, NS);

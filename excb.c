@@ -1142,17 +1142,13 @@ static void plan_arena(ExcbModel *m, Arena *ar) {
     m->r = take(ar, K);
     m->lower = take(ar, K);
     m->higher = take(ar, K);
-    m->dbuf_floats = max_act;
     for (int i = 0; i < 3; i++) m->dbuf[i] = take(ar, max_act);
     int widest = D > Hd ? D : Hd;
     widest = widest > d ? widest : d;
-    for (int i = 0; i < 4; i++) m->dhead[i] = take(ar, (size_t)widest * NS);
-    /* the centroid gradient dc (K, d) and du (NS, d) reuse dhead buffers when they fit */
-    size_t kd = (size_t)K * d;
-    if (kd > (size_t)widest * NS) m->dhead[3] = take(ar, kd);
-    m->col_floats = max_col;
+    size_t head = (size_t)widest * NS, kd = (size_t)K * d;
+    for (int i = 0; i < 3; i++) m->dhead[i] = take(ar, head);
+    m->dhead[3] = take(ar, kd > head ? kd : head);       /* also holds the centroid gradient dc */
     m->col = take(ar, max_col * m->max_threads);
-    m->slot_floats = max_w;
     m->slots = take(ar, max_w * EXCB_SLOTS);
 }
 

@@ -217,10 +217,10 @@ typedef struct {
     real *zt;                  /* teacher similarities (Vg*B, K)  (E1)                                  */
     real *r, *lower, *higher; /* balancing factors (K)  (E3', E4)                                     */
     /* backward scratch */
-    real *dbuf[3]; size_t dbuf_floats;
+    real *dbuf[3];
     real *dhead[4];            /* head gradients, each max(D,Hd,d) x NS                                */
-    real *col;  size_t col_floats;      /* im2col panels, one per worker                               */
-    real *slots; size_t slot_floats;    /* per-slot partial weight gradients (EXCB_SLOTS of them)    */
+    real *col;                          /* im2col panels, one per worker                               */
+    real *slots;                        /* per-slot partial weight gradients (EXCB_SLOTS of them)    */
     int max_threads;
 } ExcbModel;
 

@@ -9,8 +9,9 @@ CC      ?= gcc
 # -ffp-contract=off: every a*b+c in the source rounds twice, as written (no silent FMA contraction);
 # and no fast-math flags: IEEE semantics (subnormals, NaN checks, the fp16 rounding of A4) are part of the method.
 CFLAGS  ?= -O3 -march=native
-CFLAGS  += -std=c11 -Wall -Wextra -Wno-unknown-pragmas -ffp-contract=off -fopenmp
-LDLIBS  += -lm -fopenmp
+# -Wno-format-truncation: paths are cut at 4 KiB by snprintf on purpose (and such a path then fails to open)
+CFLAGS  += -std=c11 -Wall -Wextra -Wno-unknown-pragmas -Wno-format-truncation -ffp-contract=off -fopenmp
+LDLIBS  += -lm -fopenmp -lpthread -lz -lpng -ljpeg
 
 HAVE_DNNL := $(shell echo '\#include <dnnl.h>' | $(CC) -E - >/dev/null 2>&1 && echo 1)
 ifeq ($(HAVE_DNNL),1)
@@ -24,7 +25,17 @@ HAVE_CRITERION := $(shell pkg-config --exists criterion 2>/dev/null && echo 1)
 
 TESTS := tests/test_equations tests/test_gradients tests/test_whole_model_f64 tests/test_step
 
-.PHONY: all test test-fast test-step bench bench-compare fixture parity-peer clean
+.PHONY: all test test-fast test-step bench bench-compare fixture parity-peer clean data
+
+# The embedded default data set: Fashion-MNIST from the Debian package dataset-fashion-mnist, copied
+# (still gzipped, 30 MB) into data/fashion-mnist, where `--data fashion-mnist` finds it.
+FMNIST_SRC ?= /usr/share/datasets/fashion-mnist
+FMNIST_FILES := train-images-idx3-ubyte.gz train-labels-idx1-ubyte.gz t10k-images-idx3-ubyte.gz t10k-labels-idx1-ubyte.gz
+data: $(addprefix data/fashion-mnist/,$(FMNIST_FILES))
+data/fashion-mnist/%.gz:
+	@test -f $(FMNIST_SRC)/$*.gz || { echo "missing $(FMNIST_SRC)/$*.gz: apt-get install dataset-fashion-mnist" >&2; exit 66; }
+	mkdir -p data/fashion-mnist
+	cp $(FMNIST_SRC)/$*.gz $@.tmp && mv $@.tmp $@
 all: excb
 
 excb: excb.c excb.h

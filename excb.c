@@ -34,6 +34,18 @@
 #include <string.h>      /* memset, memcpy, strcmp                                              */
 #include <time.h>        /* clock_gettime, for the benchmark                                    */
 #include <sys/resource.h>    /* getrusage: peak resident memory                                 */
+#include <sys/stat.h>    /* stat: files and folders of a data set                               */
+#include <sys/mman.h>    /* mmap: CIFAR and STL-10 files are mapped, not copied                 */
+#include <fcntl.h>       /* open                                                                */
+#include <unistd.h>      /* close, readlink                                                     */
+#include <dirent.h>      /* opendir, readdir: image folders                                     */
+#include <errno.h>       /* errno, for messages naming why a file could not be opened           */
+#include <strings.h>     /* strcasecmp: image extensions                                        */
+#include <setjmp.h>      /* libjpeg reports fatal errors by a callback that must not return    */
+#include <pthread.h>     /* the loader's worker threads                                         */
+#include <zlib.h>        /* gzip: IDX files ship gzipped                                        */
+#include <png.h>         /* libpng's simplified API                                             */
+#include <jpeglib.h>     /* libjpeg(-turbo)                                                     */
 #ifdef _OPENMP
 #include <omp.h>         /* omp_get_thread_num, omp_set_num_threads                            */
 #endif
@@ -1469,7 +1481,1446 @@ int excb_step(ExcbModel *m, const real *xg, const real *xl, ExcbStepStats *st) {
 }
 
 /* ================================================================================================
- * 11. Benchmark: the whole step on fixed random inputs
+ * 11. Data sets: IDX (Fashion-MNIST), CIFAR-10/100, STL-10, image folders (PNG, JPEG)
+ * ================================================================================================
+ * A data set is opened once: every header, size and label is validated up front, so a run never
+ * fails halfway through an epoch because of a file it could have checked at the start (image files
+ * in folders are the exception: they are decoded when used, as in PyTorch). Fixed-size formats are
+ * mapped (CIFAR, STL-10; 64-bit offsets, so STL-10's 2.6 GiB unlabeled file is fine) or decompressed
+ * into memory (gzipped IDX). Byte layouts: shared/ECOSYSTEM.md 3.3.
+ *
+ * Errors: one line naming the file and the problem, and an exit code: 66 (EX_NOINPUT) when a file
+ * is missing or unreadable, 65 (EX_DATAERR) when its content is wrong, 71 when memory runs out.
+ */
+static int fail(char *err, int code, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(err, EXCB_ERR_LEN, fmt, ap);
+    va_end(ap);
+    return code;
+}
+
+/* grow *buf to at least `need` bytes; 0 or EXCB_EXIT_OSERR */
+static int grow(uint8_t **buf, size_t *cap, size_t need) {
+    if (need <= *cap) return 0;
+    size_t n = need + need / 4;
+    uint8_t *p = realloc(*buf, n);
+    if (!p) return EXCB_EXIT_OSERR;
+    *buf = p;
+    *cap = n;
+    return 0;
+}
+
+static int is_dir(const char *path) {
+    struct stat st;
+    return stat(path, &st) == 0 && S_ISDIR(st.st_mode);
+}
+
+static int is_file(const char *path) {
+    struct stat st;
+    return stat(path, &st) == 0 && S_ISREG(st.st_mode);
+}
+
+/* the whole of a (small) file into a growable buffer; files above `max` bytes are refused */
+static int read_whole_file(const char *path, uint8_t **buf, size_t *cap, size_t *len, size_t max,
+                           char *err) {
+    FILE *f = fopen(path, "rb");
+    if (!f) return fail(err, EXCB_EXIT_NOINPUT, "%s: cannot open: %s", path, strerror(errno));
+    struct stat st;
+    if (fstat(fileno(f), &st) != 0 || !S_ISREG(st.st_mode)) {
+        fclose(f);
+        return fail(err, EXCB_EXIT_NOINPUT, "%s: not a regular file", path);
+    }
+    if ((uint64_t)st.st_size > max) {
+        fclose(f);
+        return fail(err, EXCB_EXIT_DATA, "%s: %lld bytes, above the %zu-byte limit for one file", path,
+                    (long long)st.st_size, max);
+    }
+    size_t n = (size_t)st.st_size;
+    if (grow(buf, cap, n + 1)) { fclose(f); return fail(err, EXCB_EXIT_OSERR, "%s: out of memory", path); }
+    size_t got = fread(*buf, 1, n, f);
+    int bad = ferror(f);
+    fclose(f);
+    if (bad || got != n) return fail(err, EXCB_EXIT_IO, "%s: read error after %zu of %zu bytes", path, got, n);
+    *len = n;
+    return 0;
+}
+
+/* map a whole file read-only; an empty file is an error (nothing to map, nothing to learn from) */
+static int map_file(const char *path, void **map, size_t *len, char *err) {
+    int fd = open(path, O_RDONLY);
+    if (fd < 0) return fail(err, EXCB_EXIT_NOINPUT, "%s: cannot open: %s", path, strerror(errno));
+    struct stat st;
+    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+        close(fd);
+        return fail(err, EXCB_EXIT_NOINPUT, "%s: not a regular file", path);
+    }
+    if (st.st_size == 0) { close(fd); return fail(err, EXCB_EXIT_DATA, "%s: empty file", path); }
+    void *p = mmap(NULL, (size_t)st.st_size, PROT_READ, MAP_PRIVATE, fd, 0);
+    close(fd);
+    if (p == MAP_FAILED) return fail(err, EXCB_EXIT_IO, "%s: cannot map: %s", path, strerror(errno));
+    *map = p;
+    *len = (size_t)st.st_size;
+    return 0;
+}
+
+/* gzip (one or more members) from memory, refusing to produce more than max_out bytes: a corrupt or
+   hostile length can never make us allocate without bound. */
+int excb_gunzip(const uint8_t *buf, size_t len, uint8_t **out, size_t *out_len, size_t max_out,
+                const char *name, char *err) {
+    z_stream zs;
+    memset(&zs, 0, sizeof zs);
+    if (inflateInit2(&zs, 16 + MAX_WBITS) != Z_OK) return fail(err, EXCB_EXIT_OSERR, "%s: zlib init failed", name);
+    size_t cap = 0, n = 0;
+    uint8_t *o = NULL;
+    /* the trailer's ISIZE (length mod 2^32) is a hint for the first allocation only */
+    size_t hint = len >= 4 ? (size_t)buf[len - 4] | (size_t)buf[len - 3] << 8 | (size_t)buf[len - 2] << 16
+                                 | (size_t)buf[len - 1] << 24 : 0;
+    hint = hint < 64 ? 64 : hint > max_out ? max_out : hint;
+    int code = 0, ret = Z_OK;
+    zs.next_in = (Bytef *)buf;
+    zs.avail_in = (uInt)(len > UINT32_MAX ? UINT32_MAX : len);
+    size_t fed = zs.avail_in;
+    for (;;) {
+        if (n == cap) {
+            if (cap >= max_out) { code = fail(err, EXCB_EXIT_DATA, "%s: decompresses to more than %zu bytes", name, max_out); break; }
+            size_t want = cap ? cap * 2 : hint + 1;
+            if (want > max_out) want = max_out;
+            if (grow(&o, &cap, want)) { code = fail(err, EXCB_EXIT_OSERR, "%s: out of memory decompressing", name); break; }
+            if (cap > max_out) cap = max_out;
+        }
+        zs.next_out = o + n;
+        size_t room = cap - n;
+        zs.avail_out = (uInt)(room > UINT32_MAX ? UINT32_MAX : room);
+        uInt before = zs.avail_out;
+        ret = inflate(&zs, Z_NO_FLUSH);
+        n += before - zs.avail_out;
+        if (ret == Z_STREAM_END) {
+            if (zs.avail_in == 0 && fed == len) break;           /* all members read                 */
+            if (zs.avail_in == 0) { zs.avail_in = (uInt)(len - fed > UINT32_MAX ? UINT32_MAX : len - fed); fed += zs.avail_in; }
+            if (inflateReset(&zs) != Z_OK) { code = fail(err, EXCB_EXIT_DATA, "%s: corrupt gzip member", name); break; }
+            continue;
+        }
+        if (ret == Z_BUF_ERROR && zs.avail_out > 0) {
+            if (fed < len) { zs.avail_in = (uInt)(len - fed > UINT32_MAX ? UINT32_MAX : len - fed); fed += zs.avail_in; continue; }
+            code = fail(err, EXCB_EXIT_DATA, "%s: truncated gzip stream (ends after %zu decompressed bytes)", name, n);
+            break;
+        }
+        if (ret != Z_OK && ret != Z_BUF_ERROR) {
+            code = fail(err, EXCB_EXIT_DATA, "%s: corrupt gzip data (%s)", name, zs.msg ? zs.msg : "zlib error");
+            break;
+        }
+    }
+    inflateEnd(&zs);
+    if (code) { free(o); return code; }
+    *out = o;
+    *out_len = n;
+    return 0;
+}
+
+static uint32_t be32(const uint8_t *p) {
+    return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
+}
+
+/* IDX header (ECOSYSTEM.md 3.3): 00 00, type, ndim, ndim big-endian u32 sizes, then the data, which
+   must fill the rest of the buffer exactly. excb reads type 0x08 (unsigned bytes) only. */
+int excb_parse_idx(const uint8_t *buf, size_t len, const char *name, int *ndim, uint32_t dims[4],
+                   size_t *data_offset, char *err) {
+    if (len < 4 || buf[0] != 0 || buf[1] != 0)
+        return fail(err, EXCB_EXIT_DATA, "%s: not an IDX file (bad magic: must start with 00 00)", name);
+    if (buf[2] != 0x08)
+        return fail(err, EXCB_EXIT_DATA, "%s: IDX element type 0x%02X is not supported (excb reads 0x08, unsigned bytes)",
+                    name, buf[2]);
+    int nd = buf[3];
+    if (nd < 1 || nd > 4) return fail(err, EXCB_EXIT_DATA, "%s: IDX with %d dimensions (1 to 4 expected)", name, nd);
+    size_t header = 4 + 4 * (size_t)nd;
+    if (len < header) return fail(err, EXCB_EXIT_DATA, "%s: truncated IDX header (%zu of %zu bytes)", name, len, header);
+    uint64_t count = 1;
+    for (int i = 0; i < nd; i++) {
+        dims[i] = be32(buf + 4 + 4 * i);
+        if (dims[i] == 0) return fail(err, EXCB_EXIT_DATA, "%s: IDX dimension %d is 0", name, i);
+        if (i > 0 && dims[i] > EXCB_MAX_SIDE)
+            return fail(err, EXCB_EXIT_DATA, "%s: IDX dimension %d is %u, absurdly large", name, i, dims[i]);
+        count *= dims[i];
+        if (count > ((uint64_t)1 << 40)) return fail(err, EXCB_EXIT_DATA, "%s: IDX sizes multiply to an absurd %llu+ bytes", name, (unsigned long long)count);
+    }
+    if (dims[0] > INT32_MAX) return fail(err, EXCB_EXIT_DATA, "%s: %u items is too many", name, dims[0]);
+    if (len - header != count)
+        return fail(err, EXCB_EXIT_DATA, "%s: IDX header promises %llu data bytes, the file has %zu (%s)", name,
+                    (unsigned long long)count, len - header, len - header < count ? "truncated" : "trailing bytes");
+    *ndim = nd;
+    *data_offset = header;
+    return 0;
+}
+
+/* n labels, one byte each `stride` bytes apart, must lie in [lo, hi] */
+int excb_check_labels(const uint8_t *buf, long n, size_t stride, int lo, int hi, const char *name,
+                      const char *what, char *err) {
+    for (long i = 0; i < n; i++) {
+        int v = buf[(size_t)i * stride];
+        if (v < lo || v > hi)
+            return fail(err, EXCB_EXIT_DATA, "%s: %s %d of record %ld is outside %d-%d", name, what, v, i, lo, hi);
+    }
+    return 0;
+}
+
+/* an IDX file (gzipped or not) into memory, validated */
+static int load_idx(const char *path, ExcbDataPart *part, int *ndim, uint32_t dims[4], char *err) {
+    uint8_t *raw = NULL;
+    size_t cap = 0, len = 0;
+    int code = read_whole_file(path, &raw, &cap, &len, (size_t)1 << 36, err);
+    if (code) { free(raw); return code; }
+    uint8_t *data = raw;
+    if (len >= 2 && raw[0] == 0x1F && raw[1] == 0x8B) {              /* gzip magic                  */
+        size_t n = 0;
+        code = excb_gunzip(raw, len, &data, &n, ((size_t)1 << 36), path, err);
+        free(raw);
+        if (code) return code;
+        len = n;
+    }
+    size_t off;
+    code = excb_parse_idx(data, len, path, ndim, dims, &off, err);
+    if (code) { free(data); return code; }
+    memset(part, 0, sizeof *part);
+    part->owned = data;
+    part->base = data + off;
+    part->n = dims[0];
+    return 0;
+}
+
+/* "dir/name" or "dir/name.gz", whichever exists */
+static int find_maybe_gz(char *out, size_t cap, const char *dir, const char *name) {
+    snprintf(out, cap, "%s/%s.gz", dir, name);
+    if (is_file(out)) return 1;
+    snprintf(out, cap, "%s/%s", dir, name);
+    return is_file(out);
+}
+
+static int open_idx(ExcbDataset *ds, const char *images, const char *labels, char *err) {
+    int nd;
+    uint32_t dims[4];
+    ExcbDataPart *p = &ds->parts[0];
+    int code = load_idx(images, p, &nd, dims, err);
+    if (code) return code;
+    ds->n_parts = 1;
+    if (nd != 3 && !(nd == 4 && (dims[3] == 1 || dims[3] == 3)))
+        return fail(err, EXCB_EXIT_DATA, "%s: an image IDX file has 3 dimensions (N, H, W) or 4 (N, H, W, 1|3); this one has %d",
+                    images, nd);
+    ds->kind = EXCB_DATA_IDX;
+    ds->n = dims[0];
+    ds->height = (int)dims[1];
+    ds->width = (int)dims[2];
+    ds->channels = nd == 4 ? (int)dims[3] : 1;
+    ds->layout = EXCB_LAYOUT_HWC;
+    p->record = (size_t)ds->height * ds->width * ds->channels;
+    if (!labels) return 0;
+    ExcbDataPart lp;
+    code = load_idx(labels, &lp, &nd, dims, err);
+    if (code) return code;
+    if (nd != 1) { free(lp.owned); return fail(err, EXCB_EXIT_DATA, "%s: a label IDX file has 1 dimension; this one has %d", labels, nd); }
+    if ((long)dims[0] != ds->n) {
+        free(lp.owned);
+        return fail(err, EXCB_EXIT_DATA, "%s: %u labels for %ld images in %s", labels, dims[0], ds->n, images);
+    }
+    /* MNIST-family IDX label files hold 10 classes */
+    code = excb_check_labels(lp.base, ds->n, 1, 0, 9, labels, "label", err);
+    if (!code) {
+        ds->n_classes = 10;
+        ds->labels = malloc(sizeof(int32_t) * ds->n);
+        if (!ds->labels) code = fail(err, EXCB_EXIT_OSERR, "out of memory");
+        else for (long i = 0; i < ds->n; i++) ds->labels[i] = lp.base[i];
+    }
+    free(lp.owned);
+    return code;
+}
+
+/* A fixed-record binary file (CIFAR, STL-10 images): mapped, its size a whole number of records. */
+static int open_records(ExcbDataPart *p, const char *path, size_t record, size_t offset, char *err) {
+    memset(p, 0, sizeof *p);
+    int code = map_file(path, &p->map, &p->map_bytes, err);
+    if (code) return code;
+    if (p->map_bytes % record)
+        return fail(err, EXCB_EXIT_DATA, "%s: %zu bytes is not a whole number of %zu-byte records (truncated or not this format)",
+                    path, p->map_bytes, record);
+    p->base = p->map;
+    p->n = (long)(p->map_bytes / record);
+    p->record = record;
+    p->offset = offset;
+    return 0;
+}
+
+static int alloc_labels(ExcbDataset *ds, char *err) {
+    ds->labels = malloc(sizeof(int32_t) * (ds->n ? ds->n : 1));
+    return ds->labels ? 0 : fail(err, EXCB_EXIT_OSERR, "out of memory for %ld labels", ds->n);
+}
+
+/* the first n lines of a class-name file, if it exists (optional: names only decorate reports) */
+static void read_class_names(ExcbDataset *ds, const char *path) {
+    FILE *f = fopen(path, "r");
+    if (!f) return;
+    ds->class_names = calloc(ds->n_classes, sizeof *ds->class_names);
+    char line[256];
+    for (int i = 0; ds->class_names && i < ds->n_classes && fgets(line, sizeof line, f);) {
+        line[strcspn(line, "\r\n")] = 0;
+        if (!line[0]) continue;
+        snprintf(ds->class_names[i++], 64, "%s", line);
+    }
+    fclose(f);
+}
+
+/* CIFAR-10: records <label 0-9><3072 pixels>; CIFAR-100: <coarse 0-19><fine 0-99><3072 pixels>,
+   coarse label FIRST. Pixels are R, G, B planes of 32x32, rows in order. excb uses the fine label. */
+static int open_cifar(ExcbDataset *ds, char files[][4096], int nfiles, int hundred, const char *dir, char *err) {
+    size_t record = hundred ? 3074 : 3073, offset = hundred ? 2 : 1;
+    ds->kind = hundred ? EXCB_DATA_CIFAR100 : EXCB_DATA_CIFAR10;
+    ds->channels = 3;
+    ds->height = ds->width = 32;
+    ds->layout = EXCB_LAYOUT_CHW;
+    ds->n_classes = hundred ? 100 : 10;
+    for (int f = 0; f < nfiles; f++) {
+        int code = open_records(&ds->parts[f], files[f], record, offset, err);
+        ds->n_parts = f + 1;
+        if (code) return code;
+        const uint8_t *b = ds->parts[f].base;
+        long n = ds->parts[f].n;
+        if (hundred && (code = excb_check_labels(b, n, record, 0, 19, files[f], "coarse label", err))) return code;
+        if ((code = excb_check_labels(b + offset - 1, n, record, 0, ds->n_classes - 1, files[f],
+                                      hundred ? "fine label" : "label", err))) return code;
+        ds->n += n;
+    }
+    if (alloc_labels(ds, err)) return EXCB_EXIT_OSERR;
+    long i = 0;
+    for (int f = 0; f < nfiles; f++)
+        for (long r = 0; r < ds->parts[f].n; r++) ds->labels[i++] = ds->parts[f].base[r * record + offset - 1];
+    char names[4096];
+    snprintf(names, sizeof names, "%s/%s", dir, hundred ? "fine_label_names.txt" : "batches.meta.txt");
+    read_class_names(ds, names);
+    return 0;
+}
+
+/* STL-10: <name>_X.bin = images of 96x96x3, R, G, B planes, each plane COLUMN-major; <name>_y.bin =
+   one byte per image, labels 1-10 (stored minus 1). Unlabeled images get label -1. */
+static int open_stl10(ExcbDataset *ds, const char *dir, const char *split, char *err) {
+    ds->kind = EXCB_DATA_STL10;
+    ds->channels = 3;
+    ds->height = ds->width = 96;
+    ds->layout = EXCB_LAYOUT_CHW_COLMAJOR;
+    ds->n_classes = 10;
+    const char *names[2] = {NULL, NULL};
+    if (!strcmp(split, "train")) names[0] = "train";
+    else if (!strcmp(split, "test")) names[0] = "test";
+    else if (!strcmp(split, "unlabeled")) names[0] = "unlabeled";
+    else if (!strcmp(split, "train+unlabeled")) { names[0] = "train"; names[1] = "unlabeled"; }
+    else return fail(err, EXCB_EXIT_USAGE, "%s: STL-10 splits are train, test, unlabeled, train+unlabeled; not '%s'", dir, split);
+    int32_t *labels[2] = {NULL, NULL};
+    int code = 0;
+    for (int f = 0; f < 2 && names[f]; f++) {
+        char path[4096];
+        snprintf(path, sizeof path, "%s/%s_X.bin", dir, names[f]);
+        if ((code = open_records(&ds->parts[f], path, 27648, 0, err))) { ds->n_parts = f + 1; break; }
+        ds->n_parts = f + 1;
+        long n = ds->parts[f].n;
+        if (strcmp(names[f], "unlabeled")) {
+            snprintf(path, sizeof path, "%s/%s_y.bin", dir, names[f]);
+            void *map;
+            size_t len;
+            if ((code = map_file(path, &map, &len, err))) break;
+            if ((long)len != n) code = fail(err, EXCB_EXIT_DATA, "%s: %zu labels for %ld images in %s_X.bin", path, len, n, names[f]);
+            else code = excb_check_labels(map, n, 1, 1, 10, path, "label", err);
+            if (!code && !(labels[f] = malloc(sizeof(int32_t) * n))) code = fail(err, EXCB_EXIT_OSERR, "out of memory");
+            if (!code) for (long i = 0; i < n; i++) labels[f][i] = ((const uint8_t *)map)[i] - 1;
+            munmap(map, len);
+            if (code) break;
+        }
+        ds->n += n;
+    }
+    if (!code && !(code = alloc_labels(ds, err))) {
+        long i = 0;
+        for (int f = 0; f < ds->n_parts; f++)
+            for (long r = 0; r < ds->parts[f].n; r++) ds->labels[i++] = labels[f] ? labels[f][r] : -1;
+        char path[4096];
+        snprintf(path, sizeof path, "%s/class_names.txt", dir);
+        read_class_names(ds, path);
+    }
+    free(labels[0]);
+    free(labels[1]);
+    return code;
+}
+
+/* Image folders, as torchvision's ImageFolder lists them: class = sub-folder (sorted by name), files
+   found recursively and sorted; a folder with image files and no sub-folders is one unlabeled set.
+   Files are chosen by ImageFolder's extensions, then decoded by their magic bytes, not their names. */
+static int has_image_extension(const char *name) {
+    static const char *ext[] = {".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp"};
+    const char *dot = strrchr(name, '.');
+    if (!dot) return 0;
+    for (size_t i = 0; i < sizeof ext / sizeof *ext; i++)
+        if (!strcasecmp(dot, ext[i])) return 1;
+    return 0;
+}
+
+typedef struct { char **paths; int32_t *labels; long n, cap; size_t bytes; long ignored; char first_ignored[256]; } FileList;
+
+static int cmp_str(const void *a, const void *b) { return strcmp(*(char *const *)a, *(char *const *)b); }
+
+static int list_dir(const char *dir, char ***names, int *count, char *err) {
+    DIR *d = opendir(dir);
+    if (!d) return fail(err, EXCB_EXIT_NOINPUT, "%s: cannot open folder: %s", dir, strerror(errno));
+    int n = 0, cap = 0;
+    char **v = NULL;
+    struct dirent *e;
+    while ((e = readdir(d))) {
+        if (e->d_name[0] == '.') continue;                     /* ".", "..", hidden files          */
+        if (n == cap) {
+            cap = cap ? 2 * cap : 64;
+            char **nv = realloc(v, sizeof(char *) * cap);
+            if (!nv) { closedir(d); return fail(err, EXCB_EXIT_OSERR, "out of memory listing %s", dir); }
+            v = nv;
+        }
+        v[n++] = strdup(e->d_name);
+    }
+    closedir(d);
+    qsort(v, n, sizeof(char *), cmp_str);
+    *names = v;
+    *count = n;
+    return 0;
+}
+
+static void free_names(char **v, int n) {
+    for (int i = 0; i < n; i++) free(v[i]);
+    free(v);
+}
+
+static int collect_images(FileList *fl, const char *dir, int label, int depth, char *err) {
+    if (depth > 16) return fail(err, EXCB_EXIT_DATA, "%s: folders nested more than 16 deep", dir);
+    char **names;
+    int count, code = list_dir(dir, &names, &count, err);
+    if (code) return code;
+    for (int i = 0; i < count && !code; i++) {
+        char path[4096];
+        if (snprintf(path, sizeof path, "%s/%s", dir, names[i]) >= (int)sizeof path) {
+            code = fail(err, EXCB_EXIT_DATA, "%s/%s: path too long", dir, names[i]);
+            break;
+        }
+        if (is_dir(path)) { code = collect_images(fl, path, label, depth + 1, err); continue; }
+        if (!has_image_extension(names[i])) {
+            if (!fl->ignored++) snprintf(fl->first_ignored, sizeof fl->first_ignored, "%s", path);
+            continue;
+        }
+        if (fl->n == fl->cap) {
+            fl->cap = fl->cap ? 2 * fl->cap : 1024;
+            char **np = realloc(fl->paths, sizeof(char *) * fl->cap);
+            int32_t *nl = realloc(fl->labels, sizeof(int32_t) * fl->cap);
+            if (np) fl->paths = np;
+            if (nl) fl->labels = nl;
+            if (!np || !nl) { code = fail(err, EXCB_EXIT_OSERR, "out of memory listing %s", dir); break; }
+        }
+        fl->paths[fl->n] = strdup(path);
+        fl->labels[fl->n++] = label;
+        fl->bytes += strlen(path) + 1;
+    }
+    free_names(names, count);
+    return code;
+}
+
+static int open_folder(ExcbDataset *ds, const char *root, char *err) {
+    ds->kind = EXCB_DATA_FOLDER;
+    ds->channels = 3;                                    /* ImageFolder converts everything to RGB */
+    ds->layout = EXCB_LAYOUT_HWC;
+    FileList fl = {0};
+    char **names;
+    int count, code = list_dir(root, &names, &count, err);
+    if (code) return code;
+    int n_sub = 0;
+    for (int i = 0; i < count; i++) {
+        char path[4096];
+        snprintf(path, sizeof path, "%s/%s", root, names[i]);
+        n_sub += is_dir(path);
+    }
+    if (n_sub == 0) {
+        code = collect_images(&fl, root, -1, 0, err);                 /* flat: unlabeled          */
+    } else {
+        ds->class_names = calloc(n_sub, sizeof *ds->class_names);
+        if (!ds->class_names) code = fail(err, EXCB_EXIT_OSERR, "out of memory");
+        for (int i = 0; i < count && !code; i++) {
+            char path[4096];
+            snprintf(path, sizeof path, "%s/%s", root, names[i]);
+            if (!is_dir(path)) {                                      /* loose files at the top */
+                if (!fl.ignored++) snprintf(fl.first_ignored, sizeof fl.first_ignored, "%s", path);
+                continue;
+            }
+            snprintf(ds->class_names[ds->n_classes], 64, "%s", names[i]);
+            code = collect_images(&fl, path, ds->n_classes++, 1, err);
+        }
+    }
+    free_names(names, count);
+    if (!code && fl.n == 0)
+        code = fail(err, EXCB_EXIT_DATA, "%s: no images found (image folders hold .jpg/.jpeg/.png files, in one sub-folder per class or flat)",
+                    root);
+    if (!code && fl.ignored)
+        fprintf(stderr, "excb: %s: ignored %ld file(s) without an image extension or outside a class folder, e.g. %s\n",
+                root, fl.ignored, fl.first_ignored);
+    if (!code) {
+        /* one blob for the paths: two allocations however many files */
+        ds->files = malloc(sizeof(char *) * fl.n);
+        ds->file_names = malloc(fl.bytes);
+        ds->labels = malloc(sizeof(int32_t) * fl.n);
+        if (!ds->files || !ds->file_names || !ds->labels) code = fail(err, EXCB_EXIT_OSERR, "out of memory");
+        char *w = ds->file_names;
+        for (long i = 0; i < fl.n && !code; i++) {
+            size_t l = strlen(fl.paths[i]) + 1;
+            memcpy(w, fl.paths[i], l);
+            ds->files[i] = w;
+            ds->labels[i] = fl.labels[i];
+            w += l;
+        }
+        ds->n = fl.n;
+        if (ds->n_classes == 0) { free(ds->labels); ds->labels = NULL; }
+    }
+    for (long i = 0; i < fl.n; i++) free(fl.paths[i]);
+    free(fl.paths);
+    free(fl.labels);
+    return code;
+}
+
+/* --data fashion-mnist: data/fashion-mnist (made by `make data`) next to the working directory or the
+   binary, else the Debian package's own copy. The files are the same bytes in every case. */
+static int locate_default(char *out, size_t cap) {
+    char exe[4096];
+    ssize_t n = readlink("/proc/self/exe", exe, sizeof exe - 1);
+    exe[n > 0 ? n : 0] = 0;
+    char *slash = strrchr(exe, '/');
+    if (slash) *slash = 0;
+    const char *candidates[3] = {"data/fashion-mnist", exe, "/usr/share/datasets/fashion-mnist"};
+    for (int i = 0; i < 3; i++) {
+        if (i == 1) snprintf(out, cap, "%s/data/fashion-mnist", exe);
+        else snprintf(out, cap, "%s", candidates[i]);
+        char probe[4200];
+        if (find_maybe_gz(probe, sizeof probe, out, "train-images-idx3-ubyte")) return 1;
+    }
+    return 0;
+}
+
+int excb_data_open(ExcbDataset *ds, const char *spec, const char *split, char *err) {
+    memset(ds, 0, sizeof *ds);
+    if (!split) split = "train";
+    snprintf(ds->split, sizeof ds->split, "%s", split);
+    char path[4096];
+    if (!strcmp(spec, "fashion-mnist")) {
+        if (!locate_default(path, sizeof path))
+            return fail(err, EXCB_EXIT_NOINPUT, "fashion-mnist: not found in data/fashion-mnist or /usr/share/datasets/fashion-mnist "
+                        "(run `make data`; it needs the Debian package dataset-fashion-mnist)");
+    } else {
+        snprintf(path, sizeof path, "%s", spec);
+        size_t l = strlen(path);
+        while (l > 1 && path[l - 1] == '/') path[--l] = 0;
+    }
+    snprintf(ds->path, sizeof ds->path, "%s", path);
+    int code;
+    struct stat st;
+    if (stat(path, &st) != 0) return fail(err, EXCB_EXIT_NOINPUT, "%s: %s", path, strerror(errno));
+    int train = !strcmp(split, "train"), test = !strcmp(split, "test");
+    if (S_ISDIR(st.st_mode)) {
+        char a[4200], b[4200], files[6][4096];
+        if (find_maybe_gz(a, sizeof a, path, "train-images-idx3-ubyte")) {           /* IDX folder */
+            if (!train && !test) return fail(err, EXCB_EXIT_USAGE, "%s: IDX splits are train and test, not '%s'", path, split);
+            find_maybe_gz(a, sizeof a, path, test ? "t10k-images-idx3-ubyte" : "train-images-idx3-ubyte");
+            int has_labels = find_maybe_gz(b, sizeof b, path, test ? "t10k-labels-idx1-ubyte" : "train-labels-idx1-ubyte");
+            if (!is_file(a)) return fail(err, EXCB_EXIT_NOINPUT, "%s: missing (test split of an IDX folder)", a);
+            code = open_idx(ds, a, has_labels ? b : NULL, err);
+        } else if (snprintf(a, sizeof a, "%s/data_batch_1.bin", path), is_file(a)) {    /* CIFAR-10 */
+            int nf = 0;
+            if (test) snprintf(files[nf++], 4096, "%s/test_batch.bin", path);
+            else if (train)
+                for (int i = 1; i <= 5; i++) snprintf(files[nf++], 4096, "%s/data_batch_%d.bin", path, i);
+            else return fail(err, EXCB_EXIT_USAGE, "%s: CIFAR-10 splits are train and test, not '%s'", path, split);
+            code = open_cifar(ds, files, nf, 0, path, err);
+        } else if (snprintf(a, sizeof a, "%s/fine_label_names.txt", path), is_file(a) ||
+                   (snprintf(b, sizeof b, "%s/train.bin", path), is_file(b))) {        /* CIFAR-100 */
+            if (!train && !test) return fail(err, EXCB_EXIT_USAGE, "%s: CIFAR-100 splits are train and test, not '%s'", path, split);
+            snprintf(files[0], 4096, "%s/%s.bin", path, split);
+            code = open_cifar(ds, files, 1, 1, path, err);
+        } else if ((snprintf(a, sizeof a, "%s/train_X.bin", path), is_file(a)) ||
+                   (snprintf(b, sizeof b, "%s/unlabeled_X.bin", path), is_file(b))) {  /* STL-10  */
+            code = open_stl10(ds, path, split, err);
+        } else {
+            char sub[4200];
+            snprintf(sub, sizeof sub, "%s/%s", path, split);          /* root/train, root/val, ...  */
+            code = open_folder(ds, is_dir(sub) ? sub : path, err);
+        }
+    } else {
+        /* a single file: an IDX file (plain or gzipped), a CIFAR batch, or an STL-10 *_X.bin */
+        const char *base = strrchr(path, '/');
+        base = base ? base + 1 : path;
+        uint8_t head[4] = {0};
+        FILE *f = fopen(path, "rb");
+        if (!f) return fail(err, EXCB_EXIT_NOINPUT, "%s: cannot open: %s", path, strerror(errno));
+        size_t got = fread(head, 1, 4, f);
+        fclose(f);
+        char files[1][4096];
+        snprintf(files[0], 4096, "%s", path);
+        char dir[4096];
+        snprintf(dir, sizeof dir, "%.*s", (int)(base - path ? base - path - 1 : 1), base - path ? path : ".");
+        if (got >= 2 && ((head[0] == 0x1F && head[1] == 0x8B) || (got == 4 && !head[0] && !head[1] && head[2] == 8))) {
+            char labels[4200], *p = strstr(path, "images-idx3");
+            int has_labels = 0;
+            if (p) {
+                snprintf(labels, sizeof labels, "%.*slabels-idx1%s", (int)(p - path), path, p + strlen("images-idx3"));
+                has_labels = is_file(labels);
+            }
+            code = open_idx(ds, path, has_labels ? labels : NULL, err);
+        } else if (!strncmp(base, "data_batch_", 11) || !strcmp(base, "test_batch.bin")) {
+            code = open_cifar(ds, files, 1, 0, dir, err);
+        } else if (!strcmp(base, "train.bin") || !strcmp(base, "test.bin")) {
+            code = open_cifar(ds, files, 1, 1, dir, err);
+        } else {
+            code = fail(err, EXCB_EXIT_DATA, "%s: unknown data format (expected an IDX file, a CIFAR .bin batch, or a folder: "
+                        "IDX, CIFAR-10/100, STL-10 or images)", path);
+        }
+    }
+    if (code) { excb_data_close(ds); return code; }
+    if (ds->n <= 0) { excb_data_close(ds); return fail(err, EXCB_EXIT_DATA, "%s: no images", path); }
+    return 0;
+}
+
+void excb_data_close(ExcbDataset *ds) {
+    for (int i = 0; i < ds->n_parts; i++) {
+        if (ds->parts[i].map) munmap(ds->parts[i].map, ds->parts[i].map_bytes);
+        free(ds->parts[i].owned);
+    }
+    free(ds->labels);
+    free(ds->files);
+    free(ds->file_names);
+    free(ds->class_names);
+    free(ds->bad);
+    memset(ds, 0, sizeof *ds);
+}
+
+void excb_image_free(ExcbImage *img) {
+    free(img->px);
+    free(img->file);
+    memset(img, 0, sizeof *img);
+}
+
+/* -- decoders: PNG through libpng's simplified API, JPEG through libjpeg(-turbo) --------------- */
+static int check_size(const char *name, long h, long w, char *err) {
+    if (h <= 0 || w <= 0) return fail(err, EXCB_EXIT_DATA, "%s: image of %ld x %ld pixels", name, w, h);
+    if (h > EXCB_MAX_SIDE || w > EXCB_MAX_SIDE || h * w > EXCB_MAX_PIXELS)
+        return fail(err, EXCB_EXIT_DATA, "%s: %ld x %ld pixels is above the %ld-pixel limit (a decompression bomb?)",
+                    name, w, h, EXCB_MAX_PIXELS);
+    return 0;
+}
+
+/* PIL's Image.convert("RGB") drops alpha; libpng would composite onto a background if asked for RGB,
+   so we ask for RGBA and drop the fourth channel ourselves (ECOSYSTEM.md 3.2). */
+static int decode_png(const uint8_t *buf, size_t len, const char *name, ExcbImage *img, char *err) {
+    png_image pi;
+    memset(&pi, 0, sizeof pi);
+    pi.version = PNG_IMAGE_VERSION;
+    if (!png_image_begin_read_from_memory(&pi, buf, len))
+        return fail(err, EXCB_EXIT_DATA, "%s: bad PNG: %s", name, pi.message);
+    int code = check_size(name, pi.height, pi.width, err);
+    if (!code && (pi.format & PNG_FORMAT_FLAG_LINEAR))
+        code = fail(err, EXCB_EXIT_DATA, "%s: 16-bit PNG is not supported (libpng would gamma-convert it, PIL keeps "
+                    "the high byte); convert it to 8 bits", name);
+    if (code) { png_image_free(&pi); return code; }
+    pi.format = PNG_FORMAT_RGBA;
+    size_t npx = (size_t)pi.width * pi.height;
+    if (grow(&img->px, &img->cap, npx * 4)) { png_image_free(&pi); return fail(err, EXCB_EXIT_OSERR, "%s: out of memory", name); }
+    if (!png_image_finish_read(&pi, NULL, img->px, 0, NULL))
+        return fail(err, EXCB_EXIT_DATA, "%s: bad PNG: %s", name, pi.message);
+    for (size_t i = 0; i < npx; i++) {                                 /* RGBA -> RGB, in place     */
+        img->px[3 * i] = img->px[4 * i];
+        img->px[3 * i + 1] = img->px[4 * i + 1];
+        img->px[3 * i + 2] = img->px[4 * i + 2];
+    }
+    img->h = (int)pi.height;
+    img->w = (int)pi.width;
+    img->c = 3;
+    return 0;
+}
+
+/* libjpeg reports fatal errors through error_exit, which must not return: we longjmp back. Warnings
+   ("premature end of data", "corrupt data") are counted and treated as errors: PIL refuses
+   truncated JPEGs by default, and a silently grey lower half is exactly the substitution we refuse. */
+typedef struct { struct jpeg_error_mgr pub; jmp_buf jump; char first[JMSG_LENGTH_MAX]; int warnings; } JpegError;
+
+static void jpeg_error_exit(j_common_ptr cinfo) {
+    JpegError *e = (JpegError *)cinfo->err;
+    (*cinfo->err->format_message)(cinfo, e->first);
+    longjmp(e->jump, 1);
+}
+
+static void jpeg_emit(j_common_ptr cinfo, int level) {
+    JpegError *e = (JpegError *)cinfo->err;
+    if (level < 0 && e->warnings++ == 0) (*cinfo->err->format_message)(cinfo, e->first);
+}
+
+static void jpeg_silent(j_common_ptr cinfo) { (void)cinfo; }
+
+/* Pillow's CMYK -> RGB (Convert.c cmyk2rgb): R = nk - C nk / 255 with nk = 255 - K, via MULDIV255 */
+static uint8_t cmyk_channel(int c, int k) {
+    int nk = 255 - k, t = c * nk + 128;
+    int v = nk - (((t >> 8) + t) >> 8);
+    return (uint8_t)(v < 0 ? 0 : v > 255 ? 255 : v);
+}
+
+static int decode_jpeg(const uint8_t *buf, size_t len, const char *name, ExcbImage *img, char *err) {
+    struct jpeg_decompress_struct ci;
+    JpegError je;
+    memset(&je, 0, sizeof je);
+    ci.err = jpeg_std_error(&je.pub);
+    je.pub.error_exit = jpeg_error_exit;
+    je.pub.emit_message = jpeg_emit;
+    je.pub.output_message = jpeg_silent;
+    if (setjmp(je.jump)) {
+        jpeg_destroy_decompress(&ci);
+        return fail(err, EXCB_EXIT_DATA, "%s: bad JPEG: %s", name, je.first);
+    }
+    jpeg_create_decompress(&ci);
+    jpeg_mem_src(&ci, buf, (unsigned long)len);
+    jpeg_read_header(&ci, TRUE);
+    int code = check_size(name, ci.image_height, ci.image_width, err);
+    if (code) { jpeg_destroy_decompress(&ci); return code; }
+    int cmyk = ci.jpeg_color_space == JCS_CMYK || ci.jpeg_color_space == JCS_YCCK;
+    ci.out_color_space = cmyk ? JCS_CMYK : JCS_RGB;            /* gray -> RGB by replication     */
+    jpeg_start_decompress(&ci);
+    int oc = ci.output_components;
+    size_t npx = (size_t)ci.output_width * ci.output_height;
+    if (grow(&img->px, &img->cap, npx * (size_t)oc)) {
+        jpeg_destroy_decompress(&ci);
+        return fail(err, EXCB_EXIT_OSERR, "%s: out of memory", name);
+    }
+    while (ci.output_scanline < ci.output_height) {
+        JSAMPROW row = img->px + (size_t)ci.output_scanline * ci.output_width * oc;
+        jpeg_read_scanlines(&ci, &row, 1);
+    }
+    jpeg_finish_decompress(&ci);
+    int adobe_inverted = ci.saw_Adobe_marker;       /* Photoshop stores CMYK inverted (PIL "CMYK;I") */
+    img->h = (int)ci.output_height;
+    img->w = (int)ci.output_width;
+    img->c = 3;
+    jpeg_destroy_decompress(&ci);
+    if (je.warnings) return fail(err, EXCB_EXIT_DATA, "%s: corrupt JPEG: %s", name, je.first);
+    if (cmyk)
+        for (size_t i = 0; i < npx; i++) {
+            uint8_t *p = img->px + 4 * i;
+            int c = p[0], m = p[1], y = p[2], k = p[3];
+            if (adobe_inverted) { c = 255 - c; m = 255 - m; y = 255 - y; k = 255 - k; }
+            img->px[3 * i] = cmyk_channel(c, k);
+            img->px[3 * i + 1] = cmyk_channel(m, k);
+            img->px[3 * i + 2] = cmyk_channel(y, k);
+        }
+    return 0;
+}
+
+/* dispatch on magic bytes (never on the file name): 89 'P' 'N' 'G' or FF D8 FF */
+int excb_decode_image(const uint8_t *buf, size_t len, const char *name, ExcbImage *img, int *is_png, char *err) {
+    static const uint8_t png_magic[8] = {0x89, 'P', 'N', 'G', 0x0D, 0x0A, 0x1A, 0x0A};
+    if (len >= 8 && !memcmp(buf, png_magic, 8)) { if (is_png) *is_png = 1; return decode_png(buf, len, name, img, err); }
+    if (len >= 3 && buf[0] == 0xFF && buf[1] == 0xD8 && buf[2] == 0xFF) { if (is_png) *is_png = 0; return decode_jpeg(buf, len, name, img, err); }
+    const char *what = len == 0 ? "empty file"
+                     : len >= 2 && buf[0] == 'B' && buf[1] == 'M' ? "a BMP image"
+                     : len >= 4 && !memcmp(buf, "GIF8", 4) ? "a GIF image"
+                     : len >= 12 && !memcmp(buf, "RIFF", 4) && !memcmp(buf + 8, "WEBP", 4) ? "a WebP image"
+                     : len >= 4 && (!memcmp(buf, "II*", 4) || !memcmp(buf, "MM\0*", 4)) ? "a TIFF image"
+                     : "not an image";
+    return fail(err, EXCB_EXIT_DATA, "%s: %s; excb decodes PNG and JPEG (recognised by their first bytes)", name, what);
+}
+
+/* image i of the data set, as interleaved 8-bit pixels */
+int excb_data_get(const ExcbDataset *ds, long i, ExcbImage *img, char *err) {
+    if (ds->kind == EXCB_DATA_FOLDER) {
+        size_t len;
+        int code = read_whole_file(ds->files[i], &img->file, &img->file_cap, &len, (size_t)1 << 30, err);
+        if (code) return code == EXCB_EXIT_NOINPUT ? EXCB_EXIT_DATA : code;  /* listed, then vanished */
+        return excb_decode_image(img->file, len, ds->files[i], img, NULL, err);
+    }
+    int p = 0;
+    long r = i;
+    while (r >= ds->parts[p].n) r -= ds->parts[p++].n;
+    const ExcbDataPart *part = &ds->parts[p];
+    const uint8_t *src = part->base + (size_t)r * part->record + part->offset;
+    int H = ds->height, W = ds->width, C = ds->channels;
+    if (grow(&img->px, &img->cap, (size_t)H * W * C)) return fail(err, EXCB_EXIT_OSERR, "out of memory");
+    img->h = H;
+    img->w = W;
+    img->c = C;
+    size_t plane = (size_t)H * W;
+    if (ds->layout == EXCB_LAYOUT_HWC) memcpy(img->px, src, plane * C);
+    else
+        for (int c = 0; c < C; c++)
+            for (int y = 0; y < H; y++)
+                for (int x = 0; x < W; x++)
+                    img->px[((size_t)y * W + x) * C + c] =
+                        src[c * plane + (ds->layout == EXCB_LAYOUT_CHW ? (size_t)y * W + x : (size_t)x * H + y)];
+    return 0;
+}
+
+/* -- writers (tests, fixtures, view dumps) ------------------------------------------------------ */
+int excb_write_png(const char *path, const uint8_t *px, int h, int w, int c, char *err) {
+    png_image pi;
+    memset(&pi, 0, sizeof pi);
+    pi.version = PNG_IMAGE_VERSION;
+    pi.width = (png_uint_32)w;
+    pi.height = (png_uint_32)h;
+    pi.format = c == 1 ? PNG_FORMAT_GRAY : PNG_FORMAT_RGB;
+    if (!png_image_write_to_file(&pi, path, 0, px, 0, NULL))
+        return fail(err, EXCB_EXIT_IO, "%s: cannot write PNG: %s", path, pi.message);
+    return 0;
+}
+
+int excb_write_jpeg(const char *path, const uint8_t *px, int h, int w, int c, int quality, char *err) {
+    FILE *f = fopen(path, "wb");
+    if (!f) return fail(err, EXCB_EXIT_IO, "%s: cannot create: %s", path, strerror(errno));
+    struct jpeg_compress_struct ci;
+    JpegError je;
+    memset(&je, 0, sizeof je);
+    ci.err = jpeg_std_error(&je.pub);
+    je.pub.error_exit = jpeg_error_exit;
+    je.pub.output_message = jpeg_silent;
+    if (setjmp(je.jump)) {
+        jpeg_destroy_compress(&ci);
+        fclose(f);
+        return fail(err, EXCB_EXIT_IO, "%s: cannot write JPEG: %s", path, je.first);
+    }
+    jpeg_create_compress(&ci);
+    jpeg_stdio_dest(&ci, f);
+    ci.image_width = (JDIMENSION)w;
+    ci.image_height = (JDIMENSION)h;
+    ci.input_components = c;
+    ci.in_color_space = c == 1 ? JCS_GRAYSCALE : c == 4 ? JCS_CMYK : JCS_RGB;
+    jpeg_set_defaults(&ci);
+    jpeg_set_quality(&ci, quality, TRUE);
+    jpeg_start_compress(&ci, TRUE);
+    while (ci.next_scanline < ci.image_height) {
+        JSAMPROW row = (JSAMPROW)(px + (size_t)ci.next_scanline * w * c);
+        jpeg_write_scanlines(&ci, &row, 1);
+    }
+    jpeg_finish_compress(&ci);
+    jpeg_destroy_compress(&ci);
+    if (fclose(f) != 0) return fail(err, EXCB_EXIT_IO, "%s: write failed", path);
+    return 0;
+}
+
+/* ================================================================================================
+ * 12. Views: ExCB's multi-crop augmentation (METHOD.md 1.8; transforms.py L84-103)
+ * ================================================================================================
+ * Per view, in this order, on 8-bit pixels as torchvision does on PIL images:
+ *   RandomResizedCrop(S, scale, ratio 3/4..4/3, bicubic) -> horizontal flip (p 0.5)
+ *   -> colour jitter (p 0.8; brightness 0.4, contrast 0.4, saturation 0.2, hue 0.1, random order)
+ *   -> grayscale (p 0.2) -> Gaussian blur (kernel 9, sigma U(0.1, 2); p per view, A14)
+ *   -> solarize (view 2 only, p 0.2) -> to float, /255, normalise (mean, std of A16).
+ * Global views take scale (s_min(e), 1) and local views (0.05, s_min(e)); s_min falls from 0.26 to
+ * 0.14 over the epochs (A11).
+ *
+ * The arithmetic is PIL's (Pillow 9.4), where torchvision hands the work to PIL: the bicubic resample
+ * (a = -0.5, support widened when shrinking, 22-bit fixed-point weights, two 8-bit passes), the
+ * blends of ImageEnhance (float, truncated), the integer ITU-R 601 luma, the uint8 HSV round trip of
+ * adjust_hue. The blur is torchvision's own (float convolution, reflect padding, round half to even).
+ * tests/reference/make_view_golden.py checks the operators against PIL bit for bit.
+ *
+ * Randomness: every draw is excb_hash(seed, VIEW, epoch, sample, view << 16 | purpose << 8 | k), so a
+ * view is a pure function of (seed, epoch, sample, view): thread count, batch composition and resume
+ * point cannot change it.
+ */
+enum { VP_CROP = 1, VP_FLIP, VP_JITTER, VP_ORDER, VP_FACTORS, VP_GRAY, VP_BLUR, VP_SIGMA, VP_SOLARIZE };
+
+static double view_uniform(const ExcbViewConfig *vc, long epoch, long sample, int view, int purpose, int k) {
+    uint64_t h = excb_hash(vc->seed, EXCB_RNG_VIEW, (uint64_t)epoch, (uint64_t)sample,
+                           (uint64_t)view << 16 | (uint64_t)purpose << 8 | (uint64_t)k);
+    return (h >> 11) * 0x1.0p-53;                                        /* [0, 1), 53 bits        */
+}
+
+static double uniform_in(double u, double lo, double hi) { return lo + (hi - lo) * u; }
+
+/* an integer in [0, n): floor(u n) with u in [0, 1) never reaches n */
+static int uniform_int(double u, int n) { int v = (int)(u * n); return v < n ? v : n - 1; }
+
+void excb_view_config_default(ExcbViewConfig *vc, int blur_mode) {
+    memset(vc, 0, sizeof *vc);
+    vc->n_global = 2; vc->n_local = 6; vc->global_size = 224; vc->local_size = 96; vc->channels = 3;
+    vc->epochs = 400;
+    vc->ratio_min = 3.0 / 4.0; vc->ratio_max = 4.0 / 3.0; vc->local_scale_min = 0.05;
+    vc->p_flip = 0.5; vc->p_jitter = 0.8;
+    vc->brightness = 0.4; vc->contrast = 0.4; vc->saturation = 0.2; vc->hue = 0.1; vc->p_gray = 0.2;
+    /* A14: the code passes 1 - p to RandomApply, so the blur it runs is 0 / 0.9 / 0; as configured
+       (DINO's intent) it is 1.0 / 0.1 / 0.5 */
+    double run[3] = {0.0, 0.9, 0.0}, configured[3] = {1.0, 0.1, 0.5};
+    memcpy(vc->p_blur, blur_mode == EXCB_BLUR_AS_RUN ? run : configured, sizeof vc->p_blur);
+    vc->blur_sigma_min = 0.1; vc->blur_sigma_max = 2.0; vc->blur_kernel = 9;
+    vc->p_solarize[0] = 0.0; vc->p_solarize[1] = 0.2; vc->p_solarize[2] = 0.0;
+    vc->solarize_threshold = 128;                        /* ImageOps.solarize's default threshold   */
+    const float mean[3] = {0.485f, 0.456f, 0.406f}, std[3] = {0.228f, 0.224f, 0.225f};   /* A16 */
+    memcpy(vc->mean, mean, sizeof mean);
+    memcpy(vc->std, std, sizeof std);
+}
+
+/* The views a model configuration trains on. One-channel data (Fashion-MNIST) is normalised with the
+   luma-weighted mean and std of A16's three channels (0.299, 0.587, 0.114 of each): what the RGB
+   statistics give for a gray image; a choice of this implementation, the official code has no
+   one-channel path. */
+void excb_view_config_for(ExcbViewConfig *vc, const ExcbConfig *cfg, long epochs, int blur_mode) {
+    excb_view_config_default(vc, blur_mode);
+    vc->n_global = cfg->n_global;
+    vc->n_local = cfg->n_local;
+    vc->global_size = cfg->global_size;
+    vc->local_size = cfg->local_size;
+    vc->channels = cfg->in_ch;
+    vc->epochs = epochs;
+    vc->seed = cfg->seed;
+    if (cfg->in_ch == 1) {
+        vc->mean[0] = 0.299f * vc->mean[0] + 0.587f * vc->mean[1] + 0.114f * vc->mean[2];
+        vc->std[0] = 0.299f * vc->std[0] + 0.587f * vc->std[1] + 0.114f * vc->std[2];
+    }
+}
+
+/* The random choices of one view. RandomResizedCrop.get_params, verbatim: up to 10 tries of an area
+   fraction and a log-uniform aspect ratio, sides rounded half-to-even (Python's round); otherwise
+   the centre crop with the ratio clamped. */
+void excb_view_params(const ExcbViewConfig *vc, long epoch, long sample, int view, int H, int W,
+                      ExcbViewParams *p) {
+    memset(p, 0, sizeof *p);
+    int local = view >= vc->n_global, which = local ? 2 : view == 0 ? 0 : 1;
+    double s_min = crop_scale_min_at(epoch, vc->epochs);
+    double lo = local ? vc->local_scale_min : s_min, hi = local ? s_min : 1.0;
+    double area = (double)H * W, lr0 = log(vc->ratio_min), lr1 = log(vc->ratio_max);
+    int found = 0;
+    for (int t = 0; t < 10 && !found; t++) {
+        double target = area * uniform_in(view_uniform(vc, epoch, sample, view, VP_CROP, 4 * t), lo, hi);
+        double ratio = exp(uniform_in(view_uniform(vc, epoch, sample, view, VP_CROP, 4 * t + 1), lr0, lr1));
+        int w = (int)rint(sqrt(target * ratio)), h = (int)rint(sqrt(target / ratio));
+        if (w > 0 && w <= W && h > 0 && h <= H) {
+            p->top = uniform_int(view_uniform(vc, epoch, sample, view, VP_CROP, 4 * t + 2), H - h + 1);
+            p->left = uniform_int(view_uniform(vc, epoch, sample, view, VP_CROP, 4 * t + 3), W - w + 1);
+            p->h = h;
+            p->w = w;
+            found = 1;
+        }
+    }
+    if (!found) {
+        double in_ratio = (double)W / H;
+        if (in_ratio < vc->ratio_min) { p->w = W; p->h = (int)rint(W / vc->ratio_min); }
+        else if (in_ratio > vc->ratio_max) { p->h = H; p->w = (int)rint(H * vc->ratio_max); }
+        else { p->w = W; p->h = H; }
+        p->top = (H - p->h) / 2;
+        p->left = (W - p->w) / 2;
+    }
+    p->flip = view_uniform(vc, epoch, sample, view, VP_FLIP, 0) < vc->p_flip;
+    p->jitter = view_uniform(vc, epoch, sample, view, VP_JITTER, 0) < vc->p_jitter;
+    /* the order of the four jitter operators: a uniform permutation (torch.randperm(4)) */
+    for (int i = 0; i < 4; i++) p->order[i] = i;
+    for (int i = 3; i > 0; i--) {
+        int j = uniform_int(view_uniform(vc, epoch, sample, view, VP_ORDER, i), i + 1), t = p->order[i];
+        p->order[i] = p->order[j];
+        p->order[j] = t;
+    }
+    p->brightness = uniform_in(view_uniform(vc, epoch, sample, view, VP_FACTORS, 0), fmax(0, 1 - vc->brightness), 1 + vc->brightness);
+    p->contrast = uniform_in(view_uniform(vc, epoch, sample, view, VP_FACTORS, 1), fmax(0, 1 - vc->contrast), 1 + vc->contrast);
+    p->saturation = uniform_in(view_uniform(vc, epoch, sample, view, VP_FACTORS, 2), fmax(0, 1 - vc->saturation), 1 + vc->saturation);
+    p->hue = uniform_in(view_uniform(vc, epoch, sample, view, VP_FACTORS, 3), -vc->hue, vc->hue);
+    p->gray = view_uniform(vc, epoch, sample, view, VP_GRAY, 0) < vc->p_gray;
+    p->blur = view_uniform(vc, epoch, sample, view, VP_BLUR, 0) < vc->p_blur[which];
+    p->sigma = uniform_in(view_uniform(vc, epoch, sample, view, VP_SIGMA, 0), vc->blur_sigma_min, vc->blur_sigma_max);
+    p->solarize = view_uniform(vc, epoch, sample, view, VP_SOLARIZE, 0) < vc->p_solarize[which];
+}
+
+/* -- RandomResizedCrop's resize: PIL's bicubic resample (Resample.c) ---------------------------- */
+double excb_bicubic_weight(double x) {
+    const double a = -0.5;                                   /* PIL's bicubic; torch's tensors use -0.75 */
+    x = fabs(x);
+    if (x < 1.0) return ((a + 2.0) * x - (a + 3.0)) * x * x + 1;
+    if (x < 2.0) return (((x - 5) * x + 8) * x - 4) * a;
+    return 0.0;
+}
+
+#define RESAMPLE_BITS 22                                     /* PIL: PRECISION_BITS = 32 - 8 - 2     */
+static uint8_t clip8_fixed(int v) {
+    v >>= RESAMPLE_BITS;
+    return (uint8_t)(v < 0 ? 0 : v > 255 ? 255 : v);
+}
+
+/* The taps of every output pixel along one axis: for output i, input range [first[i], first[i] + n[i])
+   with fixed-point weights kk[i * ksize ...]. PIL widens the filter by the scale when shrinking
+   (antialiasing) and normalises the weights to sum 1 before rounding them to 22 bits. */
+static int resample_ksize(int in_size, int out_size) {
+    double scale = (double)in_size / out_size, fs = scale < 1.0 ? 1.0 : scale;
+    return (int)ceil(2.0 * fs) * 2 + 1;
+}
+
+static void resample_taps(int in_size, int out_size, int ksize, int *first, int *n, int *kk, double *w) {
+    double scale = (double)in_size / out_size, fs = scale < 1.0 ? 1.0 : scale;
+    double support = 2.0 * fs, ss = 1.0 / fs;
+    for (int i = 0; i < out_size; i++) {
+        double center = (i + 0.5) * scale, sum = 0;
+        int xmin = (int)(center - support + 0.5), xmax = (int)(center + support + 0.5);
+        if (xmin < 0) xmin = 0;
+        if (xmax > in_size) xmax = in_size;
+        int m = xmax - xmin, *k = kk + (size_t)i * ksize;
+        for (int x = 0; x < m; x++) { w[x] = excb_bicubic_weight((x + xmin - center + 0.5) * ss); sum += w[x]; }
+        for (int x = 0; x < m; x++) {
+            double v = sum != 0.0 ? w[x] / sum : w[x];
+            k[x] = (int)(v < 0 ? -0.5 + v * (1 << RESAMPLE_BITS) : 0.5 + v * (1 << RESAMPLE_BITS));
+        }
+        first[i] = xmin;
+        n[i] = m;
+    }
+}
+
+/* src: sh x sw pixels with row stride sstride (bytes); dst: dh x dw, interleaved c channels. The
+   horizontal pass runs first, into tmp (sh x dw x c), then the vertical one, both rounding to 8 bits,
+   as in PIL; a pass whose size does not change is skipped (PIL's need_horizontal / need_vertical). */
+void excb_resize_bicubic(const uint8_t *src, int sh, int sw, int sstride, uint8_t *dst, int dh, int dw,
+                         int c, uint8_t *tmp) {
+    int ks_h = resample_ksize(sw, dw), ks_v = resample_ksize(sh, dh);
+    /* tap tables on the stack; on the heap only when shrinking by more than about 16x */
+    size_t need = (size_t)dw * ks_h + (size_t)dh * ks_v + 2 * ((size_t)dw + dh), dneed = ks_h > ks_v ? ks_h : ks_v;
+    int stack[16384], *buf = need <= 16384 ? stack : malloc(sizeof(int) * need);
+    double dstack[1024], *w = dneed <= 1024 ? dstack : malloc(sizeof(double) * dneed);
+    if (!buf || !w) { fprintf(stderr, "excb: out of memory resizing\n"); exit(EXCB_EXIT_OSERR); }
+    int *kh = buf, *kv = kh + (size_t)dw * ks_h, *fh = kv + (size_t)dh * ks_v, *nh = fh + dw, *fv = nh + dw, *nv = fv + dh;
+    const uint8_t *mid = src;
+    int mid_stride = sstride;
+    if (dw != sw) {
+        resample_taps(sw, dw, ks_h, fh, nh, kh, w);
+        for (int y = 0; y < sh; y++)
+            for (int x = 0; x < dw; x++) {
+                const int *k = kh + (size_t)x * ks_h;
+                const uint8_t *s = src + (size_t)y * sstride + (size_t)fh[x] * c;
+                for (int ch = 0; ch < c; ch++) {
+                    int acc = 1 << (RESAMPLE_BITS - 1);
+                    for (int t = 0; t < nh[x]; t++) acc += s[t * c + ch] * k[t];
+                    tmp[((size_t)y * dw + x) * c + ch] = clip8_fixed(acc);
+                }
+            }
+        mid = tmp;
+        mid_stride = dw * c;
+    }
+    if (dh != sh) {
+        resample_taps(sh, dh, ks_v, fv, nv, kv, w);
+        for (int y = 0; y < dh; y++) {
+            const int *k = kv + (size_t)y * ks_v;
+            uint8_t *o = dst + (size_t)y * dw * c;
+            for (int x = 0; x < dw * c; x++) {
+                int acc = 1 << (RESAMPLE_BITS - 1);
+                const uint8_t *s = mid + (size_t)fv[y] * mid_stride + x;
+                for (int t = 0; t < nv[y]; t++) acc += s[(size_t)t * mid_stride] * k[t];
+                o[x] = clip8_fixed(acc);
+            }
+        }
+    } else {
+        for (int y = 0; y < dh; y++) memcpy(dst + (size_t)y * dw * c, mid + (size_t)y * mid_stride, (size_t)dw * c);
+    }
+    if (buf != stack) free(buf);
+    if (w != dstack) free(w);
+}
+
+/* -- colour jitter: PIL's ImageEnhance, i.e. Image.blend(degenerate, image, factor) --------------- */
+/* Blend.c: out = in1 + alpha (in2 - in1) in float, truncated to an integer and clipped to 0..255 */
+static uint8_t blend8(int degenerate, int v, float alpha) {
+    float t = (float)degenerate + alpha * (float)(v - degenerate);
+    return t <= 0.0f ? 0 : t >= 255.0f ? 255 : (uint8_t)t;
+}
+
+/* ITU-R 601-2 luma in PIL's fixed point (Convert.c L24): (19595 R + 38470 G + 7471 B + 0x8000) >> 16 */
+static uint8_t luma8(const uint8_t *p) { return (uint8_t)((p[0] * 19595 + p[1] * 38470 + p[2] * 7471 + 0x8000) >> 16); }
+
+void excb_adjust_brightness(uint8_t *px, size_t npx, int c, double f) {     /* blend with black */
+    for (size_t i = 0; i < npx * c; i++) px[i] = blend8(0, px[i], (float)f);
+}
+
+/* blend with a flat gray image at the mean luma, int(mean + 0.5) (ImageEnhance.Contrast) */
+void excb_adjust_contrast(uint8_t *px, size_t npx, int c, double f) {
+    double sum = 0;
+    for (size_t i = 0; i < npx; i++) sum += c == 3 ? luma8(px + 3 * i) : px[i];
+    int mean = (int)(sum / npx + 0.5);
+    for (size_t i = 0; i < npx * c; i++) px[i] = blend8(mean, px[i], (float)f);
+}
+
+/* blend with the image's own luma (ImageEnhance.Color); the identity on gray images */
+void excb_adjust_saturation(uint8_t *px, size_t npx, int c, double f) {
+    if (c != 3) return;
+    for (size_t i = 0; i < npx; i++) {
+        int l = luma8(px + 3 * i);
+        for (int k = 0; k < 3; k++) px[3 * i + k] = blend8(l, px[3 * i + k], (float)f);
+    }
+}
+
+/* torchvision adjust_hue on PIL: RGB -> HSV (PIL, 8-bit), H += uint8(f * 255) modulo 256, back to RGB.
+   The shift is cast as numpy casts a float to uint8 here: truncate toward zero, then wrap. */
+static void rgb_to_hsv8(const uint8_t *in, uint8_t *out) {
+    int r = in[0], g = in[1], b = in[2];
+    int maxc = r > g ? (r > b ? r : b) : (g > b ? g : b), minc = r < g ? (r < b ? r : b) : (g < b ? g : b);
+    out[2] = (uint8_t)maxc;
+    if (minc == maxc) { out[0] = out[1] = 0; return; }
+    float cr = (float)(maxc - minc), s = cr / (float)maxc;
+    float rc = (float)(maxc - r) / cr, gc = (float)(maxc - g) / cr, bc = (float)(maxc - b) / cr, h;
+    if (r == maxc) h = bc - gc;
+    else if (g == maxc) h = (float)(2.0 + rc - bc);      /* in double, as PIL */
+    else h = (float)(4.0 + gc - rc);
+    h = (float)fmod(h / 6.0 + 1.0, 1.0);
+    int ih = (int)(h * 255.0), is = (int)(s * 255.0);
+    out[0] = (uint8_t)(ih < 0 ? 0 : ih > 255 ? 255 : ih);
+    out[1] = (uint8_t)(is < 0 ? 0 : is > 255 ? 255 : is);
+}
+
+static uint8_t clip8d(double v) { return (uint8_t)(v < 0 ? 0 : v > 255 ? 255 : v); }
+
+static void hsv8_to_rgb(const uint8_t *in, uint8_t *out) {
+    int h = in[0], s = in[1], v = in[2];
+    if (s == 0) { out[0] = out[1] = out[2] = (uint8_t)v; return; }
+    int i = (int)floor((float)h * 6.0 / 255.0);
+    float f = (float)((float)h * 6.0 / 255.0 - (float)i), fs = (float)((float)s / 255.0);
+    uint8_t p = clip8d(round((float)v * (1.0 - fs))), q = clip8d(round((float)v * (1.0 - fs * f)));
+    uint8_t t = clip8d(round((float)v * (1.0 - fs * (1.0 - f)))), V = (uint8_t)v;
+    switch (i % 6) {
+    case 0: out[0] = V; out[1] = t; out[2] = p; break;
+    case 1: out[0] = q; out[1] = V; out[2] = p; break;
+    case 2: out[0] = p; out[1] = V; out[2] = t; break;
+    case 3: out[0] = p; out[1] = q; out[2] = V; break;
+    case 4: out[0] = t; out[1] = p; out[2] = V; break;
+    default: out[0] = V; out[1] = p; out[2] = q; break;
+    }
+}
+
+void excb_adjust_hue(uint8_t *px, size_t npx, int c, double f) {
+    if (c != 3) return;                                      /* adjust_hue leaves L images alone */
+    uint8_t shift = (uint8_t)((int)(f * 255) & 255);
+    for (size_t i = 0; i < npx; i++) {
+        uint8_t hsv[3];
+        rgb_to_hsv8(px + 3 * i, hsv);
+        hsv[0] = (uint8_t)(hsv[0] + shift);
+        hsv8_to_rgb(hsv, px + 3 * i);
+    }
+}
+
+/* RandomGrayscale: L = luma, copied to the three channels (num_output_channels = 3) */
+void excb_grayscale(uint8_t *px, size_t npx, int c) {
+    if (c != 3) return;
+    for (size_t i = 0; i < npx; i++) px[3 * i] = px[3 * i + 1] = px[3 * i + 2] = luma8(px + 3 * i);
+}
+
+/* -- Gaussian blur: torchvision's gaussian_blur, kernel 9 at every crop size (A14) ---------------- */
+/* k[i] proportional to exp(-x^2 / (2 sigma^2)), x = i - (ksize - 1)/2, summing to 1 */
+void excb_blur_kernel(double *k, int ksize, double sigma) {
+    double sum = 0, half = (ksize - 1) * 0.5;
+    for (int i = 0; i < ksize; i++) { double x = (i - half) / sigma; k[i] = exp(-0.5 * x * x); sum += k[i]; }
+    for (int i = 0; i < ksize; i++) k[i] /= sum;
+}
+
+/* reflect padding (no edge repeat): -1 -> 1, n -> n - 2; folded again for tiny images */
+static int reflect(int i, int n) {
+    if (n == 1) return 0;
+    int period = 2 * (n - 1);
+    i %= period;
+    if (i < 0) i += period;
+    return i < n ? i : period - i;
+}
+
+/* separable, in double, rounded half to even at the end (torch.round) */
+void excb_gaussian_blur(uint8_t *px, int h, int w, int c, int ksize, double sigma, float *tmp) {
+    double k[64];
+    if (ksize > 63) ksize = 63;
+    excb_blur_kernel(k, ksize, sigma);
+    int half = ksize / 2;
+    for (int y = 0; y < h; y++)
+        for (int x = 0; x < w; x++)
+            for (int ch = 0; ch < c; ch++) {
+                double acc = 0;
+                for (int t = 0; t < ksize; t++) acc += k[t] * px[((size_t)y * w + reflect(x + t - half, w)) * c + ch];
+                tmp[((size_t)y * w + x) * c + ch] = (float)acc;
+            }
+    for (int y = 0; y < h; y++)
+        for (int x = 0; x < w * c; x++) {
+            double acc = 0;
+            for (int t = 0; t < ksize; t++) acc += k[t] * tmp[(size_t)reflect(y + t - half, h) * w * c + x];
+            double r = nearbyint(acc);
+            px[(size_t)y * w * c + x] = (uint8_t)(r < 0 ? 0 : r > 255 ? 255 : r);
+        }
+}
+
+/* ImageOps.solarize: every value >= threshold becomes 255 - value */
+void excb_solarize(uint8_t *px, size_t n, int threshold) {
+    for (size_t i = 0; i < n; i++) if (px[i] >= threshold) px[i] = (uint8_t)(255 - px[i]);
+}
+
+static void scratch_reserve(ExcbViewScratch *s, size_t bytes, size_t floats) {
+    if (bytes > s->cap) {
+        free(s->a); free(s->b);
+        s->a = xmalloc(bytes); s->b = xmalloc(bytes); s->cap = bytes;
+    }
+    if (floats > s->fcap) { free(s->f); s->f = xmalloc(sizeof(float) * floats); s->fcap = floats; }
+}
+
+void excb_make_view(const ExcbViewConfig *vc, const ExcbViewParams *p, const ExcbImage *img, int view,
+                    real *out, ExcbViewScratch *scr) {
+    int S = view < vc->n_global ? vc->global_size : vc->local_size, C = img->c;
+    size_t npx = (size_t)S * S;
+    /* a: the crop's horizontal pass (h x S), then b: the view (S x S) */
+    scratch_reserve(scr, (size_t)C * (p->h > S ? p->h : S) * S, (size_t)C * npx);
+    const uint8_t *src = img->px + ((size_t)p->top * img->w + p->left) * C;
+    uint8_t *v = scr->b;
+    excb_resize_bicubic(src, p->h, p->w, img->w * C, v, S, S, C, scr->a);
+    if (p->flip)
+        for (int y = 0; y < S; y++)
+            for (int x = 0; x < S / 2; x++)
+                for (int ch = 0; ch < C; ch++) {
+                    uint8_t *l = v + ((size_t)y * S + x) * C + ch, *r = v + ((size_t)y * S + S - 1 - x) * C + ch, t = *l;
+                    *l = *r;
+                    *r = t;
+                }
+    if (p->jitter)
+        for (int i = 0; i < 4; i++) switch (p->order[i]) {
+            case 0: excb_adjust_brightness(v, npx, C, p->brightness); break;
+            case 1: excb_adjust_contrast(v, npx, C, p->contrast); break;
+            case 2: excb_adjust_saturation(v, npx, C, p->saturation); break;
+            default: excb_adjust_hue(v, npx, C, p->hue); break;
+            }
+    if (p->gray) excb_grayscale(v, npx, C);
+    if (p->blur) excb_gaussian_blur(v, S, S, C, vc->blur_kernel, p->sigma, scr->f);
+    if (p->solarize) excb_solarize(v, npx * C, vc->solarize_threshold);
+    /* ToTensor then Normalize, in float as torchvision: (v / 255 - mean) / std, planes (C, S, S) */
+    for (int ch = 0; ch < C; ch++) {
+        float mean = vc->mean[ch], std = vc->std[ch];
+        for (size_t i = 0; i < npx; i++) out[ch * npx + i] = (real)(((float)v[i * C + ch] / 255.0f - mean) / std);
+    }
+}
+
+/* ================================================================================================
+ * 13. The loader: a permutation per epoch, batches made by background workers
+ * ================================================================================================
+ * Batch g (counted over the whole run) belongs to epoch e = g / batches_per_epoch and holds images
+ * perm_e[(g mod batches_per_epoch) * B + b], b < B, of that epoch's permutation (drop_last, as the
+ * official sampler). perm_e is a Fisher-Yates shuffle driven by (seed, PERM, e), and every view is
+ * a pure function of (seed, e, image, view), so batch g's bytes depend on nothing else: not on
+ * the number of workers, not on which worker made it, not on where a run was resumed.
+ *
+ * Workers: worker w makes batches first + w, first + w + W, ...; slot (g - first) mod S holds batch
+ * g, with S = 2W slots, so each worker can fill one slot while its previous batch waits to be used.
+ * Memory is fixed when the loader opens: S batch buffers plus, per worker, the largest image decoded
+ * so far (bounded by EXCB_MAX_PIXELS). Nothing is allocated per batch once the buffers have grown.
+ */
+void excb_permutation(int64_t *perm, long n, uint64_t seed, long epoch) {
+    for (long i = 0; i < n; i++) perm[i] = i;
+    for (long i = n - 1; i > 0; i--) {
+        uint64_t h = excb_hash(seed, EXCB_RNG_PERM, (uint64_t)epoch, 0, (uint64_t)i);
+        long j = (long)(((unsigned __int128)h * (uint64_t)(i + 1)) >> 64);   /* uniform in [0, i]  */
+        int64_t t = perm[i];
+        perm[i] = perm[j];
+        perm[j] = t;
+    }
+}
+
+enum { SLOT_FREE = 0, SLOT_READY = 1 };
+
+typedef struct {
+    ExcbLoader *L;
+    int id;
+    ExcbImage img;
+    ExcbViewScratch scr;
+    int64_t *perm;  long perm_epoch;
+} LoaderWorker;
+
+typedef struct { pthread_mutex_t mu; pthread_cond_t ready, freed; } LoaderSync;
+
+/* One image for place k of the epoch's order. A bad image is an error, or with skip_bad, is logged
+   once, marked, and replaced by the next good image of the same epoch order (so that image appears
+   twice in this epoch; the batch stays full and no made-up pixels enter training). */
+static int load_for_place(LoaderWorker *w, long epoch_place, int64_t *chosen, char *err) {
+    ExcbLoader *L = w->L;
+    ExcbDataset *ds = L->ds;
+    LoaderSync *sy = L->sync;
+    for (long tries = 0; tries < ds->n; tries++) {
+        int64_t idx = w->perm[(epoch_place + tries) % ds->n];
+        if (ds->bad) {
+            pthread_mutex_lock(&sy->mu);
+            int known_bad = ds->bad[idx];
+            pthread_mutex_unlock(&sy->mu);
+            if (known_bad) continue;
+        }
+        int code = excb_data_get(ds, idx, &w->img, err);
+        if (!code && w->img.c != L->vc.channels)
+            code = fail(err, EXCB_EXIT_DATA, "image %lld has %d channels, the views expect %d", (long long)idx, w->img.c, L->vc.channels);
+        if (!code) { *chosen = idx; return 0; }
+        if (!ds->skip_bad || code != EXCB_EXIT_DATA) return code;
+        pthread_mutex_lock(&sy->mu);
+        if (!ds->bad[idx]) {
+            ds->bad[idx] = 1;
+            ds->n_bad++;
+            fprintf(stderr, "excb: skipping bad image (%ld so far): %s\n", ds->n_bad, err);
+        }
+        pthread_mutex_unlock(&sy->mu);
+    }
+    return fail(err, EXCB_EXIT_DATA, "%s: every image failed to decode", ds->path);
+}
+
+static void make_batch(LoaderWorker *w, ExcbBatch *bt, long id) {
+    ExcbLoader *L = w->L;
+    const ExcbViewConfig *vc = &L->vc;
+    long epoch = id / L->batches_per_epoch, step = id % L->batches_per_epoch;
+    if (w->perm_epoch != epoch) { excb_permutation(w->perm, L->ds->n, vc->seed, epoch); w->perm_epoch = epoch; }
+    int B = L->batch, C = vc->channels;
+    size_t gsz = (size_t)C * vc->global_size * vc->global_size, lsz = (size_t)C * vc->local_size * vc->local_size;
+    bt->id = id;
+    bt->epoch = epoch;
+    bt->step_in_epoch = step;
+    bt->err_code = 0;
+    for (int b = 0; b < B && !bt->err_code; b++) {
+        int64_t idx = 0;
+        bt->err_code = load_for_place(w, step * B + b, &idx, bt->err);
+        if (bt->err_code) break;
+        bt->index[b] = idx;
+        bt->labels[b] = L->ds->labels ? L->ds->labels[idx] : -1;
+        for (int v = 0; v < vc->n_global + vc->n_local; v++) {
+            ExcbViewParams p;
+            excb_view_params(vc, epoch, idx, v, w->img.h, w->img.w, &p);
+            real *out = v < vc->n_global ? bt->xg + ((size_t)v * B + b) * gsz
+                                         : bt->xl + ((size_t)(v - vc->n_global) * B + b) * lsz;
+            excb_make_view(vc, &p, &w->img, v, out, &w->scr);
+        }
+    }
+}
+
+static double seconds_now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + 1e-9 * ts.tv_nsec;
+}
+
+static void *worker_main(void *arg) {
+    LoaderWorker *w = arg;
+    ExcbLoader *L = w->L;
+    LoaderSync *sy = L->sync;
+    for (long id = L->next_id + w->id;; id += L->n_workers) {
+        long rel = id - L->next_id;
+        ExcbBatch *bt = &L->slots[rel % L->n_slots];
+        pthread_mutex_lock(&sy->mu);
+        /* the slot is ours once its previous batch, rel - S, has been used and released */
+        while (!L->stop && L->released < rel - L->n_slots + 1) pthread_cond_wait(&sy->freed, &sy->mu);
+        int stop = L->stop;
+        bt->state = SLOT_FREE;
+        pthread_mutex_unlock(&sy->mu);
+        if (stop) break;
+        double t0 = seconds_now();
+        make_batch(w, bt, id);
+        double dt = seconds_now() - t0;
+        pthread_mutex_lock(&sy->mu);
+        L->busy_seconds += dt;
+        bt->state = SLOT_READY;
+        pthread_cond_broadcast(&sy->ready);
+        pthread_mutex_unlock(&sy->mu);
+        if (bt->err_code) break;                 /* the consumer reports it; nothing more to make   */
+    }
+    return NULL;
+}
+
+int excb_loader_open(ExcbLoader *L, ExcbDataset *ds, const ExcbViewConfig *vc, int batch, int workers,
+                     long first_batch, char *err) {
+    memset(L, 0, sizeof *L);
+    if (ds->n < batch)
+        return fail(err, EXCB_EXIT_DATA, "%s: %ld images, fewer than one batch of %d", ds->path, ds->n, batch);
+    if (ds->channels != vc->channels)
+        return fail(err, EXCB_EXIT_DATA, "%s: images have %d channel(s), the model expects %d", ds->path, ds->channels, vc->channels);
+    L->ds = ds;
+    L->vc = *vc;
+    L->batch = batch;
+    L->n_workers = workers;
+    L->n_slots = workers > 0 ? 2 * workers : 1;
+    L->batches_per_epoch = ds->n / batch;
+    L->next_id = first_batch;
+    if (ds->skip_bad && !ds->bad) ds->bad = calloc(ds->n, 1);
+    size_t gsz = (size_t)vc->channels * vc->global_size * vc->global_size;
+    size_t lsz = (size_t)vc->channels * vc->local_size * vc->local_size;
+    L->slots = calloc(L->n_slots, sizeof(ExcbBatch));
+    for (int s = 0; s < L->n_slots; s++) {
+        ExcbBatch *bt = &L->slots[s];
+        bt->xg = xmalloc(sizeof(real) * gsz * vc->n_global * batch);
+        bt->xl = xmalloc(sizeof(real) * (lsz * vc->n_local * batch + 1));
+        bt->labels = xmalloc(sizeof(int32_t) * batch);
+        bt->index = xmalloc(sizeof(int64_t) * batch);
+    }
+    LoaderSync *sy = calloc(1, sizeof *sy);
+    pthread_mutex_init(&sy->mu, NULL);
+    pthread_cond_init(&sy->ready, NULL);
+    pthread_cond_init(&sy->freed, NULL);
+    L->sync = sy;
+    int nw = workers > 0 ? workers : 1;
+    LoaderWorker *ws = calloc(nw, sizeof *ws);
+    for (int i = 0; i < nw; i++) {
+        ws[i].L = L;
+        ws[i].id = i;
+        ws[i].perm = xmalloc(sizeof(int64_t) * ds->n);
+        ws[i].perm_epoch = -1;
+    }
+    L->workers = ws;
+    if (workers > 0) {
+        pthread_t *th = calloc(workers, sizeof *th);
+        L->threads = th;
+        for (int i = 0; i < workers; i++)
+            if (pthread_create(&th[i], NULL, worker_main, &ws[i])) {
+                L->n_workers = i;                /* the ones that did start are joined at close     */
+                excb_loader_close(L);
+                return fail(err, EXCB_EXIT_OSERR, "cannot start loader thread %d", i);
+            }
+    }
+    return 0;
+}
+
+int excb_loader_next(ExcbLoader *L, ExcbBatch **out, char *err) {
+    long rel = L->consumed;
+    ExcbBatch *bt = &L->slots[rel % L->n_slots];
+    if (L->n_workers == 0) {                                    /* made here, in the caller's thread */
+        double t0 = seconds_now();
+        make_batch(&((LoaderWorker *)L->workers)[0], bt, L->next_id + rel);
+        L->busy_seconds += seconds_now() - t0;
+        L->consumed++;
+    } else {
+        LoaderSync *sy = L->sync;
+        pthread_mutex_lock(&sy->mu);
+        L->released = rel;                                       /* batches before this one: done   */
+        pthread_cond_broadcast(&sy->freed);
+        while (bt->state != SLOT_READY || bt->id != L->next_id + rel) pthread_cond_wait(&sy->ready, &sy->mu);
+        L->consumed++;
+        pthread_mutex_unlock(&sy->mu);
+    }
+    if (bt->err_code) { snprintf(err, EXCB_ERR_LEN, "%s", bt->err); return bt->err_code; }
+    *out = bt;
+    return 0;
+}
+
+void excb_loader_close(ExcbLoader *L) {
+    if (!L->slots) return;
+    LoaderSync *sy = L->sync;
+    if (L->n_workers > 0) {
+        pthread_mutex_lock(&sy->mu);
+        L->stop = 1;
+        pthread_cond_broadcast(&sy->freed);
+        pthread_mutex_unlock(&sy->mu);
+        pthread_t *th = L->threads;
+        for (int i = 0; i < L->n_workers; i++) pthread_join(th[i], NULL);
+    }
+    int nw = L->n_workers > 0 ? L->n_workers : 1;
+    LoaderWorker *ws = L->workers;
+    for (int i = 0; i < nw; i++) {
+        excb_image_free(&ws[i].img);
+        free(ws[i].scr.a); free(ws[i].scr.b); free(ws[i].scr.f);
+        free(ws[i].perm);
+    }
+    free(ws);
+    free(L->threads);
+    for (int s = 0; s < L->n_slots; s++) {
+        free(L->slots[s].xg); free(L->slots[s].xl); free(L->slots[s].labels); free(L->slots[s].index);
+    }
+    free(L->slots);
+    pthread_mutex_destroy(&sy->mu);
+    pthread_cond_destroy(&sy->ready);
+    pthread_cond_destroy(&sy->freed);
+    free(sy);
+    memset(L, 0, sizeof *L);
+}
+
+/* ================================================================================================
+ * 14. Benchmarks: the whole step (random or loaded inputs), and the loader alone
  * ================================================================================================ */
 static double conv_macs(const ExcbConvBN *u, int H) {
     int Ho = conv_out(H, u->k, u->stride, u->pad);
@@ -1515,18 +2966,32 @@ static int cmp_double(const void *a, const void *b) {
 }
 
 /* ================================================================================================
- * 12. Command line
+ * 15. Command line
  * ================================================================================================ */
 static void usage(FILE *f) {
     fprintf(f,
         "usage: excb <command> [options]\n"
         "\n"
         "commands:\n"
-        "  bench     time the whole training step on fixed random inputs\n"
-        "            --config NAME   resnet20s (default), resnet18, resnet50, tiny, tiny50\n"
-        "            --global-size G --local-size L --batch B --K K --threads T\n"
-        "            --reps R (3)  --min-seconds S (4): each repetition runs >= S seconds\n"
-        "  train, eval   not yet: data sets and the training loop arrive with issues 3 and 4\n"
+        "  bench       time the whole training step, on fixed random inputs or, with --data, on loaded views\n"
+        "              --config NAME   resnet20s (default), resnet18, resnet50, tiny, tiny50\n"
+        "              --global-size G --local-size L (0: no local crops) --batch B --K K --threads T\n"
+        "              --reps R (3)  --min-seconds S (4): each repetition runs >= S seconds\n"
+        "              --data SPEC: alternate random and loaded repetitions and print their ratio\n"
+        "  bench-data  time the loader alone (decode + views), in views per second\n"
+        "              --config NAME (sizes and views as above) --batch B --seconds S (10)\n"
+        "  views       write a PNG grid of the views of the first images: --out FILE.png --images N (8)\n"
+        "              --epoch E (0)\n"
+        "  train, eval not yet: the training loop and evaluation arrive with issue 4\n"
+        "\n"
+        "data options (bench, bench-data, views):\n"
+        "  --data SPEC      a data set: fashion-mnist (the embedded default), an IDX file or folder,\n"
+        "                   a CIFAR-10/100 or STL-10 binary folder, or an image folder (PNG/JPEG)\n"
+        "  --split S        train (default), test; STL-10 also unlabeled, train+unlabeled\n"
+        "  --workers W      loader threads (1); 0 makes batches in the training thread\n"
+        "  --blur MODE      as-run (default: what the official code does, A14) or as-configured\n"
+        "  --skip-bad-images  skip, count and log undecodable images instead of stopping with exit 65\n"
+        "  --seed N         root seed (0)\n"
         "\n"
         "  --help     this text        --version   version and build\n"
         "exit codes: 0 ok, 64 usage, 65 bad data, 66 missing input, 70 internal, 71 out of memory,\n"
@@ -1543,32 +3008,94 @@ static int parse_int(const char *opt, const char *v, int lo, int hi) {
     return (int)x;
 }
 
-static int cmd_bench(int argc, char **argv) {
-    const char *name = "resnet20s";
-    int G = 0, L = -1, B = 0, K = 0, T = 0, reps = 3, min_s = 4;
+/* The options every command shares: the model shape and the data. */
+typedef struct {
+    const char *config, *data, *split, *out;
+    int G, L, B, K, T, reps, min_s, workers, blur, skip_bad, seconds, images, epoch;
+    long seed;
+} Options;
+
+static int parse_options(const char *cmd, int argc, char **argv, Options *o) {
+    *o = (Options){.config = "resnet20s", .L = -1, .reps = 3, .min_s = 4, .workers = 1,
+                   .blur = EXCB_BLUR_AS_RUN, .seconds = 10, .images = 8};
     for (int i = 0; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
-        if (!strcmp(a, "--config") && v) { name = v; i++; }
-        else if (!strcmp(a, "--global-size")) { G = parse_int(a, v, 4, 4096); i++; }
-        else if (!strcmp(a, "--local-size")) { L = parse_int(a, v, 0, 4096); i++; }
-        else if (!strcmp(a, "--batch")) { B = parse_int(a, v, 2, 1 << 20); i++; }
-        else if (!strcmp(a, "--K")) { K = parse_int(a, v, 2, 1 << 24); i++; }
-        else if (!strcmp(a, "--threads")) { T = parse_int(a, v, 1, 4096); i++; }
-        else if (!strcmp(a, "--reps")) { reps = parse_int(a, v, 1, 1000); i++; }
-        else if (!strcmp(a, "--min-seconds")) { min_s = parse_int(a, v, 0, 100000); i++; }
-        else { fprintf(stderr, "excb bench: unknown option '%s'\n", a); return EXCB_EXIT_USAGE; }
+        if (!strcmp(a, "--skip-bad-images")) { o->skip_bad = 1; continue; }
+        if (!v) { fprintf(stderr, "excb %s: option '%s' needs a value (or is unknown)\n", cmd, a); return EXCB_EXIT_USAGE; }
+        i++;
+        if (!strcmp(a, "--config")) o->config = v;
+        else if (!strcmp(a, "--data")) o->data = v;
+        else if (!strcmp(a, "--split")) o->split = v;
+        else if (!strcmp(a, "--out")) o->out = v;
+        else if (!strcmp(a, "--global-size")) o->G = parse_int(a, v, 4, 4096);
+        else if (!strcmp(a, "--local-size")) o->L = parse_int(a, v, 0, 4096);
+        else if (!strcmp(a, "--batch")) o->B = parse_int(a, v, 2, 1 << 20);
+        else if (!strcmp(a, "--K")) o->K = parse_int(a, v, 2, 1 << 24);
+        else if (!strcmp(a, "--threads")) o->T = parse_int(a, v, 1, 4096);
+        else if (!strcmp(a, "--reps")) o->reps = parse_int(a, v, 1, 1000);
+        else if (!strcmp(a, "--min-seconds")) o->min_s = parse_int(a, v, 0, 100000);
+        else if (!strcmp(a, "--workers")) o->workers = parse_int(a, v, 0, 256);
+        else if (!strcmp(a, "--seconds")) o->seconds = parse_int(a, v, 1, 100000);
+        else if (!strcmp(a, "--images")) o->images = parse_int(a, v, 1, 64);
+        else if (!strcmp(a, "--epoch")) o->epoch = parse_int(a, v, 0, 1 << 30);
+        else if (!strcmp(a, "--seed")) o->seed = parse_int(a, v, 0, INT32_MAX);
+        else if (!strcmp(a, "--blur")) {
+            if (!strcmp(v, "as-run")) o->blur = EXCB_BLUR_AS_RUN;
+            else if (!strcmp(v, "as-configured")) o->blur = EXCB_BLUR_AS_CONFIGURED;
+            else { fprintf(stderr, "excb %s: --blur is as-run or as-configured, not '%s'\n", cmd, v); return EXCB_EXIT_USAGE; }
+        } else { fprintf(stderr, "excb %s: unknown option '%s'\n", cmd, a); return EXCB_EXIT_USAGE; }
     }
-    ExcbConfig cfg;
-    if (excb_config_named(&cfg, name)) {
-        fprintf(stderr, "excb bench: unknown config '%s' (resnet20s, resnet18, resnet50, tiny, tiny50)\n", name);
+    return 0;
+}
+
+static int config_from(const char *cmd, const Options *o, ExcbConfig *cfg) {
+    if (excb_config_named(cfg, o->config)) {
+        fprintf(stderr, "excb %s: unknown config '%s' (resnet20s, resnet18, resnet50, tiny, tiny50)\n", cmd, o->config);
         return EXCB_EXIT_USAGE;
     }
-    if (G) cfg.global_size = G;
-    if (L == 0) cfg.n_local = 0;
-    else if (L > 0) cfg.local_size = L;
-    if (B) cfg.batch = B;
-    if (K) cfg.K = K;
-    if (T) cfg.threads = T;
+    if (o->G) cfg->global_size = o->G;
+    if (o->L == 0) cfg->n_local = 0;
+    else if (o->L > 0) cfg->local_size = o->L;
+    if (o->B) cfg->batch = o->B;
+    if (o->K) cfg->K = o->K;
+    if (o->T) cfg->threads = o->T;
+    cfg->seed = (uint64_t)o->seed;
+    return 0;
+}
+
+/* open --data and a loader over it; the model's channel count follows the data */
+static int open_data(const char *cmd, const Options *o, ExcbConfig *cfg, ExcbDataset *ds, ExcbLoader *L) {
+    char err[EXCB_ERR_LEN];
+    int code = excb_data_open(ds, o->data, o->split, err);
+    if (code) { fprintf(stderr, "excb %s: %s\n", cmd, err); return code; }
+    ds->skip_bad = o->skip_bad;
+    cfg->in_ch = ds->channels;
+    ExcbViewConfig vc;
+    excb_view_config_for(&vc, cfg, 100, o->blur);
+    fprintf(stderr, "excb %s: %s (%s split): %ld images, %s, %d class(es)\n", cmd, ds->path, ds->split, ds->n,
+            ds->height ? (ds->channels == 1 ? "gray" : "RGB") : "RGB, sizes vary", ds->n_classes);
+    code = excb_loader_open(L, ds, &vc, cfg->batch, o->workers, 0, err);
+    if (code) { fprintf(stderr, "excb %s: %s\n", cmd, err); excb_data_close(ds); }
+    return code;
+}
+
+static double median_of(double *v, int n, double *lo, double *hi) {
+    qsort(v, n, sizeof(double), cmp_double);
+    *lo = v[0];
+    *hi = v[n - 1];
+    return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
+/* The whole training step, timed. With --data, repetitions alternate between the fixed random inputs
+   and batches from the loader (its workers running alongside), and each pair gives one ratio. */
+static int cmd_bench(int argc, char **argv) {
+    Options o;
+    ExcbConfig cfg;
+    int code = parse_options("bench", argc, argv, &o);
+    if (code || (code = config_from("bench", &o, &cfg))) return code;
+    ExcbDataset ds;
+    ExcbLoader L;
+    if (o.data && (code = open_data("bench", &o, &cfg, &ds, &L))) return code;
     ExcbModel m;
     if (excb_build(&m, &cfg)) return EXCB_EXIT_USAGE;
     size_t ng = (size_t)cfg.n_global * cfg.batch * cfg.in_ch * cfg.global_size * cfg.global_size;
@@ -1580,56 +3107,155 @@ static int cmd_bench(int argc, char **argv) {
     excb_count_macs(&m, &tm, &sm);
     double flop_per_img = 2 * tm + 6 * sm;      /* teacher forward + student forward and backward */
     ExcbStepStats st;
+    char err[EXCB_ERR_LEN];
     double t0 = now_seconds();
     if (excb_step(&m, xg, xl, &st)) { fprintf(stderr, "excb bench: loss diverged\n"); return EXCB_EXIT_DIVERGED; }
     double warm = now_seconds() - t0;
-    int steps = warm > 0 ? (int)ceil(min_s / warm) : 1;
+    int steps = warm > 0 ? (int)ceil(o.min_s / warm) : 1;
     if (steps < 1) steps = 1;
-    double ips[1000];
-    for (int r = 0; r < reps; r++) {
+    double ips[1000], ips_data[1000], ratio[1000];
+    for (int r = 0; r < o.reps; r++) {
         t0 = now_seconds();
         for (int s = 0; s < steps; s++)
             if (excb_step(&m, xg, xl, &st)) { fprintf(stderr, "excb bench: loss diverged\n"); return EXCB_EXIT_DIVERGED; }
         ips[r] = cfg.batch * steps / (now_seconds() - t0);
+        if (!o.data) continue;
+        t0 = now_seconds();
+        for (int s = 0; s < steps; s++) {
+            ExcbBatch *bt;
+            if ((code = excb_loader_next(&L, &bt, err))) { fprintf(stderr, "excb bench: %s\n", err); return code; }
+            if (excb_step(&m, bt->xg, bt->xl, &st)) { fprintf(stderr, "excb bench: loss diverged\n"); return EXCB_EXIT_DIVERGED; }
+        }
+        ips_data[r] = cfg.batch * steps / (now_seconds() - t0);
+        ratio[r] = ips_data[r] / ips[r];
     }
-    double sorted[1000];
-    memcpy(sorted, ips, sizeof(double) * reps);
-    qsort(sorted, reps, sizeof(double), cmp_double);
-    double med = reps % 2 ? sorted[reps / 2] : 0.5 * (sorted[reps / 2 - 1] + sorted[reps / 2]);
+    double lo, hi, med = median_of(ips, o.reps, &lo, &hi);
     struct rusage ru;
     getrusage(RUSAGE_SELF, &ru);
     printf("excb bench %s G=%d L=%d B=%d K=%d threads=%d: %.2f img/s [%.2f–%.2f] | %.1f GFLOP/s "
            "(%.4f GFLOP/img) | peak %.1f MiB | %d reps x %d steps | loss %.5f\n",
            cfg.name, cfg.global_size, cfg.n_local ? cfg.local_size : 0, cfg.batch, cfg.K, m.max_threads,
-           med, sorted[0], sorted[reps - 1], flop_per_img * med / 1e9, flop_per_img / 1e9,
-           ru.ru_maxrss / 1024.0, reps, steps, st.loss);
+           med, lo, hi, flop_per_img * med / 1e9, flop_per_img / 1e9,
+           ru.ru_maxrss / 1024.0, o.reps, steps, st.loss);
+    if (o.data) {
+        double dlo, dhi, dmed = median_of(ips_data, o.reps, &dlo, &dhi), rlo, rhi, rmed = median_of(ratio, o.reps, &rlo, &rhi);
+        printf("excb bench %s on %s (%d loader worker(s)): %.2f img/s [%.2f–%.2f] = %.3f [%.3f–%.3f] of random "
+               "inputs | loader busy %.1f s of %.1f s | bad images skipped %ld\n",
+               cfg.name, ds.path, o.workers, dmed, dlo, dhi, rmed, rlo, rhi, L.busy_seconds,
+               cfg.batch ? (double)L.consumed * cfg.batch / dmed : 0, ds.n_bad);
+        excb_loader_close(&L);
+        excb_data_close(&ds);
+    }
     free(xg);
     free(xl);
     excb_free(&m);
     return 0;
 }
 
+/* The loader alone: decode + views, in views per second, for as many seconds as asked. */
+static int cmd_bench_data(int argc, char **argv) {
+    Options o;
+    ExcbConfig cfg;
+    int code = parse_options("bench-data", argc, argv, &o);
+    if (code || (code = config_from("bench-data", &o, &cfg))) return code;
+    if (!o.data) { fprintf(stderr, "excb bench-data: --data is required\n"); return EXCB_EXIT_USAGE; }
+    ExcbDataset ds;
+    ExcbLoader L;
+    if ((code = open_data("bench-data", &o, &cfg, &ds, &L))) return code;
+    char err[EXCB_ERR_LEN];
+    ExcbBatch *bt;
+    if ((code = excb_loader_next(&L, &bt, err))) { fprintf(stderr, "excb bench-data: %s\n", err); return code; }  /* warm-up */
+    double per_batch[4096];
+    int n = 0;
+    double t0 = now_seconds(), start = t0;
+    while (n < 4096 && now_seconds() - start < o.seconds) {
+        if ((code = excb_loader_next(&L, &bt, err))) { fprintf(stderr, "excb bench-data: %s\n", err); return code; }
+        double t1 = now_seconds();
+        per_batch[n++] = t1 - t0;
+        t0 = t1;
+    }
+    double total = now_seconds() - start, lo, hi;
+    int views = cfg.n_global + cfg.n_local;
+    for (int i = 0; i < n; i++) per_batch[i] = cfg.batch * views / per_batch[i];      /* views/s */
+    double med = median_of(per_batch, n, &lo, &hi);
+    int W = o.workers > 0 ? o.workers : 1;
+    struct rusage ru;
+    getrusage(RUSAGE_SELF, &ru);
+    printf("excb bench-data %s: %d x %d + %d x %d views, B=%d, %d worker(s): %.0f views/s overall "
+           "(%.0f images/s) | per batch: median %.0f [%.0f–%.0f] views/s | per worker %.0f views/s | "
+           "%d batches in %.1f s | peak %.1f MiB | bad images skipped %ld\n",
+           ds.path, cfg.n_global, cfg.global_size, cfg.n_local, cfg.local_size, cfg.batch, o.workers,
+           (double)n * cfg.batch * views / total, (double)n * cfg.batch / total, med, lo, hi,
+           (double)n * cfg.batch * views / total / W, n, total, ru.ru_maxrss / 1024.0, ds.n_bad);
+    excb_loader_close(&L);
+    excb_data_close(&ds);
+    return 0;
+}
+
+/* A PNG grid: one row per image, its views left to right (local views are drawn at their own size,
+   top-aligned), undoing the normalisation. For looking at what the network is trained on. */
+static int cmd_views(int argc, char **argv) {
+    Options o;
+    ExcbConfig cfg;
+    int code = parse_options("views", argc, argv, &o);
+    if (code || (code = config_from("views", &o, &cfg))) return code;
+    if (!o.data || !o.out) { fprintf(stderr, "excb views: --data and --out are required\n"); return EXCB_EXIT_USAGE; }
+    cfg.batch = o.images;
+    o.workers = 0;
+    ExcbDataset ds;
+    ExcbLoader L;
+    if ((code = open_data("views", &o, &cfg, &ds, &L))) return code;
+    L.next_id = (long)o.epoch * L.batches_per_epoch;                      /* first batch of --epoch */
+    char err[EXCB_ERR_LEN];
+    ExcbBatch *bt;
+    if ((code = excb_loader_next(&L, &bt, err))) { fprintf(stderr, "excb views: %s\n", err); return code; }
+    int G = cfg.global_size, Ls = cfg.local_size, C = cfg.in_ch, pad = 2;
+    int W = cfg.n_global * (G + pad) + cfg.n_local * (Ls + pad), H = cfg.batch * (G + pad);
+    uint8_t *grid = calloc((size_t)W * H * C, 1);
+    for (int b = 0; b < cfg.batch; b++)
+        for (int v = 0; v < cfg.n_global + cfg.n_local; v++) {
+            int S = v < cfg.n_global ? G : Ls, x0 = v < cfg.n_global ? v * (G + pad) : cfg.n_global * (G + pad) + (v - cfg.n_global) * (Ls + pad);
+            const real *src = v < cfg.n_global ? bt->xg + ((size_t)v * cfg.batch + b) * C * G * G
+                                               : bt->xl + ((size_t)(v - cfg.n_global) * cfg.batch + b) * C * Ls * Ls;
+            for (int c = 0; c < C; c++)
+                for (int y = 0; y < S; y++)
+                    for (int x = 0; x < S; x++) {
+                        double val = (src[((size_t)c * S + y) * S + x] * L.vc.std[c] + L.vc.mean[c]) * 255.0;
+                        grid[(((size_t)b * (G + pad) + y) * W + x0 + x) * C + c] = (uint8_t)fmin(255, fmax(0, nearbyint(val)));
+                    }
+        }
+    code = excb_write_png(o.out, grid, H, W, C, err);
+    if (code) fprintf(stderr, "excb views: %s\n", err);
+    else printf("excb views: wrote %s (%d images x %d views, epoch %d)\n", o.out, cfg.batch, cfg.n_global + cfg.n_local, o.epoch);
+    free(grid);
+    excb_loader_close(&L);
+    excb_data_close(&ds);
+    return code;
+}
+
 int main(int argc, char **argv) {
     if (argc < 2) { usage(stderr); return EXCB_EXIT_USAGE; }
     if (!strcmp(argv[1], "--help") || !strcmp(argv[1], "-h")) { usage(stdout); return 0; }
     if (!strcmp(argv[1], "--version")) {
-        printf("excb %s (GEMM: %s, threads: %s)\n", EXCB_VERSION,
+        printf("excb %s (GEMM: %s, threads: %s, data: zlib %s, libpng %s, libjpeg %d)\n", EXCB_VERSION,
 #ifdef EXCB_USE_DNNL
                "oneDNN sgemm",
 #else
                "naive",
 #endif
 #ifdef _OPENMP
-               "OpenMP"
+               "OpenMP",
 #else
-               "none"
+               "none",
 #endif
-        );
+               zlibVersion(), png_get_libpng_ver(NULL), JPEG_LIB_VERSION);
         return 0;
     }
     if (!strcmp(argv[1], "bench")) return cmd_bench(argc - 2, argv + 2);
+    if (!strcmp(argv[1], "bench-data")) return cmd_bench_data(argc - 2, argv + 2);
+    if (!strcmp(argv[1], "views")) return cmd_views(argc - 2, argv + 2);
     if (!strcmp(argv[1], "train") || !strcmp(argv[1], "eval")) {
-        fprintf(stderr, "excb %s: not yet implemented (data sets: issue 3; training loop and evaluation: issue 4)\n", argv[1]);
+        fprintf(stderr, "excb %s: not yet implemented (the training loop and evaluation: issue 4)\n", argv[1]);
         return EXCB_EXIT_USAGE;
     }
     fprintf(stderr, "excb: unknown command '%s'\n", argv[1]);

@@ -313,7 +313,8 @@ void sgd_update(ExcbModel *m, double lr, double wd, double wd_centroid);
 uint64_t excb_hash(uint64_t seed, uint64_t purpose, uint64_t a, uint64_t b, uint64_t counter);
 float excb_uniform(uint64_t seed, uint64_t purpose, uint64_t a, uint64_t b, uint64_t counter);
 float excb_normal(uint64_t seed, uint64_t purpose, uint64_t a, uint64_t b, uint64_t counter);
-enum { EXCB_RNG_INIT = 1, EXCB_RNG_BENCH = 2, EXCB_RNG_TEST = 3, EXCB_RNG_VIEW = 4, EXCB_RNG_JITTER = 5 };
+enum { EXCB_RNG_INIT = 1, EXCB_RNG_BENCH = 2, EXCB_RNG_TEST = 3, EXCB_RNG_VIEW = 4, EXCB_RNG_JITTER = 5,
+       EXCB_RNG_PERM = 6 };
 
 /* float -> IEEE binary16 -> float, round to nearest even (A4's rounding). */
 float excb_round_fp16(float x);
@@ -321,5 +322,142 @@ float excb_round_fp16(float x);
 /* Multiply-accumulates of one sample (all its views) for the teacher forward and student forward. */
 void excb_count_macs(const ExcbModel *m, double *teacher_fwd, double *student_fwd);
 void excb_set_threads(int n);
+
+/* ================================================================================================
+ * Data sets, views and the loader (excb.c sections 11-13)
+ * ================================================================================================
+ * Every failure is returned, never exit()ed: a function returns 0 or an exit code (EXCB_EXIT_DATA,
+ * _NOINPUT, _IO, _OSERR) and writes one line into err[EXCB_ERR_LEN] naming the file and the problem. */
+#define EXCB_ERR_LEN 1024
+#define EXCB_MAX_SIDE 65500                  /* widest or tallest image accepted (JPEG's own limit) */
+#define EXCB_MAX_PIXELS 89478485L            /* PIL's decompression-bomb threshold (Image.MAX_IMAGE_PIXELS) */
+
+enum { EXCB_DATA_IDX = 1, EXCB_DATA_CIFAR10, EXCB_DATA_CIFAR100, EXCB_DATA_STL10, EXCB_DATA_FOLDER };
+/* how one stored image is laid out: interleaved rows (IDX, decoded files), channel planes with rows
+   (CIFAR), or channel planes with columns (STL-10, which is column-major within each plane) */
+enum { EXCB_LAYOUT_HWC = 0, EXCB_LAYOUT_CHW = 1, EXCB_LAYOUT_CHW_COLMAJOR = 2 };
+
+/* An 8-bit image, interleaved (H, W, C) with C = 1 (gray) or 3 (RGB). Buffers grow on demand and are
+   reused: a worker owns one, so the steady state allocates nothing. */
+typedef struct {
+    uint8_t *px;  size_t cap;              /* pixels, capacity in bytes                              */
+    int h, w, c;
+    uint8_t *file; size_t file_cap;        /* raw bytes of the last file read (image folders)        */
+} ExcbImage;
+
+/* One file of a fixed-size-image data set: `n` records of `record` bytes, image bytes at `offset`. */
+typedef struct {
+    const uint8_t *base;  long n;  size_t record, offset;
+    void *map; size_t map_bytes;           /* base is an mmap of the file (CIFAR, STL-10) ...        */
+    uint8_t *owned;                        /* ... or a malloc'd buffer (IDX, decompressed)           */
+} ExcbDataPart;
+
+#define EXCB_MAX_PARTS 8
+typedef struct {
+    int kind;  char path[4096];  char split[32];
+    long n;                                /* images                                                  */
+    int channels, height, width;           /* height = width = 0: sizes vary (image folders)          */
+    int layout;
+    int n_classes;  int32_t *labels;       /* labels[i] in [0, n_classes) or -1 (unlabeled); NULL: none */
+    int n_parts;  ExcbDataPart parts[EXCB_MAX_PARTS];
+    char **files;  char *file_names;       /* image folders: n paths, one blob                        */
+    char (*class_names)[64];               /* n_classes names (folder names, label files), or NULL   */
+    int skip_bad;                          /* 1: skip undecodable images (counted, logged) instead of failing */
+    uint8_t *bad;                          /* n flags, set when an image failed (skip_bad)            */
+    long n_bad, n_ext_mismatch;            /* counters, written by loader workers under its lock      */
+} ExcbDataset;
+
+/* --data SPEC: a file, a directory, or the name "fashion-mnist" (the embedded default). split: "train",
+   "test", "unlabeled" or "train+unlabeled" (STL-10); NULL = "train". */
+int excb_data_open(ExcbDataset *ds, const char *spec, const char *split, char *err);
+void excb_data_close(ExcbDataset *ds);
+/* image i as interleaved 8-bit pixels (decoding a file for image folders) */
+int excb_data_get(const ExcbDataset *ds, long i, ExcbImage *img, char *err);
+void excb_image_free(ExcbImage *img);
+/* byte-level readers, also the fuzz targets' entry points; `name` is used in messages only */
+int excb_parse_idx(const uint8_t *buf, size_t len, const char *name, int *ndim, uint32_t dims[4],
+                   size_t *data_offset, char *err);
+int excb_gunzip(const uint8_t *buf, size_t len, uint8_t **out, size_t *out_len, size_t max_out,
+                const char *name, char *err);
+int excb_check_labels(const uint8_t *buf, long n, size_t stride, int lo, int hi, const char *name,
+                      const char *what, char *err);
+int excb_decode_image(const uint8_t *buf, size_t len, const char *name, ExcbImage *img, int *is_png,
+                      char *err);
+/* writers, for the tests and the view dumps: 8-bit PNG (gray or RGB) and baseline JPEG */
+int excb_write_png(const char *path, const uint8_t *px, int h, int w, int c, char *err);
+int excb_write_jpeg(const char *path, const uint8_t *px, int h, int w, int c, int quality, char *err);
+
+/* What the views of one sample are made of (METHOD.md 1.8; transforms.py L84-103). */
+enum { EXCB_BLUR_AS_RUN = 0, EXCB_BLUR_AS_CONFIGURED = 1 };
+typedef struct {
+    int n_global, n_local, global_size, local_size, channels;
+    long epochs;                           /* for the crop-scale schedule s_min(e) (A11)             */
+    double ratio_min, ratio_max;           /* RandomResizedCrop aspect ratios: 3/4, 4/3              */
+    double local_scale_min;                /* 0.05: local crops take (0.05, s_min(e)) of the area    */
+    double p_flip, p_jitter, brightness, contrast, saturation, hue, p_gray;
+    double p_blur[3];                      /* global view 1, global view 2, local views (A14)        */
+    double blur_sigma_min, blur_sigma_max;  int blur_kernel;
+    double p_solarize[3];  int solarize_threshold;
+    float mean[3], std[3];                 /* normalisation, A16 (1-channel data: luma-weighted)      */
+    uint64_t seed;
+} ExcbViewConfig;
+
+/* The random choices of one view, drawn from (seed, epoch, sample, view, purpose) only. */
+typedef struct {
+    int top, left, h, w;                   /* the crop, in source pixels                             */
+    int flip, jitter, order[4], gray, blur, solarize;
+    double brightness, contrast, saturation, hue, sigma;
+} ExcbViewParams;
+
+/* per-worker buffers for making views (grown on demand, then reused) */
+typedef struct { uint8_t *a, *b; size_t cap; float *f; size_t fcap; } ExcbViewScratch;
+
+void excb_view_config_default(ExcbViewConfig *vc, int blur_mode);
+/* the defaults, sized for a model configuration (views, sizes, channels, seed) and a run of `epochs` */
+void excb_view_config_for(ExcbViewConfig *vc, const ExcbConfig *cfg, long epochs, int blur_mode);
+void excb_view_params(const ExcbViewConfig *vc, long epoch, long sample, int view, int src_h, int src_w,
+                      ExcbViewParams *p);
+/* make view `view` of img; out: channels x S x S floats, normalised (S = global or local size) */
+void excb_make_view(const ExcbViewConfig *vc, const ExcbViewParams *p, const ExcbImage *img, int view,
+                    real *out, ExcbViewScratch *scr);
+/* the individual operators, exposed for the tests (8-bit interleaved images, in place unless noted) */
+void excb_resize_bicubic(const uint8_t *src, int sh, int sw, int sstride, uint8_t *dst, int dh, int dw,
+                         int c, uint8_t *tmp);
+void excb_adjust_brightness(uint8_t *px, size_t npx, int c, double f);
+void excb_adjust_contrast(uint8_t *px, size_t npx, int c, double f);
+void excb_adjust_saturation(uint8_t *px, size_t npx, int c, double f);
+void excb_adjust_hue(uint8_t *px, size_t npx, int c, double f);
+void excb_grayscale(uint8_t *px, size_t npx, int c);
+void excb_gaussian_blur(uint8_t *px, int h, int w, int c, int ksize, double sigma, float *tmp);
+void excb_solarize(uint8_t *px, size_t n, int threshold);
+void excb_blur_kernel(double *k, int ksize, double sigma);
+double excb_bicubic_weight(double x);
+
+/* The loader: a deterministic permutation per epoch, batches made by background workers. */
+typedef struct {
+    real *xg, *xl;                         /* (Vg*B, C, G, G) and (Vl*B, C, L, L), view-major        */
+    int32_t *labels;  int64_t *index;      /* per sample: label (-1 none) and data set index          */
+    long id, epoch, step_in_epoch;         /* global batch number, its epoch, its place in the epoch  */
+    int state;  int err_code;  char err[EXCB_ERR_LEN];
+} ExcbBatch;
+
+typedef struct ExcbLoader {
+    ExcbDataset *ds;  ExcbViewConfig vc;  int batch, n_workers, n_slots;
+    long batches_per_epoch, next_id;       /* next_id: the first batch of this loader              */
+    long consumed, released;               /* batches handed out; batches the caller is done with  */
+    ExcbBatch *slots;
+    void *threads;  void *workers;  void *sync;  /* pthread handles, per-worker state, mutex + condvars */
+    int stop;
+    double busy_seconds;                   /* summed worker time spent making batches                */
+} ExcbLoader;
+
+/* start at global batch `first_batch` (0 for a new run; the data cursor on resume); workers = 0 makes
+   batches in the caller's thread */
+int excb_loader_open(ExcbLoader *L, ExcbDataset *ds, const ExcbViewConfig *vc, int batch, int workers,
+                     long first_batch, char *err);
+/* the next batch, in order; valid until the next call. Returns 0 or the exit code of a data error. */
+int excb_loader_next(ExcbLoader *L, ExcbBatch **out, char *err);
+void excb_loader_close(ExcbLoader *L);
+void excb_permutation(int64_t *perm, long n, uint64_t seed, long epoch);
 
 #endif /* EXCB_H */

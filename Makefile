@@ -23,9 +23,11 @@ else
 endif
 HAVE_CRITERION := $(shell pkg-config --exists criterion 2>/dev/null && echo 1)
 
-TESTS := tests/test_equations tests/test_gradients tests/test_whole_model_f64 tests/test_step
+TESTS := tests/test_equations tests/test_gradients tests/test_whole_model_f64 tests/test_step \
+         tests/test_data tests/test_views
 
-.PHONY: all test test-fast test-step bench bench-compare fixture parity-peer clean data
+.PHONY: all test test-fast test-step bench bench-compare fixture parity-peer clean data golden \
+        fuzz fuzz-build test-asan bench-data
 
 # The embedded default data set: Fashion-MNIST from the Debian package dataset-fashion-mnist, copied
 # (still gzipped, 30 MB) into data/fashion-mnist, where `--data fashion-mnist` finds it.
@@ -59,10 +61,12 @@ endif
 	$(CC) $(CFLAGS) $(shell pkg-config --cflags criterion) -I. -o $@ $< excb_test.o $(shell pkg-config --libs criterion) $(LDLIBS)
 
 test: test-fast test-step
-test-fast: tests/test_equations tests/test_gradients tests/test_whole_model_f64
+test-fast: tests/test_equations tests/test_gradients tests/test_whole_model_f64 tests/test_data tests/test_views excb
 	./tests/test_equations
 	./tests/test_gradients
 	./tests/test_whole_model_f64
+	./tests/test_data
+	./tests/test_views
 test-step: tests/test_step
 	./tests/test_step
 
@@ -85,5 +89,47 @@ parity-peer: tests/test_step
 	/usr/bin/python3 $(PEER) --dump /tmp/excb_torch_dump.bin
 	EXCB_TORCH_DUMP=/tmp/excb_torch_dump.bin ./tests/test_step --filter 'parity/*'
 
+# the view operators' golden outputs from PIL and torchvision (needs python3-pil, -numpy, -torch)
+golden:
+	/usr/bin/python3 tests/reference/make_view_golden.py
+
+# The data and view suites under AddressSanitizer and UndefinedBehaviorSanitizer (gcc; no oneDNN,
+# so the sanitizers see every instruction). The CLI test inside test_data uses the normal ./excb.
+ASAN := -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer -g -O1
+test-asan: excb
+	$(CC) -std=c11 -Wall -Wextra -Wno-unknown-pragmas -Wno-format-truncation -ffp-contract=off -fopenmp $(ASAN) -DTESTING -c -o excb_asan.o excb.c
+	for t in test_data test_views test_equations; do \
+	  $(CC) -std=c11 -ffp-contract=off -fopenmp $(ASAN) $(shell pkg-config --cflags criterion) -I. -o tests/$$t.asan tests/$$t.c excb_asan.o \
+	    $(shell pkg-config --libs criterion) -lm -fopenmp -lpthread -lz -lpng -ljpeg || exit 1; \
+	  ASAN_OPTIONS=detect_leaks=1 LSAN_OPTIONS=suppressions=tests/lsan.supp ./tests/$$t.asan --jobs 1 || exit 1; \
+	done
+
+# libFuzzer targets, one per reader/decoder (tests/fuzz/fuzz_readers.c). `make fuzz` first replays the
+# kept regression inputs, then fuzzes each target for FUZZ_SECONDS from the seed corpus (the corpus
+# grows in a scratch copy, never in the repository). Crashes land in tests/fuzz/crash-*.
+FUZZ_CC      ?= clang
+FUZZ_SECONDS ?= 20
+FUZZ_TARGETS := idx image cifar stl
+FUZZ_FLAGS   := -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined -DTESTING
+fuzz-build: $(addprefix tests/fuzz/fuzz_,$(FUZZ_TARGETS))
+tests/fuzz/fuzz_%: tests/fuzz/fuzz_readers.c excb.c excb.h
+	$(FUZZ_CC) $(FUZZ_FLAGS) -DFUZZ_$(shell echo $* | tr a-z A-Z) -I. -o $@ tests/fuzz/fuzz_readers.c excb.c -lz -lpng -ljpeg -lm -lpthread
+fuzz: fuzz-build
+	@set -e; for t in $(FUZZ_TARGETS); do \
+	  if ls tests/fuzz/regressions/$$t/* >/dev/null 2>&1; then ./tests/fuzz/fuzz_$$t tests/fuzz/regressions/$$t/* 2>&1 | tail -1; fi; \
+	  work=$$(mktemp -d); cp tests/fuzz/seeds/$$t/* $$work/; \
+	  ./tests/fuzz/fuzz_$$t -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048 -timeout=10 -print_final_stats=1 \
+	    -artifact_prefix=tests/fuzz/crash-$$t- $$work 2>&1 | grep -E "^stat::number_of_executed_units|^stat::peak_rss_mb|ERROR|SUMMARY|Done" | sed "s/^/fuzz $$t: /"; \
+	  rm -rf $$work; \
+	done
+
+# the loader's throughput, for the two data sets of issue 3 (JPEG_DIR: an ImageNet-style folder)
+JPEG_DIR ?= /tmp/excb_jpeg_folder
+bench-data: excb data
+	./excb bench-data --data fashion-mnist --config resnet20s --seconds 10 --workers 1
+	./excb bench-data --data fashion-mnist --config resnet20s --seconds 10 --workers 2
+	./excb bench-data --data $(JPEG_DIR) --config resnet50 --batch 64 --seconds 20 --workers 1
+	./excb bench-data --data $(JPEG_DIR) --config resnet50 --batch 64 --seconds 20 --workers 2
+
 clean:
-	rm -f excb excb_test.o excb_f64.o $(TESTS)
+	rm -f excb excb_test.o excb_f64.o excb_asan.o $(TESTS) tests/*.asan $(addprefix tests/fuzz/fuzz_,$(FUZZ_TARGETS))

@@ -114,8 +114,11 @@ static uint64_t mix64(uint64_t x) {
     return x ^ (x >> 31);
 }
 
+/* Every key word goes through the chain: an earlier version XORed mix64(counter) onto the chained key,
+   so two counters of one stream always differed by the same XOR mask (u1 < 1/2 could force u2 >= 1/2);
+   the counting tests of the view probabilities caught it. */
 uint64_t excb_hash(uint64_t seed, uint64_t purpose, uint64_t a, uint64_t b, uint64_t counter) {
-    return mix64(mix64(mix64(mix64(seed ^ 0x6578636200000000ull) ^ purpose) ^ a) ^ b) ^ mix64(counter);
+    return mix64(mix64(mix64(mix64(mix64(seed ^ 0x6578636200000000ull) ^ purpose) ^ a) ^ b) ^ counter);
 }
 
 /* uniform in [0, 1) with 24 random bits: exactly representable floats */
@@ -2061,7 +2064,9 @@ int excb_data_open(ExcbDataset *ds, const char *spec, const char *split, char *e
         snprintf(files[0], 4096, "%s", path);
         char dir[4096];
         snprintf(dir, sizeof dir, "%.*s", (int)(base - path ? base - path - 1 : 1), base - path ? path : ".");
-        if (got >= 2 && ((head[0] == 0x1F && head[1] == 0x8B) || (got == 4 && !head[0] && !head[1] && head[2] == 8))) {
+        /* gzip, or an IDX header: 00 00, a known element type, 1-4 dimensions */
+        int idx_head = got == 4 && !head[0] && !head[1] && memchr("\x08\x09\x0B\x0C\x0D\x0E", head[2], 6) && head[3] >= 1 && head[3] <= 4;
+        if (got >= 2 && ((head[0] == 0x1F && head[1] == 0x8B) || idx_head)) {
             char labels[4200], *p = strstr(path, "images-idx3");
             int has_labels = 0;
             if (p) {

@@ -364,7 +364,7 @@ typedef struct {
     char (*class_names)[64];               /* n_classes names (folder names, label files), or NULL   */
     int skip_bad;                          /* 1: skip undecodable images (counted, logged) instead of failing */
     uint8_t *bad;                          /* n flags, set when an image failed (skip_bad)            */
-    long n_bad, n_ext_mismatch;            /* counters, written by loader workers under its lock      */
+    long n_bad;                            /* images skipped so far (written by loader workers, under its lock) */
 } ExcbDataset;
 
 /* --data SPEC: a file, a directory, or the name "fashion-mnist" (the embedded default). split: "train",

@@ -1,7 +1,10 @@
-# excb: build the CPU reference, its tests and the benchmark.
+# excb: build the CPU reference, its tests and the benchmarks.
 #   make            build ./excb
+#   make data       copy the embedded default data set (Fashion-MNIST, Debian) into data/
 #   make test       build and run the Criterion suites (fast unit suites, then the step suites)
+#   make check      what CI runs: make test, the data/view suites under ASan+UBSan, a short fuzz
 #   make bench      ./excb bench for the two configurations of issue 2
+#   make bench-data the loader's throughput (issue 3)
 # Optional features are probed and announced; without them the build degrades, never silently:
 #   oneDNN (libdnnl-dev)  the fast GEMM; without it the naive GEMM is used (correct, ~50x slower)
 #   OpenMP                threads; results are bitwise the same for any thread count
@@ -26,7 +29,7 @@ HAVE_CRITERION := $(shell pkg-config --exists criterion 2>/dev/null && echo 1)
 TESTS := tests/test_equations tests/test_gradients tests/test_whole_model_f64 tests/test_step \
          tests/test_data tests/test_views
 
-.PHONY: all test test-fast test-step bench bench-compare fixture parity-peer clean data golden \
+.PHONY: all check test test-fast test-step bench bench-compare fixture parity-peer clean data golden \
         fuzz fuzz-build test-asan bench-data
 
 # The embedded default data set: Fashion-MNIST from the Debian package dataset-fashion-mnist, copied
@@ -59,6 +62,9 @@ ifneq ($(HAVE_CRITERION),1)
 	$(error Criterion not found: apt-get install libcriterion-dev pkg-config)
 endif
 	$(CC) $(CFLAGS) $(shell pkg-config --cflags criterion) -I. -o $@ $< excb_test.o $(shell pkg-config --libs criterion) $(LDLIBS)
+
+# everything CI runs: the suites, the data/view suites under ASan+UBSan, a short fuzz of every reader
+check: test test-asan fuzz
 
 test: test-fast test-step
 test-fast: tests/test_equations tests/test_gradients tests/test_whole_model_f64 tests/test_data tests/test_views excb
@@ -111,15 +117,23 @@ FUZZ_CC      ?= clang
 FUZZ_SECONDS ?= 20
 FUZZ_TARGETS := idx image cifar stl
 FUZZ_FLAGS   := -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined -DTESTING
-fuzz-build: $(addprefix tests/fuzz/fuzz_,$(FUZZ_TARGETS))
-tests/fuzz/fuzz_%: tests/fuzz/fuzz_readers.c excb.c excb.h
-	$(FUZZ_CC) $(FUZZ_FLAGS) -DFUZZ_$(shell echo $* | tr a-z A-Z) -I. -o $@ tests/fuzz/fuzz_readers.c excb.c -lz -lpng -ljpeg -lm -lpthread
+FUZZ_BINS    := $(addprefix tests/fuzz/fuzz_,$(FUZZ_TARGETS))
+fuzz-build: $(FUZZ_BINS)
+$(FUZZ_BINS): tests/fuzz/fuzz_%: tests/fuzz/fuzz_readers.c excb.c excb.h
+	$(FUZZ_CC) $(FUZZ_FLAGS) -DFUZZ_$$(echo $* | tr a-z A-Z) -I. -o $@ tests/fuzz/fuzz_readers.c excb.c -lz -lpng -ljpeg -lm -lpthread
 fuzz: fuzz-build
-	@set -e; for t in $(FUZZ_TARGETS); do \
-	  if ls tests/fuzz/regressions/$$t/* >/dev/null 2>&1; then ./tests/fuzz/fuzz_$$t tests/fuzz/regressions/$$t/* 2>&1 | tail -1; fi; \
-	  work=$$(mktemp -d); cp tests/fuzz/seeds/$$t/* $$work/; \
+	@for t in $(FUZZ_TARGETS); do \
+	  work=$$(mktemp -d); \
+	  if ls tests/fuzz/regressions/$$t/* >/dev/null 2>&1; then \
+	    ./tests/fuzz/fuzz_$$t tests/fuzz/regressions/$$t/* > $$work/replay.log 2>&1 || { cat $$work/replay.log; exit 1; }; \
+	    echo "fuzz $$t: replayed $$(ls tests/fuzz/regressions/$$t | wc -l) kept crash input(s): clean"; \
+	  fi; \
+	  mkdir $$work/corpus; cp tests/fuzz/seeds/$$t/* $$work/corpus/; \
 	  ./tests/fuzz/fuzz_$$t -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048 -timeout=10 -print_final_stats=1 \
-	    -artifact_prefix=tests/fuzz/crash-$$t- $$work 2>&1 | grep -E "^stat::number_of_executed_units|^stat::peak_rss_mb|ERROR|SUMMARY|Done" | sed "s/^/fuzz $$t: /"; \
+	    -artifact_prefix=tests/fuzz/crash-$$t- $$work/corpus > $$work/fuzz.log 2>&1; rc=$$?; \
+	  grep -E "^stat::number_of_executed_units|^stat::peak_rss_mb" $$work/fuzz.log | sed "s/^/fuzz $$t: /"; \
+	  echo "fuzz $$t: corpus grew from $$(ls tests/fuzz/seeds/$$t | wc -l) to $$(ls $$work/corpus | wc -l) inputs"; \
+	  if [ $$rc -ne 0 ]; then tail -60 $$work/fuzz.log; rm -rf $$work; exit 1; fi; \
 	  rm -rf $$work; \
 	done
 
@@ -132,4 +146,4 @@ bench-data: excb data
 	./excb bench-data --data $(JPEG_DIR) --config resnet50 --batch 64 --seconds 20 --workers 2
 
 clean:
-	rm -f excb excb_test.o excb_f64.o excb_asan.o $(TESTS) tests/*.asan $(addprefix tests/fuzz/fuzz_,$(FUZZ_TARGETS))
+	rm -f excb excb_test.o excb_f64.o excb_asan.o $(TESTS) tests/*.asan $(FUZZ_BINS)

@@ -12,14 +12,15 @@
  * cosine prototypes (E1), cluster-size estimation (E2, E3, E3'), balancing (E4) with the code's
  * boost and clamp (E5), teacher targets, student predictions and the 18-term loss (E6..E8) and
  * its backward (E11..E13), then the teacher EMA (E9), SGD with its weight-decay groups (E14) and
- * schedules (Appendix A), one training step, a benchmark, and the command line.
- * Every forward sits right above its backward.
+ * schedules (Appendix A), one training step; then the data sets (IDX, CIFAR, STL-10, PNG/JPEG
+ * folders), the multi-crop views of METHOD.md 1.8 in PIL's arithmetic, a threaded deterministic
+ * loader, benchmarks, and the command line. Every forward sits right above its backward.
  *
- * What is not here yet: data sets and augmentations (issue 3), `excb train`, evaluation and
- * checkpoints (issue 4), the k-means centroid initialisation (METHOD.md 1.10), the GPU path
- * (issue 5), ViT, LARS and AdamW.
+ * What is not here yet: `excb train`, evaluation and checkpoints (issue 4), the k-means centroid
+ * initialisation (METHOD.md 1.10), the GPU path (issue 5), ViT, LARS and AdamW.
  *
- * Build and test:  make && make test.  Benchmark:  ./excb bench --config resnet20s
+ * Build and test:  make && make test.  Benchmarks:  ./excb bench --config resnet20s,
+ * ./excb bench-data --data fashion-mnist
  *
  * Determinism: every result is a pure function of the seed and the inputs, whatever the number
  * of threads. Work is cut into tiles whose size depends on tensor shapes only; a thread computes
@@ -134,8 +135,26 @@ float excb_normal(uint64_t seed, uint64_t purpose, uint64_t a, uint64_t b, uint6
 }
 
 /* float -> binary16 -> float, round to nearest even, with binary16's subnormals. The official code
-   forms the cluster-size update term in float16 (A4); GCC's _Float16 converts exactly so. */
-float excb_round_fp16(float x) { return (float)(_Float16)x; }
+   forms the cluster-size update term in float16 (A4); GCC's _Float16 converts exactly so. Compilers
+   without _Float16 on this target (clang 14, used for the fuzz build) get the same rounding in
+   software: scale so that one binary16 quantum is 1, round to nearest even, scale back (all exact). */
+float excb_round_fp16_soft(float x) {
+    float a = fabsf(x);
+    if (isnan(x) || isinf(x)) return x;
+    if (a >= 65520.0f) return copysignf(INFINITY, x);      /* halfway above 65504 rounds to infinity */
+    int e;
+    frexpf(a, &e);                                          /* a = m 2^e, m in [0.5, 1)              */
+    float quantum = a < 0x1p-14f ? 0x1p-24f : ldexpf(1.0f, e - 11);   /* 11 significant bits       */
+    return copysignf(nearbyintf(a / quantum) * quantum, x);
+}
+
+float excb_round_fp16(float x) {
+#ifdef __FLT16_MAX__
+    return (float)(_Float16)x;
+#else
+    return excb_round_fp16_soft(x);
+#endif
+}
 
 /* ================================================================================================
  * Matrix multiplication
@@ -1579,6 +1598,7 @@ int excb_gunzip(const uint8_t *buf, size_t len, uint8_t **out, size_t *out_len, 
     /* the trailer's ISIZE (length mod 2^32) is a hint for the first allocation only */
     size_t hint = len >= 4 ? (size_t)buf[len - 4] | (size_t)buf[len - 3] << 8 | (size_t)buf[len - 2] << 16
                                  | (size_t)buf[len - 1] << 24 : 0;
+    if (hint / 1032 > len) hint = len * 1032;       /* deflate expands at most 1032:1: a bigger ISIZE lies */
     hint = hint < 64 ? 64 : hint > max_out ? max_out : hint;
     int code = 0, ret = Z_OK;
     zs.next_in = (Bytef *)buf;
@@ -2872,6 +2892,8 @@ int excb_loader_open(ExcbLoader *L, ExcbDataset *ds, const ExcbViewConfig *vc, i
 }
 
 int excb_loader_next(ExcbLoader *L, ExcbBatch **out, char *err) {
+    /* after a failure the worker that made the failed batch has stopped: never wait for it again */
+    if (L->error_code) { snprintf(err, EXCB_ERR_LEN, "%s", L->error); return L->error_code; }
     long rel = L->consumed;
     ExcbBatch *bt = &L->slots[rel % L->n_slots];
     if (L->n_workers == 0) {                                    /* made here, in the caller's thread */
@@ -2888,7 +2910,12 @@ int excb_loader_next(ExcbLoader *L, ExcbBatch **out, char *err) {
         L->consumed++;
         pthread_mutex_unlock(&sy->mu);
     }
-    if (bt->err_code) { snprintf(err, EXCB_ERR_LEN, "%s", bt->err); return bt->err_code; }
+    if (bt->err_code) {
+        L->error_code = bt->err_code;
+        snprintf(L->error, EXCB_ERR_LEN, "%s", bt->err);
+        snprintf(err, EXCB_ERR_LEN, "%s", bt->err);
+        return bt->err_code;
+    }
     *out = bt;
     return 0;
 }

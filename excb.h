@@ -318,6 +318,7 @@ enum { EXCB_RNG_INIT = 1, EXCB_RNG_BENCH = 2, EXCB_RNG_TEST = 3, EXCB_RNG_VIEW =
 
 /* float -> IEEE binary16 -> float, round to nearest even (A4's rounding). */
 float excb_round_fp16(float x);
+float excb_round_fp16_soft(float x);       /* the same in software, for compilers without _Float16 */
 
 /* Multiply-accumulates of one sample (all its views) for the teacher forward and student forward. */
 void excb_count_macs(const ExcbModel *m, double *teacher_fwd, double *student_fwd);
@@ -448,6 +449,7 @@ typedef struct ExcbLoader {
     ExcbBatch *slots;
     void *threads;  void *workers;  void *sync;  /* pthread handles, per-worker state, mutex + condvars */
     int stop;
+    int error_code;  char error[EXCB_ERR_LEN];  /* a failed batch: every later call returns it again */
     double busy_seconds;                   /* summed worker time spent making batches                */
 } ExcbLoader;
 

@@ -542,3 +542,68 @@ Test(data, cli_exit_codes_and_skip_bad_images) {
     snprintf(args, sizeof args, "bench-data --data %s %s --blur sometimes", tpath("cli"), shape);
     cr_expect_eq(run_cli(args, out, sizeof out), 64, "bad option value: %s", out);
 }
+
+/* ---- the loader over a folder with one bad file ----------------------------------------------------- */
+static void folder_with_a_bad_file(char *root) {
+    char err[EXCB_ERR_LEN];
+    snprintf(root, 512, "%s/ld", tmpdir);
+    mkdir(root, 0755);
+    mkdir(tpath("ld/k"), 0755);
+    uint8_t px[24 * 24 * 3];
+    for (int i = 0; i < 8; i++) {
+        char name[64];
+        snprintf(name, sizeof name, "ld/k/%d.jpg", i);
+        gradient(px, 24, 24, 3, i);
+        cr_assert_eq(excb_write_jpeg(tpath(name), px, 24, 24, 3, 90, err), 0);
+    }
+    size_t n;
+    uint8_t *j = read_bytes(tpath("ld/k/5.jpg"), &n);
+    write_bytes(tpath("ld/k/5.jpg"), j, n / 2);                                /* truncated JPEG */
+    free(j);
+}
+
+static ExcbViewConfig rgb_views(void) {
+    ExcbViewConfig vc;
+    excb_view_config_default(&vc, EXCB_BLUR_AS_RUN);
+    vc.global_size = 16; vc.local_size = 8; vc.channels = 3; vc.epochs = 10;
+    return vc;
+}
+
+Test(data, loader_error_is_reported_again_and_never_hangs) {
+    char root[512], err[EXCB_ERR_LEN] = "";
+    folder_with_a_bad_file(root);
+    ExcbDataset ds;
+    cr_assert_eq(excb_data_open(&ds, root, NULL, err), 0, "%s", err);
+    ExcbViewConfig vc = rgb_views();
+    ExcbLoader L;
+    cr_assert_eq(excb_loader_open(&L, &ds, &vc, 2, 2, 0, err), 0, "%s", err);
+    int code = 0, batches = 0;
+    ExcbBatch *bt;
+    while (batches < 8 && !(code = excb_loader_next(&L, &bt, err))) batches++;
+    cr_expect_eq(code, 65, "the truncated JPEG must stop the epoch (got %d after %d batches)", code, batches);
+    cr_expect(strstr(err, "ld/k/5.jpg") && strstr(err, "JPEG"), "%s", err);
+    err[0] = 0;
+    cr_expect_eq(excb_loader_next(&L, &bt, err), 65, "a second call returns the error again");
+    cr_expect(strstr(err, "ld/k/5.jpg"), "%s", err);
+    excb_loader_close(&L);
+    excb_data_close(&ds);
+}
+
+Test(data, loader_skips_a_bad_file_when_asked) {
+    char root[512], err[EXCB_ERR_LEN];
+    folder_with_a_bad_file(root);
+    ExcbDataset ds;
+    cr_assert_eq(excb_data_open(&ds, root, NULL, err), 0, "%s", err);
+    ds.skip_bad = 1;
+    ExcbViewConfig vc = rgb_views();
+    ExcbLoader L;
+    cr_assert_eq(excb_loader_open(&L, &ds, &vc, 2, 2, 0, err), 0, "%s", err);
+    for (int b = 0; b < 8; b++) {                                     /* two epochs of 4 batches */
+        ExcbBatch *bt;
+        cr_assert_eq(excb_loader_next(&L, &bt, err), 0, "batch %d: %s", b, err);
+        for (int i = 0; i < 2; i++) cr_expect_neq(bt->index[i], 5, "the bad image was used");
+    }
+    cr_expect_eq(ds.n_bad, 1, "counted once, however often it came up");
+    excb_loader_close(&L);
+    excb_data_close(&ds);
+}

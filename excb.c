@@ -1903,7 +1903,7 @@ static int list_dir(const char *dir, char ***names, int *count, char *err) {
         v[n++] = strdup(e->d_name);
     }
     closedir(d);
-    qsort(v, n, sizeof(char *), cmp_str);
+    if (n > 1) qsort(v, n, sizeof(char *), cmp_str);
     *names = v;
     *count = n;
     return 0;

@@ -251,7 +251,8 @@ Test(data, cifar10_folder_round_trip) {
         write_cifar(tpath(name), 3, 0, NULL, fine);
     }
     write_cifar(tpath("cifar-10-batches-bin/test_batch.bin"), 2, 0, NULL, fine);
-    write_bytes(tpath("cifar-10-batches-bin/batches.meta.txt"), "airplane\nautomobile\nbird\ncat\ndeer\ndog\nfrog\nhorse\nship\ntruck\n\n", 63);
+    const char *meta = "airplane\nautomobile\nbird\ncat\ndeer\ndog\nfrog\nhorse\nship\ntruck\n\n";
+    write_bytes(tpath("cifar-10-batches-bin/batches.meta.txt"), meta, strlen(meta));
     ExcbDataset ds;
     char err[EXCB_ERR_LEN];
     cr_assert_eq(excb_data_open(&ds, dir, "train", err), 0, "%s", err);

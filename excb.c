@@ -2506,33 +2506,46 @@ void excb_resize_bicubic(const uint8_t *src, int sh, int sw, int sstride, uint8_
     int *kh = buf, *kv = kh + (size_t)dw * ks_h, *fh = kv + (size_t)dh * ks_v, *nh = fh + dw, *fv = nh + dw, *nv = fv + dh;
     const uint8_t *mid = src;
     int mid_stride = sstride;
+    /* Integer sums are exact, so the loops below may run in any order and still give PIL's bytes. */
     if (dw != sw) {
         resample_taps(sw, dw, ks_h, fh, nh, kh, w);
-        for (int y = 0; y < sh; y++)
+        for (int y = 0; y < sh; y++) {
+            const uint8_t *row = src + (size_t)y * sstride;
+            uint8_t *o = tmp + (size_t)y * dw * c;
             for (int x = 0; x < dw; x++) {
                 const int *k = kh + (size_t)x * ks_h;
-                const uint8_t *s = src + (size_t)y * sstride + (size_t)fh[x] * c;
-                for (int ch = 0; ch < c; ch++) {
-                    int acc = 1 << (RESAMPLE_BITS - 1);
-                    for (int t = 0; t < nh[x]; t++) acc += s[t * c + ch] * k[t];
-                    tmp[((size_t)y * dw + x) * c + ch] = clip8_fixed(acc);
-                }
+                const uint8_t *s = row + (size_t)fh[x] * c;
+                if (c == 3) {                                         /* the common case, unrolled */
+                    int a0 = 1 << (RESAMPLE_BITS - 1), a1 = a0, a2 = a0;
+                    for (int t = 0; t < nh[x]; t++) { a0 += s[3 * t] * k[t]; a1 += s[3 * t + 1] * k[t]; a2 += s[3 * t + 2] * k[t]; }
+                    o[3 * x] = clip8_fixed(a0); o[3 * x + 1] = clip8_fixed(a1); o[3 * x + 2] = clip8_fixed(a2);
+                } else
+                    for (int ch = 0; ch < c; ch++) {
+                        int acc = 1 << (RESAMPLE_BITS - 1);
+                        for (int t = 0; t < nh[x]; t++) acc += s[t * c + ch] * k[t];
+                        o[x * c + ch] = clip8_fixed(acc);
+                    }
             }
+        }
         mid = tmp;
         mid_stride = dw * c;
     }
     if (dh != sh) {
         resample_taps(sh, dh, ks_v, fv, nv, kv, w);
-        for (int y = 0; y < dh; y++) {
+        int wc = dw * c, astack[4096], *acc = wc <= 4096 ? astack : malloc(sizeof(int) * wc);
+        if (!acc) { fprintf(stderr, "excb: out of memory resizing\n"); exit(EXCB_EXIT_OSERR); }
+        for (int y = 0; y < dh; y++) {                      /* whole rows at a time: vectorisable */
             const int *k = kv + (size_t)y * ks_v;
-            uint8_t *o = dst + (size_t)y * dw * c;
-            for (int x = 0; x < dw * c; x++) {
-                int acc = 1 << (RESAMPLE_BITS - 1);
-                const uint8_t *s = mid + (size_t)fv[y] * mid_stride + x;
-                for (int t = 0; t < nv[y]; t++) acc += s[(size_t)t * mid_stride] * k[t];
-                o[x] = clip8_fixed(acc);
+            for (int x = 0; x < wc; x++) acc[x] = 1 << (RESAMPLE_BITS - 1);
+            for (int t = 0; t < nv[y]; t++) {
+                const uint8_t *s = mid + (size_t)(fv[y] + t) * mid_stride;
+                int kt = k[t];
+                for (int x = 0; x < wc; x++) acc[x] += s[x] * kt;
             }
+            uint8_t *o = dst + (size_t)y * wc;
+            for (int x = 0; x < wc; x++) o[x] = clip8_fixed(acc[x]);
         }
+        if (acc != astack) free(acc);
     } else {
         for (int y = 0; y < dh; y++) memcpy(dst + (size_t)y * dw * c, mid + (size_t)y * mid_stride, (size_t)dw * c);
     }
@@ -2583,7 +2596,8 @@ static void rgb_to_hsv8(const uint8_t *in, uint8_t *out) {
     if (r == maxc) h = bc - gc;
     else if (g == maxc) h = (float)(2.0 + rc - bc);      /* in double, as PIL */
     else h = (float)(4.0 + gc - rc);
-    h = (float)fmod(h / 6.0 + 1.0, 1.0);
+    double h1 = h / 6.0 + 1.0;                      /* in [5/6, 11/6]: PIL's fmod(h1, 1.0), exactly */
+    h = (float)(h1 >= 1.0 ? h1 - 1.0 : h1);
     int ih = (int)(h * 255.0), is = (int)(s * 255.0);
     out[0] = (uint8_t)(ih < 0 ? 0 : ih > 255 ? 255 : ih);
     out[1] = (uint8_t)(is < 0 ? 0 : is > 255 ? 255 : is);
@@ -2591,13 +2605,20 @@ static void rgb_to_hsv8(const uint8_t *in, uint8_t *out) {
 
 static uint8_t clip8d(double v) { return (uint8_t)(v < 0 ? 0 : v > 255 ? 255 : v); }
 
+/* C's round() (half away from zero) for x >= 0, without the library call: x - floor(x) is exact */
+static double round_nonneg(double x) {
+    double f = floor(x);
+    return x - f >= 0.5 ? f + 1.0 : f;
+}
+
 static void hsv8_to_rgb(const uint8_t *in, uint8_t *out) {
     int h = in[0], s = in[1], v = in[2];
     if (s == 0) { out[0] = out[1] = out[2] = (uint8_t)v; return; }
     int i = (int)floor((float)h * 6.0 / 255.0);
     float f = (float)((float)h * 6.0 / 255.0 - (float)i), fs = (float)((float)s / 255.0);
-    uint8_t p = clip8d(round((float)v * (1.0 - fs))), q = clip8d(round((float)v * (1.0 - fs * f)));
-    uint8_t t = clip8d(round((float)v * (1.0 - fs * (1.0 - f)))), V = (uint8_t)v;
+    /* PIL: round((float)v * (1.0 - fs)) etc.; every product here is >= 0 */
+    uint8_t p = clip8d(round_nonneg((float)v * (1.0 - fs))), q = clip8d(round_nonneg((float)v * (1.0 - fs * f)));
+    uint8_t t = clip8d(round_nonneg((float)v * (1.0 - fs * (1.0 - f)))), V = (uint8_t)v;
     switch (i % 6) {
     case 0: out[0] = V; out[1] = t; out[2] = p; break;
     case 1: out[0] = q; out[1] = V; out[2] = p; break;
@@ -2642,26 +2663,39 @@ static int reflect(int i, int n) {
     return i < n ? i : period - i;
 }
 
-/* separable, in double, rounded half to even at the end (torch.round) */
+/* separable, in double, rounded half to even at the end (torch.round). The reflected indices are
+   tabulated once per call; each output sums its taps in the order t = 0..k-1. */
 void excb_gaussian_blur(uint8_t *px, int h, int w, int c, int ksize, double sigma, float *tmp) {
     double k[64];
     if (ksize > 63) ksize = 63;
     excb_blur_kernel(k, ksize, sigma);
-    int half = ksize / 2;
-    for (int y = 0; y < h; y++)
+    int half = ksize / 2, wc = w * c, side = (w > h ? w : h) + 2 * half;
+    int istack[4096 + 64], *idx = side <= 4096 + 64 ? istack : malloc(sizeof(int) * side);
+    if (!idx) { fprintf(stderr, "excb: out of memory blurring\n"); exit(EXCB_EXIT_OSERR); }
+    for (int i = 0; i < w + 2 * half; i++) idx[i] = reflect(i - half, w);          /* columns */
+    for (int y = 0; y < h; y++) {
+        const uint8_t *row = px + (size_t)y * wc;
+        float *o = tmp + (size_t)y * wc;
         for (int x = 0; x < w; x++)
             for (int ch = 0; ch < c; ch++) {
                 double acc = 0;
-                for (int t = 0; t < ksize; t++) acc += k[t] * px[((size_t)y * w + reflect(x + t - half, w)) * c + ch];
-                tmp[((size_t)y * w + x) * c + ch] = (float)acc;
+                for (int t = 0; t < ksize; t++) acc += k[t] * row[idx[x + t] * c + ch];
+                o[x * c + ch] = (float)acc;
             }
-    for (int y = 0; y < h; y++)
-        for (int x = 0; x < w * c; x++) {
+    }
+    for (int i = 0; i < h + 2 * half; i++) idx[i] = reflect(i - half, h);          /* rows    */
+    for (int y = 0; y < h; y++) {
+        const float *rows[64];
+        for (int t = 0; t < ksize; t++) rows[t] = tmp + (size_t)idx[y + t] * wc;
+        uint8_t *o = px + (size_t)y * wc;
+        for (int x = 0; x < wc; x++) {
             double acc = 0;
-            for (int t = 0; t < ksize; t++) acc += k[t] * tmp[(size_t)reflect(y + t - half, h) * w * c + x];
+            for (int t = 0; t < ksize; t++) acc += k[t] * rows[t][x];
             double r = nearbyint(acc);
-            px[(size_t)y * w * c + x] = (uint8_t)(r < 0 ? 0 : r > 255 ? 255 : r);
+            o[x] = (uint8_t)(r < 0 ? 0 : r > 255 ? 255 : r);
         }
+    }
+    if (idx != istack) free(idx);
 }
 
 /* ImageOps.solarize: every value >= threshold becomes 255 - value */

@@ -26,7 +26,7 @@ for c in range(classes):
         small = rng.uniform(0, 255, (h // 25 + 2, w // 25 + 2, 3)).astype(np.uint8)
         base = np.asarray(Image.fromarray(small).resize((w, h), Image.BICUBIC), dtype=np.float64)
         blocks = rng.uniform(-60, 60, (h // 60 + 1, w // 60 + 1, 3)).repeat(60, 0).repeat(60, 1)[:h, :w]
-        img = np.clip(base + blocks + rng.normal(0, 9, (h, w, 3)), 0, 255).astype(np.uint8)
+        img = np.clip(base + blocks + rng.normal(0, 18, (h, w, 3)), 0, 255).astype(np.uint8)
         path = os.path.join(d, f"n{c:08d}_{i}.JPEG")
         Image.fromarray(img).save(path, "JPEG", quality=90)
         total += os.path.getsize(path)

@@ -474,3 +474,48 @@ Test(views, loader_refuses_a_channel_mismatch) {
     cr_expect_eq(excb_loader_open(&L, &ds, &vc, 4, 2, 0, err), 65);
     cr_expect(strstr(err, "fake") && strstr(err, "1 channel(s)"), "%s", err);
 }
+
+/* Pillow's Convert.c rgb2hsv / hsv2rgb transcribed literally (fmod, round), for an exhaustive check
+   of excb_adjust_hue's faster but equal arithmetic on all 2^24 colours */
+static void pil_hue_reference(uint8_t *px, uint8_t shift) {
+    int r = px[0], g = px[1], b = px[2];
+    int maxc = r > g ? (r > b ? r : b) : (g > b ? g : b), minc = r < g ? (r < b ? r : b) : (g < b ? g : b);
+    uint8_t uh, us, uv = (uint8_t)maxc;
+    if (minc == maxc) { uh = 0; us = 0; }
+    else {
+        float cr = (float)(maxc - minc), s = cr / (float)maxc, h;
+        float rc = ((float)(maxc - r)) / cr, gc = ((float)(maxc - g)) / cr, bc = ((float)(maxc - b)) / cr;
+        if (r == maxc) h = bc - gc;
+        else if (g == maxc) h = 2.0 + rc - bc;
+        else h = 4.0 + gc - rc;
+        h = fmod((h / 6.0 + 1.0), 1.0);
+        int ih = (int)(h * 255.0), is = (int)(s * 255.0);
+        uh = (uint8_t)(ih < 0 ? 0 : ih > 255 ? 255 : ih);
+        us = (uint8_t)(is < 0 ? 0 : is > 255 ? 255 : is);
+    }
+    uh = (uint8_t)(uh + shift);
+    if (us == 0) { px[0] = px[1] = px[2] = uv; return; }
+    int i = floor((float)uh * 6.0 / 255.0);
+    float f = (float)uh * 6.0 / 255.0 - (float)i, fs = ((float)us) / 255.0;
+    int p = round((float)uv * (1.0 - fs)), q = round((float)uv * (1.0 - fs * f)), t = round((float)uv * (1.0 - fs * (1.0 - f)));
+    uint8_t up = (uint8_t)(p < 0 ? 0 : p > 255 ? 255 : p), uq = (uint8_t)(q < 0 ? 0 : q > 255 ? 255 : q),
+            ut = (uint8_t)(t < 0 ? 0 : t > 255 ? 255 : t);
+    const uint8_t out[6][3] = {{uv, ut, up}, {uq, uv, up}, {up, uv, ut}, {up, uq, uv}, {ut, up, uv}, {uv, up, uq}};
+    memcpy(px, out[i % 6], 3);
+}
+
+Test(views, hue_equals_pil_formulas_on_every_colour) {
+    const double f = 0.07;                                       /* shift uint8(17.85) = 17 */
+    uint8_t *img = malloc(3u << 24), *ref = malloc(3u << 24);
+    for (uint32_t c = 0; c < (1u << 24); c++) { img[3 * c] = c >> 16; img[3 * c + 1] = c >> 8; img[3 * c + 2] = c; }
+    memcpy(ref, img, 3u << 24);
+    excb_adjust_hue(img, 1u << 24, 3, f);
+    long bad = 0;
+    for (uint32_t c = 0; c < (1u << 24); c++) {
+        pil_hue_reference(ref + 3 * c, 17);
+        bad += memcmp(img + 3 * c, ref + 3 * c, 3) != 0;
+    }
+    cr_expect_eq(bad, 0, "%ld of 16777216 colours differ from the literal PIL formulas", bad);
+    free(img);
+    free(ref);
+}

@@ -160,7 +160,8 @@ Test(views, flip_and_normalise_in_make_view) {
 }
 
 /* ---- against PIL / torchvision ------------------------------------------------------------------- */
-enum { OP_RESIZE = 1, OP_BRIGHTNESS, OP_CONTRAST, OP_SATURATION, OP_HUE, OP_GRAY, OP_SOLARIZE, OP_BLUR, OP_CMYK, OP_DECODE };
+enum { OP_RESIZE = 1, OP_BRIGHTNESS, OP_CONTRAST, OP_SATURATION, OP_HUE, OP_GRAY, OP_SOLARIZE, OP_BLUR, OP_CMYK, OP_DECODE,
+       OP_PIPELINE };
 
 typedef struct { uint32_t h, w, c; uint8_t *px; } GImg;
 
@@ -177,12 +178,44 @@ Test(views, operators_match_pil_bit_for_bit) {
     char magic[8];
     cr_assert_eq(fread(magic, 1, 8, f), 8);
     cr_assert_eq(memcmp(magic, "EXCBVIEW", 8), 0);
-    int cases[11] = {0}, blur_off_by_one = 0;
+    int cases[12] = {0}, blur_off_by_one = 0;
     size_t blur_pixels = 0;
     uint32_t op;
     double param;
     while (fread(&op, 4, 1, f) == 1) {
         cr_assert_eq(fread(&param, 8, 1, f), 1);
+        if (op == OP_PIPELINE) {
+            /* a whole view: excb_make_view with the choices PIL/torchvision made, float output equal */
+            uint32_t u[14];
+            double d[5];
+            float ms[6];
+            GImg in;
+            uint32_t dims[3];
+            cr_assert(fread(u, 4, 14, f) == 14 && fread(d, 8, 5, f) == 5 && fread(ms, 4, 6, f) == 6 && !read_gimg(f, &in)
+                      && fread(dims, 4, 3, f) == 3, "truncated pipeline record");
+            size_t n = (size_t)dims[0] * dims[1] * dims[2];
+            float *want = malloc(sizeof(float) * n);
+            cr_assert_eq(fread(want, 4, n, f), n);
+            ExcbViewConfig vc = default_vc(EXCB_BLUR_AS_RUN);
+            vc.n_global = 1; vc.n_local = 0; vc.global_size = (int)u[4]; vc.channels = (int)in.c;
+            memcpy(vc.mean, ms, 3 * sizeof(float));
+            memcpy(vc.std, ms + 3, 3 * sizeof(float));
+            ExcbViewParams p = {.top = (int)u[0], .left = (int)u[1], .h = (int)u[2], .w = (int)u[3], .flip = (int)u[5],
+                                .jitter = (int)u[6], .order = {(int)u[7], (int)u[8], (int)u[9], (int)u[10]},
+                                .gray = (int)u[11], .blur = (int)u[12], .solarize = (int)u[13],
+                                .brightness = d[0], .contrast = d[1], .saturation = d[2], .hue = d[3], .sigma = (float)d[4]};
+            ExcbImage img = {.px = in.px, .h = (int)in.h, .w = (int)in.w, .c = (int)in.c};
+            ExcbViewScratch scr = {0};
+            real *got = malloc(sizeof(real) * n);
+            excb_make_view(&vc, &p, &img, 0, got, &scr);
+            size_t diff = 0;
+            for (size_t i = 0; i < n; i++) diff += got[i] != want[i];
+            cr_expect_eq(diff, 0, "pipeline case %d (%u channels, S %u, flip %u jitter %u gray %u blur %u solarize %u): "
+                         "%zu of %zu values differ", cases[op], in.c, u[4], u[5], u[6], u[11], u[12], u[13], diff, n);
+            cases[op]++;
+            free(got); free(want); free(in.px); free(scr.a); free(scr.b); free(scr.f);
+            continue;
+        }
         uint32_t crop[4] = {0};
         if (op == OP_RESIZE) cr_assert_eq(fread(crop, 4, 4, f), 4);
         GImg in, want;
@@ -253,10 +286,10 @@ Test(views, operators_match_pil_bit_for_bit) {
     cr_expect(blur_off_by_one * 1000 <= (int)blur_pixels, "blur: %d of %zu values off by one (> 0.1%%)",
               blur_off_by_one, blur_pixels);
     cr_log_info("golden: %d resize, %d brightness, %d contrast, %d saturation, %d hue, %d gray, %d solarize, "
-                "%d blur (%d of %zu values off by one), %d CMYK, %d decode cases",
+                "%d blur (%d of %zu values off by one), %d CMYK, %d decode, %d whole-view cases",
                 cases[1], cases[2], cases[3], cases[4], cases[5], cases[6], cases[7], cases[8],
-                blur_off_by_one, blur_pixels, cases[9], cases[10]);
-    for (int op = 1; op <= 10; op++) cr_expect(cases[op] > 0, "no golden case for op %d", op);
+                blur_off_by_one, blur_pixels, cases[9], cases[10], cases[11]);
+    for (int op = 1; op <= 11; op++) cr_expect(cases[op] > 0, "no golden case for op %d", op);
 }
 
 /* ---- the random choices ----------------------------------------------------------------------- */

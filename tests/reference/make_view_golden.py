@@ -12,6 +12,10 @@ File format (little-endian): b"EXCBVIEW" then records until the end of the file:
   u32 op, f64 param, u32 in_h, in_w, in_c, in bytes, u32 out_h, out_w, out_c, out bytes,
   and for ops with a crop: u32 top, left, h, w before the input bytes (RESIZE only).
 Input and output pixels are interleaved (H, W, C) uint8.
+PIPELINE records (a whole view with given random choices, official order, normalised floats):
+  u32 op, f64 0, u32 top, left, h, w, S, flip, jitter, order[4], gray, blur, solarize,
+  f64 brightness, contrast, saturation, hue, sigma, f32 mean[3], std[3], the input image as above,
+  then u32 C, S, S and C*S*S float32 values (planes).
 """
 import io
 import struct
@@ -22,7 +26,7 @@ import torch
 from PIL import Image, ImageEnhance, ImageOps
 
 OP_RESIZE, OP_BRIGHTNESS, OP_CONTRAST, OP_SATURATION, OP_HUE, OP_GRAY, OP_SOLARIZE, OP_BLUR, \
-    OP_CMYK, OP_DECODE = range(1, 11)
+    OP_CMYK, OP_DECODE, OP_PIPELINE = range(1, 12)
 
 rng = np.random.default_rng(20241122)
 out = io.BytesIO()
@@ -124,6 +128,71 @@ for (H, W, c, sigma) in [(24, 24, 3, 0.1), (24, 24, 3, 0.73), (28, 28, 1, 1.5), 
 a = rng.integers(0, 256, (8, 32, 4), dtype=np.uint8)
 record(OP_CMYK, 0, a, to_array(Image.frombytes("CMYK", (32, 8), a.tobytes()).convert("RGB")))
 
+
+
+# Whole views: the official order (transforms.py L84-103) with the random choices written down:
+# RandomResizedCrop -> flip -> ColorJitter (in `order`) -> RandomGrayscale -> GaussianBlur ->
+# Solarization -> ToTensor -> Normalize.
+def tv_hue(img, f):
+    if img.mode == "L":
+        return img                                         # adjust_hue leaves L images alone
+    h, s, v = img.convert("HSV").split()
+    np_h = np.array(h, dtype=np.uint8)
+    np_h += np.array(f * 255).astype(np.uint8)
+    return Image.merge("HSV", (Image.fromarray(np_h, "L"), s, v)).convert("RGB")
+
+
+def view(a, top, left, h, w, S, flip, jitter, order, gray, blur, solarize, fac, sigma, mean, std):
+    img = pil(a).crop((left, top, left + w, top + h)).resize((S, S), Image.BICUBIC)
+    if flip:
+        img = img.transpose(Image.FLIP_LEFT_RIGHT)
+    if jitter:
+        for o in order:
+            if o == 0:
+                img = ImageEnhance.Brightness(img).enhance(fac[0])
+            elif o == 1:
+                img = ImageEnhance.Contrast(img).enhance(fac[1])
+            elif o == 2:
+                img = ImageEnhance.Color(img).enhance(fac[2])
+            else:
+                img = tv_hue(img, fac[3])
+    if gray and img.mode == "RGB":
+        g = np.asarray(img.convert("L"))
+        img = Image.fromarray(np.dstack([g, g, g]), "RGB")
+    if blur:
+        img = pil(tv_blur(to_array(img), torch.tensor(sigma, dtype=torch.float32).item()))
+    if solarize:
+        img = ImageOps.solarize(img, 128)
+    t = torch.from_numpy(to_array(img).copy()).permute(2, 0, 1).to(torch.float32).div(255)
+    c = t.shape[0]
+    m = torch.tensor(mean[:c], dtype=torch.float32)[:, None, None]
+    sd = torch.tensor(std[:c], dtype=torch.float32)[:, None, None]
+    return t.sub(m).div(sd).numpy()
+
+
+for k in range(10):
+    c = 3 if k % 3 else 1
+    H, W = (36, 30) if c == 3 else (28, 28)
+    a = natural(H, W, c)
+    S = [20, 12, 24, 16][k % 4]
+    h = int(rng.integers(5, H + 1)); w = int(rng.integers(5, W + 1))
+    top = int(rng.integers(0, H - h + 1)); left = int(rng.integers(0, W - w + 1))
+    flip, jitter, gray, blur, solarize = (int(rng.random() < p) for p in (0.5, 0.8, 0.3, 0.6, 0.3))
+    order = [int(x) for x in rng.permutation(4)]
+    fac = [rng.uniform(0.6, 1.4), rng.uniform(0.6, 1.4), rng.uniform(0.8, 1.2), rng.uniform(-0.1, 0.1)]
+    sigma = rng.uniform(0.1, 2.0)
+    mean, std = [0.485, 0.456, 0.406], [0.228, 0.224, 0.225]
+    if c == 1:
+        mean, std = [0.459], [0.2253]
+    out_f = view(a, top, left, h, w, S, flip, jitter, order, gray, blur, solarize, fac, sigma, mean, std)
+    out.write(struct.pack("<Id", OP_PIPELINE, 0.0))
+    out.write(struct.pack("<14I", top, left, h, w, S, flip, jitter, *order, gray, blur, solarize))
+    out.write(struct.pack("<5d", *fac, sigma))
+    out.write(struct.pack("<6f", *(mean + [0, 0])[:3], *(std + [1, 1])[:3]))
+    out.write(struct.pack("<3I", H, W, c))
+    out.write(a.tobytes())
+    out.write(struct.pack("<3I", c, S, S))
+    out.write(np.ascontiguousarray(out_f, dtype=np.float32).tobytes())
 
 # Decoders: files written by PIL, decoded by PIL with .convert("RGB") (what ImageFolder does). The
 # input record holds the file's bytes as a 1 x len x 1 "image".

@@ -125,7 +125,7 @@ fuzz: fuzz-build
 	@for t in $(FUZZ_TARGETS); do \
 	  work=$$(mktemp -d); \
 	  if ls tests/fuzz/regressions/$$t/* >/dev/null 2>&1; then \
-	    ./tests/fuzz/fuzz_$$t tests/fuzz/regressions/$$t/* > $$work/replay.log 2>&1 || { cat $$work/replay.log; exit 1; }; \
+	    ./tests/fuzz/fuzz_$$t -malloc_limit_mb=8 tests/fuzz/regressions/$$t/* > $$work/replay.log 2>&1 || { cat $$work/replay.log; exit 1; }; \
 	    echo "fuzz $$t: replayed $$(ls tests/fuzz/regressions/$$t | wc -l) kept crash input(s): clean"; \
 	  fi; \
 	  mkdir $$work/corpus; cp tests/fuzz/seeds/$$t/* $$work/corpus/; \

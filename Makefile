@@ -140,10 +140,11 @@ fuzz: fuzz-build
 # the loader's throughput, for the two data sets of issue 3 (JPEG_DIR: an ImageNet-style folder)
 JPEG_DIR ?= /tmp/excb_jpeg_folder
 bench-data: excb data
-	./excb bench-data --data fashion-mnist --config resnet20s --seconds 10 --workers 1
-	./excb bench-data --data fashion-mnist --config resnet20s --seconds 10 --workers 2
-	./excb bench-data --data $(JPEG_DIR) --config resnet50 --batch 64 --seconds 20 --workers 1
-	./excb bench-data --data $(JPEG_DIR) --config resnet50 --batch 64 --seconds 20 --workers 2
+	./excb bench-data --data fashion-mnist --config resnet20s --seconds 15 --reps 5 --workers 1
+	./excb bench-data --data fashion-mnist --config resnet20s --seconds 15 --reps 5 --workers 2
+	test -d $(JPEG_DIR) || /usr/bin/python3 bench/make_jpeg_folder.py $(JPEG_DIR)
+	./excb bench-data --data $(JPEG_DIR) --config resnet50 --batch 64 --seconds 40 --reps 5 --workers 1
+	./excb bench-data --data $(JPEG_DIR) --config resnet50 --batch 64 --seconds 40 --reps 5 --workers 2
 
 clean:
 	rm -f excb excb_test.o excb_f64.o excb_asan.o $(TESTS) tests/*.asan $(FUZZ_BINS)

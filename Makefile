@@ -126,7 +126,7 @@ fuzz: fuzz-build
 	  work=$$(mktemp -d); \
 	  if ls tests/fuzz/regressions/$$t/* >/dev/null 2>&1; then \
 	    ./tests/fuzz/fuzz_$$t -malloc_limit_mb=8 tests/fuzz/regressions/$$t/* > $$work/replay.log 2>&1 || { cat $$work/replay.log; exit 1; }; \
-	    echo "fuzz $$t: replayed $$(ls tests/fuzz/regressions/$$t | wc -l) kept crash input(s): clean"; \
+	    echo "fuzz $$t: replayed $$(ls tests/fuzz/regressions/$$t | wc -l) kept regression input(s): clean"; \
 	  fi; \
 	  mkdir $$work/corpus; cp tests/fuzz/seeds/$$t/* $$work/corpus/; \
 	  ./tests/fuzz/fuzz_$$t -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048 -timeout=10 -print_final_stats=1 \

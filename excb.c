@@ -1973,7 +1973,10 @@ static int open_folder(ExcbDataset *ds, const char *root, char *err) {
                 continue;
             }
             snprintf(ds->class_names[ds->n_classes], 64, "%s", names[i]);
+            long before = fl.n;
             code = collect_images(&fl, path, ds->n_classes++, 1, err);
+            if (!code && fl.n == before)          /* torchvision's ImageFolder refuses this as well */
+                code = fail(err, EXCB_EXIT_DATA, "%s: a class folder with no images", path);
         }
     }
     free_names(names, count);
@@ -1984,7 +1987,7 @@ static int open_folder(ExcbDataset *ds, const char *root, char *err) {
         fprintf(stderr, "excb: %s: ignored %ld file(s) without an image extension or outside a class folder, e.g. %s\n",
                 root, fl.ignored, fl.first_ignored);
     if (!code) {
-        /* one blob for the paths: two allocations however many files */
+        /* all paths in one blob, however many files */
         ds->files = malloc(sizeof(char *) * fl.n);
         ds->file_names = malloc(fl.bytes);
         ds->labels = malloc(sizeof(int32_t) * fl.n);

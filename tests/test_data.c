@@ -502,7 +502,14 @@ Test(data, empty_folder_and_missing_path) {
     mkdir(tpath("onlytext"), 0755);
     mkdir(tpath("onlytext/c"), 0755);
     write_bytes(tpath("onlytext/c/readme.txt"), "x", 1);
-    expect_open_fails(tpath("onlytext"), NULL, 65, "onlytext", "no images found");
+    expect_open_fails(tpath("onlytext"), NULL, 65, "onlytext/c", "a class folder with no images");
+    mkdir(tpath("oneclassempty"), 0755);
+    mkdir(tpath("oneclassempty/a"), 0755);
+    mkdir(tpath("oneclassempty/b"), 0755);
+    uint8_t px[8 * 8 * 3] = {0};
+    char err[EXCB_ERR_LEN];
+    cr_assert_eq(excb_write_png(tpath("oneclassempty/a/x.png"), px, 8, 8, 3, err), 0);
+    expect_open_fails(tpath("oneclassempty"), NULL, 65, "oneclassempty/b", "a class folder with no images");
     expect_open_fails(tpath("does/not/exist"), NULL, 66, "does/not/exist", "No such file");
 }
 

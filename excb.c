@@ -2009,6 +2009,12 @@ static int open_folder(ExcbDataset *ds, const char *root, char *err) {
     return code;
 }
 
+static int has_file(const char *dir, const char *name) {
+    char path[4200];
+    snprintf(path, sizeof path, "%s/%s", dir, name);
+    return is_file(path);
+}
+
 /* --data fashion-mnist: data/fashion-mnist (made by `make data`) next to the working directory or the
    binary, else the Debian package's own copy. The files are the same bytes in every case. */
 static int locate_default(char *out, size_t cap) {
@@ -2054,20 +2060,18 @@ int excb_data_open(ExcbDataset *ds, const char *spec, const char *split, char *e
             int has_labels = find_maybe_gz(b, sizeof b, path, test ? "t10k-labels-idx1-ubyte" : "train-labels-idx1-ubyte");
             if (!is_file(a)) return fail(err, EXCB_EXIT_NOINPUT, "%s: missing (test split of an IDX folder)", a);
             code = open_idx(ds, a, has_labels ? b : NULL, err);
-        } else if (snprintf(a, sizeof a, "%s/data_batch_1.bin", path), is_file(a)) {    /* CIFAR-10 */
+        } else if (has_file(path, "data_batch_1.bin")) {                             /* CIFAR-10   */
             int nf = 0;
             if (test) snprintf(files[nf++], 4096, "%s/test_batch.bin", path);
             else if (train)
                 for (int i = 1; i <= 5; i++) snprintf(files[nf++], 4096, "%s/data_batch_%d.bin", path, i);
             else return fail(err, EXCB_EXIT_USAGE, "%s: CIFAR-10 splits are train and test, not '%s'", path, split);
             code = open_cifar(ds, files, nf, 0, path, err);
-        } else if (snprintf(a, sizeof a, "%s/fine_label_names.txt", path), is_file(a) ||
-                   (snprintf(b, sizeof b, "%s/train.bin", path), is_file(b))) {        /* CIFAR-100 */
+        } else if (has_file(path, "fine_label_names.txt") || has_file(path, "train.bin")) {   /* CIFAR-100 */
             if (!train && !test) return fail(err, EXCB_EXIT_USAGE, "%s: CIFAR-100 splits are train and test, not '%s'", path, split);
             snprintf(files[0], 4096, "%s/%s.bin", path, split);
             code = open_cifar(ds, files, 1, 1, path, err);
-        } else if ((snprintf(a, sizeof a, "%s/train_X.bin", path), is_file(a)) ||
-                   (snprintf(b, sizeof b, "%s/unlabeled_X.bin", path), is_file(b))) {  /* STL-10  */
+        } else if (has_file(path, "train_X.bin") || has_file(path, "unlabeled_X.bin")) {     /* STL-10    */
             code = open_stl10(ds, path, split, err);
         } else {
             char sub[4200];
@@ -2075,7 +2079,7 @@ int excb_data_open(ExcbDataset *ds, const char *spec, const char *split, char *e
             code = open_folder(ds, is_dir(sub) ? sub : path, err);
         }
     } else {
-        /* a single file: an IDX file (plain or gzipped), a CIFAR batch, or an STL-10 *_X.bin */
+        /* a single file: an IDX file (plain or gzipped) or a CIFAR batch (STL-10 comes as a folder) */
         const char *base = strrchr(path, '/');
         base = base ? base + 1 : path;
         uint8_t head[4] = {0};
@@ -2802,7 +2806,8 @@ static int load_for_place(LoaderWorker *w, long epoch_place, int64_t *chosen, ch
         }
         int code = excb_data_get(ds, idx, &w->img, err);
         if (!code && w->img.c != L->vc.channels)
-            code = fail(err, EXCB_EXIT_DATA, "image %lld has %d channels, the views expect %d", (long long)idx, w->img.c, L->vc.channels);
+            code = fail(err, EXCB_EXIT_DATA, "%s: image %lld has %d channels, the views expect %d", ds->path, (long long)idx,
+                        w->img.c, L->vc.channels);
         if (!code) { *chosen = idx; return 0; }
         if (!ds->skip_bad || code != EXCB_EXIT_DATA) return code;
         pthread_mutex_lock(&sy->mu);
@@ -2843,7 +2848,7 @@ static void make_batch(LoaderWorker *w, ExcbBatch *bt, long id) {
     }
 }
 
-static double seconds_now(void) {
+static double now_seconds(void) {                   /* monotonic wall clock, for busy time and benchmarks */
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return ts.tv_sec + 1e-9 * ts.tv_nsec;
@@ -2863,9 +2868,9 @@ static void *worker_main(void *arg) {
         bt->state = SLOT_FREE;
         pthread_mutex_unlock(&sy->mu);
         if (stop) break;
-        double t0 = seconds_now();
+        double t0 = now_seconds();
         make_batch(w, bt, id);
-        double dt = seconds_now() - t0;
+        double dt = now_seconds() - t0;
         pthread_mutex_lock(&sy->mu);
         L->busy_seconds += dt;
         bt->state = SLOT_READY;
@@ -2934,9 +2939,9 @@ int excb_loader_next(ExcbLoader *L, ExcbBatch **out, char *err) {
     long rel = L->consumed;
     ExcbBatch *bt = &L->slots[rel % L->n_slots];
     if (L->n_workers == 0) {                                    /* made here, in the caller's thread */
-        double t0 = seconds_now();
+        double t0 = now_seconds();
         make_batch(&((LoaderWorker *)L->workers)[0], bt, L->next_id + rel);
-        L->busy_seconds += seconds_now() - t0;
+        L->busy_seconds += now_seconds() - t0;
         L->consumed++;
     } else {
         LoaderSync *sy = L->sync;
@@ -3023,11 +3028,6 @@ void excb_count_macs(const ExcbModel *m, double *teacher_fwd, double *student_fw
 }
 
 #ifndef TESTING
-static double now_seconds(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec + 1e-9 * ts.tv_nsec;
-}
 
 static int cmp_double(const void *a, const void *b) {
     double x = *(const double *)a, y = *(const double *)b;

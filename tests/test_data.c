@@ -525,18 +525,25 @@ static int run_cli(const char *args, char *out, size_t cap) {
     return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
 }
 
+/* a one-class folder ROOT/k holding n small JPEGs 0.jpg .. n-1.jpg */
+static void jpeg_class(const char *root, int n) {
+    char dir[256], err[EXCB_ERR_LEN];
+    mkdir(tpath(root), 0755);
+    snprintf(dir, sizeof dir, "%s/k", root);
+    mkdir(tpath(dir), 0755);
+    uint8_t px[24 * 24 * 3];
+    for (int i = 0; i < n; i++) {
+        char name[300];
+        snprintf(name, sizeof name, "%s/%d.jpg", dir, i);
+        gradient(px, 24, 24, 3, i);
+        cr_assert_eq(excb_write_jpeg(tpath(name), px, 24, 24, 3, 90, err), 0, "%s", err);
+    }
+}
+
 Test(data, cli_exit_codes_and_skip_bad_images) {
     if (access("./excb", X_OK) != 0) cr_skip_test("./excb not built");
-    char err[EXCB_ERR_LEN], out[8192], args[1024];
-    mkdir(tpath("cli"), 0755);
-    mkdir(tpath("cli/k"), 0755);
-    uint8_t px[24 * 24 * 3];
-    for (int i = 0; i < 6; i++) {
-        char name[64];
-        snprintf(name, sizeof name, "cli/k/%d.jpg", i);
-        gradient(px, 24, 24, 3, i);
-        cr_assert_eq(excb_write_jpeg(tpath(name), px, 24, 24, 3, 90, err), 0);
-    }
+    char out[8192], args[1024];
+    jpeg_class("cli", 6);
     write_bytes(tpath("cli/k/3.jpg"), "GIF89a....", 10);                   /* a GIF named .jpg */
     const char *shape = "--config tiny --global-size 16 --local-size 8 --batch 2 --seconds 1";
     snprintf(args, sizeof args, "bench-data --data %s %s", tpath("cli"), shape);
@@ -553,17 +560,8 @@ Test(data, cli_exit_codes_and_skip_bad_images) {
 
 /* ---- the loader over a folder with one bad file ----------------------------------------------------- */
 static void folder_with_a_bad_file(char *root) {
-    char err[EXCB_ERR_LEN];
     snprintf(root, 512, "%s/ld", tmpdir);
-    mkdir(root, 0755);
-    mkdir(tpath("ld/k"), 0755);
-    uint8_t px[24 * 24 * 3];
-    for (int i = 0; i < 8; i++) {
-        char name[64];
-        snprintf(name, sizeof name, "ld/k/%d.jpg", i);
-        gradient(px, 24, 24, 3, i);
-        cr_assert_eq(excb_write_jpeg(tpath(name), px, 24, 24, 3, 90, err), 0);
-    }
+    jpeg_class("ld", 8);
     size_t n;
     uint8_t *j = read_bytes(tpath("ld/k/5.jpg"), &n);
     write_bytes(tpath("ld/k/5.jpg"), j, n / 2);                                /* truncated JPEG */

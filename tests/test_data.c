@@ -485,6 +485,14 @@ Test(data, image_decoder_bad_inputs) {
     expect_decode_fails((const uint8_t *)"hello, world", 12, "text.JPEG", "not an image");
     expect_decode_fails((const uint8_t *)"BM\0\0\0\0", 6, "x.bmp", "a BMP image");
     expect_decode_fails((const uint8_t *)"", 0, "empty.png", "empty file");
+    /* a valid JPEG whose frame header (SOF0: FF C0, length, precision, height, width) claims
+       60000 x 60000 pixels: refused before any pixel memory is allocated */
+    for (size_t i = 0; i + 9 < jn; i++)
+        if (j[i] == 0xFF && j[i + 1] == 0xC0) {
+            j[i + 5] = 0xEA; j[i + 6] = 0x60; j[i + 7] = 0xEA; j[i + 8] = 0x60;        /* 0xEA60 = 60000 */
+            break;
+        }
+    expect_decode_fails(j, jn, "huge.jpg", "pixel limit");
     uint8_t hdr[64];
     size_t hn = png_header(hdr, 70000, 70000, 8, 2);
     expect_decode_fails(hdr, hn, "bomb.png", "pixel limit");

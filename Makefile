@@ -2,7 +2,7 @@
 #   make            build ./excb
 #   make data       copy the embedded default data set (Fashion-MNIST, Debian) into data/
 #   make test       build and run the Criterion suites (fast unit suites, then the step suites)
-#   make check      what CI runs: make test, the data/view suites under ASan+UBSan, a short fuzz
+#   make check      what CI runs: make test, ASan+UBSan and TSan runs, a short fuzz of the readers
 #   make bench      ./excb bench for the two configurations of issue 2
 #   make bench-data the loader's throughput (issue 3)
 # Optional features are probed and announced; without them the build degrades, never silently:
@@ -30,7 +30,7 @@ TESTS := tests/test_equations tests/test_gradients tests/test_whole_model_f64 te
          tests/test_data tests/test_views
 
 .PHONY: all check test test-fast test-step bench bench-compare fixture parity-peer clean data golden \
-        fuzz fuzz-build test-asan bench-data
+        fuzz fuzz-build test-asan test-tsan bench-data
 
 # The embedded default data set: Fashion-MNIST from the Debian package dataset-fashion-mnist, copied
 # (still gzipped, 30 MB) into data/fashion-mnist, where `--data fashion-mnist` finds it.
@@ -63,8 +63,9 @@ ifneq ($(HAVE_CRITERION),1)
 endif
 	$(CC) $(CFLAGS) $(shell pkg-config --cflags criterion) -I. -o $@ $< excb_test.o $(shell pkg-config --libs criterion) $(LDLIBS)
 
-# everything CI runs: the suites, the data/view suites under ASan+UBSan, a short fuzz of every reader
-check: test test-asan fuzz
+# everything CI runs: the suites, the data/view suites under ASan+UBSan, the loader's threads under
+# ThreadSanitizer, a short fuzz of every reader
+check: test test-asan test-tsan fuzz
 
 test: test-fast test-step
 test-fast: tests/test_equations tests/test_gradients tests/test_whole_model_f64 tests/test_data tests/test_views excb
@@ -110,6 +111,14 @@ test-asan: excb
 	  ASAN_OPTIONS=detect_leaks=1 LSAN_OPTIONS=suppressions=tests/lsan.supp ./tests/$$t.asan --jobs 1 || exit 1; \
 	done
 
+# The loader's threads under ThreadSanitizer. Criterion's runner does not run under TSan, so a plain
+# driver (tests/tsan_loader.c) exercises 1-4 workers, resume, a bad file and the skip path.
+test-tsan:
+	$(CC) -std=c11 -Wno-unknown-pragmas -Wno-format-truncation -ffp-contract=off -fsanitize=thread -g -O1 -DTESTING -c -o excb_tsan.o excb.c
+	$(CC) -std=c11 -ffp-contract=off -fsanitize=thread -g -O1 -I. -o tests/tsan_loader tests/tsan_loader.c excb_tsan.o -lm -lpthread -lz -lpng -ljpeg
+	./tests/tsan_loader > tests/tsan_loader.log 2>&1 || { cat tests/tsan_loader.log; exit 1; }
+	tail -1 tests/tsan_loader.log
+
 # libFuzzer targets, one per reader/decoder (tests/fuzz/fuzz_readers.c). `make fuzz` first replays the
 # kept regression inputs, then fuzzes each target for FUZZ_SECONDS from the seed corpus (the corpus
 # grows in a scratch copy, never in the repository). Crashes land in tests/fuzz/crash-*.
@@ -147,4 +156,4 @@ bench-data: excb data
 	./excb bench-data --data $(JPEG_DIR) --config resnet50 --batch 64 --seconds 40 --reps 5 --workers 2
 
 clean:
-	rm -f excb excb_test.o excb_f64.o excb_asan.o $(TESTS) tests/*.asan $(FUZZ_BINS)
+	rm -f excb excb_test.o excb_f64.o excb_asan.o excb_tsan.o $(TESTS) tests/*.asan tests/tsan_loader tests/tsan_loader.log $(FUZZ_BINS)

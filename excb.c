@@ -2762,9 +2762,10 @@ void excb_make_view(const ExcbViewConfig *vc, const ExcbViewParams *p, const Exc
  * the number of workers, not on which worker made it, not on where a run was resumed.
  *
  * Workers: worker w makes batches first + w, first + w + W, ...; slot (g - first) mod S holds batch
- * g, with S = 2W slots, so each worker can fill one slot while its previous batch waits to be used.
- * Memory is fixed when the loader opens: S batch buffers plus, per worker, the largest image decoded
- * so far (bounded by EXCB_MAX_PIXELS). Nothing is allocated per batch once the buffers have grown.
+ * g, with S = W + 1 slots: while the caller trains on batch c, the W workers fill batches c + 1 ..
+ * c + W, all at once. Memory is fixed when the loader opens: S batch buffers plus, per worker, the
+ * largest image decoded so far (bounded by EXCB_MAX_PIXELS). excb allocates nothing per batch once
+ * the buffers have grown (libjpeg and libpng keep their own per-file decoder state).
  */
 void excb_permutation(int64_t *perm, long n, uint64_t seed, long epoch) {
     for (long i = 0; i < n; i++) perm[i] = i;
@@ -2871,12 +2872,16 @@ static void *worker_main(void *arg) {
         double t0 = now_seconds();
         make_batch(w, bt, id);
         double dt = now_seconds() - t0;
+        /* read the outcome before handing the slot over: once READY, the caller may use the batch and
+           another worker may refill the slot (reading bt->err_code after that made a healthy worker
+           stop on someone else's error, and the caller wait forever for its next batch) */
+        int failed = bt->err_code;
         pthread_mutex_lock(&sy->mu);
         L->busy_seconds += dt;
         bt->state = SLOT_READY;
         pthread_cond_broadcast(&sy->ready);
         pthread_mutex_unlock(&sy->mu);
-        if (bt->err_code) break;                 /* the consumer reports it; nothing more to make   */
+        if (failed) break;                       /* the consumer reports it; nothing more to make   */
     }
     return NULL;
 }
@@ -2892,7 +2897,7 @@ int excb_loader_open(ExcbLoader *L, ExcbDataset *ds, const ExcbViewConfig *vc, i
     L->vc = *vc;
     L->batch = batch;
     L->n_workers = workers;
-    L->n_slots = workers > 0 ? 2 * workers : 1;
+    L->n_slots = workers > 0 ? workers + 1 : 1;
     L->batches_per_epoch = ds->n / batch;
     L->next_id = first_batch;
     if (ds->skip_bad && !ds->bad) ds->bad = calloc(ds->n, 1);

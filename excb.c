@@ -2859,8 +2859,8 @@ static void *worker_main(void *arg) {
     LoaderWorker *w = arg;
     ExcbLoader *L = w->L;
     LoaderSync *sy = L->sync;
-    for (long id = L->next_id + w->id;; id += L->n_workers) {
-        long rel = id - L->next_id;
+    for (long id = L->first_batch + w->id;; id += L->n_workers) {
+        long rel = id - L->first_batch;
         ExcbBatch *bt = &L->slots[rel % L->n_slots];
         pthread_mutex_lock(&sy->mu);
         /* the slot is ours once its previous batch, rel - S, has been used and released */
@@ -2899,7 +2899,7 @@ int excb_loader_open(ExcbLoader *L, ExcbDataset *ds, const ExcbViewConfig *vc, i
     L->n_workers = workers;
     L->n_slots = workers > 0 ? workers + 1 : 1;
     L->batches_per_epoch = ds->n / batch;
-    L->next_id = first_batch;
+    L->first_batch = first_batch;
     if (ds->skip_bad && !ds->bad) ds->bad = calloc(ds->n, 1);
     size_t gsz = (size_t)vc->channels * vc->global_size * vc->global_size;
     size_t lsz = (size_t)vc->channels * vc->local_size * vc->local_size;
@@ -2945,7 +2945,7 @@ int excb_loader_next(ExcbLoader *L, ExcbBatch **out, char *err) {
     ExcbBatch *bt = &L->slots[rel % L->n_slots];
     if (L->n_workers == 0) {                                    /* made here, in the caller's thread */
         double t0 = now_seconds();
-        make_batch(&((LoaderWorker *)L->workers)[0], bt, L->next_id + rel);
+        make_batch(&((LoaderWorker *)L->workers)[0], bt, L->first_batch + rel);
         L->busy_seconds += now_seconds() - t0;
         L->consumed++;
     } else {
@@ -2953,7 +2953,7 @@ int excb_loader_next(ExcbLoader *L, ExcbBatch **out, char *err) {
         pthread_mutex_lock(&sy->mu);
         L->released = rel;                                       /* batches before this one: done   */
         pthread_cond_broadcast(&sy->freed);
-        while (bt->state != SLOT_READY || bt->id != L->next_id + rel) pthread_cond_wait(&sy->ready, &sy->mu);
+        while (bt->state != SLOT_READY || bt->id != L->first_batch + rel) pthread_cond_wait(&sy->ready, &sy->mu);
         L->consumed++;
         pthread_mutex_unlock(&sy->mu);
     }
@@ -3284,7 +3284,7 @@ static int cmd_views(int argc, char **argv) {
     ExcbDataset ds;
     ExcbLoader L;
     if ((code = open_data("views", &o, &cfg, &ds, &L))) return code;
-    L.next_id = (long)o.epoch * L.batches_per_epoch;                      /* first batch of --epoch */
+    L.first_batch = (long)o.epoch * L.batches_per_epoch;                      /* first batch of --epoch */
     char err[EXCB_ERR_LEN];
     ExcbBatch *bt;
     if ((code = excb_loader_next(&L, &bt, err))) { fprintf(stderr, "excb views: %s\n", err); return code; }

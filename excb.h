@@ -444,7 +444,7 @@ typedef struct {
 
 typedef struct ExcbLoader {
     ExcbDataset *ds;  ExcbViewConfig vc;  int batch, n_workers, n_slots;
-    long batches_per_epoch, next_id;       /* next_id: the first batch of this loader              */
+    long batches_per_epoch, first_batch;   /* batch ids start here (0, or the data cursor on resume)  */
     long consumed, released;               /* batches handed out; batches the caller is done with  */
     ExcbBatch *slots;
     void *threads;  void *workers;  void *sync;  /* pthread handles, per-worker state, mutex + condvars */
@@ -457,7 +457,8 @@ typedef struct ExcbLoader {
    batches in the caller's thread */
 int excb_loader_open(ExcbLoader *L, ExcbDataset *ds, const ExcbViewConfig *vc, int batch, int workers,
                      long first_batch, char *err);
-/* the next batch, in order; valid until the next call. Returns 0 or the exit code of a data error. */
+/* the next batch, in order; valid until the next call. Returns 0 or the exit code of a data error,
+   and that same error from every later call (its worker has stopped). */
 int excb_loader_next(ExcbLoader *L, ExcbBatch **out, char *err);
 void excb_loader_close(ExcbLoader *L);
 void excb_permutation(int64_t *perm, long n, uint64_t seed, long epoch);

@@ -552,3 +552,31 @@ Test(views, hue_equals_pil_formulas_on_every_colour) {
     free(img);
     free(ref);
 }
+
+Test(views, tiny_and_extreme_images_make_finite_views) {
+    /* 1x1, strips, and tiny images through every operator (jitter, gray, blur with sigma up to 2 and
+       reflect padding wider than the image, solarize), both channel counts; under ASan in CI */
+    const int sizes[][2] = {{1, 1}, {1, 300}, {300, 1}, {2, 3}, {5, 5}, {97, 13}};
+    for (int c = 1; c <= 3; c += 2)
+        for (size_t k = 0; k < sizeof sizes / sizeof *sizes; k++) {
+            int H = sizes[k][0], W = sizes[k][1];
+            uint8_t *px = malloc((size_t)H * W * c);
+            for (int i = 0; i < H * W * c; i++) px[i] = (uint8_t)(i * 41 + 7);
+            ExcbImage img = {.px = px, .h = H, .w = W, .c = c};
+            ExcbViewConfig vc = default_vc(EXCB_BLUR_AS_CONFIGURED);
+            vc.global_size = 20; vc.local_size = 7; vc.channels = c;
+            vc.p_jitter = vc.p_gray = 1; vc.p_blur[0] = vc.p_blur[1] = vc.p_blur[2] = 1; vc.p_solarize[1] = 1;
+            ExcbViewScratch scr = {0};
+            real out[3 * 20 * 20];
+            for (int v = 0; v < 8; v++) {
+                ExcbViewParams p;
+                excb_view_params(&vc, 1, (long)k, v, H, W, &p);
+                cr_assert(p.h >= 1 && p.w >= 1 && p.top + p.h <= H && p.left + p.w <= W, "%dx%d: crop %dx%d at (%d,%d)", H, W, p.h, p.w, p.top, p.left);
+                excb_make_view(&vc, &p, &img, v, out, &scr);
+                int S = v < 2 ? 20 : 7, bad = 0;
+                for (int i = 0; i < c * S * S; i++) bad += !isfinite(out[i]) || fabs(out[i]) > 5;
+                cr_expect_eq(bad, 0, "%dx%dx%d view %d: %d values out of range", H, W, c, v, bad);
+            }
+            free(scr.a); free(scr.b); free(scr.f); free(px);
+        }
+}

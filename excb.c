@@ -98,6 +98,13 @@ static void *xmalloc(size_t bytes) {
     return p;
 }
 
+/* zeroed, with the same out-of-memory policy */
+static void *xcalloc(size_t n, size_t size) {
+    void *p = xmalloc(n * size);
+    memset(p, 0, n * size);
+    return p;
+}
+
 static int imin(int a, int b) { return a < b ? a : b; }
 
 /* ================================================================================================
@@ -2247,10 +2254,10 @@ static int decode_jpeg(const uint8_t *buf, size_t len, const char *name, ExcbIma
 }
 
 /* dispatch on magic bytes (never on the file name): 89 'P' 'N' 'G' or FF D8 FF */
-int excb_decode_image(const uint8_t *buf, size_t len, const char *name, ExcbImage *img, int *is_png, char *err) {
+int excb_decode_image(const uint8_t *buf, size_t len, const char *name, ExcbImage *img, char *err) {
     static const uint8_t png_magic[8] = {0x89, 'P', 'N', 'G', 0x0D, 0x0A, 0x1A, 0x0A};
-    if (len >= 8 && !memcmp(buf, png_magic, 8)) { if (is_png) *is_png = 1; return decode_png(buf, len, name, img, err); }
-    if (len >= 3 && buf[0] == 0xFF && buf[1] == 0xD8 && buf[2] == 0xFF) { if (is_png) *is_png = 0; return decode_jpeg(buf, len, name, img, err); }
+    if (len >= 8 && !memcmp(buf, png_magic, 8)) return decode_png(buf, len, name, img, err);
+    if (len >= 3 && buf[0] == 0xFF && buf[1] == 0xD8 && buf[2] == 0xFF) return decode_jpeg(buf, len, name, img, err);
     const char *what = len == 0 ? "empty file"
                      : len >= 2 && buf[0] == 'B' && buf[1] == 'M' ? "a BMP image"
                      : len >= 4 && !memcmp(buf, "GIF8", 4) ? "a GIF image"
@@ -2266,7 +2273,7 @@ int excb_data_get(const ExcbDataset *ds, long i, ExcbImage *img, char *err) {
         size_t len;
         int code = read_whole_file(ds->files[i], &img->file, &img->file_cap, &len, (size_t)1 << 30, err);
         if (code) return code == EXCB_EXIT_NOINPUT ? EXCB_EXIT_DATA : code;  /* listed, then vanished */
-        return excb_decode_image(img->file, len, ds->files[i], img, NULL, err);
+        return excb_decode_image(img->file, len, ds->files[i], img, err);
     }
     int p = 0;
     long r = i;
@@ -2900,10 +2907,10 @@ int excb_loader_open(ExcbLoader *L, ExcbDataset *ds, const ExcbViewConfig *vc, i
     L->n_slots = workers > 0 ? workers + 1 : 1;
     L->batches_per_epoch = ds->n / batch;
     L->first_batch = first_batch;
-    if (ds->skip_bad && !ds->bad) ds->bad = calloc(ds->n, 1);
+    if (ds->skip_bad && !ds->bad) ds->bad = xcalloc(ds->n, 1);
     size_t gsz = (size_t)vc->channels * vc->global_size * vc->global_size;
     size_t lsz = (size_t)vc->channels * vc->local_size * vc->local_size;
-    L->slots = calloc(L->n_slots, sizeof(ExcbBatch));
+    L->slots = xcalloc(L->n_slots, sizeof(ExcbBatch));
     for (int s = 0; s < L->n_slots; s++) {
         ExcbBatch *bt = &L->slots[s];
         bt->xg = xmalloc(sizeof(real) * gsz * vc->n_global * batch);
@@ -2911,13 +2918,13 @@ int excb_loader_open(ExcbLoader *L, ExcbDataset *ds, const ExcbViewConfig *vc, i
         bt->labels = xmalloc(sizeof(int32_t) * batch);
         bt->index = xmalloc(sizeof(int64_t) * batch);
     }
-    LoaderSync *sy = calloc(1, sizeof *sy);
+    LoaderSync *sy = xcalloc(1, sizeof *sy);
     pthread_mutex_init(&sy->mu, NULL);
     pthread_cond_init(&sy->ready, NULL);
     pthread_cond_init(&sy->freed, NULL);
     L->sync = sy;
     int nw = workers > 0 ? workers : 1;
-    LoaderWorker *ws = calloc(nw, sizeof *ws);
+    LoaderWorker *ws = xcalloc(nw, sizeof *ws);
     for (int i = 0; i < nw; i++) {
         ws[i].L = L;
         ws[i].id = i;
@@ -2926,7 +2933,7 @@ int excb_loader_open(ExcbLoader *L, ExcbDataset *ds, const ExcbViewConfig *vc, i
     }
     L->workers = ws;
     if (workers > 0) {
-        pthread_t *th = calloc(workers, sizeof *th);
+        pthread_t *th = xcalloc(workers, sizeof *th);
         L->threads = th;
         for (int i = 0; i < workers; i++)
             if (pthread_create(&th[i], NULL, worker_main, &ws[i])) {
@@ -3290,7 +3297,7 @@ static int cmd_views(int argc, char **argv) {
     if ((code = excb_loader_next(&L, &bt, err))) { fprintf(stderr, "excb views: %s\n", err); return code; }
     int G = cfg.global_size, Ls = cfg.local_size, C = cfg.in_ch, pad = 2;
     int W = cfg.n_global * (G + pad) + cfg.n_local * (Ls + pad), H = cfg.batch * (G + pad);
-    uint8_t *grid = calloc((size_t)W * H * C, 1);
+    uint8_t *grid = xcalloc((size_t)W * H * C, 1);
     for (int b = 0; b < cfg.batch; b++)
         for (int v = 0; v < cfg.n_global + cfg.n_local; v++) {
             int S = v < cfg.n_global ? G : Ls, x0 = v < cfg.n_global ? v * (G + pad) : cfg.n_global * (G + pad) + (v - cfg.n_global) * (Ls + pad);

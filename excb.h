@@ -382,8 +382,7 @@ int excb_gunzip(const uint8_t *buf, size_t len, uint8_t **out, size_t *out_len, 
                 const char *name, char *err);
 int excb_check_labels(const uint8_t *buf, long n, size_t stride, int lo, int hi, const char *name,
                       const char *what, char *err);
-int excb_decode_image(const uint8_t *buf, size_t len, const char *name, ExcbImage *img, int *is_png,
-                      char *err);
+int excb_decode_image(const uint8_t *buf, size_t len, const char *name, ExcbImage *img, char *err);
 /* writers, for the tests and the view dumps: 8-bit PNG (gray or RGB) and baseline JPEG */
 int excb_write_png(const char *path, const uint8_t *px, int h, int w, int c, char *err);
 int excb_write_jpeg(const char *path, const uint8_t *px, int h, int w, int c, int quality, char *err);

@@ -425,7 +425,8 @@ Test(data, folder_classes_sorted_and_decoded_by_magic) {
     cr_assert_eq(excb_data_get(&ds, 1, &img, err), 0, "%s", err);
     int worst = 0;
     for (size_t i = 0; i < sizeof px; i++) { int d = abs(img.px[i] - px[i]); if (d > worst) worst = d; }
-    cr_expect(worst <= 8, "JPEG q95 round trip: worst pixel error %d > 8", worst);
+    /* measured: 2 on this smooth gradient at quality 95 (libjpeg-turbo 2.1.5); 3 leaves one level */
+    cr_expect(worst <= 3, "JPEG q95 round trip: worst pixel error %d > 3", worst);
     excb_image_free(&img);
     excb_data_close(&ds);
     /* flat folder: unlabeled */
@@ -463,7 +464,7 @@ static size_t png_header(uint8_t *b, uint32_t w, uint32_t h, int depth, int colo
 static void expect_decode_fails(const uint8_t *b, size_t n, const char *name, const char *must) {
     ExcbImage img = {0};
     char err[EXCB_ERR_LEN] = "";
-    int code = excb_decode_image(b, n, name, &img, NULL, err);
+    int code = excb_decode_image(b, n, name, &img, err);
     cr_expect_eq(code, 65, "%s: code %d (%s)", name, code, err);
     cr_expect(strstr(err, name) && strstr(err, must), "message '%s' should name '%s' and say '%s'", err, name, must);
     excb_image_free(&img);

@@ -254,7 +254,7 @@ Test(views, operators_match_pil_bit_for_bit) {
         }
         case OP_DECODE: {
             ExcbImage img = {0};
-            cr_assert_eq(excb_decode_image(in.px, in.w, "golden", &img, NULL, err), 0, "decode case %d: %s", cases[op], err);
+            cr_assert_eq(excb_decode_image(in.px, in.w, "golden", &img, err), 0, "decode case %d: %s", cases[op], err);
             cr_assert(img.h == (int)want.h && img.w == (int)want.w && img.c == 3, "decode case %d: size", cases[op]);
             memcpy(got, img.px, nwant);
             excb_image_free(&img);
@@ -271,7 +271,8 @@ Test(views, operators_match_pil_bit_for_bit) {
         }
         if (op == OP_BLUR) {
             /* torchvision convolves in float32 with a 2-D kernel, excb separably in double; a result
-               within float32 rounding of .5 may round the other way: at most 1 level, rarely */
+               within float32 rounding of .5 could round the other way (1 level). On the committed
+               fixture none does, so the count must stay 0; a regenerated fixture may need 1. */
             cr_expect(worst <= 1, "blur sigma %g: a pixel off by %d", param, worst);
             blur_off_by_one += (int)diff;
             blur_pixels += nwant;
@@ -283,8 +284,7 @@ Test(views, operators_match_pil_bit_for_bit) {
         free(got); free(tmp); free(in.px); free(want.px);
     }
     fclose(f);
-    cr_expect(blur_off_by_one * 1000 <= (int)blur_pixels, "blur: %d of %zu values off by one (> 0.1%%)",
-              blur_off_by_one, blur_pixels);
+    cr_expect_eq(blur_off_by_one, 0, "blur: %d of %zu values off by one", blur_off_by_one, blur_pixels);
     cr_log_info("golden: %d resize, %d brightness, %d contrast, %d saturation, %d hue, %d gray, %d solarize, "
                 "%d blur (%d of %zu values off by one), %d CMYK, %d decode, %d whole-view cases",
                 cases[1], cases[2], cases[3], cases[4], cases[5], cases[6], cases[7], cases[8],

@@ -58,7 +58,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     }
 #elif defined(FUZZ_IMAGE)
     ExcbImage img = {0};
-    excb_decode_image(data, size, "fuzz", &img, NULL, err);
+    excb_decode_image(data, size, "fuzz", &img, err);
     excb_image_free(&img);
 #elif defined(FUZZ_CIFAR)
     write_file("train.bin", data, size);

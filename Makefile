@@ -27,7 +27,7 @@ endif
 HAVE_CRITERION := $(shell pkg-config --exists criterion 2>/dev/null && echo 1)
 
 TESTS := tests/test_equations tests/test_gradients tests/test_whole_model_f64 tests/test_step \
-         tests/test_data tests/test_views
+         tests/test_data tests/test_views tests/test_train tests/test_train_e2e
 
 .PHONY: all check test test-fast test-step bench bench-compare fixture parity-peer clean data golden \
         fuzz fuzz-build test-asan test-tsan bench-data
@@ -68,14 +68,18 @@ endif
 check: test test-asan test-tsan fuzz
 
 test: test-fast test-step
-test-fast: tests/test_equations tests/test_gradients tests/test_whole_model_f64 tests/test_data tests/test_views excb
+test-fast: tests/test_equations tests/test_gradients tests/test_whole_model_f64 tests/test_data tests/test_views \
+           tests/test_train excb
 	./tests/test_equations
 	./tests/test_gradients
 	./tests/test_whole_model_f64
 	./tests/test_data
 	./tests/test_views
-test-step: tests/test_step
+	./tests/test_train
+# the slower suites: whole training steps, and whole runs of the binary (resume, kill -9, divergence)
+test-step: tests/test_step tests/test_train_e2e excb
 	./tests/test_step
+	./tests/test_train_e2e
 
 bench: excb
 	./excb bench --config resnet20s --global-size 28 --local-size 12 --batch 256 --K 4096
@@ -157,3 +161,10 @@ bench-data: excb data
 
 clean:
 	rm -f excb excb_test.o excb_f64.o excb_asan.o excb_tsan.o $(TESTS) tests/*.asan tests/tsan_loader tests/tsan_loader.log $(FUZZ_BINS)
+
+# issue 4's figures: the README's main command timed, and 10 kill -9s during a run, each resumed
+.PHONY: bench-train bench-kill
+bench-train: excb
+	bash -c 'time ./excb train --out runs/bench-default --force'
+bench-kill: excb
+	bench/kill_resume.sh 10 60 /tmp/excb_kill

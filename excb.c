@@ -44,6 +44,7 @@
 #include <strings.h>     /* strcasecmp: image extensions                                        */
 #include <setjmp.h>      /* libjpeg reports fatal errors by a callback that must not return    */
 #include <pthread.h>     /* the loader's worker threads                                         */
+#include <sys/wait.h>    /* waitpid: excb plot runs gnuplot                                     */
 #include <zlib.h>        /* gzip: IDX files ship gzipped                                        */
 #include <png.h>         /* libpng's simplified API                                             */
 #include <jpeglib.h>     /* libjpeg(-turbo)                                                     */
@@ -411,6 +412,24 @@ void batchnorm_forward(real *out, real *mean, real *rstd, real *run_mean, real *
             real v = yc[i] * scale + shift;
             if (rc) v += rc[i];
             if (relu) v = v < 0.0f ? 0.0f : v;          /* NaN passes through, as in PyTorch */
+            oc[i] = v;
+        }
+    }
+}
+
+/* BatchNorm in evaluation mode (feature extraction, excb.c section 18): out = act(gamma (y - run_mean) / sqrt(run_var + eps) + beta [+ res]) */
+static void batchnorm_inference(real *out, const real *y, const real *gamma, const real *beta,
+                                const real *run_mean, const real *run_var, const real *residual, int relu,
+                                int C, int NHW, real eps) {
+#pragma omp parallel for schedule(static)
+    for (int c = 0; c < C; c++) {
+        real scale = gamma[c] / sqrt(run_var[c] + eps), shift = beta[c] - run_mean[c] * scale;
+        const real *yc = y + (size_t)c * NHW, *rc = residual ? residual + (size_t)c * NHW : NULL;
+        real *oc = out + (size_t)c * NHW;
+        for (int i = 0; i < NHW; i++) {
+            real v = yc[i] * scale + shift;
+            if (rc) v += rc[i];
+            if (relu) v = v < 0.0f ? 0.0f : v;
             oc[i] = v;
         }
     }
@@ -893,6 +912,11 @@ int excb_config_named(ExcbConfig *c, const char *name) {
         c->widths[0] = 16; c->widths[1] = 32; c->widths[2] = 64;
         c->blocks[0] = c->blocks[1] = c->blocks[2] = 3;
         c->hidden = 512; c->global_size = 28; c->local_size = 12; c->batch = 256;
+    } else if (!strcmp(name, "resnet8s")) {   /* ResNet-8: resnet20s with one block per stage     */
+        c->block = EXCB_BLOCK_BASIC; c->stem = EXCB_STEM_CIFAR; c->in_ch = 1; c->n_stages = 3;
+        c->widths[0] = 16; c->widths[1] = 32; c->widths[2] = 64;
+        c->blocks[0] = c->blocks[1] = c->blocks[2] = 1;
+        c->hidden = 512; c->global_size = 28; c->local_size = 12; c->batch = 256;
     } else if (!strcmp(name, "resnet18")) {   /* ResNet-18 with the CIFAR stem                    */
         c->block = EXCB_BLOCK_BASIC; c->stem = EXCB_STEM_CIFAR; c->in_ch = 3; c->n_stages = 4;
         for (int i = 0; i < 4; i++) { c->widths[i] = 64 << i; c->blocks[i] = 2; }
@@ -1183,6 +1207,7 @@ static void plan_arena(ExcbModel *m, Arena *ar) {
     m->r = take(ar, K);
     m->lower = take(ar, K);
     m->higher = take(ar, K);
+    m->qbar = (double *)take(ar, 2 * (size_t)K);      /* K doubles */
     for (int i = 0; i < 3; i++) m->dbuf[i] = take(ar, max_act);
     int widest = D > Hd ? D : Hd;
     widest = widest > d ? widest : d;
@@ -1235,6 +1260,11 @@ void excb_free(ExcbModel *m) {
 static void unit_forward(ExcbModel *m, const real *P, real *run, ExcbUnitActs *ua, const ExcbConvBN *u,
                          const real *x, int H, int W, const real *residual, int relu) {
     conv2d_forward(ua->y, x, PT(P, u->w), m->col, ua->N, u->cin, H, W, u->cout, u->k, u->stride, u->pad);
+    if (m->eval_bn) {
+        batchnorm_inference(ua->a, ua->y, PT(P, u->gamma), PT(P, u->beta), run + u->stats, run + u->stats + u->cout,
+                            residual, relu, u->cout, ua->N * ua->H * ua->W, (real)m->cfg.bn_eps);
+        return;
+    }
     batchnorm_forward(ua->a, ua->mean, ua->rstd, run + u->stats, run + u->stats + u->cout, ua->y,
                       PT(P, u->gamma), PT(P, u->beta), residual, relu, u->cout, ua->N * ua->H * ua->W,
                       (real)m->cfg.bn_eps, (real)m->cfg.bn_momentum);
@@ -1352,6 +1382,11 @@ static void head_layer_forward(ExcbModel *m, const real *P, real *run, const Exc
         return;
     }
     linear_forward(y, x, PT(P, L->w), PT(P, L->b), L->in, L->out, N);
+    if (m->eval_bn) {
+        batchnorm_inference(a, y, PT(P, L->gamma), PT(P, L->beta), run + L->stats, run + L->stats + L->out, NULL, 1,
+                            L->out, N, (real)m->cfg.bn_eps);
+        return;
+    }
     batchnorm_forward(a, mean, rstd, run + L->stats, run + L->stats + L->out, y, PT(P, L->gamma),
                       PT(P, L->beta), NULL, 1, L->out, N, (real)m->cfg.bn_eps, (real)m->cfg.bn_momentum);
 }
@@ -1393,6 +1428,36 @@ static void centroids_forward(ExcbModel *m, const real *P) {
     weightnorm_forward(m->c, m->c_inv_norm, PT(P, m->centroids), m->cfg.K, m->cfg.d);
 }
 
+/* A21's monitors, read before the loss turns z_dir into dL/dz: the teacher's confidence (mean max q),
+   the student's (mean max softmax(z_dir / tau_s) over the direct global rows), and the entropy of the
+   batch's mean assignment qbar = mean_i q_i (log K: every cluster used equally; 0: one cluster). */
+static void step_diagnostics(ExcbModel *m, ExcbStepStats *st) {
+    int NG = m->cfg.n_global * m->cfg.batch, K = m->cfg.K;
+    double tau_s = m->cfg.tau_s, tconf = 0, sconf = 0, h = 0, *per_row = m->row_loss;  /* free until the loss */
+#pragma omp parallel for schedule(static)
+    for (int i = 0; i < NG; i++) {
+        const real *q = m->q + (size_t)i * K, *z = m->z_dir + (size_t)i * K;
+        real qmax = q[0], zmax = z[0];
+        for (int k = 1; k < K; k++) { qmax = fmax(qmax, q[k]); zmax = fmax(zmax, z[k]); }
+        double sum = 0;
+        for (int k = 0; k < K; k++) sum += exp(((double)z[k] - zmax) / tau_s);
+        per_row[i] = qmax;
+        per_row[NG + i] = 1.0 / sum;
+    }
+#pragma omp parallel for schedule(static)
+    for (int k = 0; k < K; k++) {
+        double acc = 0;
+        for (int i = 0; i < NG; i++) acc += m->q[(size_t)i * K + k];
+        m->qbar[k] = acc / NG;
+    }
+    for (int i = 0; i < NG; i++) { tconf += per_row[i]; sconf += per_row[NG + i]; }   /* fixed order: */
+    for (int k = 0; k < K; k++)                                                       /* any thread  */
+        if (m->qbar[k] > 0) h -= m->qbar[k] * log(m->qbar[k]);                        /* count       */
+    st->teacher_conf = tconf / NG;
+    st->student_conf = sconf / NG;
+    st->assign_entropy = h;
+}
+
 double excb_forward_loss(ExcbModel *m, const real *xg, const real *xl, ExcbStepStats *st) {
     const ExcbConfig *c = &m->cfg;
     int B = c->batch, NG = c->n_global * B, NL = c->n_local * B, NS = NG + NL, K = c->K, d = c->d;
@@ -1421,6 +1486,7 @@ double excb_forward_loss(ExcbModel *m, const real *xg, const real *xl, ExcbStepS
     head_layer_forward(m, m->params, m->running, &m->pred[1], m->pred_a, NULL, m->p, NULL, NULL, NS);
     l2norm_rows_forward(m->u_pred, m->u_pred_den, m->p, NS, d, NS, eps);           /* E10b       */
     matmul_tiled('N', 'T', NS, K, d, 1.0f, m->u_pred, d, m->c, d, 0.0f, m->z_pred, K);
+    if (st) step_diagnostics(m, st);
     /* --- the loss; z_dir and z_pred become dL/dz ------------------------------------------------- */
     double loss = excb_loss_forward_backward(m->z_dir, m->z_pred, m->row_loss, m->q, c->n_global,
                                              c->n_local, B, K, c->tau_s);
@@ -2387,7 +2453,9 @@ void excb_view_config_default(ExcbViewConfig *vc, int blur_mode) {
        (DINO's intent) it is 1.0 / 0.1 / 0.5 */
     double run[3] = {0.0, 0.9, 0.0}, configured[3] = {1.0, 0.1, 0.5};
     memcpy(vc->p_blur, blur_mode == EXCB_BLUR_AS_RUN ? run : configured, sizeof vc->p_blur);
+    if (blur_mode == EXCB_BLUR_NONE) memset(vc->p_blur, 0, sizeof vc->p_blur);   /* an option of excb's */
     vc->blur_sigma_min = 0.1; vc->blur_sigma_max = 2.0; vc->blur_kernel = 9;
+    vc->scale_offset = 0.0;
     vc->p_solarize[0] = 0.0; vc->p_solarize[1] = 0.2; vc->p_solarize[2] = 0.0;
     vc->solarize_threshold = 128;                        /* ImageOps.solarize's default threshold   */
     const float mean[3] = {0.485f, 0.456f, 0.406f}, std[3] = {0.228f, 0.224f, 0.225f};   /* A16 */
@@ -2421,7 +2489,7 @@ void excb_view_params(const ExcbViewConfig *vc, long epoch, long sample, int vie
                       ExcbViewParams *p) {
     memset(p, 0, sizeof *p);
     int local = view >= vc->n_global, which = local ? 2 : view == 0 ? 0 : 1;
-    double s_min = crop_scale_min_at(epoch, vc->epochs);
+    double s_min = crop_scale_min_at(epoch, vc->epochs) + vc->scale_offset;
     double lo = local ? vc->local_scale_min : s_min, hi = local ? s_min : 1.0;
     double area = (double)H * W, lr0 = log(vc->ratio_min), lr1 = log(vc->ratio_max);
     int found = 0;
@@ -3006,7 +3074,1766 @@ void excb_loader_close(ExcbLoader *L) {
 }
 
 /* ================================================================================================
- * 14. Benchmarks: the whole step (random or loaded inputs), and the loader alone
+ * 14. The run's configuration: the key table, presets, config files and --set
+ * ================================================================================================
+ * One table names every setting of a run: its key (in config files, --set key=value, config.txt and
+ * the metrics header), where it lives in ExcbRunConfig, its type and a line of help. Precedence is
+ * preset < config file < command line; a key that is not in the table is an error, never ignored.
+ */
+typedef enum { KT_INT, KT_LONG, KT_DOUBLE, KT_U64, KT_STR, KT_INTLIST, KT_BLOCK, KT_STEM, KT_BLUR } KeyType;
+typedef struct {
+    const char *key;
+    KeyType type;
+    size_t off, size;          /* offset in ExcbRunConfig; bytes (strings) or capacity (lists)       */
+    size_t count_off;          /* lists: offset of their element count                              */
+    int trajectory;            /* 1: changing it changes the computed run (must match on --resume)  */
+    const char *help;
+} ConfigKey;
+
+#define RC(f) offsetof(ExcbRunConfig, f)
+#define MC(f) (offsetof(ExcbRunConfig, model) + offsetof(ExcbConfig, f))
+static const ConfigKey config_keys[] = {
+    {"data", KT_STR, RC(data), sizeof(((ExcbRunConfig *)0)->data), 0, 1, "data set: fashion-mnist, an IDX/CIFAR/STL-10 folder or file, an image folder"},
+    {"train_split", KT_STR, RC(train_split), 32, 0, 1, "split to pre-train on (train; STL-10: train+unlabeled)"},
+    {"bank_split", KT_STR, RC(bank_split), 32, 0, 0, "k-NN memory bank and probe training split"},
+    {"query_split", KT_STR, RC(query_split), 32, 0, 0, "k-NN queries and probe test split"},
+    {"block", KT_BLOCK, MC(block), 0, 0, 1, "residual block: basic (ResNet-18/20) or bottleneck (ResNet-50)"},
+    {"stem", KT_STEM, MC(stem), 0, 0, 1, "stem: cifar (conv3x3/1) or imagenet (conv7x7/2 + max-pool)"},
+    {"widths", KT_INTLIST, MC(widths), EXCB_MAX_STAGES, RC(n_widths), 1, "stage widths, e.g. 16,32,64"},
+    {"blocks", KT_INTLIST, MC(blocks), EXCB_MAX_STAGES, RC(n_blocks), 1, "blocks per stage, e.g. 3,3,3"},
+    {"hidden", KT_INT, MC(hidden), 0, 0, 1, "projector and predictor hidden width (2048)"},
+    {"d", KT_INT, MC(d), 0, 0, 1, "projection width d (256)"},
+    {"K", KT_INT, MC(K), 0, 0, 1, "clusters (65536 in the paper)"},
+    {"n_local", KT_INT, MC(n_local), 0, 0, 1, "local crops per image (6)"},
+    {"global_size", KT_INT, MC(global_size), 0, 0, 1, "global crop side (224)"},
+    {"local_size", KT_INT, MC(local_size), 0, 0, 1, "local crop side (96)"},
+    {"batch", KT_INT, MC(batch), 0, 0, 1, "images per step B (1024 officially, over all GPUs)"},
+    {"epochs", KT_LONG, RC(epochs), 0, 0, 1, "epochs E"},
+    {"warmup_epochs", KT_DOUBLE, RC(warmup_epochs), 0, 0, 1, "linear lr warm-up in epochs (10)"},
+    {"lr", KT_DOUBLE, MC(lr_peak), 0, 0, 1, "peak learning rate, absolute (0.6, A19)"},
+    {"lr_min_factor", KT_DOUBLE, MC(lr_min_factor), 0, 0, 1, "the cosine ends at lr * this (1e-4)"},
+    {"wd", KT_DOUBLE, MC(weight_decay), 0, 0, 1, "weight decay on weights (1e-4)"},
+    {"centroid_wd_boost", KT_DOUBLE, MC(centroid_wd_boost), 0, 0, 1, "centroid wd multiplier 1 + this*cos-decay (9, A10)"},
+    {"sgd_momentum", KT_DOUBLE, MC(sgd_momentum), 0, 0, 1, "SGD momentum (0.9)"},
+    {"ema_start", KT_DOUBLE, MC(ema_start), 0, 0, 1, "teacher momentum at step 0, cosine to 1 (0.996)"},
+    {"tau_s", KT_DOUBLE, MC(tau_s), 0, 0, 1, "student temperature (0.1)"},
+    {"tau_t", KT_DOUBLE, MC(tau_t), 0, 0, 1, "teacher temperature (0.04)"},
+    {"m_s", KT_DOUBLE, MC(m_s), 0, 0, 1, "cluster-size EMA momentum (0.999)"},
+    {"boost", KT_DOUBLE, MC(boost), 0, 0, 1, "argmax boost of E5 (0.01)"},
+    {"clamp", KT_DOUBLE, MC(clamp), 0, 0, 1, "clamp of the balanced similarity (1)"},
+    {"zero_jitter", KT_DOUBLE, MC(zero_jitter), 0, 0, 1, "A3 jitter where a balancing factor is 0 (0.001)"},
+    {"fp16_count_term", KT_INT, MC(fp16_count_term), 0, 0, 1, "1: round the E3 term through float16 (A4)"},
+    {"seed", KT_U64, MC(seed), 0, 0, 1, "the root seed"},
+    {"blur", KT_BLUR, RC(blur), 0, 0, 1, "as-run (the official code's blur, A14), as-configured, or none"},
+    {"crop_scale_offset", KT_DOUBLE, RC(crop_scale_offset), 0, 0, 1, "added to the crop-scale bound s_min(e) of A11 (0)"},
+    {"kmeans_init", KT_INT, RC(kmeans_init), 0, 0, 1, "1: spherical k-means centroids (1.10); 0: random"},
+    {"kmeans_samples", KT_LONG, RC(kmeans_samples), 0, 0, 1, "teacher projections for k-means (500000)"},
+    {"kmeans_iters", KT_INT, RC(kmeans_iters), 0, 0, 1, "Lloyd iterations (50)"},
+    {"kmeans_restarts", KT_INT, RC(kmeans_restarts), 0, 0, 1, "restarts allowed while a cluster is empty"},
+    {"debug_nan_step", KT_LONG, RC(debug_nan_step), 0, 0, 1, "tests: a NaN in step N's input (-1: never)"},
+    {"threads", KT_INT, MC(threads), 0, 0, 0, "compute threads (0: all cores); results do not depend on it"},
+    {"workers", KT_INT, RC(workers), 0, 0, 0, "loader threads; results do not depend on it"},
+    {"skip_bad", KT_INT, RC(skip_bad), 0, 0, 1, "1: skip undecodable images (counted) instead of exit 65"},
+    {"log_every", KT_INT, RC(log_every), 0, 0, 0, "steps between step records and plain progress lines"},
+    {"ckpt_every", KT_INT, RC(ckpt_every), 0, 0, 0, "steps between checkpoints (0: each epoch's end)"},
+    {"keep", KT_INT, RC(keep), 0, 0, 0, "checkpoints kept"},
+    {"knn_every", KT_INT, RC(knn_every), 0, 0, 0, "epochs between k-NN evaluations (0: at the end only)"},
+    {"knn_k", KT_INTLIST, RC(knn_ks), EXCB_MAX_KS, RC(n_knn_ks), 0, "k of the weighted k-NN (10,20,100,200)"},
+    {"knn_t", KT_DOUBLE, RC(knn_t), 0, 0, 0, "k-NN temperature (0.07)"},
+    {"knn_bank_max", KT_LONG, RC(knn_bank_max), 0, 0, 0, "during training: bank images, evenly spaced (0: all)"},
+    {"knn_query_max", KT_LONG, RC(knn_query_max), 0, 0, 0, "during training: query images (0: all)"},
+    {"probe_epochs", KT_INT, RC(probe_epochs), 0, 0, 0, "linear probe epochs"},
+    {"probe_batch", KT_INT, RC(probe_batch), 0, 0, 0, "linear probe batch"},
+    {"probe_lr", KT_DOUBLE, RC(probe_lr), 0, 0, 0, "linear probe peak lr (cosine to 0)"},
+    {"probe_wd", KT_DOUBLE, RC(probe_wd), 0, 0, 0, "linear probe weight decay"},
+};
+#define N_CONFIG_KEYS (sizeof config_keys / sizeof config_keys[0])
+
+static const char *block_names[] = {"basic", "bottleneck"}, *stem_names[] = {"cifar", "imagenet"},
+                  *blur_names[] = {"as-run", "as-configured", "none"};
+
+static int parse_enum(const char *v, const char **names, int n) {
+    for (int i = 0; i < n; i++)
+        if (!strcmp(v, names[i])) return i;
+    return -1;
+}
+
+int excb_config_set(ExcbRunConfig *rc, const char *key, const char *value, char *err) {
+    const ConfigKey *k = NULL;
+    for (size_t i = 0; i < N_CONFIG_KEYS; i++)
+        if (!strcmp(config_keys[i].key, key)) k = &config_keys[i];
+    if (!k) return fail(err, EXCB_EXIT_CONFIG, "unknown key '%s' (excb train --help-config lists them)", key);
+    char *at = (char *)rc + k->off, *end;
+    errno = 0;
+    switch (k->type) {
+    case KT_INT: case KT_LONG: {
+        long long x = strtoll(value, &end, 10);
+        if (end == value || *end || errno || (k->type == KT_INT && (x < INT32_MIN || x > INT32_MAX)))
+            return fail(err, EXCB_EXIT_CONFIG, "key '%s' needs an integer, got '%s'", key, value);
+        if (k->type == KT_INT) *(int *)at = (int)x; else *(long *)at = (long)x;
+        break;
+    }
+    case KT_U64: {
+        unsigned long long x = strtoull(value, &end, 10);
+        if (end == value || *end || errno || value[0] == '-')
+            return fail(err, EXCB_EXIT_CONFIG, "key '%s' needs an unsigned integer, got '%s'", key, value);
+        *(uint64_t *)at = x;
+        break;
+    }
+    case KT_DOUBLE: {
+        double x = strtod(value, &end);
+        if (end == value || *end || errno || !isfinite(x))
+            return fail(err, EXCB_EXIT_CONFIG, "key '%s' needs a finite number, got '%s'", key, value);
+        *(double *)at = x;
+        break;
+    }
+    case KT_STR:
+        if (strlen(value) >= k->size) return fail(err, EXCB_EXIT_CONFIG, "key '%s': value longer than %zu bytes", key, k->size - 1);
+        snprintf(at, k->size, "%s", value);
+        break;
+    case KT_INTLIST: {
+        int n = 0, vals[16];
+        const char *p = value;
+        while (*p) {
+            long x = strtol(p, &end, 10);
+            if (end == p || x < 1 || x > 1 << 20 || n == (int)k->size || (*end && *end != ','))
+                return fail(err, EXCB_EXIT_CONFIG, "key '%s' needs 1 to %zu positive integers separated by commas, got '%s'",
+                            key, k->size, value);
+            vals[n++] = (int)x;
+            p = *end ? end + 1 : end;
+        }
+        if (!n) return fail(err, EXCB_EXIT_CONFIG, "key '%s' is empty", key);
+        int *count = (int *)((char *)rc + k->count_off);
+        memcpy(at, vals, sizeof(int) * n);
+        *count = n;
+        break;
+    }
+    case KT_BLOCK: case KT_STEM: case KT_BLUR: {
+        const char **names = k->type == KT_BLOCK ? block_names : k->type == KT_STEM ? stem_names : blur_names;
+        int n_names = k->type == KT_BLUR ? 3 : 2;
+        int x = parse_enum(value, names, n_names);
+        if (x < 0)
+            return fail(err, EXCB_EXIT_CONFIG, "key '%s' is %s or %s%s%s, not '%s'", key, names[0], names[1],
+                        n_names == 3 ? " or " : "", n_names == 3 ? names[2] : "", value);
+        *(int *)at = x;
+        break;
+    }
+    }
+    return 0;
+}
+
+int excb_config_parse(ExcbRunConfig *rc, const char *text, const char *name, char *err) {
+    int line_no = 0, settings = 0;
+    const char *p = text;
+    while (*p) {
+        const char *eol = strchr(p, '\n');
+        size_t len = eol ? (size_t)(eol - p) : strlen(p);
+        char line[2048];
+        line_no++;
+        if (len >= sizeof line) return fail(err, EXCB_EXIT_CONFIG, "%s:%d: line longer than %zu bytes", name, line_no, sizeof line - 1);
+        memcpy(line, p, len);
+        line[len] = 0;
+        p = eol ? eol + 1 : p + len;
+        char *hash = strchr(line, '#');
+        if (hash) *hash = 0;
+        char *s = line;
+        while (*s == ' ' || *s == '\t' || *s == '\r') s++;
+        char *e = s + strlen(s);
+        while (e > s && (e[-1] == ' ' || e[-1] == '\t' || e[-1] == '\r')) *--e = 0;
+        if (!*s) continue;
+        char *eq = strchr(s, '=');
+        if (!eq) return fail(err, EXCB_EXIT_CONFIG, "%s:%d: expected 'key = value', got '%s'", name, line_no, s);
+        char *kend = eq, *v = eq + 1;
+        while (kend > s && (kend[-1] == ' ' || kend[-1] == '\t')) kend--;
+        *kend = 0;
+        while (*v == ' ' || *v == '\t') v++;
+        char sub[EXCB_ERR_LEN];
+        if (!strcmp(s, "preset")) {     /* a file may name its preset, as its first setting; a preset */
+            if (settings) return fail(err, EXCB_EXIT_CONFIG, "%s:%d: 'preset' must come before every other key", name, line_no);
+            if (!rc->preset[0] && excb_preset(rc, v, sub))    /* chosen on the command line wins */
+                return fail(err, EXCB_EXIT_CONFIG, "%s:%d: %s", name, line_no, sub);
+            settings++;
+            continue;
+        }
+        if (!rc->preset[0]) excb_preset(rc, "fashion-mnist", sub);   /* no preset named: the default */
+        settings++;
+        if (excb_config_set(rc, s, v, sub)) return fail(err, EXCB_EXIT_CONFIG, "%s:%d: %s", name, line_no, sub);
+    }
+    return 0;
+}
+
+/* the value of one key, as text */
+static void config_value(const ExcbRunConfig *rc, const ConfigKey *k, char *out, size_t cap) {
+    const char *at = (const char *)rc + k->off;
+    switch (k->type) {
+    case KT_INT: snprintf(out, cap, "%d", *(const int *)at); break;
+    case KT_LONG: snprintf(out, cap, "%ld", *(const long *)at); break;
+    case KT_U64: snprintf(out, cap, "%llu", (unsigned long long)*(const uint64_t *)at); break;
+    case KT_DOUBLE: snprintf(out, cap, "%.17g", *(const double *)at); break;   /* round-trips exactly */
+    case KT_STR: snprintf(out, cap, "%s", at); break;
+    case KT_INTLIST: {
+        int n = *(const int *)((const char *)rc + k->count_off);
+        size_t used = 0;
+        out[0] = 0;
+        for (int i = 0; i < n && used < cap; i++) used += snprintf(out + used, cap - used, i ? ",%d" : "%d", ((const int *)at)[i]);
+        break;
+    }
+    case KT_BLOCK: snprintf(out, cap, "%s", block_names[*(const int *)at]); break;
+    case KT_STEM: snprintf(out, cap, "%s", stem_names[*(const int *)at]); break;
+    case KT_BLUR: snprintf(out, cap, "%s", blur_names[*(const int *)at]); break;
+    }
+}
+
+/* a string as a JSON string body: quotes, backslashes and control characters escaped */
+static void json_escape(char *out, size_t cap, const char *in) {
+    size_t n = 0;
+    for (; *in && n + 7 < cap; in++) {
+        unsigned char ch = (unsigned char)*in;
+        if (ch == '"' || ch == '\\') { out[n++] = '\\'; out[n++] = (char)ch; }
+        else if (ch < 0x20) n += snprintf(out + n, cap - n, "\\u%04x", ch);
+        else out[n++] = (char)ch;
+    }
+    out[n] = 0;
+}
+
+char *excb_config_dump(const ExcbRunConfig *rc, int json) {
+    size_t cap = 16384, used = 0;
+    char *out = xmalloc(cap), val[1200];
+    used += snprintf(out + used, cap - used, json ? "{\"preset\":\"%s\"" : "# excb %s resolved config\npreset = %s\n",
+                     json ? rc->preset : EXCB_VERSION, json ? "" : rc->preset);
+    for (size_t i = 0; i < N_CONFIG_KEYS && used < cap; i++) {
+        const ConfigKey *k = &config_keys[i];
+        config_value(rc, k, val, sizeof val);
+        int quoted = k->type == KT_STR || k->type == KT_INTLIST || k->type >= KT_BLOCK;
+        char esc[2 * sizeof val];
+        json_escape(esc, sizeof esc, val);
+        if (json) used += snprintf(out + used, cap - used, quoted ? ",\"%s\":\"%s\"" : ",\"%s\":%s", k->key, esc);
+        else used += snprintf(out + used, cap - used, "%s = %s\n", k->key, val);
+    }
+    if (json && used < cap) snprintf(out + used, cap - used, "}");
+    return out;
+}
+
+int excb_config_compatible(const ExcbRunConfig *run, const ExcbRunConfig *ckpt, char *err) {
+    char a[1200], b[1200];
+    for (size_t i = 0; i < N_CONFIG_KEYS; i++) {
+        const ConfigKey *k = &config_keys[i];
+        if (!k->trajectory) continue;
+        config_value(run, k, a, sizeof a);
+        config_value(ckpt, k, b, sizeof b);
+        if (strcmp(a, b))
+            return fail(err, EXCB_EXIT_CONFIG, "key '%s' is '%s' here but '%s' in the checkpoint: a resumed run "
+                        "must compute the same trajectory (start a new run directory instead)", k->key, a, b);
+    }
+    return 0;
+}
+
+/* --- presets: complete starting points; every value can still be overridden ----------------------
+ * The official recipe (METHOD.md 2) is the base; the small presets change only what their scale needs,
+ * and the comments say what and why. */
+static void run_defaults(ExcbRunConfig *rc) {
+    memset(rc, 0, sizeof *rc);
+    snprintf(rc->train_split, sizeof rc->train_split, "train");
+    snprintf(rc->bank_split, sizeof rc->bank_split, "train");
+    snprintf(rc->query_split, sizeof rc->query_split, "test");
+    rc->epochs = 400;
+    rc->warmup_epochs = 10;
+    rc->workers = 1;
+    rc->blur = EXCB_BLUR_AS_RUN;
+    rc->log_every = 10;
+    rc->ckpt_every = 0;
+    rc->keep = 2;
+    rc->knn_every = 10;
+    rc->n_knn_ks = 4;
+    rc->knn_ks[0] = 10; rc->knn_ks[1] = 20; rc->knn_ks[2] = 100; rc->knn_ks[3] = 200;
+    rc->knn_t = 0.07;
+    rc->kmeans_init = 1;
+    rc->kmeans_samples = 500000;
+    rc->kmeans_iters = 50;
+    rc->kmeans_restarts = 20;
+    rc->probe_epochs = 100;                /* the official linear eval: 100 epochs, batch 256,       */
+    rc->probe_batch = 256;                 /* SGD cosine to 0, wd 1e-6; lr 0.3 there on raw features, */
+    rc->probe_lr = 0.1;                    /* 0.1 here on standardised ones (a choice, see paper_notes) */
+    rc->probe_wd = 1e-6;
+    rc->debug_nan_step = -1;
+}
+
+static void set_model(ExcbRunConfig *rc, const char *named) {
+    excb_config_named(&rc->model, named);
+    rc->n_widths = rc->n_blocks = rc->model.n_stages;
+}
+
+int excb_preset(ExcbRunConfig *rc, const char *name, char *err) {
+    run_defaults(rc);
+    snprintf(rc->preset, sizeof rc->preset, "%s", name);
+    if (!strcmp(name, "fashion-mnist") || !strcmp(name, "fashion-mnist-long")) {
+        /* The embedded default, sized for 2 CPU cores (about 13 minutes for 3 epochs): ResNet-8
+           (16/32/64), K = 1024, d = 128, B = 256, 2 x 28 + 6 x 12 crops. What else differs from the
+           official recipe, and why (paper_notes.md section 9):
+             - no blur: the official sigma range 0.1-2 px is for 224-px crops; scaled to 28 px it is
+               below 0.25 px, and unscaled (kernel 9, sigma 2 on 28 px) it erases the image;
+             - teacher momentum from 0.99, not 0.996: a 700-step run needs a teacher that follows the
+               student within ~100 steps (0.996 averages over ~250, a third of the run);
+             - warm-up half an epoch (1 for the long run) instead of 10 epochs of 400;
+             - k-means on 20k projections, the k-NN during training on 10k/2k images (all at the end). */
+        set_model(rc, "resnet8s");
+        snprintf(rc->data, sizeof rc->data, "fashion-mnist");
+        rc->model.K = 1024;
+        rc->model.d = 128;
+        rc->model.ema_start = 0.99;
+        rc->blur = EXCB_BLUR_NONE;
+        int is_long = !strcmp(name, "fashion-mnist-long");
+        rc->epochs = is_long ? 12 : 3;
+        rc->warmup_epochs = is_long ? 1 : 0.5;
+        rc->log_every = 1;
+        rc->ckpt_every = 50;
+        rc->knn_every = 1;
+        rc->knn_bank_max = 10000;          /* during training; the final evaluation uses all 60k/10k */
+        rc->knn_query_max = 2000;
+        rc->kmeans_samples = 20000;
+    } else if (!strcmp(name, "cifar10-r18")) {
+        /* CIFAR-10 with ResNet-18 (CIFAR stem), 2 x 32 + 6 x 16 crops, K = 4096, B = 256, 200 epochs */
+        set_model(rc, "resnet18");
+        snprintf(rc->data, sizeof rc->data, "cifar-10-batches-bin");
+        rc->model.K = 4096;
+        rc->model.batch = 256;
+        rc->epochs = 200;
+        rc->kmeans_samples = 50000;
+        rc->knn_every = 10;
+    } else if (!strcmp(name, "stl10-r18")) {
+        /* STL-10 (train+unlabeled, 105k images at 96 px) with ResNet-18 and the ImageNet stem, 2 x 96 +
+           6 x 48 crops, K = 4096, B = 256, 200 epochs; k-NN and probe on the labelled train/test splits */
+        set_model(rc, "resnet18");
+        snprintf(rc->data, sizeof rc->data, "stl10_binary");
+        snprintf(rc->train_split, sizeof rc->train_split, "train+unlabeled");
+        rc->model.stem = EXCB_STEM_IMAGENET;
+        rc->model.global_size = 96;
+        rc->model.local_size = 48;
+        rc->model.K = 4096;
+        rc->model.batch = 256;
+        rc->epochs = 200;
+        rc->kmeans_samples = 100000;
+        rc->knn_every = 10;
+    } else if (!strcmp(name, "imagenet-r50")) {
+        /* The paper's ResNet-50 recipe as the official code runs it (METHOD.md 2): 400 epochs, B = 1024,
+           K = 65536, lr 0.6 with 10 warm-up epochs, 2 x 224 + 6 x 96 crops, 500k k-means samples.
+           data = an ImageFolder root with train/ and val/ (set it: --set data=/path/to/imagenet). */
+        set_model(rc, "resnet50");
+        snprintf(rc->data, sizeof rc->data, "imagenet");
+        snprintf(rc->query_split, sizeof rc->query_split, "val");
+        rc->model.batch = 1024;
+        rc->workers = 8;
+        rc->ckpt_every = 1000;
+        rc->log_every = 50;
+    } else if (!strcmp(name, "tiny")) {
+        /* the tests' preset: the parity net on 8 x 8 crops of Fashion-MNIST-like data */
+        set_model(rc, "tiny");
+        rc->model.batch = 8;
+        rc->epochs = 2;
+        rc->warmup_epochs = 1;
+        rc->log_every = 1;
+        rc->ckpt_every = 2;
+        rc->knn_every = 1;
+        rc->n_knn_ks = 2;
+        rc->knn_ks[0] = 1; rc->knn_ks[1] = 3;
+        rc->kmeans_samples = 32;
+        rc->kmeans_iters = 5;
+        rc->probe_epochs = 5;
+        rc->probe_batch = 8;
+        rc->workers = 0;
+    } else {
+        return fail(err, EXCB_EXIT_CONFIG, "unknown preset '%s' (fashion-mnist, fashion-mnist-long, cifar10-r18, "
+                    "stl10-r18, imagenet-r50, tiny)", name);
+    }
+    return 0;
+}
+
+int excb_config_validate(ExcbRunConfig *rc, char *err) {
+    ExcbConfig *c = &rc->model;
+    if (rc->n_widths != rc->n_blocks)
+        return fail(err, EXCB_EXIT_CONFIG, "widths has %d stages but blocks has %d", rc->n_widths, rc->n_blocks);
+    c->n_stages = rc->n_widths;
+    int total_blocks = 0;
+    for (int i = 0; i < c->n_stages; i++) total_blocks += c->blocks[i];
+    if (total_blocks > EXCB_MAX_BLOCKS) return fail(err, EXCB_EXIT_CONFIG, "more than %d residual blocks", EXCB_MAX_BLOCKS);
+    struct { const char *key; double v, lo, hi; } range[] = {
+        {"batch", c->batch, 2, 1 << 20}, {"K", c->K, 2, 1 << 24}, {"d", c->d, 1, 1 << 16},
+        {"hidden", c->hidden, 1, 1 << 16}, {"n_local", c->n_local, 0, 64},
+        {"global_size", c->global_size, 4, 4096}, {"local_size", c->local_size, c->n_local ? 4 : 0, 4096},
+        {"epochs", rc->epochs, 1, 1e9}, {"warmup_epochs", rc->warmup_epochs, 0, rc->epochs},
+        {"lr", c->lr_peak, 0, 1e3}, {"tau_s", c->tau_s, 1e-6, 1e6}, {"tau_t", c->tau_t, 1e-6, 1e6},
+        {"m_s", c->m_s, 0, 1}, {"ema_start", c->ema_start, 0, 1}, {"sgd_momentum", c->sgd_momentum, 0, 1},
+        {"wd", c->weight_decay, 0, 1}, {"workers", rc->workers, 0, 256}, {"threads", c->threads, 0, 4096},
+        {"log_every", rc->log_every, 1, 1e9}, {"ckpt_every", rc->ckpt_every, 0, 1e9}, {"keep", rc->keep, 1, 1000},
+        {"knn_every", rc->knn_every, 0, 1e9}, {"knn_t", rc->knn_t, 1e-6, 1e6},
+        {"kmeans_iters", rc->kmeans_iters, 1, 1e6}, {"kmeans_restarts", rc->kmeans_restarts, 0, 1e6},
+        {"kmeans_samples", rc->kmeans_samples, c->K, 1e10}, {"probe_epochs", rc->probe_epochs, 1, 1e6},
+        {"probe_batch", rc->probe_batch, 1, 1 << 24}, {"probe_lr", rc->probe_lr, 0, 1e3},
+{"fp16_count_term", c->fp16_count_term, 0, 1},
+        {"kmeans_init", rc->kmeans_init, 0, 1}, {"crop_scale_offset", rc->crop_scale_offset, -0.04, 0.7}, {"skip_bad", rc->skip_bad, 0, 1},
+    };
+    for (size_t i = 0; i < sizeof range / sizeof range[0]; i++)
+        if (!(range[i].v >= range[i].lo && range[i].v <= range[i].hi))
+            return fail(err, EXCB_EXIT_CONFIG, "key '%s' = %g is outside [%g, %g]%s", range[i].key, range[i].v,
+                        range[i].lo, range[i].hi, !strcmp(range[i].key, "kmeans_samples") ? " (k-means needs at least K samples)" : "");
+    if (!rc->data[0]) return fail(err, EXCB_EXIT_CONFIG, "no data set: --data SPEC or --set data=SPEC");
+    return 0;
+}
+
+/* ================================================================================================
+ * 15. Centroid initialisation: spherical k-means on the teacher's projections (METHOD.md 1.10, A12)
+ * ================================================================================================
+ * The official code does not start from random centroids: before the first epoch it collects
+ * `clustering_samples` L2-normalised teacher projections h/||h|| of the randomly initialised network
+ * (each batch gives global view 1 or view 2, alternately), runs 50 Lloyd iterations of spherical
+ * k-means from random data points, restarts while a cluster ends empty, and then sets
+ *   teacher v_k = the unit centroids,   student v_k = one more M-step: the plain means (not normalised).
+ * With weight norm (E1) both give nearly the same c_k; they differ by that one Lloyd step.
+ */
+
+/* E-step: each row's nearest centroid by cosine (argmax <x, c_k>; ties go to the lowest k). Rows in
+   chunks so the (rows, K) score block stays small; the argmax is per row, so any thread count gives
+   the same labels. Returns the number of rows whose label changed. */
+static long kmeans_assign(const real *x, long n, int d, int K, const real *c, int32_t *assign, real *scores,
+                          long chunk) {
+    long changed = 0;
+    for (long r0 = 0; r0 < n; r0 += chunk) {
+        int rows = (int)(n - r0 < chunk ? n - r0 : chunk);
+        matmul('N', 'T', rows, K, d, 1.0f, x + (size_t)r0 * d, d, c, d, 0.0f, scores, K);
+#pragma omp parallel for schedule(static) reduction(+ : changed)
+        for (int i = 0; i < rows; i++) {
+            const real *s = scores + (size_t)i * K;
+            int best = 0;
+            for (int k = 1; k < K; k++)
+                if (s[k] > s[best]) best = k;
+            changed += assign[r0 + i] != best;
+            assign[r0 + i] = best;
+        }
+    }
+    return changed;
+}
+
+/* M-step sums in double, in row order (fixed, so the result does not depend on threads) */
+static void kmeans_sums(const real *x, long n, int d, int K, const int32_t *assign, double *sum, long *count) {
+    memset(sum, 0, sizeof(double) * K * d);
+    memset(count, 0, sizeof(long) * K);
+    for (long i = 0; i < n; i++) {
+        double *s = sum + (size_t)assign[i] * d;
+        const real *xi = x + (size_t)i * d;
+        for (int j = 0; j < d; j++) s[j] += xi[j];
+        count[assign[i]]++;
+    }
+}
+
+int excb_spherical_kmeans(const real *x, long n, int d, int K, int iters, int max_restarts, uint64_t seed,
+                          real *c, real *c_next, int32_t *assign, int *empty) {
+    long chunk = 1024;
+    real *scores = xmalloc(sizeof(real) * chunk * K);
+    double *sum = xmalloc(sizeof(double) * K * d);
+    long *count = xmalloc(sizeof(long) * K);
+    int64_t *perm = xmalloc(sizeof(int64_t) * n);
+    int restart = 0, n_empty = 0;
+    for (;; restart++) {
+        /* seeds: K distinct random rows, the first K of a permutation keyed by (seed, restart) */
+        excb_permutation(perm, n, seed ^ 0x6b6d65616e73ull, restart);      /* "kmeans" */
+        for (int k = 0; k < K; k++) memcpy(c + (size_t)k * d, x + (size_t)perm[k] * d, sizeof(real) * d);
+        for (long i = 0; i < n; i++) assign[i] = -1;
+        for (int it = 0; it < iters; it++) {
+            kmeans_assign(x, n, d, K, c, assign, scores, chunk);
+            kmeans_sums(x, n, d, K, assign, sum, count);
+            for (int k = 0; k < K; k++) {                          /* normalised mean; empty: keep */
+                if (!count[k]) continue;
+                double nn = 0;
+                for (int j = 0; j < d; j++) nn += sum[(size_t)k * d + j] * sum[(size_t)k * d + j];
+                nn = sqrt(nn);
+                if (nn > 0)
+                    for (int j = 0; j < d; j++) c[(size_t)k * d + j] = (real)(sum[(size_t)k * d + j] / nn);
+            }
+        }
+        kmeans_assign(x, n, d, K, c, assign, scores, chunk);        /* the final E-step            */
+        kmeans_sums(x, n, d, K, assign, sum, count);
+        n_empty = 0;
+        for (int k = 0; k < K; k++) n_empty += count[k] == 0;
+        if (!n_empty || restart >= max_restarts) break;
+    }
+    for (int k = 0; k < K; k++)                                     /* one more M-step: the means  */
+        for (int j = 0; j < d; j++)
+            c_next[(size_t)k * d + j] = count[k] ? (real)(sum[(size_t)k * d + j] / count[k]) : c[(size_t)k * d + j];
+    if (empty) *empty = n_empty;
+    free(scores); free(sum); free(count); free(perm);
+    return n_empty ? -1 : restart;
+}
+
+/* the teacher's normalised projections u = h/||h|| (NG, d) of one batch of global views (BN in train
+   mode, as the official code runs its teacher, which also updates the teacher's running statistics) */
+static void teacher_projections(ExcbModel *m, const real *xg) {
+    int NG = m->cfg.n_global * m->cfg.batch;
+    backbone_forward(m, m->teacher, m->teacher_running, &m->act_global, xg, m->f, NG);
+    projector_forward(m, m->teacher, m->teacher_running, m->f, NG);
+    l2norm_rows_forward(m->ut, m->ut_den, m->h, NG, m->cfg.d, NG, (real)m->cfg.norm_eps);
+}
+
+/* Collects rc->kmeans_samples projections from the loader's batches (view 1 from even batches, view 2
+   from odd ones, as trainer.py L193), runs k-means and sets both networks' centroids. Returns 0, or an
+   exit code with err. The loader is left where it stopped; the caller reopens it for training. */
+static int kmeans_init_centroids(ExcbModel *m, const ExcbRunConfig *rc, ExcbLoader *L, int verbose, char *err) {
+    const ExcbConfig *c = &m->cfg;
+    long n = rc->kmeans_samples;
+    int d = c->d, K = c->K, B = c->batch;
+    real *x = xmalloc(sizeof(real) * n * d), *cu = xmalloc(sizeof(real) * K * d), *cm = xmalloc(sizeof(real) * K * d);
+    int32_t *assign = xmalloc(sizeof(int32_t) * n);
+    double t0 = now_seconds();
+    long have = 0;
+    for (long b = 0; have < n; b++) {
+        ExcbBatch *bt;
+        int code = excb_loader_next(L, &bt, err);
+        if (code) { free(x); free(cu); free(cm); free(assign); return code; }
+        teacher_projections(m, bt->xg);
+        int view = (int)(b % 2);
+        long take = n - have < B ? n - have : B;
+        memcpy(x + (size_t)have * d, m->ut + (size_t)view * B * d, sizeof(real) * take * d);
+        have += take;
+    }
+    double t1 = now_seconds();
+    int empty = 0;
+    int restarts = excb_spherical_kmeans(x, n, d, K, rc->kmeans_iters, rc->kmeans_restarts, c->seed, cu, cm, assign, &empty);
+    if (restarts < 0) {
+        free(x); free(cu); free(cm); free(assign);
+        return fail(err, EXCB_EXIT_CONFIG, "k-means: %d of %d clusters still empty after %d restarts with %ld samples "
+                    "(raise kmeans_samples or kmeans_restarts, or lower K)", empty, K, rc->kmeans_restarts, n);
+    }
+    memcpy(PT(m->teacher, m->centroids), cu, sizeof(real) * K * d);
+    memcpy(PT(m->params, m->centroids), cm, sizeof(real) * K * d);
+    if (verbose)
+        fprintf(stderr, "excb train: k-means init: %ld teacher projections (%.1f s), K=%d, %d iterations, %d restart(s) "
+                "(%.1f s)\n", n, t1 - t0, K, rc->kmeans_iters, restarts, now_seconds() - t1);
+    free(x); free(cu); free(cm); free(assign);
+    return 0;
+}
+
+/* ================================================================================================
+ * 16. Checkpoints: atomic, self-describing, verified (ECOSYSTEM.md 4.5)
+ * ================================================================================================
+ * File layout (little-endian; a reader on another byte order refuses the endian marker):
+ *   header   "EXCBCKPT", u32 version (1), u32 endian marker 0x01020304, u32 entries, u32 entry size (184),
+ *            u64 offset of the first data byte                                            (32 bytes)
+ *   table    per entry: name[112] (NUL-padded), u32 dtype, u32 ndim, u64 shape[4], u64 offset, u64 bytes,
+ *            u32 CRC-32 of the entry's bytes, u32 zero                                    (184 bytes)
+ *   data     each entry's bytes at its offset, 64-byte aligned, zero padding between
+ *   trailer  u32 CRC-32 of every byte before the trailer, u32 zero, "EXCBEND\0"           (16 bytes)
+ * Entries: "config" (the resolved config file, text), "train.*" (step, metrics length, time, the epoch's
+ * sums and label counts, each sample's previous label), "method.cluster_sizes" (s, E3), and every
+ * parameter three times, "student.NAME", "teacher.NAME", "momentum.NAME" (PyTorch state_dict names),
+ * plus both networks' BatchNorm running statistics. Everything a step reads is here; the randomness
+ * needs no state (it is a function of (seed, epoch, sample, view) and (seed, step)), and the data
+ * cursor is the step itself (batch t of the run is the loader's batch t).
+ * Writing: to NAME.tmp in the same directory, fflush + fsync, rename over NAME, fsync the directory:
+ * a crash at any moment leaves either the old file set or the new one, never a torn file.
+ */
+enum { CK_U8 = 0, CK_I32 = 1, CK_I64 = 2, CK_F32 = 3, CK_F64 = 4 };
+static const size_t ck_dtype_size[] = {1, 4, 8, 4, 8};
+static const char *ck_dtype_name[] = {"u8", "i32", "i64", "f32", "f64"};
+#define CK_NAME 112
+#define CK_ENTRY 184
+#define CK_HEADER 32
+#define CK_TRAILER 16
+#define CK_VERSION 1
+
+typedef struct {
+    char name[CK_NAME];
+    uint32_t dtype, ndim;
+    uint64_t shape[4], offset, bytes;
+    uint32_t crc;
+    const void *data;          /* writing: where the bytes are; reading: inside the file buffer */
+} CkEntry;
+
+typedef struct { CkEntry *e; int n, cap; } CkList;
+
+static void ck_add(CkList *l, const char *name, int dtype, int ndim, const uint64_t *shape, const void *data) {
+    if (l->n == l->cap) {
+        l->cap = l->cap ? 2 * l->cap : 256;
+        CkEntry *grown = realloc(l->e, sizeof(CkEntry) * l->cap);
+        if (!grown) { fprintf(stderr, "excb: out of memory\n"); exit(EXCB_EXIT_OSERR); }
+        l->e = grown;
+    }
+    CkEntry *e = &l->e[l->n++];
+    memset(e, 0, sizeof *e);
+    snprintf(e->name, CK_NAME, "%s", name);
+    e->dtype = dtype;
+    e->ndim = ndim;
+    e->bytes = ck_dtype_size[dtype];
+    for (int i = 0; i < ndim; i++) { e->shape[i] = shape[i]; e->bytes *= shape[i]; }
+    e->data = data;
+}
+
+static void ck_add1(CkList *l, const char *name, int dtype, uint64_t n, const void *data) {
+    ck_add(l, name, dtype, 1, &n, data);
+}
+
+static uint32_t crc_of(uint32_t crc, const void *p, size_t n) {
+    const uint8_t *b = p;
+    while (n) {                                  /* zlib's crc32 takes at most 4 GiB at a time */
+        uInt part = n > (1u << 30) ? (1u << 30) : (uInt)n;
+        crc = (uint32_t)crc32(crc, b, part);
+        b += part;
+        n -= part;
+    }
+    return crc;
+}
+
+/* the list of everything saved: the same function describes what is written and what is expected */
+static void ck_describe(CkList *l, const ExcbModel *m, const ExcbTrainState *ts, const char *config_text,
+                        const int64_t *scalars_i, const double *scalars_f) {
+    ck_add1(l, "config", CK_U8, strlen(config_text), config_text);
+    ck_add1(l, "train.step", CK_I64, 1, scalars_i);
+    ck_add1(l, "train.metrics_bytes", CK_I64, 1, scalars_i + 1);
+    ck_add1(l, "train.seconds", CK_F64, 1, scalars_f);
+    ck_add1(l, "train.epoch_sums", CK_F64, EXCB_ACC_N, ts->acc);
+    ck_add1(l, "train.epoch_label_counts", CK_I64, m->cfg.K, ts->epoch_counts);
+    ck_add1(l, "train.previous_labels", CK_I32, ts->n_samples, ts->prev_labels);
+    ck_add1(l, "method.cluster_sizes", CK_F32, m->cfg.K, m->s);
+    static const char *prefix[3] = {"student.", "teacher.", "momentum."};
+    const real *buf[3] = {m->params, m->teacher, m->momentum};
+    for (int b = 0; b < 3; b++)
+        for (int t = 0; t < m->n_tensors; t++) {
+            const ExcbTensor *T = &m->tensors[t];
+            char name[CK_NAME];
+            uint64_t shape[4];
+            for (int i = 0; i < T->ndim; i++) shape[i] = T->shape[i];
+            snprintf(name, sizeof name, "%s%s", prefix[b], T->name);
+            ck_add(l, name, CK_F32, T->ndim, shape, buf[b] + T->offset);
+        }
+    ck_add1(l, "student.bn_running_stats", CK_F32, m->n_running, m->running);
+    ck_add1(l, "teacher.bn_running_stats", CK_F32, m->n_running, m->teacher_running);
+}
+
+/* fwrite that also runs the file's CRC */
+static int ck_write(FILE *f, const void *p, size_t n, uint32_t *crc) {
+    *crc = crc_of(*crc, p, n);
+    return fwrite(p, 1, n, f) == n ? 0 : -1;
+}
+
+static void put32(uint8_t *p, uint32_t v) { memcpy(p, &v, 4); }
+static void put64(uint8_t *p, uint64_t v) { memcpy(p, &v, 8); }
+static uint32_t get32(const uint8_t *p) { uint32_t v; memcpy(&v, p, 4); return v; }
+static uint64_t get64(const uint8_t *p) { uint64_t v; memcpy(&v, p, 8); return v; }
+
+static int fsync_dir_of(const char *path) {
+    char dir[4096];
+    snprintf(dir, sizeof dir, "%s", path);
+    char *slash = strrchr(dir, '/');
+    if (slash) *(slash == dir ? slash + 1 : slash) = 0;
+    else snprintf(dir, sizeof dir, ".");
+    int fd = open(dir, O_RDONLY | O_DIRECTORY);
+    if (fd < 0) return -1;
+    int r = fsync(fd);
+    close(fd);
+    return r;
+}
+
+int excb_checkpoint_save(const char *path, const ExcbModel *m, const ExcbTrainState *ts, const char *config_text,
+                         char *err) {
+    int64_t si[2] = {m->step, ts->metrics_bytes};
+    double sf[1] = {ts->seconds};
+    CkList l = {0};
+    ck_describe(&l, m, ts, config_text, si, sf);
+    uint64_t off = CK_HEADER + (uint64_t)l.n * CK_ENTRY;
+    off = (off + 63) / 64 * 64;
+    uint64_t data_start = off;
+    for (int i = 0; i < l.n; i++) {
+        l.e[i].offset = off;
+        l.e[i].crc = crc_of(0, l.e[i].data, l.e[i].bytes);
+        off = (off + l.e[i].bytes + 63) / 64 * 64;
+    }
+    char tmp[4200];
+    snprintf(tmp, sizeof tmp, "%s.tmp", path);
+    FILE *f = fopen(tmp, "wb");
+    if (!f) { free(l.e); return fail(err, EXCB_EXIT_CANTCREAT, "cannot create %s: %s", tmp, strerror(errno)); }
+    uint32_t crc = 0;
+    uint8_t hdr[CK_HEADER] = {0}, ent[CK_ENTRY], pad[64] = {0};
+    memcpy(hdr, "EXCBCKPT", 8);
+    put32(hdr + 8, CK_VERSION);
+    put32(hdr + 12, 0x01020304u);
+    put32(hdr + 16, (uint32_t)l.n);
+    put32(hdr + 20, CK_ENTRY);
+    put64(hdr + 24, data_start);
+    int bad = ck_write(f, hdr, CK_HEADER, &crc);
+    for (int i = 0; i < l.n && !bad; i++) {
+        const CkEntry *e = &l.e[i];
+        memset(ent, 0, sizeof ent);
+        memcpy(ent, e->name, strlen(e->name));
+        put32(ent + 112, e->dtype);
+        put32(ent + 116, e->ndim);
+        for (int j = 0; j < 4; j++) put64(ent + 120 + 8 * j, e->shape[j]);
+        put64(ent + 152, e->offset);
+        put64(ent + 160, e->bytes);
+        put32(ent + 168, e->crc);
+        bad = ck_write(f, ent, CK_ENTRY, &crc);
+    }
+    uint64_t pos = CK_HEADER + (uint64_t)l.n * CK_ENTRY;
+    for (int i = 0; i < l.n && !bad; i++) {
+        bad |= ck_write(f, pad, l.e[i].offset - pos, &crc);
+        bad |= ck_write(f, l.e[i].data, l.e[i].bytes, &crc);
+        pos = l.e[i].offset + l.e[i].bytes;
+    }
+    if (!bad) bad |= ck_write(f, pad, off - pos, &crc);
+    uint8_t trailer[CK_TRAILER] = {0};
+    put32(trailer, crc);
+    memcpy(trailer + 8, "EXCBEND", 8);
+    if (!bad) bad = fwrite(trailer, 1, CK_TRAILER, f) != CK_TRAILER;
+    int saved_errno = errno;
+    if (!bad) bad = fflush(f) || fsync(fileno(f));
+    if (fclose(f)) bad = 1;
+    free(l.e);
+    if (bad) {
+        unlink(tmp);
+        return fail(err, EXCB_EXIT_IO, "writing %s failed: %s (the previous checkpoint is untouched)", tmp,
+                    strerror(saved_errno ? saved_errno : errno));
+    }
+    if (rename(tmp, path) || fsync_dir_of(path)) {
+        unlink(tmp);
+        return fail(err, EXCB_EXIT_IO, "committing %s failed: %s", path, strerror(errno));
+    }
+    return 0;
+}
+
+/* A checkpoint read into memory and verified: trailer, file CRC, header, table, every entry's CRC. */
+typedef struct { uint8_t *buf; size_t len; CkList l; } CkFile;
+
+static void ck_close(CkFile *ck) { free(ck->buf); free(ck->l.e); memset(ck, 0, sizeof *ck); }
+
+static int ck_open(const char *path, CkFile *ck, char *err) {
+    memset(ck, 0, sizeof *ck);
+    FILE *f = fopen(path, "rb");
+    if (!f) return fail(err, EXCB_EXIT_NOINPUT, "checkpoint %s: %s", path, strerror(errno));
+    struct stat st;
+    if (fstat(fileno(f), &st) || !S_ISREG(st.st_mode)) { fclose(f); return fail(err, EXCB_EXIT_NOINPUT, "checkpoint %s: not a regular file", path); }
+    ck->len = (size_t)st.st_size;
+    ck->buf = malloc(ck->len ? ck->len : 1);
+    if (!ck->buf) { fclose(f); return fail(err, EXCB_EXIT_OSERR, "checkpoint %s: out of memory (%zu bytes)", path, ck->len); }
+    size_t got = fread(ck->buf, 1, ck->len, f);
+    fclose(f);
+    if (got != ck->len) { ck_close(ck); return fail(err, EXCB_EXIT_IO, "checkpoint %s: read %zu of %zu bytes", path, got, ck->len); }
+    const uint8_t *b = ck->buf;
+    size_t n = ck->len;
+    if (n < 8 || memcmp(b, "EXCBCKPT", 8)) { ck_close(ck); return fail(err, EXCB_EXIT_DATA, "checkpoint %s: not an excb checkpoint (bad magic)", path); }
+    if (n < CK_HEADER + CK_TRAILER || memcmp(b + n - 8, "EXCBEND", 8)) {
+        ck_close(ck);
+        return fail(err, EXCB_EXIT_DATA, "checkpoint %s: truncated or damaged (%zu bytes, no end marker)", path, n);
+    }
+    uint32_t want = get32(b + n - CK_TRAILER), got_crc = crc_of(0, b, n - CK_TRAILER);
+    if (want != got_crc) {
+        ck_close(ck);
+        return fail(err, EXCB_EXIT_DATA, "checkpoint %s: damaged (file CRC-32 is 0x%08x, the trailer says 0x%08x)", path, got_crc, want);
+    }
+    if (get32(b + 12) != 0x01020304u) { ck_close(ck); return fail(err, EXCB_EXIT_DATA, "checkpoint %s: written on a machine of the other byte order", path); }
+    if (get32(b + 8) != CK_VERSION) { ck_close(ck); return fail(err, EXCB_EXIT_DATA, "checkpoint %s: format version %u, this excb reads %d", path, get32(b + 8), CK_VERSION); }
+    uint32_t count = get32(b + 16);
+    if (get32(b + 20) != CK_ENTRY || (uint64_t)count * CK_ENTRY + CK_HEADER > n - CK_TRAILER) {
+        ck_close(ck);
+        return fail(err, EXCB_EXIT_DATA, "checkpoint %s: bad tensor table (%u entries)", path, count);
+    }
+    for (uint32_t i = 0; i < count; i++) {
+        const uint8_t *t = b + CK_HEADER + (size_t)i * CK_ENTRY;
+        CkEntry e = {0};
+        memcpy(e.name, t, CK_NAME - 1);
+        e.dtype = get32(t + 112);
+        e.ndim = get32(t + 116);
+        for (int j = 0; j < 4; j++) e.shape[j] = get64(t + 120 + 8 * j);
+        e.offset = get64(t + 152);
+        e.bytes = get64(t + 160);
+        e.crc = get32(t + 168);
+        if (e.dtype > CK_F64 || e.ndim > 4 || e.offset > n - CK_TRAILER || e.bytes > n - CK_TRAILER - e.offset) {
+            ck_close(ck);
+            return fail(err, EXCB_EXIT_DATA, "checkpoint %s: entry %u ('%.40s') is out of bounds", path, i, e.name);
+        }
+        if (crc_of(0, b + e.offset, e.bytes) != e.crc) {
+            ck_close(ck);
+            return fail(err, EXCB_EXIT_DATA, "checkpoint %s: tensor '%s' is damaged (CRC-32 mismatch)", path, e.name);
+        }
+        ck_add(&ck->l, e.name, e.dtype, e.ndim, e.shape, b + e.offset);
+        ck->l.e[ck->l.n - 1].crc = e.crc;
+    }
+    return 0;
+}
+
+int excb_checkpoint_config(const char *path, char **config_text, char *err) {
+    CkFile ck;
+    int code = ck_open(path, &ck, err);
+    if (code) return code;
+    for (int i = 0; i < ck.l.n; i++)
+        if (!strcmp(ck.l.e[i].name, "config") && ck.l.e[i].dtype == CK_U8) {
+            *config_text = xmalloc(ck.l.e[i].bytes + 1);
+            memcpy(*config_text, ck.l.e[i].data, ck.l.e[i].bytes);
+            (*config_text)[ck.l.e[i].bytes] = 0;
+            ck_close(&ck);
+            return 0;
+        }
+    ck_close(&ck);
+    return fail(err, EXCB_EXIT_DATA, "checkpoint %s: no config entry", path);
+}
+
+void excb_train_state_free(ExcbTrainState *ts) {
+    free(ts->prev_labels);
+    free(ts->epoch_counts);
+    memset(ts, 0, sizeof *ts);
+}
+
+int excb_checkpoint_load(const char *path, ExcbModel *m, ExcbTrainState *ts, char *err) {
+    CkFile ck;
+    int code = ck_open(path, &ck, err);
+    if (code) return code;
+    /* what this model expects, described by the same function that writes; the data pointers of the
+       expected list are where each entry's bytes go */
+    int64_t si[2] = {0};
+    double sf[1] = {0};
+    long n_samples = -1;
+    for (int i = 0; i < ck.l.n; i++)
+        if (!strcmp(ck.l.e[i].name, "train.previous_labels")) n_samples = (long)ck.l.e[i].shape[0];
+    if (n_samples < 0) { ck_close(&ck); return fail(err, EXCB_EXIT_DATA, "checkpoint %s: no train.previous_labels entry", path); }
+    ExcbTrainState fresh = {.n_samples = n_samples};
+    fresh.prev_labels = xmalloc(sizeof(int32_t) * (n_samples + 1));
+    fresh.epoch_counts = xmalloc(sizeof(int64_t) * m->cfg.K);
+    CkList want = {0};
+    ck_describe(&want, m, &fresh, "", si, sf);
+    for (int w = 0; w < want.n && !code; w++) {
+        CkEntry *e = &want.e[w];
+        const CkEntry *g = NULL;
+        for (int i = 0; i < ck.l.n; i++)
+            if (!strcmp(ck.l.e[i].name, e->name)) { g = &ck.l.e[i]; break; }
+        if (!g) { code = fail(err, EXCB_EXIT_CONFIG, "checkpoint %s: has no tensor '%s' (a checkpoint of another model?)", path, e->name); break; }
+        if (!strcmp(e->name, "config")) continue;
+        int same = g->dtype == e->dtype && g->ndim == e->ndim;
+        for (uint32_t j = 0; same && j < e->ndim; j++) same = g->shape[j] == e->shape[j];
+        if (!same) {
+            char a[96] = "", b[96] = "";
+            for (uint32_t j = 0; j < g->ndim; j++) snprintf(a + strlen(a), sizeof a - strlen(a), j ? ",%llu" : "%llu", (unsigned long long)g->shape[j]);
+            for (uint32_t j = 0; j < e->ndim; j++) snprintf(b + strlen(b), sizeof b - strlen(b), j ? ",%llu" : "%llu", (unsigned long long)e->shape[j]);
+            code = fail(err, EXCB_EXIT_CONFIG, "checkpoint %s: tensor '%s' is %s (%s) there, this model expects %s (%s)", path,
+                        e->name, ck_dtype_name[g->dtype], a, ck_dtype_name[e->dtype], b);
+            break;
+        }
+        memcpy((void *)e->data, g->data, e->bytes);
+    }
+    free(want.e);
+    ck_close(&ck);
+    if (code) { excb_train_state_free(&fresh); return code; }
+    m->step = si[0];
+    fresh.metrics_bytes = si[1];
+    fresh.seconds = sf[0];
+    *ts = fresh;
+    return 0;
+}
+
+/* ================================================================================================
+ * 17. Training: the run directory, metrics, progress, the divergence guard, the loop
+ * ================================================================================================
+ * A run directory holds:
+ *   config.txt          the resolved config (a config file: `excb train --config DIR/config.txt` reruns it)
+ *   metrics.jsonl       a "run" header record, then "step", "epoch", "eval" and (on failure) "diverged"
+ *                       records, one JSON object per line, flushed per line. Fields that depend on the
+ *                       machine's speed sit in one trailing "wall" object; everything else is a function
+ *                       of the config and reproduces bit for bit (and across a resume).
+ *   ckpt-NNNNNNNNNN.excb the newest `keep` checkpoints, NNNNNNNNNN = steps done
+ *   eval.json           the final evaluation
+ *   diverged-STEP.txt   only after a divergence: the step's diagnostics and its sample indices
+ */
+typedef struct {
+    char dir[4096];
+    FILE *metrics;
+    int tty, quiet;
+    double t_start;
+    long step_start;
+} Run;
+
+static void path_in(char *out, size_t cap, const char *dir, const char *name) { snprintf(out, cap, "%s/%s", dir, name); }
+
+/* mkdir -p */
+static int mkdir_p(const char *dir, char *err) {
+    char p[4096];
+    snprintf(p, sizeof p, "%s", dir);
+    for (char *s = p + 1; *s; s++)
+        if (*s == '/') {
+            *s = 0;
+            if (mkdir(p, 0777) && errno != EEXIST) return fail(err, EXCB_EXIT_CANTCREAT, "cannot create %s: %s", p, strerror(errno));
+            *s = '/';
+        }
+    if (mkdir(p, 0777) && errno != EEXIST) return fail(err, EXCB_EXIT_CANTCREAT, "cannot create %s: %s", p, strerror(errno));
+    struct stat st;
+    if (stat(p, &st) || !S_ISDIR(st.st_mode)) return fail(err, EXCB_EXIT_CANTCREAT, "%s is not a directory", p);
+    return 0;
+}
+
+static int write_text_atomic(const char *path, const char *text, char *err) {
+    char tmp[4200];
+    snprintf(tmp, sizeof tmp, "%s.tmp", path);
+    FILE *f = fopen(tmp, "w");
+    if (!f) return fail(err, EXCB_EXIT_CANTCREAT, "cannot create %s: %s", tmp, strerror(errno));
+    int bad = fputs(text, f) < 0;
+    bad |= fflush(f) || fsync(fileno(f));
+    bad |= fclose(f) != 0;
+    if (bad || rename(tmp, path) || fsync_dir_of(path)) {
+        unlink(tmp);
+        return fail(err, EXCB_EXIT_IO, "writing %s failed: %s", path, strerror(errno));
+    }
+    return 0;
+}
+
+static int cmp_long_desc(const void *a, const void *b) {
+    long x = *(const long *)a, y = *(const long *)b;
+    return (x < y) - (x > y);
+}
+
+/* the steps of the checkpoints in dir, newest first; removes leftover *.tmp files of a killed write */
+static int list_checkpoints(const char *dir, long *steps, int max, int clean_tmp) {
+    DIR *d = opendir(dir);
+    if (!d) return 0;
+    int n = 0;
+    struct dirent *e;
+    while ((e = readdir(d))) {
+        long step;
+        char tail[8];
+        size_t len = strlen(e->d_name);
+        if (clean_tmp && len > 4 && !strcmp(e->d_name + len - 4, ".tmp") && !strncmp(e->d_name, "ckpt-", 5)) {
+            char p[4400];
+            path_in(p, sizeof p, dir, e->d_name);
+            unlink(p);
+            continue;
+        }
+        if (len == 20 && sscanf(e->d_name, "ckpt-%10ld%5s", &step, tail) == 2 && !strcmp(tail, ".excb") && n < max)
+            steps[n++] = step;
+    }
+    closedir(d);
+    qsort(steps, n, sizeof(long), cmp_long_desc);
+    return n;
+}
+
+static void ckpt_path(char *out, size_t cap, const char *dir, long step) { snprintf(out, cap, "%s/ckpt-%010ld.excb", dir, step); }
+
+/* The newest checkpoint of dir that verifies; damaged newer ones are reported and skipped (a crash
+   cannot make one, but a disk can). 0, or EXCB_EXIT_NOINPUT when there is none. */
+int excb_find_checkpoint(const char *dir, char *path, size_t cap, int verbose, char *err) {
+    long steps[4096];
+    int n = list_checkpoints(dir, steps, 4096, 0);
+    for (int i = 0; i < n; i++) {
+        ckpt_path(path, cap, dir, steps[i]);
+        CkFile ck;
+        if (!ck_open(path, &ck, err)) { ck_close(&ck); return 0; }
+        if (verbose) fprintf(stderr, "excb: skipping %s\n", err);
+    }
+    return fail(err, EXCB_EXIT_NOINPUT, "%s: no usable checkpoint (ckpt-*.excb)", dir);
+}
+
+/* JSON numbers: non-finite values become null (JSON has no NaN) */
+static void jnum(FILE *f, const char *key, double v) {
+    if (isfinite(v)) fprintf(f, ",\"%s\":%.9g", key, v);
+    else fprintf(f, ",\"%s\":null", key);
+}
+
+static void metrics_end(Run *r, double extra_seconds, double img_per_s) {
+    fprintf(r->metrics, ",\"wall\":{\"seconds\":%.3f,\"img_per_s\":%.2f}}\n", extra_seconds, img_per_s);
+    fflush(r->metrics);
+}
+
+static double elapsed_img_per_s(const Run *r, long step, int B) {
+    double dt = now_seconds() - r->t_start;
+    return dt > 0 ? (double)(step - r->step_start) * B / dt : 0;
+}
+
+/* the progress line: a bar with ETA on a terminal, otherwise one plain line every tenth of an epoch */
+static void progress(const Run *r, long step, long total, long bpe, const ExcbStepStats *st, int B, int force_line) {
+    if (r->quiet) return;
+    double ips = elapsed_img_per_s(r, step, B), eta = ips > 0 ? (double)(total - step) * B / ips : 0;
+    long epoch = (step - 1) / bpe, in_epoch = (step - 1) % bpe + 1, epochs = total / bpe;
+    if (r->tty) {
+        char bar[21];
+        int filled = (int)(20 * in_epoch / bpe);
+        for (int i = 0; i < 20; i++) bar[i] = i < filled ? '#' : '.';
+        bar[20] = 0;
+        fprintf(stderr, "\r\033[Kepoch %ld/%ld [%s] step %ld/%ld loss %.4f distinct %d | %.0f img/s | ETA %ldh%02ldm%02lds",
+                epoch + 1, epochs, bar, step, total, st->loss, st->unique_labels, ips, (long)eta / 3600,
+                ((long)eta / 60) % 60, (long)eta % 60);
+        if (force_line) fputc('\n', stderr);
+        fflush(stderr);
+    } else {
+        long every = bpe / 10 > 0 ? bpe / 10 : 1;
+        if (force_line || in_epoch % every == 0)
+            fprintf(stderr, "excb train: epoch %ld/%ld step %ld/%ld loss %.4f distinct %d lr %.4g | %.0f img/s | ETA %.0f s\n",
+                    epoch + 1, epochs, step, total, st->loss, st->unique_labels, st->lr, ips, eta);
+    }
+}
+
+/* --- evaluation sets: the labelled bank and query splits, with their labels --------------------- */
+typedef struct {
+    ExcbDataset bank, query;
+    int has_query;
+} EvalSets;
+
+static int open_eval_sets(const ExcbRunConfig *rc, EvalSets *es, char *err) {
+    memset(es, 0, sizeof *es);
+    int code = excb_data_open(&es->bank, rc->data, rc->bank_split, err);
+    if (code) return code;
+    if ((code = excb_data_open(&es->query, rc->data, rc->query_split, err))) { excb_data_close(&es->bank); return code; }
+    es->has_query = 1;
+    ExcbDataset *sets[2] = {&es->bank, &es->query};
+    for (int s = 0; s < 2; s++) {
+        const ExcbDataset *ds = sets[s];
+        int ok = ds->labels && ds->n_classes > 0;
+        for (long i = 0; ok && i < ds->n; i++) ok = ds->labels[i] >= 0;
+        if (!ok) {
+            excb_data_close(&es->bank); excb_data_close(&es->query);
+            return fail(err, EXCB_EXIT_DATA, "%s (%s split): evaluation needs every image labelled", ds->path, ds->split);
+        }
+    }
+    return 0;
+}
+
+static void close_eval_sets(EvalSets *es) {
+    excb_data_close(&es->bank);
+    if (es->has_query) excb_data_close(&es->query);
+}
+
+typedef struct {
+    long n_bank, n_query;
+    int n_ks;
+    double top1[EXCB_MAX_KS], top5[EXCB_MAX_KS];
+    int probed;
+    double probe_test, probe_train;
+    ExcbClusterScores clusters;
+    double seconds;
+} EvalResult;
+
+/* evenly spaced subset i * n / max (all when max is 0 or >= n) */
+static long *subset(long n, long max, long *count) {
+    long c = max > 0 && max < n ? max : n;
+    long *idx = xmalloc(sizeof(long) * c);
+    for (long i = 0; i < c; i++) idx[i] = c == n ? i : (long)((double)i * n / c);
+    *count = c;
+    return idx;
+}
+
+/* k-NN on (subsets of) the bank and query splits; with full = 1 also the linear probe and the
+   clustering metrics of the query split */
+static int evaluate(ExcbModel *m, const ExcbRunConfig *rc, EvalSets *es, long bank_max, long query_max, int full,
+                    int teacher, EvalResult *res, char *err) {
+    double t0 = now_seconds();
+    memset(res, 0, sizeof *res);
+    ExcbViewConfig vc;
+    excb_view_config_for(&vc, &m->cfg, rc->epochs, rc->blur);
+    long nb, nq;
+    long *ib = subset(es->bank.n, bank_max, &nb), *iq = subset(es->query.n, query_max, &nq);
+    int D = m->D, C = es->bank.n_classes > es->query.n_classes ? es->bank.n_classes : es->query.n_classes;
+    real *fb = xmalloc(sizeof(real) * nb * D), *fq = xmalloc(sizeof(real) * nq * D);
+    int32_t *yb = xmalloc(sizeof(int32_t) * nb), *yq = xmalloc(sizeof(int32_t) * nq), *aq = full ? xmalloc(sizeof(int32_t) * nq) : NULL;
+    int code = excb_extract_features(m, teacher, &es->bank, &vc, ib, nb, fb, NULL, err);
+    if (!code) code = excb_extract_features(m, teacher, &es->query, &vc, iq, nq, fq, aq, err);
+    if (!code) {
+        for (long i = 0; i < nb; i++) yb[i] = es->bank.labels[ib[i]];
+        for (long i = 0; i < nq; i++) yq[i] = es->query.labels[iq[i]];
+        res->n_bank = nb;
+        res->n_query = nq;
+        res->n_ks = rc->n_knn_ks;
+        excb_knn(fb, yb, nb, fq, yq, nq, D, C, rc->knn_ks, rc->n_knn_ks, rc->knn_t, res->top1, res->top5);
+        if (full) {
+            res->probed = 1;
+            res->probe_test = excb_linear_probe(fb, yb, nb, fq, yq, nq, D, C, rc->probe_epochs, rc->probe_batch,
+                                                rc->probe_lr, rc->probe_wd, m->cfg.seed, &res->probe_train);
+            excb_cluster_scores(aq, yq, nq, m->cfg.K, C, &res->clusters);
+        }
+    }
+    res->seconds = now_seconds() - t0;
+    free(ib); free(iq); free(fb); free(fq); free(yb); free(yq); free(aq);
+    return code;
+}
+
+/* the evaluation, printed with every knob that produced it (stdout), and as one JSON object */
+static void print_eval(FILE *f, const ExcbModel *m, const ExcbRunConfig *rc, const EvalSets *es, const EvalResult *r, int teacher) {
+    fprintf(f, "features: %s backbone, pooled (D = %d), BatchNorm running statistics, evaluation view %dx%d "
+            "(%s), step %ld\n", teacher ? "teacher" : "student", m->D, m->cfg.global_size, m->cfg.global_size,
+            es->bank.height == m->cfg.global_size ? "the whole image" : "resize short side to G*256/224, centre crop",
+            m->step);
+    fprintf(f, "k-NN: cosine on L2-normalised features, vote weight exp(sim/T), T = %g; bank %s (%s) %ld images, "
+            "queries %s %ld images, %d classes\n", rc->knn_t, es->bank.path, es->bank.split, r->n_bank,
+            es->query.split, r->n_query, es->bank.n_classes);
+    for (int j = 0; j < r->n_ks; j++)
+        fprintf(f, "  k = %3d   top-1 %6.2f %%   top-5 %6.2f %%\n", rc->knn_ks[j], r->top1[j], r->top5[j]);
+    if (r->probed) {
+        fprintf(f, "linear probe: standardised frozen features, softmax regression, SGD momentum 0.9, lr %g cosine "
+                "to 0, wd %g, batch %d, %d epochs, no augmentation, seed %llu: test top-1 %.2f %% (train %.2f %%), "
+                "last epoch\n", rc->probe_lr, rc->probe_wd, rc->probe_batch, rc->probe_epochs,
+                (unsigned long long)m->cfg.seed, r->probe_test, r->probe_train);
+        const ExcbClusterScores *c = &r->clusters;
+        fprintf(f, "clusters: %s centroids (K = %d), each query's argmax cosine, no balancing; %ld queries, %d "
+                "clusters used: NMI %.4f  AMI %.4f  ARI %.4f  many-to-one acc %.2f %%  Hungarian acc %s\n",
+                teacher ? "teacher" : "student", m->cfg.K, r->n_query, c->used_clusters, c->nmi, c->ami, c->ari,
+                100 * c->acc_many_to_one, isnan(c->acc_hungarian) ? "n/a (K != classes)" : "");
+        if (!isnan(c->acc_hungarian)) fprintf(f, "  Hungarian-matched acc %.2f %%\n", 100 * c->acc_hungarian);
+    }
+    fprintf(f, "evaluation time %.1f s\n", r->seconds);
+}
+
+static void eval_json(FILE *f, const ExcbRunConfig *rc, const EvalResult *r) {
+    fprintf(f, "\"n_bank\":%ld,\"n_query\":%ld,\"knn_t\":%g", r->n_bank, r->n_query, rc->knn_t);
+    char key[32];
+    for (int j = 0; j < r->n_ks; j++) {
+        snprintf(key, sizeof key, "knn_top1_k%d", rc->knn_ks[j]); jnum(f, key, r->top1[j]);
+        snprintf(key, sizeof key, "knn_top5_k%d", rc->knn_ks[j]); jnum(f, key, r->top5[j]);
+    }
+    if (r->probed) {
+        jnum(f, "probe_test_top1", r->probe_test);
+        jnum(f, "probe_train_top1", r->probe_train);
+        jnum(f, "nmi", r->clusters.nmi);
+        jnum(f, "ami", r->clusters.ami);
+        jnum(f, "ari", r->clusters.ari);
+        jnum(f, "acc_many_to_one", r->clusters.acc_many_to_one);
+        jnum(f, "acc_hungarian", r->clusters.acc_hungarian);
+        fprintf(f, ",\"clusters_used\":%d", r->clusters.used_clusters);
+    }
+}
+
+/* --- the divergence guard ------------------------------------------------------------------------- */
+static double grad_norm(const ExcbModel *m) {
+    double s = 0;
+    for (size_t i = 0; i < m->n_params; i++) s += (double)m->grads[i] * m->grads[i];
+    return sqrt(s);
+}
+
+static int diverged(Run *r, const ExcbModel *m, const ExcbBatch *bt, long epoch, double loss, double gnorm,
+                    const char *what, long last_ckpt, char *err) {
+    fprintf(r->metrics, "{\"type\":\"diverged\",\"step\":%ld,\"epoch\":%ld,\"what\":\"%s\"", m->step, epoch, what);
+    jnum(r->metrics, "loss", loss);
+    jnum(r->metrics, "grad_norm", gnorm);
+    fprintf(r->metrics, ",\"last_checkpoint_step\":%ld", last_ckpt);
+    metrics_end(r, now_seconds() - r->t_start, 0);
+    char path[4200], name[64];
+    snprintf(name, sizeof name, "diverged-%ld.txt", m->step);
+    path_in(path, sizeof path, r->dir, name);
+    FILE *f = fopen(path, "w");
+    if (f) {
+        fprintf(f, "step %ld (0-based), epoch %ld: %s (loss %g, gradient norm %g)\nlast good checkpoint: step %ld\n"
+                "data set indices of the batch's %d images:\n", m->step, epoch, what, loss, gnorm, last_ckpt, m->cfg.batch);
+        for (int i = 0; i < m->cfg.batch; i++) fprintf(f, "%lld\n", (long long)bt->index[i]);
+        fclose(f);
+    }
+    return fail(err, EXCB_EXIT_DIVERGED, "step %ld: %s (loss %g, gradient norm %g); nothing of this step was saved, "
+                "the last good checkpoint is step %ld; the batch's images are listed in %s", m->step, what, loss, gnorm,
+                last_ckpt, path);
+}
+
+/* keep the newest `keep` checkpoints */
+static void prune_checkpoints(const char *dir, int keep) {
+    long steps[4096];
+    int n = list_checkpoints(dir, steps, 4096, 0);
+    for (int i = keep; i < n; i++) {
+        char p[4200];
+        ckpt_path(p, sizeof p, dir, steps[i]);
+        unlink(p);
+    }
+}
+
+static int save_checkpoint(Run *r, const ExcbModel *m, ExcbTrainState *ts, const char *config_text, int keep, char *err) {
+    fflush(r->metrics);
+    ts->metrics_bytes = ftell(r->metrics);
+    char p[4200];
+    ckpt_path(p, sizeof p, r->dir, m->step);
+    int code = excb_checkpoint_save(p, m, ts, config_text, err);
+    if (!code) prune_checkpoints(r->dir, keep);
+    return code;
+}
+
+static void epoch_record(Run *r, const ExcbModel *m, const ExcbTrainState *ts, long epoch, const EvalResult *knn,
+                         const ExcbRunConfig *rc, double epoch_seconds) {
+    const double *a = ts->acc;
+    int K = m->cfg.K;
+    double n = a[EXCB_ACC_STEPS] > 0 ? a[EXCB_ACC_STEPS] : 1, total = 0, h = 0;
+    long empty = 0, cmin = -1, cmax = 0;
+    for (int k = 0; k < K; k++) total += ts->epoch_counts[k];
+    for (int k = 0; k < K; k++) {
+        long c = ts->epoch_counts[k];
+        empty += c == 0;
+        cmin = cmin < 0 || c < cmin ? c : cmin;
+        cmax = c > cmax ? c : cmax;
+        if (c > 0) h -= c / total * log(c / total);
+    }
+    double smin = m->s[0], smax = m->s[0];
+    for (int k = 1; k < K; k++) { smin = fmin(smin, m->s[k]); smax = fmax(smax, m->s[k]); }
+    fprintf(r->metrics, "{\"type\":\"epoch\",\"epoch\":%ld,\"step\":%ld", epoch, m->step);
+    jnum(r->metrics, "loss", a[EXCB_ACC_LOSS] / n);
+    jnum(r->metrics, "teacher_conf", a[EXCB_ACC_TCONF] / n);
+    jnum(r->metrics, "student_conf", a[EXCB_ACC_SCONF] / n);
+    jnum(r->metrics, "distinct_per_batch", a[EXCB_ACC_UNIQUE] / n);
+    jnum(r->metrics, "changed_labels", a[EXCB_ACC_SEEN] > 0 ? a[EXCB_ACC_CHANGED] / a[EXCB_ACC_SEEN] : NAN);
+    jnum(r->metrics, "assign_entropy", a[EXCB_ACC_ENTROPY] / n);
+    fprintf(r->metrics, ",\"empty_clusters\":%ld,\"cluster_size_min\":%ld,\"cluster_size_max\":%ld", empty, cmin, cmax);
+    jnum(r->metrics, "label_entropy_norm", h / log(K));
+    jnum(r->metrics, "s_min_times_K", smin * K);
+    jnum(r->metrics, "s_max_times_K", smax * K);
+    if (knn) {
+        fprintf(r->metrics, ",");
+        eval_json(r->metrics, rc, knn);
+    }
+    metrics_end(r, epoch_seconds, elapsed_img_per_s(r, m->step, m->cfg.batch));
+    if (!r->quiet) {
+        fprintf(stderr, "excb train: epoch %ld done: loss %.4f, empty clusters %ld of %d, cluster sizes %ld..%ld, "
+                "label entropy %.4f of log K", epoch + 1, a[EXCB_ACC_LOSS] / n, empty, K, cmin, cmax, h / log(K));
+        for (int j = 0; knn && j < knn->n_ks; j++) fprintf(stderr, "%s k=%d %.2f %%", j ? "," : "; k-NN top-1", rc->knn_ks[j], knn->top1[j]);
+        if (knn) fprintf(stderr, " (%ld bank / %ld queries)", knn->n_bank, knn->n_query);
+        fprintf(stderr, "\n");
+    }
+}
+
+int excb_train(ExcbRunConfig *rc_in, const char *out_dir, const char *resume_from, int quiet, char *err) {
+    ExcbRunConfig rc = *rc_in;
+    Run r = {.tty = isatty(STDERR_FILENO), .quiet = quiet};
+    snprintf(r.dir, sizeof r.dir, "%s", out_dir);
+    int code;
+    if ((code = mkdir_p(out_dir, err))) return code;
+    /* the data first: the model's channel count and the schedule's length follow from it */
+    ExcbDataset ds;
+    if ((code = excb_data_open(&ds, rc.data, rc.train_split, err))) return code;
+    ds.skip_bad = rc.skip_bad;
+    rc.model.in_ch = ds.channels;
+    long bpe = ds.n / rc.model.batch;                   /* drop_last, as the official loader        */
+    if (bpe < 1) {
+        excb_data_close(&ds);
+        return fail(err, EXCB_EXIT_CONFIG, "batch %d is larger than the data set (%ld images in %s)", rc.model.batch, ds.n, ds.path);
+    }
+    rc.model.total_steps = rc.epochs * bpe;
+    rc.model.warmup_steps = (long)nearbyint(rc.warmup_epochs * bpe);
+    ExcbModel m;
+    if (excb_build(&m, &rc.model)) { excb_data_close(&ds); return fail(err, EXCB_EXIT_CONFIG, "cannot build the model"); }
+    char *config_text = excb_config_dump(&rc, 0), *config_json = excb_config_dump(&rc, 1);
+    ExcbTrainState ts = {0};
+    char path[4200];
+    long last_ckpt = -1;
+    ExcbViewConfig vc;
+    excb_view_config_for(&vc, &rc.model, rc.epochs, rc.blur);
+    vc.scale_offset = rc.crop_scale_offset;
+    ExcbLoader L;
+    EvalSets es;
+    int have_eval = 0;
+    if (rc.n_knn_ks > 0 && rc.knn_every >= 0) {
+        if ((code = open_eval_sets(&rc, &es, err))) goto done_model;
+        have_eval = 1;
+    }
+    if (resume_from) {
+        if ((code = excb_checkpoint_load(resume_from, &m, &ts, err))) goto done_model;
+        if (ts.n_samples != ds.n) {
+            code = fail(err, EXCB_EXIT_CONFIG, "%s: the checkpoint's run had %ld training images, %s has %ld", resume_from,
+                        ts.n_samples, ds.path, ds.n);
+            goto done_model;
+        }
+        last_ckpt = m.step;
+        path_in(path, sizeof path, r.dir, "metrics.jsonl");
+        struct stat st;
+        if (stat(path, &st) || st.st_size < ts.metrics_bytes) {
+            code = fail(err, EXCB_EXIT_DATA, "%s is missing or shorter (%lld bytes) than at the checkpoint (%lld bytes)", path,
+                        (long long)(stat(path, &st) ? -1 : st.st_size), (long long)ts.metrics_bytes);
+            goto done_model;
+        }
+        if (truncate(path, ts.metrics_bytes) || !(r.metrics = fopen(path, "a"))) {
+            code = fail(err, EXCB_EXIT_IO, "%s: %s", path, strerror(errno));
+            goto done_model;
+        }
+        if (!quiet) fprintf(stderr, "excb train: resuming %s at step %ld of %ld\n", resume_from, m.step, rc.model.total_steps);
+    } else {
+        ts.n_samples = ds.n;
+        ts.prev_labels = xmalloc(sizeof(int32_t) * (ds.n + 1));
+        for (long i = 0; i < ds.n; i++) ts.prev_labels[i] = -1;
+        ts.epoch_counts = xcalloc(rc.model.K, sizeof(int64_t));
+        path_in(path, sizeof path, r.dir, "config.txt");
+        if ((code = write_text_atomic(path, config_text, err))) goto done_model;
+        path_in(path, sizeof path, r.dir, "metrics.jsonl");
+        if (!(r.metrics = fopen(path, "w"))) { code = fail(err, EXCB_EXIT_CANTCREAT, "cannot create %s: %s", path, strerror(errno)); goto done_model; }
+        char data_json[2 * sizeof ds.path];
+        json_escape(data_json, sizeof data_json, ds.path);
+        fprintf(r.metrics, "{\"type\":\"run\",\"version\":\"%s\",\"seed\":%llu,\"world_size\":1,\"data\":\"%s\",\"images\":%ld,"
+                "\"steps_per_epoch\":%ld,\"total_steps\":%ld,\"params\":%zu,\"config\":%s",
+                EXCB_VERSION, (unsigned long long)rc.model.seed, data_json, ds.n, bpe, rc.model.total_steps, m.n_params, config_json);
+        metrics_end(&r, 0, 0);
+        if (rc.kmeans_init) {                   /* METHOD.md 1.10, on the loader's first batches */
+            if ((code = excb_loader_open(&L, &ds, &vc, rc.model.batch, rc.workers, 0, err))) goto done_model;
+            code = kmeans_init_centroids(&m, &rc, &L, !quiet, err);
+            excb_loader_close(&L);
+            if (code) goto done_model;
+        }
+        if ((code = save_checkpoint(&r, &m, &ts, config_text, rc.keep, err))) goto done_model;
+        last_ckpt = 0;
+    }
+    if (!quiet)
+        fprintf(stderr, "excb train: %s, %ld images, %s %dx%d + %d x %dx%d views, B=%d, K=%d, %ld epochs x %ld steps, "
+                "%zu parameters, run directory %s\n", ds.path, ds.n, rc.model.in_ch == 1 ? "gray" : "RGB", rc.model.n_global,
+                rc.model.global_size, rc.model.n_local, rc.model.local_size, rc.model.local_size, rc.model.batch, rc.model.K,
+                rc.epochs, bpe, m.n_params, r.dir);
+    if ((code = excb_loader_open(&L, &ds, &vc, rc.model.batch, rc.workers, m.step, err))) goto done_model;
+    r.t_start = now_seconds();
+    r.step_start = m.step;
+    double seconds_before = ts.seconds;               /* training time of earlier processes of this run */
+    double epoch_t0 = now_seconds();
+    int B = rc.model.batch, NG = rc.model.n_global * B;
+    while (m.step < rc.model.total_steps && !(rc.stop_after && m.step >= rc.stop_after)) {
+        ExcbBatch *bt;
+        if ((code = excb_loader_next(&L, &bt, err))) break;
+        long epoch = m.step / bpe;
+        if (m.step == rc.debug_nan_step) bt->xg[0] = NAN;   /* tests: a poisoned input, as a bad batch would be */
+        ExcbStepStats st = {0};
+        double loss = excb_forward_loss(&m, bt->xg, bt->xl, &st);
+        if (!isfinite(loss)) { code = diverged(&r, &m, bt, epoch, loss, NAN, "non-finite loss", last_ckpt, err); break; }
+        excb_update_cluster_sizes(&m, &st);
+        /* A21's changed labels: view 1's teacher label against the one this image had when last seen */
+        long changed = 0, seen = 0;
+        for (int i = 0; i < B; i++) {
+            int64_t idx = bt->index[i];
+            if (ts.prev_labels[idx] >= 0) { seen++; changed += ts.prev_labels[idx] != m.labels[i]; }
+            ts.prev_labels[idx] = m.labels[i];
+        }
+        for (int i = 0; i < NG; i++) ts.epoch_counts[m.labels[i]]++;
+        excb_backward(&m);
+        double gnorm = grad_norm(&m);
+        if (!isfinite(gnorm)) { code = diverged(&r, &m, bt, epoch, loss, gnorm, "non-finite gradient norm", last_ckpt, err); break; }
+        excb_update(&m, &st);
+        ts.acc[EXCB_ACC_STEPS] += 1;
+        ts.acc[EXCB_ACC_LOSS] += loss;
+        ts.acc[EXCB_ACC_TCONF] += st.teacher_conf;
+        ts.acc[EXCB_ACC_SCONF] += st.student_conf;
+        ts.acc[EXCB_ACC_UNIQUE] += st.unique_labels;
+        ts.acc[EXCB_ACC_CHANGED] += changed;
+        ts.acc[EXCB_ACC_SEEN] += seen;
+        ts.acc[EXCB_ACC_ENTROPY] += st.assign_entropy;
+        int epoch_end = m.step % bpe == 0;
+        if (m.step % rc.log_every == 0 || epoch_end) {
+            fprintf(r.metrics, "{\"type\":\"step\",\"step\":%ld,\"epoch\":%ld", m.step, epoch);
+            jnum(r.metrics, "loss", loss);
+            jnum(r.metrics, "lr", st.lr);
+            jnum(r.metrics, "wd", rc.model.weight_decay);
+            jnum(r.metrics, "wd_centroid", st.wd_centroid);
+            jnum(r.metrics, "teacher_momentum", st.ema_m);
+            jnum(r.metrics, "teacher_conf", st.teacher_conf);
+            jnum(r.metrics, "student_conf", st.student_conf);
+            fprintf(r.metrics, ",\"distinct\":%d", st.unique_labels);
+            jnum(r.metrics, "distinct_frac", (double)st.unique_labels / B);
+            jnum(r.metrics, "changed_labels", seen ? (double)changed / seen : NAN);
+            jnum(r.metrics, "assign_entropy", st.assign_entropy);
+            jnum(r.metrics, "grad_norm", gnorm);
+            metrics_end(&r, now_seconds() - r.t_start, elapsed_img_per_s(&r, m.step, B));
+        }
+        progress(&r, m.step, rc.model.total_steps, bpe, &st, B, epoch_end && r.tty);
+        if (epoch_end) {
+            EvalResult knn;
+            int do_knn = have_eval && ((rc.knn_every > 0 && (epoch + 1) % rc.knn_every == 0) || m.step == rc.model.total_steps);
+            if (do_knn && (code = evaluate(&m, &rc, &es, rc.knn_bank_max, rc.knn_query_max, 0, 1, &knn, err))) break;
+            epoch_record(&r, &m, &ts, epoch, do_knn ? &knn : NULL, &rc, now_seconds() - epoch_t0);
+            memset(ts.acc, 0, sizeof ts.acc);
+            memset(ts.epoch_counts, 0, sizeof(int64_t) * rc.model.K);
+            epoch_t0 = now_seconds();
+        }
+        if (epoch_end || (rc.ckpt_every && m.step % rc.ckpt_every == 0) || m.step == rc.stop_after) {
+            ts.seconds = seconds_before + (now_seconds() - r.t_start);
+            if ((code = save_checkpoint(&r, &m, &ts, config_text, rc.keep, err))) break;
+            last_ckpt = m.step;
+        }
+    }
+    excb_loader_close(&L);
+    if (!code && m.step == rc.model.total_steps && have_eval) {
+        /* the final evaluation on the whole bank and query splits */
+        EvalResult res;
+        if (!quiet) fprintf(stderr, "excb train: final evaluation (k-NN, linear probe, clusters) ...\n");
+        if (!(code = evaluate(&m, &rc, &es, 0, 0, 1, 1, &res, err))) {
+            fprintf(r.metrics, "{\"type\":\"eval\",\"step\":%ld,\"features\":\"teacher\",", m.step);
+            eval_json(r.metrics, &rc, &res);
+            metrics_end(&r, res.seconds, 0);
+            path_in(path, sizeof path, r.dir, "eval.json");
+            FILE *f = fopen(path, "w");
+            if (f) {
+                fprintf(f, "{\"step\":%ld,\"features\":\"teacher\",", m.step);
+                eval_json(f, &rc, &res);
+                fprintf(f, ",\"config\":%s}\n", config_json);
+                fclose(f);
+            }
+            printf("excb train: finished %ld steps in %s\n", m.step, r.dir);
+            print_eval(stdout, &m, &rc, &es, &res, 1);
+        }
+    } else if (!code && rc.stop_after && m.step >= rc.stop_after && !quiet) {
+        fprintf(stderr, "excb train: stopped after step %ld (--stop-after); continue with --out %s --resume\n", m.step, r.dir);
+    }
+done_model:
+    if (r.metrics) fclose(r.metrics);
+    if (have_eval) close_eval_sets(&es);
+    excb_train_state_free(&ts);
+    free(config_text);
+    free(config_json);
+    excb_free(&m);
+    excb_data_close(&ds);
+    return code;
+}
+
+/* ================================================================================================
+ * 18. Evaluation: frozen features, weighted k-NN, a linear probe, clustering metrics
+ * ================================================================================================
+ * What is measured, and how (ECOSYSTEM.md 1.2):
+ *  - features: the backbone's pooled output (D), teacher weights by default (DINO's eval_knn uses the
+ *    teacher), BatchNorm with running statistics, one deterministic view per image: the whole image
+ *    when it already has the global crop's side, otherwise Resize(short side to G*256/224) and
+ *    CenterCrop(G), as DINO's evaluation transform for G = 224;
+ *  - k-NN: L2-normalised features, cosine similarity, the k most similar bank rows vote for their class
+ *    with weight exp(sim / T) (DINO eval_knn.py L143-194), top-1 and top-5;
+ *  - linear probe: softmax regression on the frozen features (see excb_linear_probe for the protocol);
+ *  - clusters: each image's nearest centroid (E1 argmax of the same network, no balancing) against
+ *    its class: NMI, AMI, ARI (arithmetic normalisation, as scikit-learn's defaults), many-to-one
+ *    accuracy, and Hungarian-matched accuracy when K equals the number of classes.
+ */
+
+/* the evaluation view of one image: (C, G, G) floats, normalised like the training views */
+static void eval_view(const ExcbViewConfig *vc, const ExcbImage *img, real *out, ExcbViewScratch *scr) {
+    int G = vc->global_size, C = img->c;
+    const uint8_t *px = img->px;
+    int h = img->h, w = img->w;
+    if (!(h == G && w == G)) {
+        int S = (int)((long)G * 256 / 224), nh, nw;           /* torchvision Resize(S): short side S */
+        if (h <= w) { nh = S; nw = (int)((long)S * w / h); } else { nw = S; nh = (int)((long)S * h / w); }
+        scratch_reserve(scr, (size_t)C * (h > nh ? h : nh) * (w > nw ? w : nw), 0);
+        excb_resize_bicubic(img->px, h, w, w * C, scr->b, nh, nw, C, scr->a);
+        int top = (int)nearbyint((nh - G) / 2.0), left = (int)nearbyint((nw - G) / 2.0);   /* CenterCrop */
+        px = scr->b + ((size_t)top * nw + left) * C;
+        h = nh; w = nw;
+    }
+    for (int ch = 0; ch < C; ch++)
+        for (int y = 0; y < G; y++)
+            for (int x = 0; x < G; x++)
+                out[((size_t)ch * G + y) * G + x] = (real)(((float)px[((size_t)y * w + x) * C + ch] / 255.0f - vc->mean[ch]) / vc->std[ch]);
+}
+
+int excb_extract_features(ExcbModel *m, int teacher, const ExcbDataset *ds, const ExcbViewConfig *vc,
+                          const long *idx, long n, real *feat, int32_t *assign, char *err) {
+    const ExcbConfig *c = &m->cfg;
+    int N = c->n_global * c->batch, G = c->global_size, C = c->in_ch, D = m->D, K = c->K, d = c->d;
+    const real *P = teacher ? m->teacher : m->params;
+    real *run = teacher ? m->teacher_running : m->running;
+    real *x = xcalloc((size_t)N * C * G * G, sizeof(real));
+    ExcbImage img = {0};
+    ExcbViewScratch scr = {0};
+    int code = 0;
+    m->eval_bn = 1;
+    if (assign) centroids_forward(m, P);
+    for (long i0 = 0; i0 < n && !code; i0 += N) {
+        int rows = (int)(n - i0 < N ? n - i0 : N);
+        for (int r = 0; r < rows && !code; r++) {
+            long i = idx ? idx[i0 + r] : i0 + r;
+            if ((code = excb_data_get(ds, i, &img, err))) break;
+            if (img.c != C) { code = fail(err, EXCB_EXIT_DATA, "%s: image %ld has %d channels, the model %d", ds->path, i, img.c, C); break; }
+            eval_view(vc, &img, x + (size_t)r * C * G * G, &scr);
+        }
+        if (code) break;
+        /* the arena's global-crop activations hold N images; unused rows keep stale inputs, which BN in
+           evaluation mode does not mix into the used rows */
+        backbone_forward(m, P, run, &m->act_global, x, m->f, N);
+        for (int r = 0; r < rows; r++)
+            for (int j = 0; j < D; j++) feat[(size_t)(i0 + r) * D + j] = m->f[(size_t)j * N + r];
+        if (assign) {
+            projector_forward(m, P, run, m->f, N);
+            l2norm_rows_forward(m->ut, m->ut_den, m->h, N, d, N, (real)c->norm_eps);
+            matmul_tiled('N', 'T', N, K, d, 1.0f, m->ut, d, m->c, d, 0.0f, m->zt, K);
+            for (int r = 0; r < rows; r++) {
+                const real *z = m->zt + (size_t)r * K;
+                int best = 0;
+                for (int k = 1; k < K; k++)
+                    if (z[k] > z[best]) best = k;
+                assign[i0 + r] = best;
+            }
+        }
+    }
+    m->eval_bn = 0;
+    free(x);
+    excb_image_free(&img);
+    free(scr.a); free(scr.b); free(scr.f);
+    return code;
+}
+
+static void l2_normalise_rows(real *x, long n, int D) {
+#pragma omp parallel for schedule(static)
+    for (long i = 0; i < n; i++) {
+        double s = 0;
+        for (int j = 0; j < D; j++) s += (double)x[(size_t)i * D + j] * x[(size_t)i * D + j];
+        real inv = (real)(1.0 / fmax(sqrt(s), 1e-12));
+        for (int j = 0; j < D; j++) x[(size_t)i * D + j] *= inv;
+    }
+}
+
+void excb_knn(const real *bank_in, const int32_t *bank_labels, long n_bank, const real *query_in,
+              const int32_t *query_labels, long n_query, int D, int n_classes, const int *ks, int n_ks,
+              double T, double *top1, double *top5) {
+    int kmax = 0;
+    for (int j = 0; j < n_ks; j++) kmax = ks[j] > kmax ? ks[j] : kmax;
+    if (kmax > n_bank) kmax = (int)n_bank;
+    real *bank = xmalloc(sizeof(real) * n_bank * D), *query = xmalloc(sizeof(real) * n_query * D);
+    memcpy(bank, bank_in, sizeof(real) * n_bank * D);
+    memcpy(query, query_in, sizeof(real) * n_query * D);
+    l2_normalise_rows(bank, n_bank, D);
+    l2_normalise_rows(query, n_query, D);
+    long chunk = 256;
+    real *sim = xmalloc(sizeof(real) * chunk * n_bank);
+    long *hit1 = xcalloc(n_ks, sizeof(long)), *hit5 = xcalloc(n_ks, sizeof(long));
+    int nt = max_threads();
+    long *nb_idx = xmalloc(sizeof(long) * kmax * nt);
+    real *nb_sim = xmalloc(sizeof(real) * kmax * nt);
+    double *votes = xmalloc(sizeof(double) * n_classes * nt);
+    for (long q0 = 0; q0 < n_query; q0 += chunk) {
+        int rows = (int)(n_query - q0 < chunk ? n_query - q0 : chunk);
+        matmul('N', 'T', rows, (int)n_bank, D, 1.0f, query + (size_t)q0 * D, D, bank, D, 0.0f, sim, (int)n_bank);
+        long h1[EXCB_MAX_KS] = {0}, h5[EXCB_MAX_KS] = {0};
+#pragma omp parallel
+        {
+            int t = thread_id();
+            long *ni = nb_idx + (size_t)t * kmax;
+            real *ns = nb_sim + (size_t)t * kmax;
+            double *v = votes + (size_t)t * n_classes;
+            long l1[EXCB_MAX_KS] = {0}, l5[EXCB_MAX_KS] = {0};
+#pragma omp for schedule(static)
+            for (int r = 0; r < rows; r++) {
+                const real *s = sim + (size_t)r * n_bank;
+                /* the kmax most similar, kept sorted by (similarity desc, index asc): insertion into a
+                   short sorted list; most rows fail the first comparison */
+                int have = 0;
+                for (long j = 0; j < n_bank; j++) {
+                    if (have == kmax && !(s[j] > ns[kmax - 1])) continue;
+                    int p = have < kmax ? have++ : kmax - 1;
+                    while (p > 0 && s[j] > ns[p - 1]) { ns[p] = ns[p - 1]; ni[p] = ni[p - 1]; p--; }
+                    ns[p] = s[j];
+                    ni[p] = j;
+                }
+                int truth = query_labels[q0 + r];
+                for (int kj = 0; kj < n_ks; kj++) {
+                    int k = ks[kj] < have ? ks[kj] : have;
+                    for (int c = 0; c < n_classes; c++) v[c] = 0;
+                    for (int j = 0; j < k; j++) v[bank_labels[ni[j]]] += exp((double)ns[j] / T);
+                    /* rank of the true class: classes with more votes (ties: lower class first) */
+                    int above = 0;
+                    for (int c = 0; c < n_classes; c++)
+                        above += v[c] > v[truth] || (v[c] == v[truth] && c < truth);
+                    l1[kj] += above == 0;
+                    l5[kj] += above < 5;
+                }
+            }
+#pragma omp critical
+            for (int kj = 0; kj < n_ks; kj++) { h1[kj] += l1[kj]; h5[kj] += l5[kj]; }
+        }
+        for (int kj = 0; kj < n_ks; kj++) { hit1[kj] += h1[kj]; hit5[kj] += h5[kj]; }
+    }
+    for (int kj = 0; kj < n_ks; kj++) {
+        top1[kj] = 100.0 * hit1[kj] / n_query;
+        top5[kj] = 100.0 * hit5[kj] / n_query;
+    }
+    free(bank); free(query); free(sim); free(hit1); free(hit5); free(nb_idx); free(nb_sim); free(votes);
+}
+
+/* --- the linear probe -----------------------------------------------------------------------------
+ * loss = mean_i [ -log softmax(W x_i + b)_{y_i} ];  dL/dW = mean_i (p_i - onehot(y_i)) x_i^T, dL/db the same
+ * without x. Computed in double. */
+double excb_softmax_xent(const real *W, const real *b, const real *x, const int32_t *y, long n, int D, int C,
+                         double *dW, double *db) {
+    double loss = 0, *z = xmalloc(sizeof(double) * C);
+    for (long i = 0; i < n; i++) {
+        const real *xi = x + (size_t)i * D;
+        double zmax = -INFINITY, sum = 0;
+        for (int c = 0; c < C; c++) {
+            double a = b[c];
+            for (int j = 0; j < D; j++) a += (double)W[(size_t)c * D + j] * xi[j];
+            z[c] = a;
+            zmax = fmax(zmax, a);
+        }
+        for (int c = 0; c < C; c++) sum += exp(z[c] - zmax);
+        loss += log(sum) + zmax - z[y[i]];
+        for (int c = 0; c < C; c++) {
+            double g = (exp(z[c] - zmax) / sum - (c == y[i])) / n;
+            if (db) db[c] += g;
+            if (dW)
+                for (int j = 0; j < D; j++) dW[(size_t)c * D + j] += g * xi[j];
+        }
+    }
+    free(z);
+    return loss / n;
+}
+
+static double probe_accuracy(const real *W, const real *b, const real *x, const int32_t *y, long n, int D, int C) {
+    long hit = 0;
+#pragma omp parallel for schedule(static) reduction(+ : hit)
+    for (long i = 0; i < n; i++) {
+        int best = 0;
+        double best_z = -INFINITY;
+        for (int c = 0; c < C; c++) {
+            double a = b[c];
+            for (int j = 0; j < D; j++) a += (double)W[(size_t)c * D + j] * x[(size_t)i * D + j];
+            if (a > best_z) { best_z = a; best = c; }
+        }
+        hit += best == y[i];
+    }
+    return 100.0 * hit / n;
+}
+
+/* Protocol: standardise each feature with the training rows' mean and std (a BatchNorm without affine,
+   as MAE's probe); W, b start at 0; SGD with momentum 0.9, weight decay on W, lr cosine from `lr` to 0
+   per step, batch `batch`, the training rows shuffled each epoch by (seed, epoch). No augmentation:
+   the features are computed once (the official probe trains 100 epochs on augmented views instead). */
+double excb_linear_probe(const real *train_in, const int32_t *ytr, long ntr, const real *test_in, const int32_t *yte,
+                         long nte, int D, int C, int epochs, int batch, double lr, double wd, uint64_t seed,
+                         double *train_acc) {
+    real *tr = xmalloc(sizeof(real) * ntr * D), *te = xmalloc(sizeof(real) * nte * D);
+    for (int j = 0; j < D; j++) {
+        double s = 0, ss = 0;
+        for (long i = 0; i < ntr; i++) s += train_in[(size_t)i * D + j];
+        double mu = s / ntr;
+        for (long i = 0; i < ntr; i++) { double v = train_in[(size_t)i * D + j] - mu; ss += v * v; }
+        double inv = 1.0 / sqrt(ss / ntr + 1e-6);
+        for (long i = 0; i < ntr; i++) tr[(size_t)i * D + j] = (real)((train_in[(size_t)i * D + j] - mu) * inv);
+        for (long i = 0; i < nte; i++) te[(size_t)i * D + j] = (real)((test_in[(size_t)i * D + j] - mu) * inv);
+    }
+    real *W = xcalloc((size_t)C * D, sizeof(real)), *b = xcalloc(C, sizeof(real));
+    double *vW = xcalloc((size_t)C * D, sizeof(double)), *vb = xcalloc(C, sizeof(double));
+    double *gW = xmalloc(sizeof(double) * C * D), *gb = xmalloc(sizeof(double) * C);
+    int64_t *perm = xmalloc(sizeof(int64_t) * ntr);
+    real *xb = xmalloc(sizeof(real) * batch * D);
+    int32_t *yb = xmalloc(sizeof(int32_t) * batch);
+    long steps_per_epoch = (ntr + batch - 1) / batch, total = steps_per_epoch * epochs, t = 0;
+    for (int e = 0; e < epochs; e++) {
+        excb_permutation(perm, ntr, seed ^ 0x70726f6265ull, e);          /* "probe" */
+        for (long s0 = 0; s0 < ntr; s0 += batch, t++) {
+            int nb = (int)(ntr - s0 < batch ? ntr - s0 : batch);
+            for (int i = 0; i < nb; i++) {
+                memcpy(xb + (size_t)i * D, tr + (size_t)perm[s0 + i] * D, sizeof(real) * D);
+                yb[i] = ytr[perm[s0 + i]];
+            }
+            memset(gW, 0, sizeof(double) * C * D);
+            memset(gb, 0, sizeof(double) * C);
+            excb_softmax_xent(W, b, xb, yb, nb, D, C, gW, gb);
+            double step_lr = 0.5 * lr * (1 + cos(M_PI * t / total));
+            for (size_t i = 0; i < (size_t)C * D; i++) {
+                vW[i] = 0.9 * vW[i] + gW[i] + wd * W[i];
+                W[i] -= (real)(step_lr * vW[i]);
+            }
+            for (int c = 0; c < C; c++) {
+                vb[c] = 0.9 * vb[c] + gb[c];
+                b[c] -= (real)(step_lr * vb[c]);
+            }
+        }
+    }
+    double acc = probe_accuracy(W, b, te, yte, nte, D, C);
+    if (train_acc) *train_acc = probe_accuracy(W, b, tr, ytr, ntr, D, C);
+    free(tr); free(te); free(W); free(b); free(vW); free(vb); free(gW); free(gb); free(perm); free(xb); free(yb);
+    return acc;
+}
+
+/* --- clustering metrics ---------------------------------------------------------------------------
+ * From the contingency table n_ij (cluster i, class j), a_i = sum_j n_ij, b_j = sum_i n_ij, N:
+ *   MI  = sum n_ij/N log(N n_ij / (a_i b_j)),  H(U) = -sum a_i/N log(a_i/N), H(V) likewise
+ *   NMI = MI / ((H(U) + H(V)) / 2)
+ *   AMI = (MI - E[MI]) / ((H(U) + H(V)) / 2 - E[MI]), E[MI] under the hypergeometric model (Vinh et al.
+ *         2010, scikit-learn's expected_mutual_information), in log-gamma form
+ *   ARI = (sum C(n_ij,2) - S_a S_b / C(N,2)) / ((S_a + S_b)/2 - S_a S_b / C(N,2)), S_a = sum C(a_i,2) ...
+ *   many-to-one = sum_i max_j n_ij / N;  Hungarian = max over one-to-one maps / N (K = classes only)
+ * Only clusters that received a point are rows (K = 65536 would make most rows empty). */
+void excb_hungarian_max(const double *w, int n, int *perm) {
+    /* the O(n^3) shortest augmenting path method on cost = max(w) - w (e-maxx's formulation, 1-based) */
+    double wmax = -INFINITY;
+    for (int i = 0; i < n * n; i++) wmax = fmax(wmax, w[i]);
+    double *u = xcalloc(n + 1, sizeof(double)), *v = xcalloc(n + 1, sizeof(double)), *minv = xmalloc(sizeof(double) * (n + 1));
+    int *p = xcalloc(n + 1, sizeof(int)), *way = xcalloc(n + 1, sizeof(int));
+    char *used = xmalloc(n + 1);
+    for (int i = 1; i <= n; i++) {
+        p[0] = i;
+        int j0 = 0;
+        for (int j = 0; j <= n; j++) { minv[j] = INFINITY; used[j] = 0; }
+        do {
+            used[j0] = 1;
+            int i0 = p[j0], j1 = 0;
+            double delta = INFINITY;
+            for (int j = 1; j <= n; j++)
+                if (!used[j]) {
+                    double cur = (wmax - w[(size_t)(i0 - 1) * n + (j - 1)]) - u[i0] - v[j];
+                    if (cur < minv[j]) { minv[j] = cur; way[j] = j0; }
+                    if (minv[j] < delta) { delta = minv[j]; j1 = j; }
+                }
+            for (int j = 0; j <= n; j++)
+                if (used[j]) { u[p[j]] += delta; v[j] -= delta; }
+                else minv[j] -= delta;
+            j0 = j1;
+        } while (p[j0] != 0);
+        do { int j1 = way[j0]; p[j0] = p[j1]; j0 = j1; } while (j0);
+    }
+    for (int j = 1; j <= n; j++) perm[p[j] - 1] = j - 1;
+    free(u); free(v); free(minv); free(p); free(way); free(used);
+}
+
+static int cmp_pair(const void *a, const void *b) {
+    const int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
+    return (x > y) - (x < y);
+}
+
+static double comb2(double x) { return x * (x - 1) / 2; }
+
+void excb_cluster_scores(const int32_t *pred, const int32_t *truth, long n, int K, int C, ExcbClusterScores *s) {
+    memset(s, 0, sizeof *s);
+    /* the non-zero cells: sort (cluster, class) pairs and count runs */
+    int64_t *key = xmalloc(sizeof(int64_t) * n);
+    for (long i = 0; i < n; i++) key[i] = (int64_t)pred[i] * C + truth[i];
+    qsort(key, n, sizeof(int64_t), cmp_pair);
+    double *a = xcalloc(K, sizeof(double)), *bcol = xcalloc(C, sizeof(double));
+    for (long i = 0; i < n; i++) { a[pred[i]] += 1; bcol[truth[i]] += 1; }
+    double N = (double)n, mi = 0, sum_comb_nij = 0, majority = 0, best_in_row = 0;
+    int64_t row = -1;
+    for (long i = 0; i < n;) {
+        long j = i;
+        while (j < n && key[j] == key[i]) j++;
+        double nij = (double)(j - i);
+        int ci = (int)(key[i] / C), cj = (int)(key[i] % C);
+        mi += nij / N * log(N * nij / (a[ci] * bcol[cj]));
+        sum_comb_nij += comb2(nij);
+        if (ci != row) { majority += best_in_row; best_in_row = 0; row = ci; }
+        best_in_row = fmax(best_in_row, nij);
+        i = j;
+    }
+    majority += best_in_row;
+    double hu = 0, hv = 0, sa = 0, sb = 0;
+    for (int k = 0; k < K; k++)
+        if (a[k] > 0) { hu -= a[k] / N * log(a[k] / N); sa += comb2(a[k]); s->used_clusters++; }
+    for (int c = 0; c < C; c++)
+        if (bcol[c] > 0) { hv -= bcol[c] / N * log(bcol[c] / N); sb += comb2(bcol[c]); }
+    /* E[MI]: sum over all (cluster, class) pairs with both marginals > 0 */
+    double emi = 0, lgN = lgamma(N + 1);
+    for (int k = 0; k < K; k++) {
+        if (a[k] <= 0) continue;
+        for (int c = 0; c < C; c++) {
+            if (bcol[c] <= 0) continue;
+            double ai = a[k], bj = bcol[c];
+            double lo = fmax(1, ai + bj - N), hi = fmin(ai, bj);
+            double base = lgamma(ai + 1) + lgamma(bj + 1) + lgamma(N - ai + 1) + lgamma(N - bj + 1) - lgN;
+            for (double nij = lo; nij <= hi; nij++) {
+                double lp = base - lgamma(nij + 1) - lgamma(ai - nij + 1) - lgamma(bj - nij + 1) - lgamma(N - ai - bj + nij + 1);
+                emi += nij / N * log(N * nij / (ai * bj)) * exp(lp);
+            }
+        }
+    }
+    double mean_h = (hu + hv) / 2;
+    s->nmi = mean_h > 0 ? mi / mean_h : 1.0;          /* both partitions trivial: identical, 1 */
+    s->ami = mean_h - emi != 0 ? (mi - emi) / (mean_h - emi) : 1.0;
+    double expected = sa * sb / comb2(N), maxidx = (sa + sb) / 2;
+    s->ari = maxidx - expected != 0 ? (sum_comb_nij - expected) / (maxidx - expected) : 1.0;
+    s->acc_many_to_one = majority / N;
+    s->acc_hungarian = NAN;
+    if (K == C) {
+        double *w = xcalloc((size_t)K * K, sizeof(double));
+        int *perm = xmalloc(sizeof(int) * K);
+        for (long i = 0; i < n; i++) w[(size_t)pred[i] * K + truth[i]] += 1;
+        excb_hungarian_max(w, K, perm);
+        double matched = 0;
+        for (int k = 0; k < K; k++) matched += w[(size_t)k * K + perm[k]];
+        s->acc_hungarian = matched / N;
+        free(w); free(perm);
+    }
+    free(key); free(a); free(bcol);
+}
+
+/* ================================================================================================
+ * 19. Benchmarks: the whole step (random or loaded inputs), and the loader alone
  * ================================================================================================ */
 static double conv_macs(const ExcbConvBN *u, int H) {
     int Ho = conv_out(H, u->k, u->stride, u->pad);
@@ -3047,15 +4874,32 @@ static int cmp_double(const void *a, const void *b) {
 }
 
 /* ================================================================================================
- * 15. Command line
+ * 20. Command line
  * ================================================================================================ */
 static void usage(FILE *f) {
     fprintf(f,
         "usage: excb <command> [options]\n"
         "\n"
         "commands:\n"
+        "  train       pre-train with ExCB into a run directory, then evaluate (k-NN, linear probe, clusters)\n"
+        "              --preset NAME   fashion-mnist (default), fashion-mnist-long, cifar10-r18, stl10-r18,\n"
+        "                              imagenet-r50, tiny\n"
+        "              --config FILE   'key = value' lines (a run's config.txt is one); applied after the preset\n"
+        "              --set KEY=VALUE one setting, applied last (repeatable); --help-config lists every key\n"
+        "              --data SPEC --epochs N --seed N --batch B --K K --threads T --workers W: --set shortcuts\n"
+        "              --out DIR       run directory (runs/PRESET); an existing run needs --resume or --force\n"
+        "              --resume        continue the run in --out from its newest good checkpoint\n"
+        "              --force         start over in a directory that holds a run (deletes its checkpoints)\n"
+        "              --quiet         no progress on stderr\n"
+        "              --stop-after N  stop with a checkpoint once N steps are done (continue with --resume)\n"
+        "  eval        excb eval CHECKPOINT|RUN_DIR: k-NN, linear probe and clustering metrics of a checkpoint\n"
+        "              --student (default: teacher) --knn-k 10,20,100,200 --knn-t 0.07 --data SPEC\n"
+        "              --bank-split S --query-split S --probe-epochs N --probe-lr X --probe-wd X --set KEY=VALUE\n"
+        "  plot        excb plot RUN_DIR: PNG curves (loss, diagnostics, cluster usage, k-NN, cluster sizes)\n"
+        "              into RUN_DIR/plots with gnuplot (apt-get install gnuplot-nox)\n"
+        "  inspect     excb inspect CHECKPOINT: verify it and list its tensors (name, type, shape, CRC-32)\n"
         "  bench       time the whole training step, on fixed random inputs or, with --data, on loaded views\n"
-        "              --config NAME   resnet20s (default), resnet18, resnet50, tiny, tiny50\n"
+        "              --config NAME   resnet20s (default), resnet8s, resnet18, resnet50, tiny, tiny50\n"
         "              --global-size G --local-size L (0: no local crops) --batch B --K K --threads T\n"
         "              --reps R (3)  --min-seconds S (4): each repetition runs >= S seconds\n"
         "              --data SPEC: alternate random and loaded repetitions and print their ratio\n"
@@ -3063,7 +4907,6 @@ static void usage(FILE *f) {
         "              --config NAME (sizes and views as above) --batch B --seconds S (10) --reps R (3)\n"
         "  views       write a PNG grid of the views of the first images: --out FILE.png --images N (8)\n"
         "              --epoch E (0)\n"
-        "  train, eval not yet: the training loop and evaluation arrive with issue 4\n"
         "\n"
         "data options (bench, bench-data, views):\n"
         "  --data SPEC      a data set: fashion-mnist (the embedded default), an IDX file or folder,\n"
@@ -3074,9 +4917,11 @@ static void usage(FILE *f) {
         "  --skip-bad-images  skip, count and log undecodable images instead of stopping with exit 65\n"
         "  --seed N         root seed (0)\n"
         "\n"
-        "  --help     this text        --version   version and build\n"
-        "exit codes: 0 ok, 64 usage, 65 bad data, 66 missing input, 70 internal, 71 out of memory,\n"
-        "            74 I/O, 3 diverged (NaN/Inf loss)\n");
+        "  --help     this text        --version   version and build features\n"
+        "exit codes: 0 ok, 3 diverged (NaN/Inf loss or gradient; the last good checkpoint is kept), 64 usage,\n"
+        "            65 bad data or a damaged checkpoint, 66 missing input, 69 gnuplot missing, 70 internal,\n"
+        "            71 out of memory, 73 cannot create the run directory, 74 I/O, 78 bad config or a\n"
+        "            checkpoint of another run\n");
 }
 
 static int parse_int(const char *opt, const char *v, int lo, int hi) {
@@ -3319,31 +5164,421 @@ static int cmd_views(int argc, char **argv) {
     return code;
 }
 
+/* --- excb train ------------------------------------------------------------------------------------
+ * Settings are applied in order: the preset (--preset, or the config file's first line, or
+ * fashion-mnist), the config file (--config), then every --set and shortcut option in the order given. */
+#define MAX_SETS 256
+typedef struct { const char *key; char value[1100]; } Setting;
+
+static int help_config(void) {
+    ExcbRunConfig rc;
+    char err[EXCB_ERR_LEN];
+    excb_preset(&rc, "fashion-mnist", err);
+    char val[1200];
+    printf("config keys (config file lines 'key = value', or --set key=value); the value shown is the fashion-mnist\n"
+           "preset's; * marks keys that shape the trajectory and must match on --resume\n\n");
+    for (size_t i = 0; i < N_CONFIG_KEYS; i++) {
+        config_value(&rc, &config_keys[i], val, sizeof val);
+        printf("  %c %-18s %-22s %s\n", config_keys[i].trajectory ? '*' : ' ', config_keys[i].key, val, config_keys[i].help);
+    }
+    return 0;
+}
+
+static int read_text_file(const char *path, char **out, char *err) {
+    FILE *f = fopen(path, "rb");
+    if (!f) return fail(err, EXCB_EXIT_NOINPUT, "%s: %s", path, strerror(errno));
+    size_t cap = 4096, n = 0;
+    char *buf = xmalloc(cap);
+    size_t got;
+    while ((got = fread(buf + n, 1, cap - n - 1, f)) > 0) {
+        n += got;
+        if (n + 1 == cap) {
+            char *grown = realloc(buf, cap *= 2);
+            if (!grown) { free(buf); fclose(f); return fail(err, EXCB_EXIT_OSERR, "%s: out of memory", path); }
+            buf = grown;
+        }
+    }
+    fclose(f);
+    buf[n] = 0;
+    if (memchr(buf, 0, n)) { free(buf); return fail(err, EXCB_EXIT_CONFIG, "%s: not a text file (NUL byte)", path); }
+    *out = buf;
+    return 0;
+}
+
+static int cmd_train(int argc, char **argv) {
+    const char *preset = NULL, *config_file = NULL, *out = NULL;
+    int resume = 0, force = 0, quiet = 0, n_sets = 0;
+    static Setting sets[MAX_SETS];
+    char err[EXCB_ERR_LEN];
+    static const struct { const char *opt, *key; } shortcut[] = {
+        {"--data", "data"}, {"--epochs", "epochs"}, {"--seed", "seed"}, {"--threads", "threads"},
+        {"--workers", "workers"}, {"--batch", "batch"}, {"--K", "K"},
+    };
+    long stop_after = 0;
+    for (int i = 0; i < argc; i++) {
+        const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
+        if (!strcmp(a, "--help") || !strcmp(a, "-h")) { usage(stdout); return 0; }
+        if (!strcmp(a, "--help-config")) return help_config();
+        if (!strcmp(a, "--resume")) { resume = 1; continue; }
+        if (!strcmp(a, "--force")) { force = 1; continue; }
+        if (!strcmp(a, "--quiet") || !strcmp(a, "-q")) { quiet = 1; continue; }
+        if (!v) { fprintf(stderr, "excb train: option '%s' needs a value (or is unknown)\n", a); return EXCB_EXIT_USAGE; }
+        i++;
+        if (!strcmp(a, "--preset")) { preset = v; continue; }
+        if (!strcmp(a, "--config")) { config_file = v; continue; }
+        if (!strcmp(a, "--out")) { out = v; continue; }
+        if (!strcmp(a, "--stop-after")) {
+            char *end;
+            stop_after = strtol(v, &end, 10);
+            if (*end || stop_after < 1) { fprintf(stderr, "excb train: --stop-after needs a step count >= 1, got '%s'\n", v); return EXCB_EXIT_USAGE; }
+            continue;
+        }
+        if (n_sets == MAX_SETS) { fprintf(stderr, "excb train: more than %d settings\n", MAX_SETS); return EXCB_EXIT_USAGE; }
+        if (!strcmp(a, "--set")) {
+            const char *eq = strchr(v, '=');
+            if (!eq || eq == v) { fprintf(stderr, "excb train: --set needs key=value, got '%s'\n", v); return EXCB_EXIT_USAGE; }
+            static char keys[MAX_SETS][64];
+            snprintf(keys[n_sets], 64, "%.*s", (int)(eq - v), v);
+            sets[n_sets].key = keys[n_sets];
+            snprintf(sets[n_sets++].value, sizeof sets[0].value, "%s", eq + 1);
+            continue;
+        }
+        size_t s;
+        for (s = 0; s < sizeof shortcut / sizeof shortcut[0]; s++)
+            if (!strcmp(a, shortcut[s].opt)) break;
+        if (s == sizeof shortcut / sizeof shortcut[0]) { fprintf(stderr, "excb train: unknown option '%s'\n", a); return EXCB_EXIT_USAGE; }
+        sets[n_sets].key = shortcut[s].key;
+        snprintf(sets[n_sets++].value, sizeof sets[0].value, "%s", v);
+    }
+    ExcbRunConfig rc;
+    memset(&rc, 0, sizeof rc);
+    int code;
+    if (preset && (code = excb_preset(&rc, preset, err))) { fprintf(stderr, "excb train: %s\n", err); return code; }
+    char *text = NULL;
+    if (config_file) {
+        if ((code = read_text_file(config_file, &text, err)) || (code = excb_config_parse(&rc, text, config_file, err))) {
+            fprintf(stderr, "excb train: %s\n", err);
+            free(text);
+            return code;
+        }
+        free(text);
+    }
+    if (!rc.preset[0]) excb_preset(&rc, "fashion-mnist", err);
+    for (int i = 0; i < n_sets; i++)
+        if ((code = excb_config_set(&rc, sets[i].key, sets[i].value, err))) { fprintf(stderr, "excb train: %s\n", err); return code; }
+    if ((code = excb_config_validate(&rc, err))) { fprintf(stderr, "excb train: %s\n", err); return code; }
+    char dir[4096];
+    if (out) snprintf(dir, sizeof dir, "%s", out);
+    else snprintf(dir, sizeof dir, "runs/%s", rc.preset);
+    char ckpt[4200] = "";
+    long steps[1];
+    int existing = list_checkpoints(dir, steps, 1, 1);
+    if (resume) {
+        if ((code = excb_find_checkpoint(dir, ckpt, sizeof ckpt, 1, err))) { fprintf(stderr, "excb train --resume: %s\n", err); return code; }
+        /* the run's own config, with this command line's settings on top; they must not change the run */
+        ExcbRunConfig saved;
+        memset(&saved, 0, sizeof saved);
+        if ((code = excb_checkpoint_config(ckpt, &text, err)) || (code = excb_config_parse(&saved, text, ckpt, err))
+            || (code = excb_config_validate(&saved, err))) {
+            fprintf(stderr, "excb train --resume: %s\n", err);
+            free(text);
+            return code;
+        }
+        free(text);
+        ExcbRunConfig merged = saved;
+        for (int i = 0; i < n_sets; i++) excb_config_set(&merged, sets[i].key, sets[i].value, err);
+        if ((code = excb_config_validate(&merged, err)) || (code = excb_config_compatible(&merged, &saved, err))) {
+            fprintf(stderr, "excb train --resume %s: %s\n", ckpt, err);
+            return code;
+        }
+        rc = merged;
+    } else if (existing) {
+        if (!force) {
+            fprintf(stderr, "excb train: %s already holds a run (checkpoint at step %ld): continue it with --resume, "
+                    "or start over with --force (which deletes its checkpoints and metrics)\n", dir, steps[0]);
+            return EXCB_EXIT_USAGE;
+        }
+        long all[4096];
+        int n = list_checkpoints(dir, all, 4096, 1);
+        for (int i = 0; i < n; i++) { char p[4200]; ckpt_path(p, sizeof p, dir, all[i]); unlink(p); }
+    }
+    rc.stop_after = stop_after;
+    code = excb_train(&rc, dir, resume ? ckpt : NULL, quiet, err);
+    if (code) fprintf(stderr, "excb train: %s\n", err);
+    return code;
+}
+
+/* --- excb eval ------------------------------------------------------------------------------------ */
+static int cmd_eval(int argc, char **argv) {
+    const char *target = NULL;
+    int student = 0, n_sets = 0;
+    static Setting sets[MAX_SETS];
+    static char keys[MAX_SETS][64];
+    char err[EXCB_ERR_LEN];
+    static const struct { const char *opt, *key; } shortcut[] = {
+        {"--data", "data"}, {"--knn-k", "knn_k"}, {"--knn-t", "knn_t"}, {"--bank-split", "bank_split"},
+        {"--query-split", "query_split"}, {"--probe-epochs", "probe_epochs"}, {"--probe-lr", "probe_lr"},
+        {"--probe-wd", "probe_wd"}, {"--probe-batch", "probe_batch"}, {"--threads", "threads"},
+    };
+    for (int i = 0; i < argc; i++) {
+        const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
+        if (!strcmp(a, "--help") || !strcmp(a, "-h")) { usage(stdout); return 0; }
+        if (!strcmp(a, "--student")) { student = 1; continue; }
+        if (a[0] != '-') {
+            if (target) { fprintf(stderr, "excb eval: one checkpoint or run directory, got '%s' and '%s'\n", target, a); return EXCB_EXIT_USAGE; }
+            target = a;
+            continue;
+        }
+        if (!v) { fprintf(stderr, "excb eval: option '%s' needs a value (or is unknown)\n", a); return EXCB_EXIT_USAGE; }
+        i++;
+        const char *key = NULL;
+        if (!strcmp(a, "--set")) {
+            const char *eq = strchr(v, '=');
+            if (!eq || eq == v) { fprintf(stderr, "excb eval: --set needs key=value, got '%s'\n", v); return EXCB_EXIT_USAGE; }
+            snprintf(keys[n_sets], 64, "%.*s", (int)(eq - v), v);
+            key = keys[n_sets];
+            v = eq + 1;
+        } else {
+            for (size_t s = 0; s < sizeof shortcut / sizeof shortcut[0]; s++)
+                if (!strcmp(a, shortcut[s].opt)) key = shortcut[s].key;
+        }
+        if (!key) { fprintf(stderr, "excb eval: unknown option '%s'\n", a); return EXCB_EXIT_USAGE; }
+        if (n_sets == MAX_SETS) { fprintf(stderr, "excb eval: too many settings\n"); return EXCB_EXIT_USAGE; }
+        sets[n_sets].key = key;
+        snprintf(sets[n_sets++].value, sizeof sets[0].value, "%s", v);
+    }
+    if (!target) { fprintf(stderr, "excb eval: which checkpoint? excb eval CHECKPOINT|RUN_DIR\n"); return EXCB_EXIT_USAGE; }
+    char path[4200];
+    struct stat st;
+    int code;
+    if (!stat(target, &st) && S_ISDIR(st.st_mode)) {
+        if ((code = excb_find_checkpoint(target, path, sizeof path, 1, err))) { fprintf(stderr, "excb eval: %s\n", err); return code; }
+    } else snprintf(path, sizeof path, "%s", target);
+    char *text = NULL;
+    ExcbRunConfig rc;
+    memset(&rc, 0, sizeof rc);
+    if ((code = excb_checkpoint_config(path, &text, err)) || (code = excb_config_parse(&rc, text, path, err))) {
+        fprintf(stderr, "excb eval: %s\n", err);
+        free(text);
+        return code;
+    }
+    free(text);
+    for (int i = 0; i < n_sets; i++)
+        if ((code = excb_config_set(&rc, sets[i].key, sets[i].value, err))) { fprintf(stderr, "excb eval: %s\n", err); return code; }
+    if ((code = excb_config_validate(&rc, err))) { fprintf(stderr, "excb eval: %s\n", err); return code; }
+    EvalSets es;
+    if ((code = open_eval_sets(&rc, &es, err))) { fprintf(stderr, "excb eval: %s\n", err); return code; }
+    rc.model.in_ch = es.bank.channels;
+    ExcbModel m;
+    ExcbTrainState ts;
+    if (excb_build(&m, &rc.model)) { close_eval_sets(&es); return EXCB_EXIT_CONFIG; }
+    if ((code = excb_checkpoint_load(path, &m, &ts, err))) {
+        fprintf(stderr, "excb eval: %s\n", err);
+        excb_free(&m); close_eval_sets(&es);
+        return code;
+    }
+    excb_train_state_free(&ts);
+    EvalResult res;
+    fprintf(stderr, "excb eval: %s (step %ld)\n", path, m.step);
+    code = evaluate(&m, &rc, &es, 0, 0, 1, !student, &res, err);
+    if (code) fprintf(stderr, "excb eval: %s\n", err);
+    else {
+        printf("excb eval %s\n", path);
+        print_eval(stdout, &m, &rc, &es, &res, !student);
+    }
+    excb_free(&m);
+    close_eval_sets(&es);
+    return code;
+}
+
+/* --- excb plot --------------------------------------------------------------------------------------
+ * Reads RUN_DIR/metrics.jsonl (and the newest checkpoint's cluster sizes), writes the curves as plain
+ * columns into RUN_DIR/plots/ (steps.dat, epochs.dat, cluster_sizes.dat) with a gnuplot script, and runs gnuplot (Debian: gnuplot-nox) on it.
+ * The .dat files and plots.gp stay: the plots can be redrawn or restyled without excb. */
+static double json_number(const char *line, const char *key) {
+    char pat[96];
+    snprintf(pat, sizeof pat, "\"%s\":", key);
+    const char *p = strstr(line, pat);
+    if (!p) return NAN;
+    p += strlen(pat);
+    if (!strncmp(p, "null", 4)) return NAN;
+    char *end;
+    double v = strtod(p, &end);
+    return end == p ? NAN : v;
+}
+
+static int cmp_real_desc(const void *a, const void *b) {
+    real x = *(const real *)a, y = *(const real *)b;
+    return (x < y) - (x > y);
+}
+
+static int cmd_plot(int argc, char **argv) {
+    if (argc != 1 || argv[0][0] == '-') {
+        if (argc == 1 && (!strcmp(argv[0], "--help") || !strcmp(argv[0], "-h"))) { usage(stdout); return 0; }
+        fprintf(stderr, "excb plot: usage: excb plot RUN_DIR\n");
+        return EXCB_EXIT_USAGE;
+    }
+    const char *dir = argv[0];
+    char path[4400], err[EXCB_ERR_LEN], plots[4200];
+    path_in(path, sizeof path, dir, "metrics.jsonl");
+    FILE *in = fopen(path, "r");
+    if (!in) { fprintf(stderr, "excb plot: %s: %s\n", path, strerror(errno)); return EXCB_EXIT_NOINPUT; }
+    path_in(plots, sizeof plots, dir, "plots");
+    if (mkdir_p(plots, err)) { fclose(in); fprintf(stderr, "excb plot: %s\n", err); return EXCB_EXIT_CANTCREAT; }
+    char p1[4400], p2[4400];
+    path_in(p1, sizeof p1, plots, "steps.dat");
+    path_in(p2, sizeof p2, plots, "epochs.dat");
+    FILE *fs = fopen(p1, "w"), *fe = fopen(p2, "w");
+    if (!fs || !fe) { fclose(in); fprintf(stderr, "excb plot: cannot write into %s\n", plots); return EXCB_EXIT_CANTCREAT; }
+    fprintf(fs, "# step loss lr teacher_conf student_conf distinct_frac assign_entropy changed_labels\n");
+    fprintf(fe, "# epoch(1-based) loss empty_clusters cluster_size_min cluster_size_max label_entropy_norm knn_top1 (first k)\n");
+    static char line[1 << 16];
+    long n_steps = 0, n_epochs = 0, n_knn = 0;
+    int knn_k = 20;
+    while (fgets(line, sizeof line, in)) {
+        if (strstr(line, "\"type\":\"step\"")) {
+            fprintf(fs, "%ld %.9g %.9g %.9g %.9g %.9g %.9g %.9g\n", (long)json_number(line, "step"), json_number(line, "loss"),
+                    json_number(line, "lr"), json_number(line, "teacher_conf"), json_number(line, "student_conf"),
+                    json_number(line, "distinct_frac"), json_number(line, "assign_entropy"), json_number(line, "changed_labels"));
+            n_steps++;
+        } else if (strstr(line, "\"type\":\"epoch\"")) {
+            double knn = json_number(line, "knn_top1_k20");   /* k = 20 (PERF.md's), else the first k */
+            const char *kp = strstr(line, "\"knn_top1_k");
+            if (!isnan(knn)) knn_k = 20;
+            else if (kp) {
+                knn_k = atoi(kp + 11);
+                char key[32];
+                snprintf(key, sizeof key, "knn_top1_k%d", knn_k);
+                knn = json_number(line, key);
+            }
+            n_knn += !isnan(knn);
+            fprintf(fe, "%ld %.9g %.9g %.9g %.9g %.9g %.9g\n", (long)json_number(line, "epoch") + 1, json_number(line, "loss"),
+                    json_number(line, "empty_clusters"), json_number(line, "cluster_size_min"),
+                    json_number(line, "cluster_size_max"), json_number(line, "label_entropy_norm"), knn);
+            n_epochs++;
+        }
+    }
+    fclose(in); fclose(fs); fclose(fe);
+    if (!n_steps) { fprintf(stderr, "excb plot: %s has no step records yet\n", path); return EXCB_EXIT_DATA; }
+    /* the cluster-size distribution: the newest checkpoint's s, sorted, times K (1 = the balanced size) */
+    char ck[4200];
+    int have_sizes = 0;
+    if (!excb_find_checkpoint(dir, ck, sizeof ck, 1, err)) {
+        CkFile f;
+        if (!ck_open(ck, &f, err)) {
+            for (int i = 0; i < f.l.n; i++)
+                if (!strcmp(f.l.e[i].name, "method.cluster_sizes") && f.l.e[i].dtype == CK_F32) {
+                    long K = (long)f.l.e[i].shape[0];
+                    real *s = xmalloc(sizeof(real) * K);
+                    memcpy(s, f.l.e[i].data, sizeof(real) * K);
+                    qsort(s, K, sizeof(real), cmp_real_desc);
+                    path_in(p1, sizeof p1, plots, "cluster_sizes.dat");
+                    FILE *fc = fopen(p1, "w");
+                    if (fc) {
+                        fprintf(fc, "# rank  s_k*K (sorted; 1 = every cluster equally used)  from %s\n", ck);
+                        for (long k = 0; k < K; k++) fprintf(fc, "%ld %.9g\n", k + 1, (double)s[k] * K);
+                        fclose(fc);
+                        have_sizes = 1;
+                    }
+                    free(s);
+                }
+            ck_close(&f);
+        }
+    }
+    path_in(p1, sizeof p1, plots, "plots.gp");
+    FILE *g = fopen(p1, "w");
+    if (!g) { fprintf(stderr, "excb plot: cannot write %s\n", p1); return EXCB_EXIT_CANTCREAT; }
+    fprintf(g, "# excb plot: gnuplot script (run from %s)\nset terminal png size 960,540\nset grid\nset key outside right\n"
+               "set output 'loss.png'\nset title 'ExCB loss (E8) per step'\nset xlabel 'step'\n"
+               "plot 'steps.dat' using 1:2 with lines title 'loss'\n"
+               "set output 'diagnostics.png'\nset title 'teacher/student confidence, distinct clusters per batch / B'\n"
+               "plot 'steps.dat' using 1:4 with lines title 'teacher conf', '' using 1:5 with lines title 'student conf', "
+               "'' using 1:6 with lines title 'distinct / B', '' using 1:8 with lines title 'changed labels'\n"
+               "set output 'clusters.png'\nset title 'cluster usage per epoch (hard teacher labels)'\nset xlabel 'epoch'\n"
+               "set logscale y\nplot 'epochs.dat' using 1:($3+0.5) with linespoints title 'empty clusters (+0.5)', "
+               "'' using 1:($4+0.5) with linespoints title 'min size (+0.5)', '' using 1:5 with linespoints title 'max size'\n"
+               "unset logscale y\n", plots);
+    if (n_knn)
+        fprintf(g, "set output 'knn.png'\nset title 'k-NN top-1 (%%), k = %d, during training (subsets)'\nset xlabel 'epoch'\n"
+                   "plot 'epochs.dat' using 1:7 with linespoints title 'k-NN top-1'\n", knn_k);
+    if (have_sizes)
+        fprintf(g, "set output 'cluster_sizes.png'\nset title 'cluster-size estimate s (E3), sorted, times K'\n"
+                   "set xlabel 'rank'\nset ylabel 's_k K'\nset logscale y\n"
+                   "plot 'cluster_sizes.dat' using 1:2 with lines title 's_k K', 1 with lines dashtype 2 title 'balanced'\n");
+    fclose(g);
+    pid_t pid = fork();
+    if (pid == 0) {
+        if (chdir(plots)) _exit(127);
+        int devnull = open("/dev/null", O_WRONLY);
+        if (devnull >= 0) dup2(devnull, STDOUT_FILENO);
+        execlp("gnuplot", "gnuplot", "plots.gp", (char *)NULL);
+        _exit(127);
+    }
+    int status = 0;
+    if (pid < 0 || waitpid(pid, &status, 0) < 0) { fprintf(stderr, "excb plot: cannot start gnuplot: %s\n", strerror(errno)); return EXCB_EXIT_UNAVAILABLE; }
+    if (WIFEXITED(status) && WEXITSTATUS(status) == 127) {
+        fprintf(stderr, "excb plot: gnuplot not found (apt-get install gnuplot-nox); the data and script are in %s\n", plots);
+        return EXCB_EXIT_UNAVAILABLE;
+    }
+    if (!WIFEXITED(status) || WEXITSTATUS(status)) { fprintf(stderr, "excb plot: gnuplot failed on %s/plots.gp\n", plots); return EXCB_EXIT_SOFTWARE; }
+    printf("excb plot: %s/{loss,diagnostics,clusters%s%s}.png from %ld steps, %ld epochs\n", plots, n_knn ? ",knn" : "",
+           have_sizes ? ",cluster_sizes" : "", n_steps, n_epochs);
+    return 0;
+}
+
+/* --- excb inspect: a checkpoint's table, verified (every CRC checked on the way) ---------------- */
+static int cmd_inspect(int argc, char **argv) {
+    if (argc != 1 || argv[0][0] == '-') { fprintf(stderr, "excb inspect: usage: excb inspect CHECKPOINT\n"); return EXCB_EXIT_USAGE; }
+    char err[EXCB_ERR_LEN];
+    CkFile ck;
+    int code = ck_open(argv[0], &ck, err);
+    if (code) { fprintf(stderr, "excb inspect: %s\n", err); return code; }
+    printf("%s: excb checkpoint version %d, %d entries, %zu bytes, every CRC-32 verified\n", argv[0], CK_VERSION, ck.l.n, ck.len);
+    for (int i = 0; i < ck.l.n; i++) {
+        const CkEntry *e = &ck.l.e[i];
+        char shape[96] = "";
+        for (uint32_t j = 0; j < e->ndim; j++)
+            snprintf(shape + strlen(shape), sizeof shape - strlen(shape), j ? "x%llu" : "%llu", (unsigned long long)e->shape[j]);
+        printf("%-64s %-4s %-18s crc32 %08x\n", e->name, ck_dtype_name[e->dtype], shape, e->crc);
+    }
+    ck_close(&ck);
+    return 0;
+}
+
 int main(int argc, char **argv) {
     if (argc < 2) { usage(stderr); return EXCB_EXIT_USAGE; }
     if (!strcmp(argv[1], "--help") || !strcmp(argv[1], "-h")) { usage(stdout); return 0; }
     if (!strcmp(argv[1], "--version")) {
-        printf("excb %s (GEMM: %s, threads: %s, data: zlib %s, libpng %s, libjpeg %d)\n", EXCB_VERSION,
+        printf("excb %s\n"
+               "  BLAS/GEMM: %s\n  threads:   %s\n  CUDA:      not built (the GPU path is issue 5); cuDNN: not built\n"
+               "  data:      zlib %s, libpng %s, libjpeg %d\n  float:     %s, no fast-math, FP contraction off\n",
+               EXCB_VERSION,
 #ifdef EXCB_USE_DNNL
-               "oneDNN sgemm",
+               "oneDNN dnnl_sgemm",
 #else
-               "naive",
+               "naive (built without oneDNN)",
 #endif
 #ifdef _OPENMP
                "OpenMP",
 #else
                "none",
 #endif
-               zlibVersion(), png_get_libpng_ver(NULL), JPEG_LIB_VERSION);
+               zlibVersion(), png_get_libpng_ver(NULL), JPEG_LIB_VERSION,
+#ifdef EXCB_REAL_DOUBLE
+               "float64"
+#else
+               "float32"
+#endif
+               );
         return 0;
     }
     if (!strcmp(argv[1], "bench")) return cmd_bench(argc - 2, argv + 2);
     if (!strcmp(argv[1], "bench-data")) return cmd_bench_data(argc - 2, argv + 2);
     if (!strcmp(argv[1], "views")) return cmd_views(argc - 2, argv + 2);
-    if (!strcmp(argv[1], "train") || !strcmp(argv[1], "eval")) {
-        fprintf(stderr, "excb %s: not yet implemented (the training loop and evaluation: issue 4)\n", argv[1]);
-        return EXCB_EXIT_USAGE;
-    }
+    if (!strcmp(argv[1], "train")) return cmd_train(argc - 2, argv + 2);
+    if (!strcmp(argv[1], "eval")) return cmd_eval(argc - 2, argv + 2);
+    if (!strcmp(argv[1], "plot")) return cmd_plot(argc - 2, argv + 2);
+    if (!strcmp(argv[1], "inspect")) return cmd_inspect(argc - 2, argv + 2);
     fprintf(stderr, "excb: unknown command '%s'\n", argv[1]);
     usage(stderr);
     return EXCB_EXIT_USAGE;

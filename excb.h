@@ -45,8 +45,11 @@ enum {
     EXCB_EXIT_NOINPUT = 66,    /* EX_NOINPUT: a file cannot be opened                 */
     EXCB_EXIT_SOFTWARE = 70,   /* EX_SOFTWARE: internal error                         */
     EXCB_EXIT_OSERR = 71,      /* EX_OSERR: out of memory                             */
+    EXCB_EXIT_UNAVAILABLE = 69,/* EX_UNAVAILABLE: a helper program (gnuplot) is missing */
+    EXCB_EXIT_CANTCREAT = 73,  /* EX_CANTCREAT: the run directory cannot be created   */
     EXCB_EXIT_IO = 74,         /* EX_IOERR: read or write failure                     */
-    EXCB_EXIT_DIVERGED = 3,    /* the loss became NaN or Inf                          */
+    EXCB_EXIT_CONFIG = 78,     /* EX_CONFIG: a bad config file or --set, or a checkpoint of another run */
+    EXCB_EXIT_DIVERGED = 3,    /* the loss or the gradient norm became NaN or Inf     */
 };
 
 /* ------------------------------------------------------------------------------------------------ */
@@ -216,6 +219,8 @@ typedef struct {
     int32_t *labels;           /* argmax of q per teacher row (Vg*B)  (E2)                              */
     real *zt;                  /* teacher similarities (Vg*B, K)  (E1)                                  */
     real *r, *lower, *higher; /* balancing factors (K)  (E3', E4)                                     */
+    double *qbar;              /* mean teacher assignment (K), for the entropy diagnostic            */
+    int eval_bn;               /* 1: BatchNorm uses running statistics (feature extraction)          */
     /* backward scratch */
     real *dbuf[3];
     real *dhead[4];            /* head gradients, each max(D,Hd,d) x NS                                */
@@ -230,6 +235,9 @@ typedef struct {
     float lr, wd_centroid, ema_m;
     int unique_labels;         /* distinct teacher labels over both views (of Vg*B)                   */
     int empty_clusters;        /* clusters with no teacher label this step                            */
+    double teacher_conf;       /* mean over teacher rows of max_k q (1/K: uniform, 1: one-hot)        */
+    double student_conf;       /* mean over the student's direct global rows of max_k softmax(z/tau_s) */
+    double assign_entropy;     /* entropy (nats) of the teacher rows' mean assignment, mean_i q_i     */
 } ExcbStepStats;
 
 int  excb_build(ExcbModel *m, const ExcbConfig *cfg);        /* 0 ok; allocates everything        */
@@ -314,7 +322,7 @@ uint64_t excb_hash(uint64_t seed, uint64_t purpose, uint64_t a, uint64_t b, uint
 float excb_uniform(uint64_t seed, uint64_t purpose, uint64_t a, uint64_t b, uint64_t counter);
 float excb_normal(uint64_t seed, uint64_t purpose, uint64_t a, uint64_t b, uint64_t counter);
 enum { EXCB_RNG_INIT = 1, EXCB_RNG_BENCH = 2, EXCB_RNG_TEST = 3, EXCB_RNG_VIEW = 4, EXCB_RNG_JITTER = 5,
-       EXCB_RNG_PERM = 6 };
+       EXCB_RNG_PERM = 6, EXCB_RNG_KMEANS = 7, EXCB_RNG_PROBE = 8, EXCB_RNG_KILL = 9 };
 
 /* float -> IEEE binary16 -> float, round to nearest even (A4's rounding). */
 float excb_round_fp16(float x);
@@ -388,12 +396,13 @@ int excb_write_png(const char *path, const uint8_t *px, int h, int w, int c, cha
 int excb_write_jpeg(const char *path, const uint8_t *px, int h, int w, int c, int quality, char *err);
 
 /* What the views of one sample are made of (METHOD.md 1.8; transforms.py L84-103). */
-enum { EXCB_BLUR_AS_RUN = 0, EXCB_BLUR_AS_CONFIGURED = 1 };
+enum { EXCB_BLUR_AS_RUN = 0, EXCB_BLUR_AS_CONFIGURED = 1, EXCB_BLUR_NONE = 2 };
 typedef struct {
     int n_global, n_local, global_size, local_size, channels;
     long epochs;                           /* for the crop-scale schedule s_min(e) (A11)             */
     double ratio_min, ratio_max;           /* RandomResizedCrop aspect ratios: 3/4, 4/3              */
     double local_scale_min;                /* 0.05: local crops take (0.05, s_min(e)) of the area    */
+    double scale_offset;                   /* added to s_min(e) (0 officially; small images may want more) */
     double p_flip, p_jitter, brightness, contrast, saturation, hue, p_gray;
     double p_blur[3];                      /* global view 1, global view 2, local views (A14)        */
     double blur_sigma_min, blur_sigma_max;  int blur_kernel;
@@ -461,5 +470,125 @@ int excb_loader_open(ExcbLoader *L, ExcbDataset *ds, const ExcbViewConfig *vc, i
 int excb_loader_next(ExcbLoader *L, ExcbBatch **out, char *err);
 void excb_loader_close(ExcbLoader *L);
 void excb_permutation(int64_t *perm, long n, uint64_t seed, long epoch);
+
+/* ================================================================================================
+ * Runs: configuration and presets, centroid initialisation, checkpoints, training, evaluation
+ * (excb.c sections 14-18)
+ * ================================================================================================ */
+#define EXCB_MAX_KS 8
+/* Everything `excb train` needs beyond the model's own ExcbConfig. Each field is a key of the config
+   file and of --set (excb.c, "the key table"); excb train --help-config lists them with their help. */
+typedef struct {
+    ExcbConfig model;
+    int n_widths, n_blocks;    /* lengths of the widths and blocks lists; equal, = model.n_stages     */
+    char preset[32];           /* the preset the defaults came from                                   */
+    char data[1024];           /* --data SPEC (fashion-mnist, a folder, a file)                        */
+    char train_split[32];      /* pre-training split ("train", "train+unlabeled")                    */
+    char bank_split[32];       /* k-NN memory bank and linear-probe training split ("train")          */
+    char query_split[32];      /* k-NN queries and linear-probe test split ("test", "val")            */
+    long epochs;               /* E                                                                    */
+    double warmup_epochs;      /* linear lr warm-up, in epochs (10 officially)                         */
+    int workers, blur, skip_bad;
+    double crop_scale_offset;  /* added to the official crop-scale bound s_min(e) (A11); 0 officially   */
+    int log_every;             /* steps between step records (and plain progress lines)               */
+    int ckpt_every;            /* steps between checkpoints (0: end of epoch only)                     */
+    int keep;                  /* checkpoints kept in the run directory (the newest ones)             */
+    int knn_every;             /* epochs between k-NN evaluations during training (0: only at the end) */
+    int knn_ks[EXCB_MAX_KS], n_knn_ks;    /* k values of the weighted k-NN                           */
+    double knn_t;              /* its temperature T (0.07)                                             */
+    long knn_bank_max, knn_query_max;     /* during training: evenly spaced subsets (0: all)         */
+    int kmeans_init;           /* 1: spherical k-means centroids (METHOD.md 1.10); 0: random (ablation) */
+    long kmeans_samples;       /* projections collected (500000 officially)                            */
+    int kmeans_iters, kmeans_restarts;    /* Lloyd iterations (50); restarts allowed while a cluster is empty */
+    int probe_epochs, probe_batch;        /* linear probe on frozen features                           */
+    double probe_lr, probe_wd;
+    long stop_after;           /* stop with a checkpoint after this many steps (0: run to the end); set by
+                                  --stop-after, not a config key: it does not belong to the run       */
+    long debug_nan_step;       /* tests: put a NaN into step N's input (-1: never)                     */
+} ExcbRunConfig;
+
+/* Presets: "fashion-mnist" (the fast default), "fashion-mnist-long", "cifar10-r18", "stl10-r18",
+   "imagenet-r50", "tiny" (tests). 0 ok, EXCB_EXIT_CONFIG for an unknown name (err says which exist). */
+int excb_preset(ExcbRunConfig *rc, const char *name, char *err);
+/* checks ranges and cross-key rules after all settings; sets model.n_stages. 0 or EXCB_EXIT_CONFIG */
+int excb_config_validate(ExcbRunConfig *rc, char *err);
+/* key = value (one setting); 0 or EXCB_EXIT_CONFIG with err naming the key and the problem */
+int excb_config_set(ExcbRunConfig *rc, const char *key, const char *value, char *err);
+/* a config file: "key = value" lines, '#' comments; `name` is used in messages */
+int excb_config_parse(ExcbRunConfig *rc, const char *text, const char *name, char *err);
+/* the resolved config as a config file (json = 0) or one JSON object (json = 1); malloc'd */
+char *excb_config_dump(const ExcbRunConfig *rc, int json);
+/* the keys that shape the trajectory equal in both (resume); 0 or EXCB_EXIT_CONFIG naming the key */
+int excb_config_compatible(const ExcbRunConfig *run, const ExcbRunConfig *ckpt, char *err);
+
+/* METHOD.md 1.10: spherical k-means on n unit rows x (n, d). Seeds are distinct random rows; Lloyd
+   iterations with argmax E-steps and normalised-mean M-steps (an empty cluster keeps its centroid);
+   restarted with new seeds while a cluster is empty after the last E-step. c gets the unit centroids
+   (the teacher's), c_next one more M-step's unnormalised means (the student's). Returns the restarts
+   used, or -1 when clusters were still empty after max_restarts (then *empty says how many). */
+int excb_spherical_kmeans(const real *x, long n, int d, int K, int iters, int max_restarts, uint64_t seed,
+                          real *c, real *c_next, int32_t *assign, int *empty);
+
+/* The training state outside the model, saved in every checkpoint. */
+enum { EXCB_ACC_STEPS, EXCB_ACC_LOSS, EXCB_ACC_TCONF, EXCB_ACC_SCONF, EXCB_ACC_UNIQUE, EXCB_ACC_CHANGED,
+       EXCB_ACC_SEEN, EXCB_ACC_ENTROPY, EXCB_ACC_N };
+typedef struct {
+    long n_samples;            /* size of the pre-training split                                      */
+    int32_t *prev_labels;      /* each sample's teacher label (view 1) when last seen, -1: not yet    */
+    int64_t *epoch_counts;     /* K: teacher labels (both views) so far this epoch                    */
+    double acc[EXCB_ACC_N];    /* sums over this epoch's steps                                        */
+    int64_t metrics_bytes;     /* length of metrics.jsonl when the checkpoint was written             */
+    double seconds;            /* training time so far (informative only; not part of any comparison) */
+} ExcbTrainState;
+
+/* Checkpoints (ECOSYSTEM.md 4.5): magic, version, a table of named tensors with a CRC-32 each, a CRC-32
+   of the whole file; written to a temporary file, fsync'ed, renamed, directory fsync'ed. */
+int excb_checkpoint_save(const char *path, const ExcbModel *m, const ExcbTrainState *ts, const char *config_text,
+                         char *err);
+/* the resolved config stored in a checkpoint (malloc'd text); verifies the whole file first */
+int excb_checkpoint_config(const char *path, char **config_text, char *err);
+/* everything into a model built from that config, and ts (allocated here); verifies names and shapes */
+int excb_checkpoint_load(const char *path, ExcbModel *m, ExcbTrainState *ts, char *err);
+void excb_train_state_free(ExcbTrainState *ts);
+
+/* The whole run (excb.c section 17) into out_dir: data, model, k-means init, the loop with metrics,
+   checkpoints and the divergence guard, k-NN every knn_every epochs and the final evaluation. With
+   resume_from (a checkpoint of this run directory) it continues that run; rc must be its config.
+   0, or an exit code with err (EXCB_EXIT_DIVERGED: the last good checkpoint is intact). */
+int excb_train(ExcbRunConfig *rc, const char *out_dir, const char *resume_from, int quiet, char *err);
+/* the newest checkpoint of a run directory that verifies (damaged newer ones are skipped, with a note
+   on stderr when verbose); 0 or EXCB_EXIT_NOINPUT */
+int excb_find_checkpoint(const char *dir, char *path, size_t cap, int verbose, char *err);
+
+/* --- evaluation --- */
+/* backbone features (n, D) of images idx[0..n) (NULL: 0..n-1), BN in evaluation mode, the evaluation view
+   (the whole image, or resize the short side to G*256/224 and centre-crop G); the teacher's weights or
+   the student's. assign (may be NULL): each image's nearest centroid of the same network (E1 argmax,
+   no balancing). */
+int excb_extract_features(ExcbModel *m, int teacher, const ExcbDataset *ds, const ExcbViewConfig *vc,
+                          const long *idx, long n, real *feat, int32_t *assign, char *err);
+/* weighted k-NN as DINO's eval_knn: cosine similarity of L2-normalised rows, vote weight exp(sim/T);
+   top1[j], top5[j] in percent for k = ks[j] */
+void excb_knn(const real *bank, const int32_t *bank_labels, long n_bank, const real *query,
+              const int32_t *query_labels, long n_query, int D, int n_classes, const int *ks, int n_ks,
+              double T, double *top1, double *top5);
+/* the linear probe's loss on n rows: mean softmax cross-entropy of W x + b (W (C, D)); adds dW, db */
+double excb_softmax_xent(const real *W, const real *b, const real *x, const int32_t *y, long n, int D, int C,
+                         double *dW, double *db);
+/* a linear probe: features standardised with the training rows' mean and std, softmax regression by
+   SGD (momentum 0.9, cosine lr to 0, wd on W, shuffled by (seed, epoch)). Returns the test top-1 (%) of
+   the last epoch; *train_acc gets its training top-1. */
+double excb_linear_probe(const real *train, const int32_t *ytr, long ntr, const real *test, const int32_t *yte,
+                         long nte, int D, int C, int epochs, int batch, double lr, double wd, uint64_t seed,
+                         double *train_acc);
+typedef struct {
+    double nmi, ami, ari;      /* arithmetic-mean normalisation (scikit-learn's default)              */
+    double acc_many_to_one;    /* each cluster votes its majority class                               */
+    double acc_hungarian;      /* one-to-one matching; NAN unless K == number of classes              */
+    int used_clusters;
+} ExcbClusterScores;
+void excb_cluster_scores(const int32_t *pred, const int32_t *truth, long n, int K, int C, ExcbClusterScores *s);
+/* the optimal one-to-one assignment maximising sum w[i][perm[i]] of an n x n matrix (Hungarian method) */
+void excb_hungarian_max(const double *w, int n, int *perm);
 
 #endif /* EXCB_H */

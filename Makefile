@@ -167,4 +167,4 @@ clean:
 bench-train: excb
 	bash -c 'time ./excb train --out runs/bench-default --force'
 bench-kill: excb
-	bench/kill_resume.sh 10 60 /tmp/excb_kill
+	bench/kill_resume.sh 10 150 /tmp/excb_kill

@@ -1,14 +1,15 @@
 #!/bin/sh
 # kill -9 at random moments, then resume: the final checkpoint and metrics must equal an uninterrupted run's.
-#   bench/kill_resume.sh [KILLS (10)] [STEPS (60)] [DIR (/tmp/excb_kill)]
-# Runs the default preset (Fashion-MNIST) for STEPS steps with a checkpoint every 5 steps, once straight
-# and once killed KILLS times (each kill 1-9 s after a (re)start, drawn from a fixed seed), resuming each
+#   bench/kill_resume.sh [KILLS (10)] [STEPS (150)] [DIR (/tmp/excb_kill)]
+# Runs the default preset (Fashion-MNIST) at B = 64 (k-means on 5k samples) for STEPS steps, a checkpoint every
+# 3 steps, once straight and once killed KILLS times (each kill 1-9 s after a resume starts, or after the
+# first checkpoint appears for a fresh start; the delays come from a fixed seed), resuming each
 # time. Compares `excb inspect` of the two final checkpoints (every tensor's CRC-32; only the time spent
 # and metrics.jsonl's byte length may differ) and metrics.jsonl without its "wall" timing fields.
 set -u
-KILLS=${1:-10}; STEPS=${2:-60}; DIR=${3:-/tmp/excb_kill}
+KILLS=${1:-10}; STEPS=${2:-150}; DIR=${3:-/tmp/excb_kill}
 EXCB=${EXCB:-./excb}
-ARGS="--set ckpt_every=5 --set knn_every=0 --stop-after $STEPS -q"
+ARGS="--batch 64 --set ckpt_every=3 --set knn_every=0 --set kmeans_samples=5000 --stop-after $STEPS -q"
 rm -rf "$DIR" && mkdir -p "$DIR"
 t0=$(date +%s)
 $EXCB train --out "$DIR/straight" $ARGS || { echo "straight run failed"; exit 1; }
@@ -24,6 +25,9 @@ start() {
 }
 while [ $kills -lt $KILLS ]; do
     start
+    if [ $resumes -eq 0 ]; then      # a fresh start: let k-means finish and the first checkpoint land
+        while kill -0 $pid 2>/dev/null && ! ls "$DIR"/killed/ckpt-*.excb >/dev/null 2>&1; do sleep 0.05; done
+    fi
     seed=$(( (seed * 1103515245 + 12345) % 2147483648 ))
     ms=$(( 1000 + seed % 8000 ))
     sleep "$(printf '%d.%03d' $((ms / 1000)) $((ms % 1000)))"

@@ -3425,6 +3425,8 @@ int excb_preset(ExcbRunConfig *rc, const char *name, char *err) {
         rc->workers = 8;
         rc->ckpt_every = 1000;
         rc->log_every = 50;
+        rc->knn_bank_max = 100000;         /* during training: 0.8 GB of 2048-d features; the final   */
+        rc->knn_query_max = 10000;         /* evaluation uses all 1.28M (10.5 GB) and 50k             */
     } else if (!strcmp(name, "tiny")) {
         /* the tests' preset: the parity net on 8 x 8 crops of Fashion-MNIST-like data */
         set_model(rc, "tiny");
@@ -5509,8 +5511,9 @@ static int cmd_plot(int argc, char **argv) {
     pid_t pid = fork();
     if (pid == 0) {
         if (chdir(plots)) _exit(127);
-        int devnull = open("/dev/null", O_WRONLY);
+        int devnull = open("/dev/null", O_WRONLY), log = open("gnuplot.log", O_WRONLY | O_CREAT | O_TRUNC, 0666);
         if (devnull >= 0) dup2(devnull, STDOUT_FILENO);
+        if (log >= 0) dup2(log, STDERR_FILENO);          /* its warnings (e.g. a one-epoch x range) */
         execlp("gnuplot", "gnuplot", "plots.gp", (char *)NULL);
         _exit(127);
     }
@@ -5520,7 +5523,10 @@ static int cmd_plot(int argc, char **argv) {
         fprintf(stderr, "excb plot: gnuplot not found (apt-get install gnuplot-nox); the data and script are in %s\n", plots);
         return EXCB_EXIT_UNAVAILABLE;
     }
-    if (!WIFEXITED(status) || WEXITSTATUS(status)) { fprintf(stderr, "excb plot: gnuplot failed on %s/plots.gp\n", plots); return EXCB_EXIT_SOFTWARE; }
+    if (!WIFEXITED(status) || WEXITSTATUS(status)) {
+        fprintf(stderr, "excb plot: gnuplot failed on %s/plots.gp (its messages: %s/gnuplot.log)\n", plots, plots);
+        return EXCB_EXIT_SOFTWARE;
+    }
     printf("excb plot: %s/{loss,diagnostics,clusters%s%s}.png from %ld steps, %ld epochs\n", plots, n_knn ? ",knn" : "",
            have_sizes ? ",cluster_sizes" : "", n_steps, n_epochs);
     return 0;

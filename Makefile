@@ -8,6 +8,8 @@
 # Optional features are probed and announced; without them the build degrades, never silently:
 #   oneDNN (libdnnl-dev)  the fast GEMM; without it the naive GEMM is used (correct, ~50x slower)
 #   OpenMP                threads; results are bitwise the same for any thread count
+# `make` alone builds ./excb (the data rule below would otherwise be the first target)
+.DEFAULT_GOAL := all
 CC      ?= gcc
 # -ffp-contract=off: every a*b+c in the source rounds twice, as written (no silent FMA contraction);
 # and no fast-math flags: IEEE semantics (subnormals, NaN checks, the fp16 rounding of A4) are part of the method.

@@ -14,12 +14,17 @@
  * its backward (E11..E13), then the teacher EMA (E9), SGD with its weight-decay groups (E14) and
  * schedules (Appendix A), one training step; then the data sets (IDX, CIFAR, STL-10, PNG/JPEG
  * folders), the multi-crop views of METHOD.md 1.8 in PIL's arithmetic, a threaded deterministic
- * loader, benchmarks, and the command line. Every forward sits right above its backward.
+ * loader; then whole runs: the config and presets, k-means centroid initialisation (METHOD.md 1.10),
+ * checkpoints, the training loop, evaluation (k-NN, linear probe, clustering metrics), benchmarks and
+ * the command line. Every forward sits right above its backward.
  *
- * What is not here yet: `excb train`, evaluation and checkpoints (issue 4), the k-means centroid
- * initialisation (METHOD.md 1.10), the GPU path (issue 5), ViT, LARS and AdamW.
+ * The GPU. The network and the step (sections 9-10) call every operator through a table, m->ops:
+ * excb_cpu_ops here, or excb_cuda_ops in excb_kernels.cu, whose entries take the same arguments and
+ * work on device memory. The method is written once, here; the .cu file holds only the operators.
  *
- * Build and test:  make && make test.  Benchmarks:  ./excb bench --config resnet20s,
+ * What is not here yet: BF16 on the GPU, several GPUs, ViT, LARS and AdamW.
+ *
+ * Build and test:  make && make test.  Benchmarks:  ./excb bench --config resnet20s [--device cuda],
  * ./excb bench-data --data fashion-mnist
  *
  * Determinism: every result is a pure function of the seed and the inputs, whatever the number
@@ -1242,7 +1247,14 @@ int excb_build(ExcbModel *m, const ExcbConfig *cfg) {
     Arena real = {m->arena, 0};
     plan_arena(m, &real);
     init_params(m);
+    m->ops = &excb_cpu_ops;
     return 0;
+}
+
+size_t excb_plan_arena(ExcbModel *m, real *base) {
+    Arena a = {base, 0};
+    plan_arena(m, &a);
+    return a.used;
 }
 
 void excb_free(ExcbModel *m) {
@@ -1259,30 +1271,28 @@ void excb_free(ExcbModel *m) {
 /* conv + BN (+ReLU), one unit; `residual` (may alias ua->a) is added before the ReLU */
 static void unit_forward(ExcbModel *m, const real *P, real *run, ExcbUnitActs *ua, const ExcbConvBN *u,
                          const real *x, int H, int W, const real *residual, int relu) {
-    conv2d_forward(ua->y, x, PT(P, u->w), m->col, ua->N, u->cin, H, W, u->cout, u->k, u->stride, u->pad);
-    if (m->eval_bn) {
+    m->ops->conv2d_forward(ua->y, x, PT(P, u->w), m->col, ua->N, u->cin, H, W, u->cout, u->k, u->stride, u->pad);
+    if (m->eval_bn) {                        /* feature extraction: CPU only (section 18) */
         batchnorm_inference(ua->a, ua->y, PT(P, u->gamma), PT(P, u->beta), run + u->stats, run + u->stats + u->cout,
                             residual, relu, u->cout, ua->N * ua->H * ua->W, (real)m->cfg.bn_eps);
         return;
     }
-    batchnorm_forward(ua->a, ua->mean, ua->rstd, run + u->stats, run + u->stats + u->cout, ua->y,
-                      PT(P, u->gamma), PT(P, u->beta), residual, relu, u->cout, ua->N * ua->H * ua->W,
-                      (real)m->cfg.bn_eps, (real)m->cfg.bn_momentum);
+    m->ops->batchnorm_forward(ua->a, ua->mean, ua->rstd, run + u->stats, run + u->stats + u->cout, ua->y,
+                              PT(P, u->gamma), PT(P, u->beta), residual, relu, u->cout, ua->N * ua->H * ua->W,
+                              (real)m->cfg.bn_eps, (real)m->cfg.bn_momentum);
 }
 
 /* x_nchw (N, C, H, H) -> features f[:, col0 .. col0+N) of a (D, ldf) matrix. P: the parameters to
  * use (student or teacher), run: their BN running statistics. */
 static void backbone_forward(ExcbModel *m, const real *P, real *run, ExcbBackboneActs *A,
                              const real *x_nchw, real *f, int ldf) {
-    int N = A->N, H = A->H, C = m->cfg.in_ch;
-    for (int n = 0; n < N; n++)                     /* (N, C, H, W) -> (C, N, H, W)             */
-        for (int c = 0; c < C; c++)
-            memcpy(A->x + ((size_t)c * N + n) * H * H, x_nchw + ((size_t)n * C + c) * H * H, sizeof(real) * H * H);
+    int N = A->N, H = A->H;
+    m->ops->images_to_features(A->x, x_nchw, N, m->cfg.in_ch, H * H);     /* (N,C,H,W) -> (C,N,H,W) */
     unit_forward(m, P, run, &A->stem, &m->stem, A->x, H, H, NULL, 1);
     const real *cur = A->stem.a;
     int h = A->stem.H;
     if (m->cfg.stem == EXCB_STEM_IMAGENET) {
-        maxpool_forward(A->pool, A->pool_arg, A->stem.a, m->stem.cout, N, h, h);
+        m->ops->maxpool_forward(A->pool, A->pool_arg, A->stem.a, m->stem.cout, N, h, h);
         cur = A->pool;
         h = conv_out(h, 3, 2, 1);
     }
@@ -1300,7 +1310,7 @@ static void backbone_forward(ExcbModel *m, const real *P, real *run, ExcbBackbon
             h = A->main[b][j].H;
         }
     }
-    avgpool_forward(f, ldf, cur, m->D, N, h * h);
+    m->ops->avgpool_forward(f, ldf, cur, m->D, N, h * h);
 }
 
 /* Backward of backbone_forward for the STUDENT parameters: df is (D, ldf), columns [0, N) of it
@@ -1312,7 +1322,7 @@ static void backbone_backward(ExcbModel *m, ExcbBackboneActs *A, const real *df,
     real *dcur = m->dbuf[0], *dy = m->dbuf[1], *dx = m->dbuf[2];
     const ExcbResBlock *lastblk = &m->blocks[m->n_blocks - 1];
     const ExcbUnitActs *out = &A->main[m->n_blocks - 1][lastblk->n_main - 1];
-    avgpool_backward(dcur, df, ldf, m->D, N, out->H * out->W);
+    m->ops->avgpool_backward(dcur, df, ldf, m->D, N, out->H * out->W);
     for (int b = m->n_blocks - 1; b >= 0; b--) {
         const ExcbResBlock *blk = &m->blocks[b];
         const ExcbUnitActs *ua_last = &A->main[b][blk->n_main - 1];
@@ -1334,28 +1344,25 @@ static void backbone_backward(ExcbModel *m, ExcbBackboneActs *A, const real *df,
             const ExcbConvBN *u = &blk->main[j];
             const ExcbUnitActs *ua = &A->main[b][j];
             const real *dout = j == blk->n_main - 1 ? dcur : dx;
-            batchnorm_backward(dy, PT(G, u->gamma), PT(G, u->beta), dout, ua->a, ua->y, ua->mean, ua->rstd,
-                               PT(P, u->gamma), 1, u->cout, N * ua->H * ua->W);
+            m->ops->batchnorm_backward(dy, PT(G, u->gamma), PT(G, u->beta), dout, ua->a, ua->y, ua->mean, ua->rstd,
+                                       PT(P, u->gamma), 1, u->cout, N * ua->H * ua->W);
             const real *xin = j > 0 ? A->main[b][j - 1].a : block_in;
             int h = j > 0 ? A->main[b][j - 1].H : hin;
-            conv2d_backward(dx, PT(G, u->w), dy, xin, PT(P, u->w), m->col, m->slots, N, u->cin, h, h,
-                            u->cout, u->k, u->stride, u->pad);
+            m->ops->conv2d_backward(dx, PT(G, u->w), dy, xin, PT(P, u->w), m->col, m->slots, N, u->cin, h, h,
+                                    u->cout, u->k, u->stride, u->pad);
         }
         /* dx now holds the main path's gradient w.r.t. the block input; add the shortcut's */
         size_t n_in = (size_t)blk->main[0].cin * N * hin * hin;
         if (blk->has_down) {
             const ExcbConvBN *u = &blk->down;
             const ExcbUnitActs *ua = &A->down[b];
-            batchnorm_backward(dy, PT(G, u->gamma), PT(G, u->beta), dcur, ua_last->a, ua->y, ua->mean,
-                               ua->rstd, PT(P, u->gamma), 1, u->cout, N * ua->H * ua->W);
-            conv2d_backward(dcur, PT(G, u->w), dy, block_in, PT(P, u->w), m->col, m->slots, N, u->cin,
-                            hin, hin, u->cout, u->k, u->stride, u->pad);
-#pragma omp parallel for schedule(static)
-            for (size_t i = 0; i < n_in; i++) dx[i] += dcur[i];
+            m->ops->batchnorm_backward(dy, PT(G, u->gamma), PT(G, u->beta), dcur, ua_last->a, ua->y, ua->mean,
+                                       ua->rstd, PT(P, u->gamma), 1, u->cout, N * ua->H * ua->W);
+            m->ops->conv2d_backward(dcur, PT(G, u->w), dy, block_in, PT(P, u->w), m->col, m->slots, N, u->cin,
+                                    hin, hin, u->cout, u->k, u->stride, u->pad);
+            m->ops->add(dx, dcur, n_in);
         } else {                             /* identity: the ReLU-gated output gradient itself  */
-            const real *o = ua_last->a;
-#pragma omp parallel for schedule(static)
-            for (size_t i = 0; i < n_in; i++) dx[i] += o[i] > 0.0f ? dcur[i] : 0.0f;
+            m->ops->add_gated(dx, dcur, ua_last->a, n_in);
         }
         real *t = dcur;                      /* the block input's gradient is the next dcur      */
         dcur = dx;
@@ -1363,32 +1370,32 @@ static void backbone_backward(ExcbModel *m, ExcbBackboneActs *A, const real *df,
     }
     const real *dstem = dcur;               /* gradient w.r.t. the stem's output (after the pool)  */
     if (m->cfg.stem == EXCB_STEM_IMAGENET) {
-        maxpool_backward(dx, dcur, A->pool_arg, m->stem.cout, N, A->stem.H, A->stem.W);
+        m->ops->maxpool_backward(dx, dcur, A->pool_arg, m->stem.cout, N, A->stem.H, A->stem.W);
         dstem = dx;
     }
     real *dys = dy;                         /* dy is free here in both cases                     */
-    batchnorm_backward(dys, PT(G, m->stem.gamma), PT(G, m->stem.beta), dstem, A->stem.a, A->stem.y,
-                       A->stem.mean, A->stem.rstd, PT(P, m->stem.gamma), 1, m->stem.cout,
-                       N * A->stem.H * A->stem.W);
-    conv2d_backward(NULL, PT(G, m->stem.w), dys, A->x, PT(P, m->stem.w), m->col, m->slots, N,
-                    m->cfg.in_ch, A->H, A->H, m->stem.cout, m->stem.k, m->stem.stride, m->stem.pad);
+    m->ops->batchnorm_backward(dys, PT(G, m->stem.gamma), PT(G, m->stem.beta), dstem, A->stem.a, A->stem.y,
+                               A->stem.mean, A->stem.rstd, PT(P, m->stem.gamma), 1, m->stem.cout,
+                               N * A->stem.H * A->stem.W);
+    m->ops->conv2d_backward(NULL, PT(G, m->stem.w), dys, A->x, PT(P, m->stem.w), m->col, m->slots, N,
+                            m->cfg.in_ch, A->H, A->H, m->stem.cout, m->stem.k, m->stem.stride, m->stem.pad);
 }
 
 /* Linear (+BN+ReLU) layer of a head: x (in, N) -> y (out, N) pre-BN and a (out, N) */
 static void head_layer_forward(ExcbModel *m, const real *P, real *run, const ExcbLinear *L,
                                const real *x, real *y, real *a, real *mean, real *rstd, int N) {
     if (!L->has_bn) {
-        linear_forward(a, x, PT(P, L->w), PT(P, L->b), L->in, L->out, N);
+        m->ops->linear_forward(a, x, PT(P, L->w), PT(P, L->b), L->in, L->out, N);
         return;
     }
-    linear_forward(y, x, PT(P, L->w), PT(P, L->b), L->in, L->out, N);
+    m->ops->linear_forward(y, x, PT(P, L->w), PT(P, L->b), L->in, L->out, N);
     if (m->eval_bn) {
         batchnorm_inference(a, y, PT(P, L->gamma), PT(P, L->beta), run + L->stats, run + L->stats + L->out, NULL, 1,
                             L->out, N, (real)m->cfg.bn_eps);
         return;
     }
-    batchnorm_forward(a, mean, rstd, run + L->stats, run + L->stats + L->out, y, PT(P, L->gamma),
-                      PT(P, L->beta), NULL, 1, L->out, N, (real)m->cfg.bn_eps, (real)m->cfg.bn_momentum);
+    m->ops->batchnorm_forward(a, mean, rstd, run + L->stats, run + L->stats + L->out, y, PT(P, L->gamma),
+                              PT(P, L->beta), NULL, 1, L->out, N, (real)m->cfg.bn_eps, (real)m->cfg.bn_momentum);
 }
 
 static void head_layer_backward(ExcbModel *m, const ExcbLinear *L, real *dx, real *da, real *tmp,
@@ -1398,10 +1405,11 @@ static void head_layer_backward(ExcbModel *m, const ExcbLinear *L, real *dx, rea
     real *G = m->grads;
     const real *dy = da;
     if (L->has_bn) {
-        batchnorm_backward(tmp, PT(G, L->gamma), PT(G, L->beta), da, a, y, mean, rstd, PT(P, L->gamma), 1, L->out, N);
+        m->ops->batchnorm_backward(tmp, PT(G, L->gamma), PT(G, L->beta), da, a, y, mean, rstd, PT(P, L->gamma), 1,
+                                   L->out, N);
         dy = tmp;
     }
-    linear_backward(dx, PT(G, L->w), PT(G, L->b), dy, x, PT(P, L->w), L->in, L->out, N);
+    m->ops->linear_backward(dx, PT(G, L->w), PT(G, L->b), dy, x, PT(P, L->w), L->in, L->out, N);
 }
 
 /* E0 over N rows of f (D, N) -> h (d, N) = m->h */
@@ -1425,37 +1433,46 @@ static void projector_forward(ExcbModel *m, const real *P, real *run, const real
  *  backward:           E12, E13 and the network; SGD (E14); teacher EMA (E9)
  */
 static void centroids_forward(ExcbModel *m, const real *P) {
-    weightnorm_forward(m->c, m->c_inv_norm, PT(P, m->centroids), m->cfg.K, m->cfg.d);
+    m->ops->weightnorm_forward(m->c, m->c_inv_norm, PT(P, m->centroids), m->cfg.K, m->cfg.d);
 }
 
 /* A21's monitors, read before the loss turns z_dir into dL/dz: the teacher's confidence (mean max q),
    the student's (mean max softmax(z_dir / tau_s) over the direct global rows), and the entropy of the
    batch's mean assignment qbar = mean_i q_i (log K: every cluster used equally; 0: one cluster). */
-static void step_diagnostics(ExcbModel *m, ExcbStepStats *st) {
-    int NG = m->cfg.n_global * m->cfg.batch, K = m->cfg.K;
-    double tau_s = m->cfg.tau_s, tconf = 0, sconf = 0, h = 0, *per_row = m->row_loss;  /* free until the loss */
+static void cpu_step_diagnostics(const real *q, const real *z, double *per_row, double *qbar, int NG, int K,
+                                 double tau_s, double out[3]) {
+    double tconf = 0, sconf = 0, h = 0;
 #pragma omp parallel for schedule(static)
     for (int i = 0; i < NG; i++) {
-        const real *q = m->q + (size_t)i * K, *z = m->z_dir + (size_t)i * K;
-        real qmax = q[0], zmax = z[0];
-        for (int k = 1; k < K; k++) { qmax = fmax(qmax, q[k]); zmax = fmax(zmax, z[k]); }
+        const real *qi = q + (size_t)i * K, *zi = z + (size_t)i * K;
+        real qmax = qi[0], zmax = zi[0];
+        for (int k = 1; k < K; k++) { qmax = fmax(qmax, qi[k]); zmax = fmax(zmax, zi[k]); }
         double sum = 0;
-        for (int k = 0; k < K; k++) sum += exp(((double)z[k] - zmax) / tau_s);
+        for (int k = 0; k < K; k++) sum += exp(((double)zi[k] - zmax) / tau_s);
         per_row[i] = qmax;
         per_row[NG + i] = 1.0 / sum;
     }
 #pragma omp parallel for schedule(static)
     for (int k = 0; k < K; k++) {
         double acc = 0;
-        for (int i = 0; i < NG; i++) acc += m->q[(size_t)i * K + k];
-        m->qbar[k] = acc / NG;
+        for (int i = 0; i < NG; i++) acc += q[(size_t)i * K + k];
+        qbar[k] = acc / NG;
     }
     for (int i = 0; i < NG; i++) { tconf += per_row[i]; sconf += per_row[NG + i]; }   /* fixed order: */
     for (int k = 0; k < K; k++)                                                       /* any thread  */
-        if (m->qbar[k] > 0) h -= m->qbar[k] * log(m->qbar[k]);                        /* count       */
-    st->teacher_conf = tconf / NG;
-    st->student_conf = sconf / NG;
-    st->assign_entropy = h;
+        if (qbar[k] > 0) h -= qbar[k] * log(qbar[k]);                                 /* count       */
+    out[0] = tconf / NG;
+    out[1] = sconf / NG;
+    out[2] = h;
+}
+
+static void step_diagnostics(ExcbModel *m, ExcbStepStats *st) {
+    double out[3];        /* row_loss is free until the loss: it holds the per-row maxima meanwhile */
+    m->ops->step_diagnostics(m->q, m->z_dir, m->row_loss, m->qbar, m->cfg.n_global * m->cfg.batch, m->cfg.K,
+                             m->cfg.tau_s, out);
+    st->teacher_conf = out[0];
+    st->student_conf = out[1];
+    st->assign_entropy = out[2];
 }
 
 double excb_forward_loss(ExcbModel *m, const real *xg, const real *xl, ExcbStepStats *st) {
@@ -1466,43 +1483,42 @@ double excb_forward_loss(ExcbModel *m, const real *xg, const real *xl, ExcbStepS
     backbone_forward(m, m->teacher, m->teacher_running, &m->act_global, xg, m->f, NG);
     projector_forward(m, m->teacher, m->teacher_running, m->f, NG);
     centroids_forward(m, m->teacher);
-    l2norm_rows_forward(m->ut, m->ut_den, m->h, NG, d, NG, eps);
-    matmul_tiled('N', 'T', NG, K, d, 1.0f, m->ut, d, m->c, d, 0.0f, m->zt, K);      /* E1 */
-    balance_factors(m->r, m->lower, m->higher, m->s, K, c->zero_jitter, c->seed, m->step);  /* E3', E4 */
-    balanced_targets(m->q, m->labels, NULL, m->zt, m->lower, m->higher, NG, K, c->boost, c->clamp, c->tau_t);
+    m->ops->l2norm_rows_forward(m->ut, m->ut_den, m->h, NG, d, NG, eps);
+    m->ops->gemm('N', 'T', NG, K, d, 1.0f, m->ut, d, m->c, d, 0.0f, m->zt, K);      /* E1 */
+    m->ops->balance_factors(m->r, m->lower, m->higher, m->s, K, c->zero_jitter, c->seed, m->step);  /* E3', E4 */
+    m->ops->balanced_targets(m->q, m->labels, NULL, m->zt, m->lower, m->higher, NG, K, c->boost, c->clamp,
+                             c->tau_t);
     /* --- student: backbone once per resolution (A20), heads over all crops ------------------------- */
     backbone_forward(m, m->params, m->running, &m->act_global, xg, m->f, NS);
     if (NL > 0) backbone_forward(m, m->params, m->running, &m->act_local, xl, m->f + NG, NS);
     projector_forward(m, m->params, m->running, m->f, NS);
     centroids_forward(m, m->params);
-    l2norm_rows_forward(m->u_dir, m->u_dir_den, m->h, NS, d, NG, eps);            /* global rows */
-    matmul_tiled('N', 'T', NG, K, d, 1.0f, m->u_dir, d, m->c, d, 0.0f, m->z_dir, K);
+    m->ops->l2norm_rows_forward(m->u_dir, m->u_dir_den, m->h, NS, d, NG, eps);    /* global rows */
+    m->ops->gemm('N', 'T', NG, K, d, 1.0f, m->u_dir, d, m->c, d, 0.0f, m->z_dir, K);
     /* predictor E10a: BN(d) without ReLU, Linear-BN-ReLU, Linear */
-    batchnorm_forward(m->pre_y, m->pre_mean, m->pre_rstd, m->running + m->pred_bn_stats,
-                      m->running + m->pred_bn_stats + d, m->h, PT(m->params, m->pred_bn_gamma),
-                      PT(m->params, m->pred_bn_beta), NULL, 0, d, NS, (real)c->bn_eps, (real)c->bn_momentum);
+    m->ops->batchnorm_forward(m->pre_y, m->pre_mean, m->pre_rstd, m->running + m->pred_bn_stats,
+                              m->running + m->pred_bn_stats + d, m->h, PT(m->params, m->pred_bn_gamma),
+                              PT(m->params, m->pred_bn_beta), NULL, 0, d, NS, (real)c->bn_eps, (real)c->bn_momentum);
     head_layer_forward(m, m->params, m->running, &m->pred[0], m->pre_y, m->pred_y, m->pred_a, m->pred_mean,
                        m->pred_rstd, NS);
     head_layer_forward(m, m->params, m->running, &m->pred[1], m->pred_a, NULL, m->p, NULL, NULL, NS);
-    l2norm_rows_forward(m->u_pred, m->u_pred_den, m->p, NS, d, NS, eps);           /* E10b       */
-    matmul_tiled('N', 'T', NS, K, d, 1.0f, m->u_pred, d, m->c, d, 0.0f, m->z_pred, K);
+    m->ops->l2norm_rows_forward(m->u_pred, m->u_pred_den, m->p, NS, d, NS, eps);   /* E10b       */
+    m->ops->gemm('N', 'T', NS, K, d, 1.0f, m->u_pred, d, m->c, d, 0.0f, m->z_pred, K);
     if (st) step_diagnostics(m, st);
     /* --- the loss; z_dir and z_pred become dL/dz ------------------------------------------------- */
-    double loss = excb_loss_forward_backward(m->z_dir, m->z_pred, m->row_loss, m->q, c->n_global,
-                                             c->n_local, B, K, c->tau_s);
+    double loss = m->ops->loss_forward_backward(m->z_dir, m->z_pred, m->row_loss, m->q, c->n_global,
+                                                c->n_local, B, K, c->tau_s);
     if (st) st->loss = loss;
     return loss;
 }
 
 void excb_update_cluster_sizes(ExcbModel *m, ExcbStepStats *st) {
     int NG = m->cfg.n_global * m->cfg.batch;
-    cluster_size_update(m->s, m->counts, m->labels, NG, m->cfg.K, m->cfg.m_s, m->cfg.fp16_count_term);
+    int used = m->ops->cluster_size_update(m->s, m->counts, m->labels, NG, m->cfg.K, m->cfg.m_s,
+                                           m->cfg.fp16_count_term);
     if (st) {                                              /* A21 collapse monitors             */
-        st->unique_labels = st->empty_clusters = 0;
-        for (int k = 0; k < m->cfg.K; k++) {
-            st->unique_labels += m->counts[k] > 0;
-            st->empty_clusters += m->counts[k] == 0;
-        }
+        st->unique_labels = used;
+        st->empty_clusters = m->cfg.K - used;
     }
 }
 
@@ -1512,29 +1528,28 @@ void excb_backward(ExcbModel *m) {
     real eps = (real)c->norm_eps;
     const real *P = m->params;
     real *G = m->grads;
-    memset(G, 0, sizeof(real) * m->n_params);              /* the one place gradients are zeroed */
+    m->ops->zero(G, m->n_params);                          /* the one place gradients are zeroed */
     /* Four scratch buffers of (max(D, Hd, d), NS) floats (the fourth also holds dc (K, d)). Each is
        reused as soon as the gradient it holds has been consumed; the comments say what is where. */
     real *s0 = m->dhead[0], *s1 = m->dhead[1], *s2 = m->dhead[2], *s3 = m->dhead[3];
     real *dh = s1;                                         /* dL/dh (d, NS): both branches add here */
     /* E13: only the direct global rows reach the centroids: dc = dz_dir^T u_dir, then weight norm */
-    matmul_tiled('T', 'N', K, d, NG, 1.0f, m->z_dir, K, m->u_dir, d, 0.0f, s3, d);            /* s3 = dc */
-    weightnorm_backward(PT(G, m->centroids), s3, m->c, m->c_inv_norm, K, d);
+    m->ops->gemm('T', 'N', K, d, NG, 1.0f, m->z_dir, K, m->u_dir, d, 0.0f, s3, d);            /* s3 = dc */
+    m->ops->weightnorm_backward(PT(G, m->centroids), s3, m->c, m->c_inv_norm, K, d);
     /* E12, direct rows: du = dz_dir c, dh[:, global] = (I - u u^T) du / ||h||; local columns 0 */
-    matmul_tiled('N', 'N', NG, d, K, 1.0f, m->z_dir, K, m->c, d, 0.0f, s0, d);               /* s0 = du */
-    l2norm_rows_backward(dh, NS, s0, m->u_dir, m->u_dir_den, d, NG, eps, 0);
-    for (int j = 0; j < d; j++) memset(dh + (size_t)j * NS + NG, 0, sizeof(real) * NL);
+    m->ops->gemm('N', 'N', NG, d, K, 1.0f, m->z_dir, K, m->c, d, 0.0f, s0, d);               /* s0 = du */
+    m->ops->l2norm_rows_backward(dh, NS, s0, m->u_dir, m->u_dir_den, d, NG, eps, 0);
+    m->ops->zero_columns(dh, d, NS, NG, NL);
     /* E12, predictor rows (c is a constant here): du = dz_pred c, dp = (I - u u^T) du / ||p|| */
-    matmul_tiled('N', 'N', NS, d, K, 1.0f, m->z_pred, K, m->c, d, 0.0f, s0, d);              /* s0 = du */
-    l2norm_rows_backward(s2, NS, s0, m->u_pred, m->u_pred_den, d, NS, eps, 0);               /* s2 = dp */
+    m->ops->gemm('N', 'N', NS, d, K, 1.0f, m->z_pred, K, m->c, d, 0.0f, s0, d);              /* s0 = du */
+    m->ops->l2norm_rows_backward(s2, NS, s0, m->u_pred, m->u_pred_den, d, NS, eps, 0);       /* s2 = dp */
     /* predictor E10a, last layer to first, then its input BN(d); the result adds into dh */
     head_layer_backward(m, &m->pred[1], s0, s2, NULL, m->pred_a, NULL, m->p, NULL, NULL, NS);  /* s0 = d pred_a */
     head_layer_backward(m, &m->pred[0], s2, s0, s3, m->pre_y, m->pred_y, m->pred_a, m->pred_mean,
                         m->pred_rstd, NS);                                                    /* s2 = d BN(h) */
-    batchnorm_backward(s3, PT(G, m->pred_bn_gamma), PT(G, m->pred_bn_beta), s2, m->pre_y, m->h, m->pre_mean,
-                       m->pre_rstd, PT(P, m->pred_bn_gamma), 0, d, NS);                        /* s3 = dh_pred */
-#pragma omp parallel for schedule(static)
-    for (size_t i = 0; i < (size_t)d * NS; i++) dh[i] += s3[i];
+    m->ops->batchnorm_backward(s3, PT(G, m->pred_bn_gamma), PT(G, m->pred_bn_beta), s2, m->pre_y, m->h, m->pre_mean,
+                               m->pre_rstd, PT(P, m->pred_bn_gamma), 0, d, NS);                /* s3 = dh_pred */
+    m->ops->add(dh, s3, (size_t)d * NS);
     /* projector E0, last layer to first: df (D, NS) */
     ExcbMLPActs *A = &m->proj_act;
     head_layer_backward(m, &m->proj[2], s0, dh, NULL, A->a[1], NULL, A->a[2], NULL, NULL, NS);      /* s0 = d a1 */
@@ -1553,9 +1568,8 @@ void excb_update(ExcbModel *m, ExcbStepStats *st) {
     double wdc = centroid_wd_at(t, c->total_steps, c->weight_decay, c->centroid_wd_boost);
     double mom = ema_momentum_at(m->step, c->total_steps, c->ema_start);
     switch (c->optimizer) {                 /* LARS and AdamW (ViT) would be further cases        */
-    case EXCB_OPT_SGD: sgd_update(m, lr, c->weight_decay, wdc); break;                  /* E14  */
+    case EXCB_OPT_SGD: m->ops->update(m, lr, c->weight_decay, wdc, mom); break;         /* E14, E9 */
     }
-    ema_update(m->teacher, m->params, m->n_params, mom);                            /* E9         */
     m->step++;
     if (st) {
         st->lr = (float)lr;
@@ -1574,6 +1588,112 @@ int excb_step(ExcbModel *m, const real *xg, const real *xl, ExcbStepStats *st) {
     excb_update(m, st);
     return 0;
 }
+
+/* --- the CPU operator table ------------------------------------------------------------------------
+ * The operators of sections 1-7 as they are, plus the step's few plain loops under names, so that
+ * excb_kernels.cu can give each a GPU twin (excb.h, "The operator table"). */
+static void cpu_images_to_features(real *dst, const real *src, int N, int C, int HW) {
+    for (int n = 0; n < N; n++)
+        for (int c = 0; c < C; c++)
+            memcpy(dst + ((size_t)c * N + n) * HW, src + ((size_t)n * C + c) * HW, sizeof(real) * HW);
+}
+
+static int cpu_cluster_size_update(real *s, int32_t *counts, const int32_t *labels, int N, int K, double m_s,
+                                   int fp16_term) {
+    cluster_size_update(s, counts, labels, N, K, m_s, fp16_term);
+    int used = 0;
+    for (int k = 0; k < K; k++) used += counts[k] > 0;
+    return used;
+}
+
+static void cpu_update(ExcbModel *m, double lr, double wd, double wd_centroid, double ema_m) {
+    sgd_update(m, lr, wd, wd_centroid);                                             /* E14        */
+    ema_update(m->teacher, m->params, m->n_params, ema_m);                          /* E9         */
+}
+
+static void cpu_zero(real *x, size_t n) { memset(x, 0, sizeof(real) * n); }
+
+static void cpu_zero_columns(real *x, int rows, int ld, int col0, int n) {
+    for (int j = 0; j < rows; j++) memset(x + (size_t)j * ld + col0, 0, sizeof(real) * n);
+}
+
+static void cpu_add(real *dst, const real *src, size_t n) {
+#pragma omp parallel for schedule(static)
+    for (size_t i = 0; i < n; i++) dst[i] += src[i];
+}
+
+static void cpu_add_gated(real *dst, const real *src, const real *gate, size_t n) {
+#pragma omp parallel for schedule(static)
+    for (size_t i = 0; i < n; i++) dst[i] += gate[i] > 0.0f ? src[i] : 0.0f;
+}
+
+static double cpu_sum_squares(const real *x, size_t n) {
+    double s = 0;                                       /* one thread, one order: reproducible */
+    for (size_t i = 0; i < n; i++) s += (double)x[i] * x[i];
+    return s;
+}
+
+static void cpu_to_host(void *dst, const void *src, size_t bytes) { memcpy(dst, src, bytes); }
+
+const ExcbOps excb_cpu_ops = {
+    .name = "cpu",
+    .images_to_features = cpu_images_to_features,
+    .conv2d_forward = conv2d_forward,
+    .conv2d_backward = conv2d_backward,
+    .batchnorm_forward = batchnorm_forward,
+    .batchnorm_backward = batchnorm_backward,
+    .maxpool_forward = maxpool_forward,
+    .maxpool_backward = maxpool_backward,
+    .avgpool_forward = avgpool_forward,
+    .avgpool_backward = avgpool_backward,
+    .linear_forward = linear_forward,
+    .linear_backward = linear_backward,
+    .gemm = matmul_tiled,
+    .l2norm_rows_forward = l2norm_rows_forward,
+    .l2norm_rows_backward = l2norm_rows_backward,
+    .weightnorm_forward = weightnorm_forward,
+    .weightnorm_backward = weightnorm_backward,
+    .balance_factors = balance_factors,
+    .balanced_targets = balanced_targets,
+    .step_diagnostics = cpu_step_diagnostics,
+    .loss_forward_backward = excb_loss_forward_backward,
+    .cluster_size_update = cpu_cluster_size_update,
+    .update = cpu_update,
+    .zero = cpu_zero,
+    .zero_columns = cpu_zero_columns,
+    .add = cpu_add,
+    .add_gated = cpu_add_gated,
+    .sum_squares = cpu_sum_squares,
+    .to_host = cpu_to_host,
+};
+
+/* --- without the CUDA path: the GPU entry points say so -----------------------------------------
+ * A binary built without nvcc/cuBLAS/cuDNN (see the Makefile's messages) still links and answers
+ * --device cuda with a clear message and EXCB_EXIT_UNAVAILABLE. */
+#ifndef EXCB_CUDA
+int excb_cuda_built(void) { return 0; }
+int excb_cuda_init(ExcbPrecision precision, char *err) { return excb_cuda_attach(NULL, NULL, precision, err); }
+int excb_cuda_probe(char *desc, size_t cap) {
+    snprintf(desc, cap, "this binary was built without the CUDA path (make found no nvcc, cuBLAS or cuDNN)");
+    return EXCB_EXIT_UNAVAILABLE;
+}
+int excb_cuda_attach(ExcbModel *dm, const ExcbModel *m, ExcbPrecision precision, char *err) {
+    (void)dm; (void)m; (void)precision;
+    excb_cuda_probe(err, EXCB_ERR_LEN);
+    return EXCB_EXIT_UNAVAILABLE;
+}
+int excb_cuda_download(ExcbModel *m, const ExcbModel *dm, char *err) { return excb_cuda_attach((ExcbModel *)dm, m, 0, err); }
+int excb_cuda_upload(ExcbModel *dm, const ExcbModel *m, char *err) { return excb_cuda_attach(dm, m, 0, err); }
+void excb_cuda_detach(ExcbModel *dm) { (void)dm; }
+void excb_cuda_memory(size_t *now, size_t *peak) { *now = *peak = 0; }
+void excb_cuda_synchronize(void) {}
+real *excb_cuda_alloc(size_t floats) { (void)floats; return NULL; }
+void excb_cuda_copy_to_device(real *dst, const real *src, size_t floats) { (void)dst; (void)src; (void)floats; }
+void excb_cuda_free(real *p, size_t floats) { (void)p; (void)floats; }
+double excb_cuda_peak_flops(ExcbPrecision precision) { (void)precision; return 0; }
+int excb_cuda_nondeterministic_plans(void) { return 0; }
+void excb_cuda_conv_report(int *plans, int *packed) { *plans = *packed = 0; }
+#endif
 
 /* ================================================================================================
  * 11. Data sets: IDX (Fashion-MNIST), CIFAR-10/100, STL-10, image folders (PNG, JPEG)
@@ -3572,13 +3692,15 @@ static void teacher_projections(ExcbModel *m, const real *xg) {
     int NG = m->cfg.n_global * m->cfg.batch;
     backbone_forward(m, m->teacher, m->teacher_running, &m->act_global, xg, m->f, NG);
     projector_forward(m, m->teacher, m->teacher_running, m->f, NG);
-    l2norm_rows_forward(m->ut, m->ut_den, m->h, NG, m->cfg.d, NG, (real)m->cfg.norm_eps);
+    m->ops->l2norm_rows_forward(m->ut, m->ut_den, m->h, NG, m->cfg.d, NG, (real)m->cfg.norm_eps);
 }
 
 /* Collects rc->kmeans_samples projections from the loader's batches (view 1 from even batches, view 2
    from odd ones, as trainer.py L193), runs k-means and sets both networks' centroids. Returns 0, or an
-   exit code with err. The loader is left where it stopped; the caller reopens it for training. */
-static int kmeans_init_centroids(ExcbModel *m, const ExcbRunConfig *rc, ExcbLoader *L, int verbose, char *err) {
+   exit code with err. The loader is left where it stopped; the caller reopens it for training. The
+   projections are computed by `run`: m itself, or its device twin (then m and run are synchronised). */
+static int kmeans_init_centroids(ExcbModel *m, ExcbModel *run, const ExcbRunConfig *rc, ExcbLoader *L, int verbose,
+                                 char *err) {
     const ExcbConfig *c = &m->cfg;
     long n = rc->kmeans_samples;
     int d = c->d, K = c->K, B = c->batch;
@@ -3590,10 +3712,10 @@ static int kmeans_init_centroids(ExcbModel *m, const ExcbRunConfig *rc, ExcbLoad
         ExcbBatch *bt;
         int code = excb_loader_next(L, &bt, err);
         if (code) { free(x); free(cu); free(cm); free(assign); return code; }
-        teacher_projections(m, bt->xg);
+        teacher_projections(run, bt->xg);
         int view = (int)(b % 2);
         long take = n - have < B ? n - have : B;
-        memcpy(x + (size_t)have * d, m->ut + (size_t)view * B * d, sizeof(real) * take * d);
+        run->ops->to_host(x + (size_t)have * d, run->ut + (size_t)view * B * d, sizeof(real) * take * d);
         have += take;
     }
     double t1 = now_seconds();
@@ -3604,8 +3726,11 @@ static int kmeans_init_centroids(ExcbModel *m, const ExcbRunConfig *rc, ExcbLoad
         return fail(err, EXCB_EXIT_CONFIG, "k-means: %d of %d clusters still empty after %d restarts with %ld samples "
                     "(raise kmeans_samples or kmeans_restarts, or lower K)", empty, K, rc->kmeans_restarts, n);
     }
+    int code = run != m ? excb_cuda_download(m, run, err) : 0;     /* the teacher's BN statistics moved */
     memcpy(PT(m->teacher, m->centroids), cu, sizeof(real) * K * d);
     memcpy(PT(m->params, m->centroids), cm, sizeof(real) * K * d);
+    if (!code && run != m) code = excb_cuda_upload(run, m, err);
+    if (code) { free(x); free(cu); free(cm); free(assign); return code; }
     if (verbose)
         fprintf(stderr, "excb train: k-means init: %ld teacher projections (%.1f s), K=%d, %d iterations, %d restart(s) "
                 "(%.1f s)\n", n, t1 - t0, K, rc->kmeans_iters, restarts, now_seconds() - t1);
@@ -4193,12 +4318,12 @@ static void eval_json(FILE *f, const ExcbRunConfig *rc, const EvalResult *r) {
     }
 }
 
-/* --- the divergence guard ------------------------------------------------------------------------- */
-static double grad_norm(const ExcbModel *m) {
-    double s = 0;
-    for (size_t i = 0; i < m->n_params; i++) s += (double)m->grads[i] * m->grads[i];
-    return sqrt(s);
+static const char *precision_name(int p) {
+    return p == EXCB_PRECISION_TF32 ? "tf32" : p == EXCB_PRECISION_BF16 ? "bf16" : "fp32";
 }
+
+/* --- the divergence guard ------------------------------------------------------------------------- */
+static double grad_norm(const ExcbModel *m) { return sqrt(m->ops->sum_squares(m->grads, m->n_params)); }
 
 static int diverged(Run *r, const ExcbModel *m, const ExcbBatch *bt, long epoch, double loss, double gnorm,
                     const char *what, long last_ckpt, char *err) {
@@ -4302,8 +4427,16 @@ int excb_train(ExcbRunConfig *rc_in, const char *out_dir, const char *resume_fro
     }
     rc.model.total_steps = rc.epochs * bpe;
     rc.model.warmup_steps = (long)nearbyint(rc.warmup_epochs * bpe);
-    ExcbModel m;
+    ExcbModel m, dm, *run = &m;        /* run: the model that steps, m itself or its GPU twin dm */
     if (excb_build(&m, &rc.model)) { excb_data_close(&ds); return fail(err, EXCB_EXIT_CONFIG, "cannot build the model"); }
+    if (rc.device == EXCB_DEVICE_CUDA) {
+        if ((code = excb_cuda_attach(&dm, &m, (ExcbPrecision)rc.precision, err))) {
+            excb_free(&m);
+            excb_data_close(&ds);
+            return code;
+        }
+        run = &dm;
+    }
     char *config_text = excb_config_dump(&rc, 0), *config_json = excb_config_dump(&rc, 1);
     ExcbTrainState ts = {0};
     char path[4200];
@@ -4320,6 +4453,7 @@ int excb_train(ExcbRunConfig *rc_in, const char *out_dir, const char *resume_fro
     }
     if (resume_from) {
         if ((code = excb_checkpoint_load(resume_from, &m, &ts, err))) goto done_model;
+        if (run != &m && (code = excb_cuda_upload(run, &m, err))) goto done_model;
         if (ts.n_samples != ds.n) {
             code = fail(err, EXCB_EXIT_CONFIG, "%s: the checkpoint's run had %ld training images, %s has %ld", resume_from,
                         ts.n_samples, ds.path, ds.n);
@@ -4350,12 +4484,13 @@ int excb_train(ExcbRunConfig *rc_in, const char *out_dir, const char *resume_fro
         char data_json[2 * sizeof ds.path];
         json_escape(data_json, sizeof data_json, ds.path);
         fprintf(r.metrics, "{\"type\":\"run\",\"version\":\"%s\",\"seed\":%llu,\"world_size\":1,\"data\":\"%s\",\"images\":%ld,"
-                "\"steps_per_epoch\":%ld,\"total_steps\":%ld,\"params\":%zu,\"config\":%s",
-                EXCB_VERSION, (unsigned long long)rc.model.seed, data_json, ds.n, bpe, rc.model.total_steps, m.n_params, config_json);
+                "\"steps_per_epoch\":%ld,\"total_steps\":%ld,\"params\":%zu,\"device\":\"%s\",\"precision\":\"%s\",\"config\":%s",
+                EXCB_VERSION, (unsigned long long)rc.model.seed, data_json, ds.n, bpe, rc.model.total_steps, m.n_params,
+                run->ops->name, precision_name(rc.precision), config_json);
         metrics_end(&r, 0, 0);
         if (rc.kmeans_init) {                   /* METHOD.md 1.10, on the loader's first batches */
             if ((code = excb_loader_open(&L, &ds, &vc, rc.model.batch, rc.workers, 0, err))) goto done_model;
-            code = kmeans_init_centroids(&m, &rc, &L, !quiet, err);
+            code = kmeans_init_centroids(&m, run, &rc, &L, !quiet, err);
             excb_loader_close(&L);
             if (code) goto done_model;
         }
@@ -4379,9 +4514,10 @@ int excb_train(ExcbRunConfig *rc_in, const char *out_dir, const char *resume_fro
         long epoch = m.step / bpe;
         if (m.step == rc.debug_nan_step) bt->xg[0] = NAN;   /* tests: a poisoned input, as a bad batch would be */
         ExcbStepStats st = {0};
-        double loss = excb_forward_loss(&m, bt->xg, bt->xl, &st);
+        double loss = excb_forward_loss(run, bt->xg, bt->xl, &st);
         if (!isfinite(loss)) { code = diverged(&r, &m, bt, epoch, loss, NAN, "non-finite loss", last_ckpt, err); break; }
-        excb_update_cluster_sizes(&m, &st);
+        excb_update_cluster_sizes(run, &st);
+        if (run != &m) run->ops->to_host(m.labels, run->labels, sizeof(int32_t) * NG);   /* the labels, for A21 */
         /* A21's changed labels: view 1's teacher label against the one this image had when last seen */
         long changed = 0, seen = 0;
         for (int i = 0; i < B; i++) {
@@ -4390,10 +4526,11 @@ int excb_train(ExcbRunConfig *rc_in, const char *out_dir, const char *resume_fro
             ts.prev_labels[idx] = m.labels[i];
         }
         for (int i = 0; i < NG; i++) ts.epoch_counts[m.labels[i]]++;
-        excb_backward(&m);
-        double gnorm = grad_norm(&m);
+        excb_backward(run);
+        double gnorm = grad_norm(run);
         if (!isfinite(gnorm)) { code = diverged(&r, &m, bt, epoch, loss, gnorm, "non-finite gradient norm", last_ckpt, err); break; }
-        excb_update(&m, &st);
+        excb_update(run, &st);
+        m.step = run->step;
         ts.acc[EXCB_ACC_STEPS] += 1;
         ts.acc[EXCB_ACC_LOSS] += loss;
         ts.acc[EXCB_ACC_TCONF] += st.teacher_conf;
@@ -4420,6 +4557,9 @@ int excb_train(ExcbRunConfig *rc_in, const char *out_dir, const char *resume_fro
             metrics_end(&r, now_seconds() - r.t_start, elapsed_img_per_s(&r, m.step, B));
         }
         progress(&r, m.step, rc.model.total_steps, bpe, &st, B, epoch_end && r.tty);
+        int need_state = epoch_end || (rc.ckpt_every && m.step % rc.ckpt_every == 0) || m.step == rc.stop_after
+                         || m.step == rc.model.total_steps;
+        if (need_state && run != &m && (code = excb_cuda_download(&m, run, err))) break;   /* GPU -> host */
         if (epoch_end) {
             EvalResult knn;
             int do_knn = have_eval && ((rc.knn_every > 0 && (epoch + 1) % rc.knn_every == 0) || m.step == rc.model.total_steps);
@@ -4464,6 +4604,7 @@ done_model:
     excb_train_state_free(&ts);
     free(config_text);
     free(config_json);
+    if (run != &m) excb_cuda_detach(run);
     excb_free(&m);
     excb_data_close(&ds);
     return code;
@@ -4894,6 +5035,9 @@ static void usage(FILE *f) {
         "              --force         start over in a directory that holds a run (deletes its checkpoints)\n"
         "              --quiet         no progress on stderr\n"
         "              --stop-after N  stop with a checkpoint once N steps are done (continue with --resume)\n"
+        "              --device D      auto (default: the GPU if one answers, else the CPU, said on stderr), cpu,\n"
+        "                              cuda (the GPU or exit 69)\n"
+        "              --precision P   fp32 (default), tf32 (GPU: TF32 GEMMs and convolutions); bf16: not yet\n"
         "  eval        excb eval CHECKPOINT|RUN_DIR: k-NN, linear probe and clustering metrics of a checkpoint\n"
         "              --student (default: teacher) --knn-k 10,20,100,200 --knn-t 0.07 --data SPEC\n"
         "              --bank-split S --query-split S --probe-epochs N --probe-lr X --probe-wd X --set KEY=VALUE\n"
@@ -4905,6 +5049,7 @@ static void usage(FILE *f) {
         "              --global-size G --local-size L (0: no local crops) --batch B --K K --threads T\n"
         "              --reps R (3)  --min-seconds S (4): each repetition runs >= S seconds\n"
         "              --data SPEC: alternate random and loaded repetitions and print their ratio\n"
+        "              --device cpu|cuda|auto (cpu) --precision fp32|tf32: the GPU step, inputs on the GPU\n"
         "  bench-data  time the loader alone (decode + views), in views per second\n"
         "              --config NAME (sizes and views as above) --batch B --seconds S (10) --reps R (3)\n"
         "  views       write a PNG grid of the views of the first images: --out FILE.png --images N (8)\n"
@@ -4940,11 +5085,52 @@ static int parse_int(const char *opt, const char *v, int lo, int hi) {
 typedef struct {
     const char *config, *data, *split, *out;
     int G, L, B, K, T, reps, min_s, workers, blur, skip_bad, seconds, images, epoch;
+    int device, precision;
     long seed;
 } Options;
 
+/* --device auto|cpu|cuda and --precision fp32|tf32|bf16 (train, bench) */
+static int parse_device(const char *cmd, const char *v, int *device) {
+    if (!strcmp(v, "auto")) *device = EXCB_DEVICE_AUTO;
+    else if (!strcmp(v, "cpu")) *device = EXCB_DEVICE_CPU;
+    else if (!strcmp(v, "cuda")) *device = EXCB_DEVICE_CUDA;
+    else { fprintf(stderr, "excb %s: --device is auto, cpu or cuda, not '%s'\n", cmd, v); return EXCB_EXIT_USAGE; }
+    return 0;
+}
+
+static int parse_precision(const char *cmd, const char *v, int *precision) {
+    if (!strcmp(v, "fp32")) *precision = EXCB_PRECISION_FP32;
+    else if (!strcmp(v, "tf32")) *precision = EXCB_PRECISION_TF32;
+    else if (!strcmp(v, "bf16")) *precision = EXCB_PRECISION_BF16;
+    else { fprintf(stderr, "excb %s: --precision is fp32, tf32 or bf16, not '%s'\n", cmd, v); return EXCB_EXIT_USAGE; }
+    return 0;
+}
+
+/* auto: the GPU when one answers, else the CPU, and stderr says which and why; cuda: the GPU or exit 69.
+   The CPU runs FP32 only: another precision there is a usage error, not a silent substitution. */
+static int resolve_device(const char *cmd, int *device, int precision, int quiet) {
+    char desc[512];
+    if (*device != EXCB_DEVICE_CPU) {
+        int code = excb_cuda_probe(desc, sizeof desc);
+        if (!code) {
+            *device = EXCB_DEVICE_CUDA;
+            if (!quiet) fprintf(stderr, "excb %s: device: %s\n", cmd, desc);
+            return 0;
+        }
+        if (*device == EXCB_DEVICE_CUDA) { fprintf(stderr, "excb %s: --device cuda: %s\n", cmd, desc); return code; }
+        *device = EXCB_DEVICE_CPU;
+        if (!quiet) fprintf(stderr, "excb %s: --device auto: %s; running on the CPU\n", cmd, desc);
+    }
+    if (precision != EXCB_PRECISION_FP32) {
+        fprintf(stderr, "excb %s: --precision %s needs the GPU; the CPU path is FP32\n", cmd,
+                precision == EXCB_PRECISION_TF32 ? "tf32" : "bf16");
+        return EXCB_EXIT_USAGE;
+    }
+    return 0;
+}
+
 static int parse_options(const char *cmd, int argc, char **argv, Options *o) {
-    *o = (Options){.config = "resnet20s", .L = -1, .reps = 3, .min_s = 4, .workers = 1,
+    *o = (Options){.config = "resnet20s", .L = -1, .reps = 3, .min_s = 4, .workers = 1, .device = EXCB_DEVICE_CPU,
                    .blur = EXCB_BLUR_AS_RUN, .seconds = 10, .images = 8};
     for (int i = 0; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
@@ -4967,6 +5153,8 @@ static int parse_options(const char *cmd, int argc, char **argv, Options *o) {
         else if (!strcmp(a, "--images")) o->images = parse_int(a, v, 1, 64);
         else if (!strcmp(a, "--epoch")) o->epoch = parse_int(a, v, 0, 1 << 30);
         else if (!strcmp(a, "--seed")) o->seed = parse_int(a, v, 0, INT32_MAX);
+        else if (!strcmp(a, "--device")) { if (parse_device(cmd, v, &o->device)) return EXCB_EXIT_USAGE; }
+        else if (!strcmp(a, "--precision")) { if (parse_precision(cmd, v, &o->precision)) return EXCB_EXIT_USAGE; }
         else if (!strcmp(a, "--blur")) {
             if (!strcmp(v, "as-run")) o->blur = EXCB_BLUR_AS_RUN;
             else if (!strcmp(v, "as-configured")) o->blur = EXCB_BLUR_AS_CONFIGURED;
@@ -5024,20 +5212,37 @@ static int cmd_bench(int argc, char **argv) {
     ExcbDataset ds;
     ExcbLoader L;
     if (o.data && (code = open_data("bench", &o, &cfg, &ds, &L))) return code;
-    ExcbModel m;
-    if (excb_build(&m, &cfg)) return EXCB_EXIT_USAGE;
+    if ((code = resolve_device("bench", &o.device, o.precision, 0))) return code;
+    ExcbModel host, dm, *mp = &host;
+    if (excb_build(&host, &cfg)) return EXCB_EXIT_USAGE;
     size_t ng = (size_t)cfg.n_global * cfg.batch * cfg.in_ch * cfg.global_size * cfg.global_size;
     size_t nl = (size_t)cfg.n_local * cfg.batch * cfg.in_ch * cfg.local_size * cfg.local_size;
     real *xg = xmalloc(sizeof(real) * ng), *xl = xmalloc(sizeof(real) * (nl + 1));
     for (size_t i = 0; i < ng; i++) xg[i] = excb_normal(cfg.seed, EXCB_RNG_BENCH, 0, 0, i);
     for (size_t i = 0; i < nl; i++) xl[i] = excb_normal(cfg.seed, EXCB_RNG_BENCH, 1, 0, i);
+    char err[EXCB_ERR_LEN];
+    real *dxg = NULL, *dxl = NULL;
+    if (o.device == EXCB_DEVICE_CUDA) {
+        if (o.data) { fprintf(stderr, "excb bench: --data runs on the CPU only\n"); return EXCB_EXIT_USAGE; }
+        if ((code = excb_cuda_attach(&dm, &host, (ExcbPrecision)o.precision, err))) { fprintf(stderr, "excb bench: %s\n", err); return code; }
+        mp = &dm;
+        dxg = excb_cuda_alloc(ng);                  /* fixed inputs live on the GPU, as the peer's do */
+        dxl = excb_cuda_alloc(nl + 1);
+        excb_cuda_copy_to_device(dxg, xg, ng);
+        excb_cuda_copy_to_device(dxl, xl, nl);
+        free(xg);
+        free(xl);
+        xg = dxg;
+        xl = dxl;
+    }
+    ExcbModel *m = mp;                          /* the model that steps: host or its GPU twin   */
     double tm, sm;
-    excb_count_macs(&m, &tm, &sm);
+    excb_count_macs(m, &tm, &sm);
     double flop_per_img = 2 * tm + 6 * sm;      /* teacher forward + student forward and backward */
     ExcbStepStats st;
-    char err[EXCB_ERR_LEN];
     double t0 = now_seconds();
-    if (excb_step(&m, xg, xl, &st)) { fprintf(stderr, "excb bench: loss diverged\n"); return EXCB_EXIT_DIVERGED; }
+    if (excb_step(m, xg, xl, &st)) { fprintf(stderr, "excb bench: loss diverged\n"); return EXCB_EXIT_DIVERGED; }
+    excb_cuda_synchronize();
     double warm = now_seconds() - t0;
     int steps = warm > 0 ? (int)ceil(o.min_s / warm) : 1;
     if (steps < 1) steps = 1;
@@ -5046,17 +5251,20 @@ static int cmd_bench(int argc, char **argv) {
     double ips[1000], ips_data[1000], ratio[1000];
     for (int r = 0; r < o.reps; r++) {
         double t_random = 0, t_data = 0;
+        t0 = now_seconds();
         for (int s = 0; s < steps; s++) {
-            t0 = now_seconds();
-            if (excb_step(&m, xg, xl, &st)) { fprintf(stderr, "excb bench: loss diverged\n"); return EXCB_EXIT_DIVERGED; }
-            t_random += now_seconds() - t0;
+            if (o.data) t0 = now_seconds();
+            if (excb_step(m, xg, xl, &st)) { fprintf(stderr, "excb bench: loss diverged\n"); return EXCB_EXIT_DIVERGED; }
+            if (o.data) t_random += now_seconds() - t0;
             if (!o.data) continue;
             t0 = now_seconds();
             ExcbBatch *bt;
             if ((code = excb_loader_next(&L, &bt, err))) { fprintf(stderr, "excb bench: %s\n", err); return code; }
-            if (excb_step(&m, bt->xg, bt->xl, &st)) { fprintf(stderr, "excb bench: loss diverged\n"); return EXCB_EXIT_DIVERGED; }
+            if (excb_step(m, bt->xg, bt->xl, &st)) { fprintf(stderr, "excb bench: loss diverged\n"); return EXCB_EXIT_DIVERGED; }
             t_data += now_seconds() - t0;
         }
+        excb_cuda_synchronize();                     /* the GPU's last step has finished          */
+        if (!o.data) t_random = now_seconds() - t0;
         ips[r] = cfg.batch * steps / t_random;
         if (o.data) {
             ips_data[r] = cfg.batch * steps / t_data;
@@ -5066,11 +5274,27 @@ static int cmd_bench(int argc, char **argv) {
     double lo, hi, med = median_of(ips, o.reps, &lo, &hi);
     struct rusage ru;
     getrusage(RUSAGE_SELF, &ru);
-    printf("excb bench %s G=%d L=%d B=%d K=%d threads=%d: %.2f img/s [%.2f–%.2f] | %.1f GFLOP/s "
-           "(%.4f GFLOP/img) | peak %.1f MiB | %d reps x %d steps | loss %.5f\n",
-           cfg.name, cfg.global_size, cfg.n_local ? cfg.local_size : 0, cfg.batch, cfg.K, m.max_threads,
-           med, lo, hi, flop_per_img * med / 1e9, flop_per_img / 1e9,
-           ru.ru_maxrss / 1024.0, o.reps, steps, st.loss);
+    if (o.device == EXCB_DEVICE_CUDA) {
+        size_t now_b, peak_b;
+        excb_cuda_memory(&now_b, &peak_b);
+        double peak_flops = excb_cuda_peak_flops((ExcbPrecision)o.precision);
+        int plans, packed;
+        excb_cuda_conv_report(&plans, &packed);
+        printf("excb bench %s G=%d L=%d B=%d K=%d device=cuda precision=%s: %.2f img/s [%.2f–%.2f] | %.1f GFLOP/s "
+               "(%.4f GFLOP/img) = %.1f %% of the GPU's %s peak %.1f TFLOP/s | GPU memory peak %.1f MiB | host peak %.1f MiB "
+               "| %d reps x %d steps | loss %.5f | cuDNN: %d shapes, %d directions on packed copies, %d without a "
+               "deterministic algorithm\n",
+               cfg.name, cfg.global_size, cfg.n_local ? cfg.local_size : 0, cfg.batch, cfg.K, precision_name(o.precision),
+               med, lo, hi, flop_per_img * med / 1e9, flop_per_img / 1e9,
+               peak_flops > 0 ? 100 * flop_per_img * med / peak_flops : 0.0, precision_name(o.precision), peak_flops / 1e12,
+               peak_b / 1048576.0, ru.ru_maxrss / 1024.0, o.reps, steps, st.loss, plans, packed,
+               excb_cuda_nondeterministic_plans());
+    } else
+        printf("excb bench %s G=%d L=%d B=%d K=%d threads=%d: %.2f img/s [%.2f–%.2f] | %.1f GFLOP/s "
+               "(%.4f GFLOP/img) | peak %.1f MiB | %d reps x %d steps | loss %.5f\n",
+               cfg.name, cfg.global_size, cfg.n_local ? cfg.local_size : 0, cfg.batch, cfg.K, m->max_threads,
+               med, lo, hi, flop_per_img * med / 1e9, flop_per_img / 1e9,
+               ru.ru_maxrss / 1024.0, o.reps, steps, st.loss);
     if (o.data) {
         double dlo, dhi, dmed = median_of(ips_data, o.reps, &dlo, &dhi), rlo, rhi, rmed = median_of(ratio, o.reps, &rlo, &rhi);
         printf("excb bench %s on %s (%d loader worker(s)): %.2f img/s [%.2f–%.2f] = %.3f [%.3f–%.3f] of random "
@@ -5080,9 +5304,15 @@ static int cmd_bench(int argc, char **argv) {
         excb_loader_close(&L);
         excb_data_close(&ds);
     }
-    free(xg);
-    free(xl);
-    excb_free(&m);
+    if (mp != &host) {
+        excb_cuda_free(dxg, ng);
+        excb_cuda_free(dxl, nl + 1);
+        excb_cuda_detach(&dm);
+    } else {
+        free(xg);
+        free(xl);
+    }
+    excb_free(&host);
     return 0;
 }
 
@@ -5217,6 +5447,7 @@ static int cmd_train(int argc, char **argv) {
         {"--workers", "workers"}, {"--batch", "batch"}, {"--K", "K"},
     };
     long stop_after = 0;
+    int device = EXCB_DEVICE_AUTO, precision = EXCB_PRECISION_FP32;
     for (int i = 0; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         if (!strcmp(a, "--help") || !strcmp(a, "-h")) { usage(stdout); return 0; }
@@ -5229,6 +5460,8 @@ static int cmd_train(int argc, char **argv) {
         if (!strcmp(a, "--preset")) { preset = v; continue; }
         if (!strcmp(a, "--config")) { config_file = v; continue; }
         if (!strcmp(a, "--out")) { out = v; continue; }
+        if (!strcmp(a, "--device")) { if (parse_device("train", v, &device)) return EXCB_EXIT_USAGE; continue; }
+        if (!strcmp(a, "--precision")) { if (parse_precision("train", v, &precision)) return EXCB_EXIT_USAGE; continue; }
         if (!strcmp(a, "--stop-after")) {
             char *end;
             stop_after = strtol(v, &end, 10);
@@ -5269,6 +5502,8 @@ static int cmd_train(int argc, char **argv) {
     for (int i = 0; i < n_sets; i++)
         if ((code = excb_config_set(&rc, sets[i].key, sets[i].value, err))) { fprintf(stderr, "excb train: %s\n", err); return code; }
     if ((code = excb_config_validate(&rc, err))) { fprintf(stderr, "excb train: %s\n", err); return code; }
+    /* the device is settled before anything in the run directory is touched */
+    if ((code = resolve_device("train", &device, precision, quiet))) return code;
     char dir[4096];
     if (out) snprintf(dir, sizeof dir, "%s", out);
     else snprintf(dir, sizeof dir, "runs/%s", rc.preset);
@@ -5305,6 +5540,8 @@ static int cmd_train(int argc, char **argv) {
         for (int i = 0; i < n; i++) { char p[4200]; ckpt_path(p, sizeof p, dir, all[i]); unlink(p); }
     }
     rc.stop_after = stop_after;
+    rc.precision = precision;
+    rc.device = device;
     code = excb_train(&rc, dir, resume ? ckpt : NULL, quiet, err);
     if (code) fprintf(stderr, "excb train: %s\n", err);
     return code;
@@ -5555,8 +5792,14 @@ int main(int argc, char **argv) {
     if (argc < 2) { usage(stderr); return EXCB_EXIT_USAGE; }
     if (!strcmp(argv[1], "--help") || !strcmp(argv[1], "-h")) { usage(stdout); return 0; }
     if (!strcmp(argv[1], "--version")) {
+        char cuda_line[600] = "not built (make found no nvcc, cuBLAS or cuDNN)";
+        if (excb_cuda_built()) {
+            char desc[512];
+            int rc = excb_cuda_probe(desc, sizeof desc);
+            snprintf(cuda_line, sizeof cuda_line, "built (cuBLAS, cuDNN); %s%s", rc ? "at run time: " : "GPU: ", desc);
+        }
         printf("excb %s\n"
-               "  BLAS/GEMM: %s\n  threads:   %s\n  CUDA:      not built (the GPU path is issue 5); cuDNN: not built\n"
+               "  BLAS/GEMM: %s\n  threads:   %s\n  CUDA:      %s\n"
                "  data:      zlib %s, libpng %s, libjpeg %d\n  float:     %s, no fast-math, FP contraction off\n",
                EXCB_VERSION,
 #ifdef EXCB_USE_DNNL
@@ -5569,6 +5812,7 @@ int main(int argc, char **argv) {
 #else
                "none",
 #endif
+               cuda_line,
                zlibVersion(), png_get_libpng_ver(NULL), JPEG_LIB_VERSION,
 #ifdef EXCB_REAL_DOUBLE
                "float64"

@@ -175,7 +175,7 @@ typedef struct {
 /* ------------------------------------------------------------------------------------------------ */
 /* The model: student, teacher, optimiser state, cluster sizes, and every buffer a step needs.     */
 
-typedef struct {
+typedef struct ExcbModel {
     ExcbConfig cfg;
     /* structure */
     ExcbConvBN stem;
@@ -227,6 +227,10 @@ typedef struct {
     real *col;                          /* im2col panels, one per worker                               */
     real *slots;                        /* per-slot partial weight gradients (EXCB_SLOTS of them)    */
     int max_threads;
+    /* where the step runs: the operator table (excb_cpu_ops, or excb_cuda_ops for a device twin made by
+       excb_cuda_attach, whose every pointer above is a device pointer) */
+    const struct ExcbOps *ops;
+    struct ExcbCuda *gpu;               /* the device's handles and buffers (NULL on the CPU)         */
 } ExcbModel;
 
 /* What one step reports (A21 diagnostics included). */
@@ -306,6 +310,108 @@ void cluster_size_update(real *s, int32_t *counts, const int32_t *labels, int N,
    by dL/dz. Row u of z is matched by the teacher rows listed in match[u] (see excb.c). */
 double excb_loss_forward_backward(real *z_dir, real *z_pred, double *row_loss, const real *q,
                                   int Vg, int Vl, int B, int K, double tau_s);
+
+/* ------------------------------------------------------------------------------------------------ */
+/* The operator table. Sections 9-10 of excb.c (the network and the step) call every operator through
+   m->ops, so one copy of the step's logic runs on either machine: excb_cpu_ops holds the functions
+   above; excb_cuda_ops (excb_kernels.cu) holds their GPU twins, same arguments, device pointers. The
+   few entries that are not plain operators above say what they do. */
+typedef struct ExcbOps {
+    const char *name;                                           /* "cpu" or "cuda"                  */
+    /* (N, C, H*W) images -> (C, N, H*W) features; src may be a host pointer for the GPU twin      */
+    void (*images_to_features)(real *dst, const real *src, int N, int C, int HW);
+    void (*conv2d_forward)(real *y, const real *x, const real *w, real *col, int N, int Cin, int H, int W,
+                           int Cout, int k, int stride, int pad);
+    void (*conv2d_backward)(real *dx, real *dw, const real *dy, const real *x, const real *w, real *col,
+                            real *slots, int N, int Cin, int H, int W, int Cout, int k, int stride, int pad);
+    void (*batchnorm_forward)(real *out, real *mean, real *rstd, real *run_mean, real *run_var, const real *y,
+                              const real *gamma, const real *beta, const real *residual, int relu, int C, int NHW,
+                              real eps, real momentum);
+    void (*batchnorm_backward)(real *dy, real *dgamma, real *dbeta, const real *dout, const real *out,
+                               const real *y, const real *mean, const real *rstd, const real *gamma, int relu,
+                               int C, int NHW);
+    void (*maxpool_forward)(real *out, int32_t *arg, const real *x, int C, int N, int H, int W);
+    void (*maxpool_backward)(real *dx, const real *dout, const int32_t *arg, int C, int N, int H, int W);
+    void (*avgpool_forward)(real *f, int ldf, const real *x, int C, int N, int HW);
+    void (*avgpool_backward)(real *dx, const real *df, int ldf, int C, int N, int HW);
+    void (*linear_forward)(real *y, const real *x, const real *w, const real *b, int in, int out, int N);
+    void (*linear_backward)(real *dx, real *dw, real *db, const real *dy, const real *x, const real *w, int in,
+                            int out, int N);
+    void (*gemm)(char ta, char tb, int M, int N, int K, real alpha, const real *A, int lda, const real *B,
+                 int ldb, real beta, real *C, int ldc);
+    void (*l2norm_rows_forward)(real *u, real *den, const real *x, int ldx, int d, int N, real eps);
+    void (*l2norm_rows_backward)(real *dx, int ldx, const real *du, const real *u, const real *den, int d, int N,
+                                 real eps, int accumulate);
+    void (*weightnorm_forward)(real *c, real *inv, const real *v, int K, int d);
+    void (*weightnorm_backward)(real *dv, const real *dc, const real *c, const real *inv, int K, int d);
+    void (*balance_factors)(real *r, real *lower, real *higher, const real *s, int K, double jitter, uint64_t seed,
+                            long step);
+    void (*balanced_targets)(real *q, int32_t *labels, real *zhat, const real *z, const real *lower,
+                             const real *higher, int N, int K, double boost, double clamp, double tau_t);
+    /* A21's monitors from q and z_dir (N rows of K): out[0] mean max q, out[1] mean max softmax(z/tau_s),
+       out[2] entropy of mean q; scratch: per_row (2N doubles), qbar (K doubles) */
+    void (*step_diagnostics)(const real *q, const real *z, double *per_row, double *qbar, int N, int K,
+                             double tau_s, double out[3]);
+    double (*loss_forward_backward)(real *z_dir, real *z_pred, double *row_loss, const real *q, int Vg, int Vl,
+                                    int B, int K, double tau_s);
+    /* E2, E3; returns the number of clusters with at least one label (counts stays where the model is) */
+    int (*cluster_size_update)(real *s, int32_t *counts, const int32_t *labels, int N, int K, double m_s,
+                               int fp16_term);
+    /* E14 then E9 over the whole parameter buffer (the GPU twin fuses both into one pass) */
+    void (*update)(struct ExcbModel *m, double lr, double wd, double wd_centroid, double ema_m);
+    /* plain buffer arithmetic of the step: x = 0; x[:, col0:col0+n] = 0 of a (rows, ld) matrix; dst += src;
+       dst += gate > 0 ? src : 0; sum of squares (the gradient norm); copy (a few values back to the host) */
+    void (*zero)(real *x, size_t n);
+    void (*zero_columns)(real *x, int rows, int ld, int col0, int n);
+    void (*add)(real *dst, const real *src, size_t n);
+    void (*add_gated)(real *dst, const real *src, const real *gate, size_t n);
+    double (*sum_squares)(const real *x, size_t n);
+    void (*to_host)(void *dst, const void *src, size_t bytes);
+} ExcbOps;
+extern const ExcbOps excb_cpu_ops;
+extern const ExcbOps excb_cuda_ops;          /* excb_kernels.cu, in CUDA builds only */
+
+/* ------------------------------------------------------------------------------------------------ */
+/* The GPU path (excb_kernels.cu; built when nvcc, cuBLAS and cuDNN are found, see the Makefile).    */
+typedef enum { EXCB_DEVICE_AUTO = 0, EXCB_DEVICE_CPU = 1, EXCB_DEVICE_CUDA = 2 } ExcbDevice;
+/* FP32: every product in float32. TF32: cuBLAS and cuDNN may round GEMM/convolution inputs to TF32
+   (10-bit mantissa) and accumulate in float32; everything else stays FP32. */
+typedef enum { EXCB_PRECISION_FP32 = 0, EXCB_PRECISION_TF32 = 1, EXCB_PRECISION_BF16 = 2 } ExcbPrecision;
+/* 1 if this binary has the CUDA path compiled in */
+int excb_cuda_built(void);
+/* 0 when a usable GPU is present (desc gets its name, memory and library versions), else an exit code
+   (EXCB_EXIT_UNAVAILABLE) with the reason in desc */
+int excb_cuda_probe(char *desc, size_t cap);
+/* handles and stream for one precision (attach calls it; the tests call it before single operators) */
+int excb_cuda_init(ExcbPrecision precision, char *err);
+/* the device twin dm of a built host model m: dm is a copy of m whose parameters, optimiser state,
+   BN statistics, cluster sizes and activation arena live on the GPU (uploaded from m) and whose ops are
+   excb_cuda_ops. 0, or an exit code with err. */
+int excb_cuda_attach(ExcbModel *dm, const ExcbModel *m, ExcbPrecision precision, char *err);
+/* copy the trainable state (parameters, momentum, teacher, BN statistics, cluster sizes, step) of dm into
+   the host model m, or of m into dm */
+int excb_cuda_download(ExcbModel *m, const ExcbModel *dm, char *err);
+int excb_cuda_upload(ExcbModel *dm, const ExcbModel *m, char *err);
+void excb_cuda_detach(ExcbModel *dm);
+/* bytes of device memory this process holds (its own allocations and the libraries' workspaces), and
+   the largest seen */
+void excb_cuda_memory(size_t *now, size_t *peak);
+void excb_cuda_synchronize(void);
+/* plain device buffers (the benchmark keeps its fixed inputs on the GPU, as the PyTorch peer does) */
+real *excb_cuda_alloc(size_t floats);
+void excb_cuda_copy_to_device(real *dst, const real *src, size_t floats);
+void excb_cuda_free(real *p, size_t floats);
+/* the GPU's peak in FLOP/s for a precision: FP32 SMs x 256 x clock (Hopper, Ampere-consumer; 128 for
+   sm_80), TF32 tensor cores SMs x 2048 x clock on sm_90 (1024 on sm_8x); 0 when unknown */
+double excb_cuda_peak_flops(ExcbPrecision precision);
+/* convolution directions for which cuDNN offered no deterministic algorithm (then a GPU run does not
+   repeat itself bit for bit) */
+int excb_cuda_nondeterministic_plans(void);
+/* convolution shapes planned so far, and how many of their directions run on packed NCHW copies */
+void excb_cuda_conv_report(int *plans, int *packed_directions);
+/* lay a model's activation arena out at `base` (no memory is touched): how the device twin gets its
+   activation pointers; returns the floats the arena needs */
+size_t excb_plan_arena(ExcbModel *m, real *base);
 
 /* Schedules (Appendix A). t is the 1-based scheduler step, `step` the 0-based train step. */
 double lr_at(long t, long T, long W, double lr_peak, double lr_min_factor);
@@ -505,6 +611,9 @@ typedef struct {
     long stop_after;           /* stop with a checkpoint after this many steps (0: run to the end); set by
                                   --stop-after, not a config key: it does not belong to the run       */
     long debug_nan_step;       /* tests: put a NaN into step N's input (-1: never)                     */
+    int device;                /* ExcbDevice, set by --device (auto resolved to cpu or cuda before the run) */
+    int precision;             /* ExcbPrecision, set by --precision; neither is a config key: a run may resume
+                                  on another machine, and the checkpoint format is the same                */
 } ExcbRunConfig;
 
 /* Presets: "fashion-mnist" (the fast default), "fashion-mnist-long", "cifar10-r18", "stl10-r18",

@@ -245,6 +245,24 @@ typedef struct {
 } ExcbStepStats;
 
 int  excb_build(ExcbModel *m, const ExcbConfig *cfg);        /* 0 ok; allocates everything        */
+
+/* What excb_build allocates for a configuration, in bytes, counted without allocating it: the answer
+ * to "does this batch fit?" (`excb bench --memory`). The activation arena is split by purpose. */
+typedef struct {
+    int threads;               /* CPU threads the im2col panels are counted for                       */
+    size_t param_floats;       /* trainable parameters (one buffer)                                   */
+    size_t params;             /* the four parameter buffers: weights, gradients, momentum, teacher  */
+    size_t state;              /* BN running statistics (student and teacher) and the sizes s (K)    */
+    size_t acts_global;        /* backbone activations kept for the backward pass, global crops      */
+    size_t acts_local;         /* the same for the local crops                                        */
+    size_t heads;              /* features, head activations, the criterion's (rows x K) matrices    */
+    size_t backward;           /* gradient scratch: three backbone-sized and four head-sized buffers */
+    size_t cpu_scratch;        /* CPU only: im2col panels (one per thread), weight-gradient slots    */
+    size_t gpu_packed;         /* GPU only, at most: the NCHW copies of convolutions run packed;
+                                  cuDNN's workspace comes on top and is known only once planned   */
+    size_t gpu_shared_shortcuts;   /* GPU: less, the shortcuts' BN outputs kept in a gradient buffer  */
+} ExcbMemoryPlan;
+int  excb_memory_plan(const ExcbConfig *cfg, ExcbMemoryPlan *mp);   /* 0 ok; -1 bad config      */
 void excb_free(ExcbModel *m);
 int  excb_find_tensor(const ExcbModel *m, const char *name);  /* index or -1                      */
 /* One ExCB training step on images xg (Vg*B, C, G, G) and xl (Vl*B, C, L, L), view-major rows.  */
@@ -409,8 +427,9 @@ double excb_cuda_peak_flops(ExcbPrecision precision);
 int excb_cuda_nondeterministic_plans(void);
 /* convolution shapes planned so far, and how many of their directions run on packed NCHW copies */
 void excb_cuda_conv_report(int *plans, int *packed_directions);
-/* lay a model's activation arena out at `base` (no memory is touched): how the device twin gets its
-   activation pointers; returns the floats the arena needs */
+/* lay a model's activation arena out at `base` in the device layout (the shortcuts' BN outputs share the
+   first gradient buffer; no im2col panels or slots: col and slots become NULL), touching no memory; how
+   the device twin gets its activation pointers. base NULL counts. Returns the floats the layout needs. */
 size_t excb_plan_arena(ExcbModel *m, real *base);
 
 /* Schedules (Appendix A). t is the 1-based scheduler step, `step` the 0-based train step. */

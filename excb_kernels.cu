@@ -1201,13 +1201,12 @@ extern "C" int excb_cuda_attach(ExcbModel *dm, const ExcbModel *m, ExcbPrecision
     dm->running = (real *)dmalloc(sizeof(real) * nr);
     dm->teacher_running = (real *)dmalloc(sizeof(real) * nr);
     dm->s = (real *)dmalloc(sizeof(real) * K);
-    /* the activation arena: excb.c's layout with a device base, without the CPU's im2col panels and
-       gradient slots (the last two buffers of the layout), which cuDNN does not need */
-    size_t floats = (size_t)(m->col - m->arena);
+    /* the activation arena: excb.c's device layout (the shortcuts' BN outputs share a gradient buffer;
+       no im2col panels or gradient slots, which cuDNN does not need) with a device base */
+    size_t floats = excb_plan_arena(dm, NULL);
     dm->arena = (real *)dmalloc(sizeof(real) * floats);
     dm->arena_floats = floats;
     excb_plan_arena(dm, dm->arena);
-    dm->col = dm->slots = NULL;
     /* each parameter's group, for the fused update */
     uint8_t *grp = (uint8_t *)malloc(np);
     memset(grp, GROUP_PADDING, np);                  /* the alignment gaps between tensors stay as they are */

@@ -455,3 +455,59 @@ Test(model, parameter_table_matches_pytorch_shapes) {
     cr_expect(bad == 0, "%d running statistics not initialised to mean 0, var 1", bad);
     excb_free(&m);
 }
+
+Test(model, memory_plan_counted_by_hand) {
+    /* tiny: basic blocks, CIFAR stem, 1 channel, widths 4/8/8, one block per stage, 2 x 8^2 global and
+       6 x 4^2 local crops of B = 4 images, hidden 16, d 8, K 16. Every buffer is rounded up to 16 floats.
+       Global crops, N = 8 images:
+         input 1*8*8*8 = 512
+         stem 3x3/1, 4 x 8^2: y, a 4*8*64 = 2048 each, mean and rstd 4 -> 16 each: 4128
+         block 0 (4 -> 4, stride 1, no shortcut): 2 units as the stem: 8256
+         block 1 (4 -> 8, stride 2), 8 x 4^2: n = 8*8*16 = 1024; 2 main units 2*(1024+1024+32) = 4160,
+           shortcut 1024+1024+32 = 2080 -> 6240
+         block 2 (8 -> 8, stride 2), 8 x 2^2: n = 256; 2*(256+256+32) = 1088 + shortcut 544 -> 1632
+         sum 512 + 4128 + 8256 + 6240 + 1632 = 20768 floats = 83072 bytes
+       Local crops, N = 24 at 4^2: input 384; stem n = 4*24*16 = 1536: 3104; block 0: 6208;
+         block 1, n = 8*24*4 = 768: 3 units of 768+768+32 = 4704; block 2, n = 192: 3 of 416 = 1248
+         sum 384 + 3104 + 6208 + 4704 + 1248 = 15648 floats = 62592 bytes
+       Backward scratch: the largest backbone buffer is the global stem's 2048 floats, three of them 6144;
+         head buffers: max(D 8, hidden 16, d 8) x 32 rows = 512, the fourth max(512, K*d = 128): 4*512 = 2048;
+         6144 + 2048 = 8192 floats = 32768 bytes
+       GPU packed copies: two of the largest backbone buffer, 2 * 2048 floats = 16384 bytes
+       GPU layout: the shortcuts' BN outputs live in a gradient buffer: 1024 + 256 + 768 + 192 = 2240
+         floats = 8960 bytes less */
+    ExcbConfig cfg;
+    excb_config_named(&cfg, "tiny");
+    cfg.threads = 1;
+    ExcbMemoryPlan p;
+    cr_assert(excb_memory_plan(&cfg, &p) == 0);
+    cr_expect(p.acts_global == 83072, "global activations %zu bytes, want 83072", p.acts_global);
+    cr_expect(p.acts_local == 62592, "local activations %zu bytes, want 62592", p.acts_local);
+    cr_expect(p.backward == 32768, "backward scratch %zu bytes, want 32768", p.backward);
+    cr_expect(p.gpu_packed == 16384, "packed copies %zu bytes, want 16384", p.gpu_packed);
+    cr_expect(p.gpu_shared_shortcuts == 8960, "GPU saving %zu bytes, want 8960", p.gpu_shared_shortcuts);
+    /* the plan is what excb_build allocates; the device layout is the plan less the CPU scratch and the
+       shortcuts' outputs, which then point at the first gradient buffer */
+    ExcbModel m;
+    cr_assert(excb_build(&m, &cfg) == 0);
+    size_t planned = p.acts_global + p.acts_local + p.heads + p.backward + p.cpu_scratch;
+    cr_expect(planned == sizeof(real) * m.arena_floats, "plan %zu bytes, arena %zu", planned, sizeof(real) * m.arena_floats);
+    cr_expect(p.params == 4 * sizeof(real) * m.n_params, "parameter buffers");
+    int shortcuts = 0;
+    for (int b = 0; b < m.n_blocks; b++)
+        if (m.blocks[b].has_down) {
+            shortcuts++;
+            cr_expect(m.act_global.down[b].a != m.dbuf[0] && m.act_local.down[b].a != m.dbuf[0], "CPU block %d", b);
+        }
+    cr_expect(shortcuts == 2, "tiny has %d shortcuts, want 2", shortcuts);
+    real *cpu_arena = m.arena;
+    size_t device = excb_plan_arena(&m, cpu_arena);        /* re-laid in place: the layout shrinks */
+    cr_expect(sizeof(real) * device == planned - p.cpu_scratch - p.gpu_shared_shortcuts, "device layout %zu floats", device);
+    cr_expect(m.col == NULL && m.slots == NULL, "the device layout has no CPU scratch");
+    for (int b = 0; b < m.n_blocks; b++)
+        if (m.blocks[b].has_down)
+            cr_expect(m.act_global.down[b].a == m.dbuf[0] && m.act_local.down[b].a == m.dbuf[0], "GPU block %d", b);
+    excb_free(&m);
+    cfg.batch = 1;                                   /* a bad configuration is refused, not planned */
+    cr_expect(excb_memory_plan(&cfg, &p) == -1);
+}

@@ -230,12 +230,24 @@ static void make_inputs(const ExcbConfig *c, uint64_t stream, float **xg, float 
     fill_normal(*xl, nl, stream + 1, 1);
 }
 
+/* device_layout: lay the activations out as the GPU twin does (excb_plan_arena: the shortcuts' BN
+   outputs in the first gradient buffer) in a CPU allocation of its own, keeping the CPU's scratch */
 static void run_steps(const ExcbConfig *cfg, int threads, int steps, float **params, float **teacher,
-                      float **s, double *losses) {
+                      float **s, double *losses, int device_layout) {
     ExcbConfig c = *cfg;
     c.threads = threads;
     ExcbModel m;
     cr_assert(excb_build(&m, &c) == 0);
+    real *device_arena = NULL;
+    if (device_layout) {
+        real *col = m.col, *slots = m.slots;          /* they stay in excb_build's arena          */
+        size_t floats = excb_plan_arena(&m, NULL);
+        cr_assert(floats < m.arena_floats, "device layout %zu floats, CPU %zu", floats, m.arena_floats);
+        device_arena = malloc(sizeof(real) * floats);
+        excb_plan_arena(&m, device_arena);
+        m.col = col;
+        m.slots = slots;
+    }
     for (int t = 0; t < steps; t++) {
         float *xg, *xl;
         make_inputs(&c, 100 + 2 * t, &xg, &xl);       /* a new batch each step                    */
@@ -252,6 +264,7 @@ static void run_steps(const ExcbConfig *cfg, int threads, int steps, float **par
     memcpy(*teacher, m.teacher, sizeof(float) * m.n_params);
     memcpy(*s, m.s, sizeof(float) * c.K);
     excb_free(&m);
+    free(device_arena);
 }
 
 Test(determinism, bitwise_equal_across_runs_and_thread_counts, .timeout = 300) {
@@ -265,7 +278,7 @@ Test(determinism, bitwise_equal_across_runs_and_thread_counts, .timeout = 300) {
     const int threads[3] = {1, 2, 2};
     float *p[3], *t[3], *s[3];
     double l[3][STEPS];
-    for (int r = 0; r < 3; r++) run_steps(&cfg, threads[r], STEPS, &p[r], &t[r], &s[r], l[r]);
+    for (int r = 0; r < 3; r++) run_steps(&cfg, threads[r], STEPS, &p[r], &t[r], &s[r], l[r], 0);
     for (int r = 1; r < 3; r++) {
         cr_expect(memcmp(l[0], l[r], sizeof l[0]) == 0, "run %d (%d threads): losses differ from 1 thread", r, threads[r]);
         cr_expect(memcmp(p[0], p[r], sizeof(float) * np) == 0, "run %d: parameters not bitwise equal", r);
@@ -273,6 +286,27 @@ Test(determinism, bitwise_equal_across_runs_and_thread_counts, .timeout = 300) {
         cr_expect(memcmp(s[0], s[r], sizeof(float) * cfg.K) == 0, "run %d: cluster sizes not bitwise equal", r);
     }
     for (int r = 0; r < 3; r++) { free(p[r]); free(t[r]); free(s[r]); }
+}
+
+/* The GPU twin's activation layout differs from the CPU's in one place: a shortcut's BN output is
+ * written into the first gradient buffer, which is safe only if nothing reads it after its block's
+ * residual add. Run with that layout on the CPU, the same steps must give bitwise the same result. */
+Test(determinism, device_activation_layout_gives_the_same_steps, .timeout = 120) {
+    ExcbConfig cfg;
+    small_config(&cfg);                     /* resnet20s: shortcuts in stages 2 and 3             */
+    ExcbModel probe;
+    cr_assert(excb_build(&probe, &cfg) == 0);
+    size_t np = probe.n_params;
+    excb_free(&probe);
+    enum { STEPS = 3 };
+    float *p[2], *t[2], *s[2];
+    double l[2][STEPS];
+    for (int r = 0; r < 2; r++) run_steps(&cfg, 2, STEPS, &p[r], &t[r], &s[r], l[r], r);
+    cr_expect(memcmp(l[0], l[1], sizeof l[0]) == 0, "losses differ: %.9g vs %.9g", l[0][STEPS - 1], l[1][STEPS - 1]);
+    cr_expect(memcmp(p[0], p[1], sizeof(float) * np) == 0, "parameters not bitwise equal");
+    cr_expect(memcmp(t[0], t[1], sizeof(float) * np) == 0, "teacher not bitwise equal");
+    cr_expect(memcmp(s[0], s[1], sizeof(float) * cfg.K) == 0, "cluster sizes not bitwise equal");
+    for (int r = 0; r < 2; r++) { free(p[r]); free(t[r]); free(s[r]); }
 }
 
 /* ------------------------------------------------------------------------------------------------ */

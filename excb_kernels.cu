@@ -51,15 +51,23 @@ extern "C" {
  * 0. Utilities
  * ================================================================================================ */
 /* A failed CUDA, cuBLAS or cuDNN call inside a step cannot be recovered from (the step's state is
-   half-written): it is reported with this file's line and the process exits with EX_SOFTWARE. Nothing
-   is written to the run directory on the way out, so its last checkpoint stays the last good one. */
-static void die(const char *what, const char *msg, const char *file, int line) {
-    fprintf(stderr, "excb: %s:%d: %s failed: %s\n", file, line, what, msg);
-    exit(EXCB_EXIT_SOFTWARE);
+   half-written): it is reported with this file's line and the process exits with EX_SOFTWARE, or with
+   EX_OSERR when the library ran out of device memory (cuDNN's algorithm search allocates its own, for
+   one). Nothing is written to the run directory on the way out, so its last checkpoint stays the last
+   good one. */
+static void die(const char *what, const char *msg, int out_of_memory, const char *file, int line) {
+    fprintf(stderr, "excb: %s:%d: %s failed: %s%s\n", file, line, what, msg,
+            out_of_memory ? " (out of GPU memory: use a smaller batch or K; excb bench --memory counts what a "
+                            "configuration needs)" : "");
+    exit(out_of_memory ? EXCB_EXIT_OSERR : EXCB_EXIT_SOFTWARE);
 }
-#define CUDA_CHECK(call) do { cudaError_t e_ = (call); if (e_ != cudaSuccess) die(#call, cudaGetErrorString(e_), __FILE__, __LINE__); } while (0)
-#define CUBLAS_CHECK(call) do { cublasStatus_t e_ = (call); if (e_ != CUBLAS_STATUS_SUCCESS) die(#call, cublasGetStatusString(e_), __FILE__, __LINE__); } while (0)
-#define CUDNN_CHECK(call) do { cudnnStatus_t e_ = (call); if (e_ != CUDNN_STATUS_SUCCESS) die(#call, cudnnGetErrorString(e_), __FILE__, __LINE__); } while (0)
+#define CUDA_CHECK(call) do { cudaError_t e_ = (call); if (e_ != cudaSuccess) \
+    die(#call, cudaGetErrorString(e_), e_ == cudaErrorMemoryAllocation, __FILE__, __LINE__); } while (0)
+#define CUBLAS_CHECK(call) do { cublasStatus_t e_ = (call); if (e_ != CUBLAS_STATUS_SUCCESS) \
+    die(#call, cublasGetStatusString(e_), e_ == CUBLAS_STATUS_ALLOC_FAILED, __FILE__, __LINE__); } while (0)
+#define CUDNN_CHECK(call) do { cudnnStatus_t e_ = (call); if (e_ != CUDNN_STATUS_SUCCESS) \
+    die(#call, cudnnGetErrorString(e_), e_ == CUDNN_STATUS_INTERNAL_ERROR_DEVICE_ALLOCATION_FAILED || \
+        e_ == CUDNN_STATUS_INTERNAL_ERROR_HOST_ALLOCATION_FAILED, __FILE__, __LINE__); } while (0)
 #define KERNEL_CHECK() CUDA_CHECK(cudaGetLastError())
 
 /* A convolution's cuDNN plan: descriptors and the fastest deterministic algorithm of each direction,
@@ -108,7 +116,7 @@ static void *dmalloc(size_t bytes) {
         size_t free_b = 0, total_b = 0;
         cudaMemGetInfo(&free_b, &total_b);
         fprintf(stderr, "excb: cannot allocate %.1f MiB on the GPU (%s; %.1f MiB free of %.1f MiB; this process "
-                "holds %.1f MiB): use a smaller batch or K\n", bytes / 1048576.0, cudaGetErrorString(e),
+                "holds %.1f MiB): use a smaller batch or K (excb bench --memory counts what a configuration needs)\n", bytes / 1048576.0, cudaGetErrorString(e),
                 free_b / 1048576.0, total_b / 1048576.0, g.bytes / 1048576.0);
         exit(EXCB_EXIT_OSERR);
     }
@@ -328,7 +336,7 @@ static void no_algorithm(const char *direction, const ConvPlan *p) {
     char msg[200];
     snprintf(msg, sizeof msg, "cuDNN has no %s algorithm for a %dx%d/%d convolution (%d images, %d -> %d channels, "
              "%dx%d) in either layout", direction, p->k, p->k, p->stride, p->N, p->Cin, p->Cout, p->H, p->W);
-    die("cudnnFindConvolution*", msg, __FILE__, __LINE__);
+    die("cudnnFindConvolution*", msg, 0, __FILE__, __LINE__);
 }
 
 static ConvPlan *conv_plan(int N, int Cin, int H, int W, int Cout, int k, int stride, int pad) {
@@ -338,7 +346,7 @@ static ConvPlan *conv_plan(int N, int Cin, int H, int W, int Cout, int k, int st
             p->stride == stride && p->pad == pad)
             return p;
     }
-    if (g.n_plans == MAX_CONV_PLANS) die("conv_plan", "more distinct convolution shapes than MAX_CONV_PLANS", __FILE__, __LINE__);
+    if (g.n_plans == MAX_CONV_PLANS) die("conv_plan", "more distinct convolution shapes than MAX_CONV_PLANS", 0, __FILE__, __LINE__);
     ConvPlan *p = &g.plans[g.n_plans++];
     memset(p, 0, sizeof *p);
     p->N = N; p->Cin = Cin; p->H = H; p->W = W; p->Cout = Cout; p->k = k; p->stride = stride; p->pad = pad;

@@ -5262,15 +5262,15 @@ static double median_of(double *v, int n, double *lo, double *hi) {
     return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
 }
 
-/* The whole training step, timed. With --data, repetitions alternate between the fixed random inputs
-   and batches from the loader (its workers running alongside), and each pair gives one ratio. */
 /* bench --memory: what the model of a configuration takes, part by part, before anything is allocated;
    the loader's batches and the evaluation's features come on top of it */
 static int print_memory_plan(const ExcbConfig *cfg) {
     ExcbMemoryPlan p;
     if (excb_memory_plan(cfg, &p)) return EXCB_EXIT_USAGE;
-    const double GiB = 1073741824.0;
     size_t common = p.params + p.state + p.acts_global + p.acts_local + p.heads + p.backward;
+    int big = common + p.cpu_scratch >= ((size_t)1 << 30);     /* GiB, or MiB for small models      */
+    const double unit = big ? 1073741824.0 : 1048576.0;
+    const char *uname = big ? "GiB" : "MiB";
     char label[9][160];
     snprintf(label[0], sizeof label[0], "parameters: 4 buffers x %zu floats (weights, gradients, momentum, teacher)", p.param_floats);
     snprintf(label[1], sizeof label[1], "BN running statistics (student, teacher), cluster sizes s");
@@ -5286,13 +5286,15 @@ static int print_memory_plan(const ExcbConfig *cfg) {
                       -(double)p.gpu_shared_shortcuts};
     printf("excb bench %s G=%d L=%d B=%d K=%d: memory plan (counted, nothing allocated)\n", cfg->name,
            cfg->global_size, cfg->n_local ? cfg->local_size : 0, cfg->batch, cfg->K);
-    for (int i = 0; i < 9; i++) printf("  %-86s %9.3f GiB\n", label[i], part[i] / GiB);
-    printf("  %-86s %9.3f GiB\n", "total on the CPU", (common + p.cpu_scratch) / GiB);
-    printf("  %-86s %9.3f GiB\n", "total on the GPU, at most, before cuDNN's workspace",
-           (common + p.gpu_packed + p.param_floats - p.gpu_shared_shortcuts) / GiB);
+    for (int i = 0; i < 9; i++) printf("  %-86s %9.3f %s\n", label[i], part[i] / unit, uname);
+    printf("  %-86s %9.3f %s\n", "total on the CPU", (common + p.cpu_scratch) / unit, uname);
+    printf("  %-86s %9.3f %s\n", "total on the GPU, at most, before cuDNN's workspace",
+           (common + p.gpu_packed + p.param_floats - p.gpu_shared_shortcuts) / unit, uname);
     return 0;
 }
 
+/* The whole training step, timed. With --data, repetitions alternate between the fixed random inputs
+   and batches from the loader (its workers running alongside), and each pair gives one ratio. */
 static int cmd_bench(int argc, char **argv) {
     Options o;
     ExcbConfig cfg;

@@ -3327,7 +3327,9 @@ static const ConfigKey config_keys[] = {
 #define N_CONFIG_KEYS (sizeof config_keys / sizeof config_keys[0])
 
 static const char *block_names[] = {"basic", "bottleneck"}, *stem_names[] = {"cifar", "imagenet"},
-                  *blur_names[] = {"as-run", "as-configured", "none"};
+                  *blur_names[] = {"as-run", "as-configured", "none"},
+                  *device_names[] = {"auto", "cpu", "cuda"},               /* in ExcbDevice's order    */
+                  *precision_names[] = {"fp32", "tf32", "bf16"};           /* in ExcbPrecision's order */
 
 static int parse_enum(const char *v, const char **names, int n) {
     for (int i = 0; i < n; i++)
@@ -4375,10 +4377,6 @@ static void eval_json(FILE *f, const ExcbRunConfig *rc, const EvalResult *r) {
     }
 }
 
-static const char *precision_name(int p) {
-    return p == EXCB_PRECISION_TF32 ? "tf32" : p == EXCB_PRECISION_BF16 ? "bf16" : "fp32";
-}
-
 /* --- the divergence guard ------------------------------------------------------------------------- */
 static double grad_norm(const ExcbModel *m) { return sqrt(m->ops->sum_squares(m->grads, m->n_params)); }
 
@@ -4543,7 +4541,7 @@ int excb_train(ExcbRunConfig *rc_in, const char *out_dir, const char *resume_fro
         fprintf(r.metrics, "{\"type\":\"run\",\"version\":\"%s\",\"seed\":%llu,\"world_size\":1,\"data\":\"%s\",\"images\":%ld,"
                 "\"steps_per_epoch\":%ld,\"total_steps\":%ld,\"params\":%zu,\"device\":\"%s\",\"precision\":\"%s\",\"config\":%s",
                 EXCB_VERSION, (unsigned long long)rc.model.seed, data_json, ds.n, bpe, rc.model.total_steps, m.n_params,
-                run->ops->name, precision_name(rc.precision), config_json);
+                run->ops->name, precision_names[rc.precision], config_json);
         metrics_end(&r, 0, 0);
         if (rc.kmeans_init) {                   /* METHOD.md 1.10, on the loader's first batches */
             if ((code = excb_loader_open(&L, &ds, &vc, rc.model.batch, rc.workers, 0, err))) goto done_model;
@@ -5148,21 +5146,18 @@ typedef struct {
     long seed;
 } Options;
 
-/* --device auto|cpu|cuda and --precision fp32|tf32|bf16 (train, bench) */
-static int parse_device(const char *cmd, const char *v, int *device) {
-    if (!strcmp(v, "auto")) *device = EXCB_DEVICE_AUTO;
-    else if (!strcmp(v, "cpu")) *device = EXCB_DEVICE_CPU;
-    else if (!strcmp(v, "cuda")) *device = EXCB_DEVICE_CUDA;
-    else { fprintf(stderr, "excb %s: --device is auto, cpu or cuda, not '%s'\n", cmd, v); return EXCB_EXIT_USAGE; }
-    return 0;
-}
-
-static int parse_precision(const char *cmd, const char *v, int *precision) {
-    if (!strcmp(v, "fp32")) *precision = EXCB_PRECISION_FP32;
-    else if (!strcmp(v, "tf32")) *precision = EXCB_PRECISION_TF32;
-    else if (!strcmp(v, "bf16")) *precision = EXCB_PRECISION_BF16;
-    else { fprintf(stderr, "excb %s: --precision is fp32, tf32 or bf16, not '%s'\n", cmd, v); return EXCB_EXIT_USAGE; }
-    return 0;
+/* an option with a fixed set of values (--device, --precision, --blur): *out = the value's index in
+   names, or a usage error that lists them */
+static int parse_choice(const char *cmd, const char *opt, const char *v, const char **names, int n, int *out) {
+    int i = parse_enum(v, names, n);
+    if (i >= 0) {
+        *out = i;
+        return 0;
+    }
+    fprintf(stderr, "excb %s: %s is", cmd, opt);
+    for (int j = 0; j < n; j++) fprintf(stderr, "%s %s", j == 0 ? "" : j == n - 1 ? " or" : ",", names[j]);
+    fprintf(stderr, ", not '%s'\n", v);
+    return EXCB_EXIT_USAGE;
 }
 
 /* auto: the GPU when one answers, else the CPU, and stderr says which and why; cuda: the GPU or exit 69.
@@ -5213,13 +5208,10 @@ static int parse_options(const char *cmd, int argc, char **argv, Options *o) {
         else if (!strcmp(a, "--images")) o->images = parse_int(a, v, 1, 64);
         else if (!strcmp(a, "--epoch")) o->epoch = parse_int(a, v, 0, 1 << 30);
         else if (!strcmp(a, "--seed")) o->seed = parse_int(a, v, 0, INT32_MAX);
-        else if (!strcmp(a, "--device")) { if (parse_device(cmd, v, &o->device)) return EXCB_EXIT_USAGE; }
-        else if (!strcmp(a, "--precision")) { if (parse_precision(cmd, v, &o->precision)) return EXCB_EXIT_USAGE; }
-        else if (!strcmp(a, "--blur")) {
-            if (!strcmp(v, "as-run")) o->blur = EXCB_BLUR_AS_RUN;
-            else if (!strcmp(v, "as-configured")) o->blur = EXCB_BLUR_AS_CONFIGURED;
-            else { fprintf(stderr, "excb %s: --blur is as-run or as-configured, not '%s'\n", cmd, v); return EXCB_EXIT_USAGE; }
-        } else { fprintf(stderr, "excb %s: unknown option '%s'\n", cmd, a); return EXCB_EXIT_USAGE; }
+        else if (!strcmp(a, "--device")) { if (parse_choice(cmd, a, v, device_names, 3, &o->device)) return EXCB_EXIT_USAGE; }
+        else if (!strcmp(a, "--precision")) { if (parse_choice(cmd, a, v, precision_names, 3, &o->precision)) return EXCB_EXIT_USAGE; }
+        else if (!strcmp(a, "--blur")) { if (parse_choice(cmd, a, v, blur_names, 2, &o->blur)) return EXCB_EXIT_USAGE; }
+        else { fprintf(stderr, "excb %s: unknown option '%s'\n", cmd, a); return EXCB_EXIT_USAGE; }
     }
     return 0;
 }
@@ -5376,9 +5368,9 @@ static int cmd_bench(int argc, char **argv) {
                "(%.4f GFLOP/img) = %.1f %% of the GPU's %s peak %.1f TFLOP/s | GPU memory peak %.1f MiB | host peak %.1f MiB "
                "| %d reps x %d steps | loss %.5f | cuDNN: %d shapes, %d directions on packed copies, %d without a "
                "deterministic algorithm\n",
-               cfg.name, cfg.global_size, cfg.n_local ? cfg.local_size : 0, cfg.batch, cfg.K, precision_name(o.precision),
+               cfg.name, cfg.global_size, cfg.n_local ? cfg.local_size : 0, cfg.batch, cfg.K, precision_names[o.precision],
                med, lo, hi, flop_per_img * med / 1e9, flop_per_img / 1e9,
-               peak_flops > 0 ? 100 * flop_per_img * med / peak_flops : 0.0, precision_name(o.precision), peak_flops / 1e12,
+               peak_flops > 0 ? 100 * flop_per_img * med / peak_flops : 0.0, precision_names[o.precision], peak_flops / 1e12,
                peak_b / 1048576.0, ru.ru_maxrss / 1024.0, o.reps, steps, st.loss, plans, packed,
                excb_cuda_nondeterministic_plans());
     } else
@@ -5552,8 +5544,8 @@ static int cmd_train(int argc, char **argv) {
         if (!strcmp(a, "--preset")) { preset = v; continue; }
         if (!strcmp(a, "--config")) { config_file = v; continue; }
         if (!strcmp(a, "--out")) { out = v; continue; }
-        if (!strcmp(a, "--device")) { if (parse_device("train", v, &device)) return EXCB_EXIT_USAGE; continue; }
-        if (!strcmp(a, "--precision")) { if (parse_precision("train", v, &precision)) return EXCB_EXIT_USAGE; continue; }
+        if (!strcmp(a, "--device")) { if (parse_choice("train", a, v, device_names, 3, &device)) return EXCB_EXIT_USAGE; continue; }
+        if (!strcmp(a, "--precision")) { if (parse_choice("train", a, v, precision_names, 3, &precision)) return EXCB_EXIT_USAGE; continue; }
         if (!strcmp(a, "--stop-after")) {
             char *end;
             stop_after = strtol(v, &end, 10);

@@ -1300,7 +1300,6 @@ int excb_memory_plan(const ExcbConfig *cfg, ExcbMemoryPlan *mp) {
     plan_arena(m, &dev);
     const size_t f = sizeof(real);
     mp->threads = m->max_threads;
-    mp->param_floats = m->n_params;
     mp->params = 4 * f * m->n_params;
     mp->state = f * (2 * m->n_running + (size_t)cfg->K);
     mp->acts_global = f * a.end_global;
@@ -3328,7 +3327,6 @@ static const ConfigKey config_keys[] = {
 
 static const char *block_names[] = {"basic", "bottleneck"}, *stem_names[] = {"cifar", "imagenet"},
                   *blur_names[] = {"as-run", "as-configured", "none"},
-                  *device_names[] = {"auto", "cpu", "cuda"},               /* in ExcbDevice's order    */
                   *precision_names[] = {"fp32", "tf32", "bf16"};           /* in ExcbPrecision's order */
 
 static int parse_enum(const char *v, const char **names, int n) {
@@ -5148,6 +5146,8 @@ typedef struct {
 
 /* an option with a fixed set of values (--device, --precision, --blur): *out = the value's index in
    names, or a usage error that lists them */
+static const char *device_names[] = {"auto", "cpu", "cuda"};             /* in ExcbDevice's order    */
+
 static int parse_choice(const char *cmd, const char *opt, const char *v, const char **names, int n, int *out) {
     int i = parse_enum(v, names, n);
     if (i >= 0) {
@@ -5259,12 +5259,13 @@ static double median_of(double *v, int n, double *lo, double *hi) {
 static int print_memory_plan(const ExcbConfig *cfg) {
     ExcbMemoryPlan p;
     if (excb_memory_plan(cfg, &p)) return EXCB_EXIT_USAGE;
+    size_t n_params = p.params / (4 * sizeof(real));
     size_t common = p.params + p.state + p.acts_global + p.acts_local + p.heads + p.backward;
     int big = common + p.cpu_scratch >= ((size_t)1 << 30);     /* GiB, or MiB for small models      */
     const double unit = big ? 1073741824.0 : 1048576.0;
     const char *uname = big ? "GiB" : "MiB";
     char label[9][160];
-    snprintf(label[0], sizeof label[0], "parameters: 4 buffers x %zu floats (weights, gradients, momentum, teacher)", p.param_floats);
+    snprintf(label[0], sizeof label[0], "parameters: 4 buffers x %zu floats (weights, gradients, momentum, teacher)", n_params);
     snprintf(label[1], sizeof label[1], "BN running statistics (student, teacher), cluster sizes s");
     snprintf(label[2], sizeof label[2], "backbone activations, %d x %d global crops of %d^2", cfg->n_global, cfg->batch, cfg->global_size);
     snprintf(label[3], sizeof label[3], "backbone activations, %d x %d local crops of %d^2", cfg->n_local, cfg->batch,
@@ -5281,7 +5282,7 @@ static int print_memory_plan(const ExcbConfig *cfg) {
     for (int i = 0; i < 9; i++) printf("  %-86s %9.3f %s\n", label[i], part[i] / unit, uname);
     printf("  %-86s %9.3f %s\n", "total on the CPU", (common + p.cpu_scratch) / unit, uname);
     printf("  %-86s %9.3f %s\n", "total on the GPU, at most, before cuDNN's workspace",
-           (common + p.gpu_packed + p.param_floats - p.gpu_shared_shortcuts) / unit, uname);
+           (common + p.gpu_packed + n_params - p.gpu_shared_shortcuts) / unit, uname);   /* + 1-byte groups */
     return 0;
 }
 

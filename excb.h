@@ -250,7 +250,6 @@ int  excb_build(ExcbModel *m, const ExcbConfig *cfg);        /* 0 ok; allocates 
  * to "does this batch fit?" (`excb bench --memory`). The activation arena is split by purpose. */
 typedef struct {
     int threads;               /* CPU threads the im2col panels are counted for                       */
-    size_t param_floats;       /* trainable parameters (one buffer)                                   */
     size_t params;             /* the four parameter buffers: weights, gradients, momentum, teacher  */
     size_t state;              /* BN running statistics (student and teacher) and the sizes s (K)    */
     size_t acts_global;        /* backbone activations kept for the backward pass, global crops      */

@@ -243,14 +243,21 @@ __device__ float d_uniform(uint64_t seed, uint64_t purpose, uint64_t a, uint64_t
 /* ================================================================================================
  * 1. Backbone
  * ================================================================================================ */
-/* (N, C, HW) images -> (C, N, HW) features (excb.c backbone_forward's transpose) */
-__global__ void images_to_features_kernel(float *dst, const float *src, int N, int C, int HW) {
-    size_t total = (size_t)N * C * HW;
+/* dst (A, B, HW) <- src (B, A, HW): the two outer dimensions of a stack of planes swapped. Images
+   (N, C, HW) -> features (C, N, HW) (excb.c backbone_forward's transpose) is A = C, B = N; our layout
+   -> packed NCHW for cuDNN is A = N, B = C. */
+__global__ void swap_outer_kernel(float *dst, const float *src, int A, int B, int HW) {
+    size_t total = (size_t)A * B * HW;
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total; i += (size_t)gridDim.x * blockDim.x) {
-        size_t p = i % HW, nc = i / HW;                 /* i indexes the destination (c, n, p)       */
-        size_t n = nc % N, c = nc / N;
-        dst[i] = src[(n * C + c) * HW + p];
+        size_t p = i % HW, ab = i / HW;                 /* i indexes the destination (a, b, p)       */
+        size_t b = ab % B, a = ab / B;
+        dst[i] = src[(b * A + a) * HW + p];
     }
+}
+
+static void swap_outer(real *dst, const real *src, int A, int B, int HW) {
+    swap_outer_kernel<<<blocks_for((size_t)A * B * HW, 256), 256, 0, g.stream>>>(dst, src, A, B, HW);
+    KERNEL_CHECK();
 }
 
 /* The input may be a host pointer (the loader's batch): it is copied to a staging buffer first. */
@@ -269,8 +276,7 @@ static void cuda_images_to_features(real *dst, const real *src, int N, int C, in
         CUDA_CHECK(cudaMemcpyAsync(g.staging, src, sizeof(real) * n, cudaMemcpyHostToDevice, g.stream));
         dev_src = g.staging;
     }
-    images_to_features_kernel<<<blocks_for(n, 256), 256, 0, g.stream>>>(dst, dev_src, N, C, HW);
-    KERNEL_CHECK();
+    swap_outer(dst, dev_src, C, N, HW);
 }
 
 /* --- convolutions through cuDNN ------------------------------------------------------------------
@@ -295,25 +301,9 @@ static void grow_buffer(real **buf, size_t *have, size_t floats) {
     *have = floats;
 }
 
-/* (C, N, HW) -> (N, C, HW) */
-__global__ void features_to_images_kernel(float *dst, const float *src, int N, int C, int HW) {
-    size_t total = (size_t)N * C * HW;
-    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total; i += (size_t)gridDim.x * blockDim.x) {
-        size_t p = i % HW, nc = i / HW;                 /* i indexes the destination (n, c, p)       */
-        size_t c = nc % C, n = nc / C;
-        dst[i] = src[(c * N + n) * HW + p];
-    }
-}
-
-static void to_packed(real *dst, const real *src, int N, int C, int HW) {
-    features_to_images_kernel<<<blocks_for((size_t)N * C * HW, 256), 256, 0, g.stream>>>(dst, src, N, C, HW);
-    KERNEL_CHECK();
-}
-
-static void from_packed(real *dst, const real *src, int N, int C, int HW) {
-    images_to_features_kernel<<<blocks_for((size_t)N * C * HW, 256), 256, 0, g.stream>>>(dst, src, N, C, HW);
-    KERNEL_CHECK();
-}
+/* our (C, N, HW) <-> packed (N, C, HW) */
+static void to_packed(real *dst, const real *src, int N, int C, int HW) { swap_outer(dst, src, N, C, HW); }
+static void from_packed(real *dst, const real *src, int N, int C, int HW) { swap_outer(dst, src, C, N, HW); }
 
 #define WORKSPACE_LIMIT ((size_t)2 << 30)     /* an algorithm needing more than 2 GiB is skipped */
 

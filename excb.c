@@ -400,17 +400,9 @@ void batchnorm_forward(real *out, real *mean, real *rstd, real *run_mean, real *
             sum += s[l];
             sumsq += ss[l];
         }
-        double mu = sum / NHW, var = sumsq / NHW - mu * mu;
-        if (var < 0) var = 0;
-        real rs = (real)(1.0 / sqrt(var + eps));
-        mean[c] = (real)mu;
-        rstd[c] = rs;
-        if (run_mean) {
-            run_mean[c] = (1.0f - momentum) * run_mean[c] + momentum * (real)mu;
-            double unbiased = NHW > 1 ? var * NHW / (NHW - 1) : var;
-            run_var[c] = (1.0f - momentum) * run_var[c] + momentum * (real)unbiased;
-        }
-        real scale = gamma[c] * rs, shift = beta[c] - (real)mu * scale;
+        real scale, shift;
+        excb_bn_statistics(sum, sumsq, NHW, eps, momentum, gamma[c], beta[c], &mean[c], &rstd[c],
+                           run_mean ? &run_mean[c] : NULL, run_mean ? &run_var[c] : NULL, &scale, &shift);
         real *oc = out + (size_t)c * NHW;
         const real *rc = residual ? residual + (size_t)c * NHW : NULL;    /* may alias oc */
         for (i = 0; i < NHW; i++) {

@@ -25,6 +25,7 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <math.h>
 
 #define EXCB_VERSION "0.1.0"
 
@@ -289,6 +290,32 @@ void conv2d_backward(real *dx, real *dw, const real *dy, const real *x, const re
                      real *col, real *slots, int N, int Cin, int H, int W, int Cout, int k,
                      int stride, int pad);
 
+/* BatchNorm's statistics of one channel from the double sums of its n values y and of y^2 (the formulas
+ * are written out at batchnorm_forward in excb.c): mean, rstd = 1/sqrt(var + eps) with the biased
+ * variance, the running statistics' update (run_mean NULL: none) with the unbiased one, and the affine
+ * form out = y*scale + shift. One definition, compiled by excb.c and by excb_kernels.cu for the device,
+ * so the CPU and the GPU finish the statistics with the same operations. */
+#ifdef __CUDACC__
+#define EXCB_HOST_DEVICE __host__ __device__
+#else
+#define EXCB_HOST_DEVICE
+#endif
+EXCB_HOST_DEVICE static inline void excb_bn_statistics(double sum, double sumsq, int n, real eps, real momentum,
+                                                       real gamma, real beta, real *mean, real *rstd,
+                                                       real *run_mean, real *run_var, real *scale, real *shift) {
+    double mu = sum / n, var = sumsq / n - mu * mu;
+    if (var < 0) var = 0;                          /* cancellation can make it slightly negative */
+    real rs = (real)(1.0 / sqrt(var + eps));
+    *mean = (real)mu;
+    *rstd = rs;
+    if (run_mean) {
+        *run_mean = (1.0f - momentum) * *run_mean + momentum * (real)mu;
+        double unbiased = n > 1 ? var * n / (n - 1) : var;
+        *run_var = (1.0f - momentum) * *run_var + momentum * (real)unbiased;
+    }
+    *scale = gamma * rs;
+    *shift = beta - (real)mu * *scale;
+}
 void batchnorm_forward(real *out, real *mean, real *rstd, real *run_mean, real *run_var,
                        const real *y, const real *gamma, const real *beta, const real *residual,
                        int relu, int C, int NHW, real eps, real momentum);

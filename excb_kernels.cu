@@ -478,19 +478,8 @@ __global__ void bn_stats_kernel(const double *part, int n_chunks, int C, int NHW
         sum += part[((size_t)c * n_chunks + j) * 2];
         sumsq += part[((size_t)c * n_chunks + j) * 2 + 1];
     }
-    double mu = sum / NHW, var = sumsq / NHW - mu * mu;
-    if (var < 0) var = 0;
-    float rs = (float)(1.0 / sqrt(var + eps));
-    mean[c] = (float)mu;
-    rstd[c] = rs;
-    if (run_mean) {
-        run_mean[c] = (1.0f - momentum) * run_mean[c] + momentum * (float)mu;
-        double unbiased = NHW > 1 ? var * NHW / (NHW - 1) : var;
-        run_var[c] = (1.0f - momentum) * run_var[c] + momentum * (float)unbiased;
-    }
-    float sc = gamma[c] * rs;
-    scale[c] = sc;
-    shift[c] = beta[c] - (float)mu * sc;
+    excb_bn_statistics(sum, sumsq, NHW, eps, momentum, gamma[c], beta[c], &mean[c], &rstd[c],
+                       run_mean ? &run_mean[c] : NULL, run_mean ? &run_var[c] : NULL, &scale[c], &shift[c]);
 }
 
 __global__ void bn_apply_kernel(float *out, const float *y, const float *scale, const float *shift,

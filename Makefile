@@ -1,15 +1,43 @@
 # excb: build the CPU reference, its tests and the benchmarks.
-#   make            build ./excb
+#   make run        the main job on a fresh machine: install the missing Debian packages, build, copy the
+#                   embedded data set, train the default preset and print its evaluation (ARGS=... are
+#                   passed to ./excb train, e.g. make run ARGS=--force to start the run over)
+#   make test       the tests on a fresh machine: install the missing packages, build, run every suite,
+#                   the sanitizers and a short fuzz (what CI runs)
+#   make            build ./excb alone, with what is installed (make deps installs the rest)
+#   make check      every test, without the install step; make suites: the Criterion suites alone
 #   make data       copy the embedded default data set (Fashion-MNIST, Debian) into data/
-#   make test       build and run the Criterion suites (fast unit suites, then the step suites)
-#   make check      what CI runs: make test, ASan+UBSan and TSan runs, a short fuzz of the readers
 #   make bench      ./excb bench for the two configurations of issue 2
 #   make bench-data the loader's throughput (issue 3)
 # Optional features are probed and announced; without them the build degrades, never silently:
 #   oneDNN (libdnnl-dev)  the fast GEMM; without it the naive GEMM is used (correct, ~50x slower)
-#   OpenMP                threads; results are bitwise the same for any thread count
+#   CUDA, cuBLAS, cuDNN   the GPU path (excb_kernels.cu)
+#   gnuplot (gnuplot-nox) excb plot; Criterion (libcriterion-dev) the test suites
 # `make` alone builds ./excb (the data rule below would otherwise be the first target)
 .DEFAULT_GOAL := all
+
+# --- the Debian packages, written once -------------------------------------------------------------
+# `make deps` (and `make run`, `make test`, CI's .ci/run through `make test`) installs the missing ones
+# with tools/install-debian-packages: apt-get as root, or through sudo; with neither it prints the
+# exact apt-get line and exits 69. The probes below name the same variables in their messages.
+# gcc with OpenMP and make; pkg-config finds Criterion
+PKG_BUILD     := build-essential pkg-config
+# the gzip, PNG and JPEG readers (required)
+PKG_IMAGES    := zlib1g-dev libpng-dev libjpeg62-turbo-dev
+# oneDNN: the fast GEMM (optional; without it ./excb is correct and about 50x slower)
+PKG_DNNL      := libdnnl-dev
+# the embedded default data set, Fashion-MNIST
+PKG_DATA      := dataset-fashion-mnist
+# excb plot (optional; the end-to-end tests check the plots)
+PKG_GNUPLOT   := gnuplot-nox
+# the test suites
+PKG_CRITERION := libcriterion-dev
+# libFuzzer and LeakSanitizer, for make fuzz and make test-asan
+PKG_FUZZ      := clang libclang-rt-14-dev
+PACKAGES_RUN  := $(PKG_BUILD) $(PKG_IMAGES) $(PKG_DNNL) $(PKG_DATA) $(PKG_GNUPLOT)
+PACKAGES_TEST := $(PACKAGES_RUN) $(PKG_CRITERION) $(PKG_FUZZ)
+INSTALL_LINE   = apt-get install --no-install-recommends
+
 CC      ?= gcc
 # -ffp-contract=off: every a*b+c in the source rounds twice, as written (no silent FMA contraction);
 # and no fast-math flags: IEEE semantics (subnormals, NaN checks, the fp16 rounding of A4) are part of the method.
@@ -17,18 +45,6 @@ CFLAGS  ?= -O3 -march=native
 # -Wno-format-truncation: paths are cut at 4 KiB by snprintf on purpose (and such a path then fails to open)
 CFLAGS  += -std=c11 -Wall -Wextra -Wno-unknown-pragmas -Wno-format-truncation -ffp-contract=off -fopenmp
 LDLIBS  += -lm -fopenmp -lpthread -lz -lpng -ljpeg
-
-ifneq ($(EXCB_NO_DNNL),1)
-HAVE_DNNL := $(shell echo '\#include <dnnl.h>' | $(CC) -E - >/dev/null 2>&1 && echo 1)
-endif
-ifeq ($(HAVE_DNNL),1)
-  CFLAGS += -DEXCB_USE_DNNL
-  LDLIBS += -ldnnl
-  $(info ✓ oneDNN found: dnnl_sgemm is the GEMM)
-else
-  $(info ✗ oneDNN not found: naive GEMM (slow). Install: apt-get install libdnnl-dev)
-endif
-HAVE_CRITERION := $(shell pkg-config --exists criterion 2>/dev/null && echo 1)
 
 # The GPU path (excb_kernels.cu): built whenever nvcc, cuBLAS and cuDNN are found (CUDA_HOME), also on
 # machines without a GPU; the binary then runs on the CPU and says so. EXCB_CPU_ONLY=1 skips it.
@@ -39,22 +55,80 @@ CUDA_HOME ?= /usr/local/cuda
 NVCC      ?= $(CUDA_HOME)/bin/nvcc
 NVCCFLAGS ?= -O3 -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=[sm_90,compute_90]
 NVCCFLAGS += -std=c++17 -fmad=false -Xcompiler -Wall,-Wno-unknown-pragmas
-ifneq ($(EXCB_CPU_ONLY),1)
-HAVE_CUDA := $(shell test -x $(NVCC) && test -f $(CUDA_HOME)/include/cublas_v2.h && test -f $(CUDA_HOME)/include/cudnn.h \
-               && ls $(CUDA_HOME)/lib64/libcudnn.so $(CUDA_HOME)/lib64/libcublas.so >/dev/null 2>&1 && echo 1)
+CUDA_LIBS := -L$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib64 -lcudnn -lcublas -lcudart_static -ldl -lrt -lpthread -lstdc++
+
+# --- probes: each compiles, links and runs a tiny program (tools/probes/NAME.c) ---------------------
+# $(call probe,NAME,FLAGS): the line the program printed when tools/probes/NAME.c compiled with FLAGS,
+# linked and ran with exit 0; empty otherwise. (Piping '\#include <x.h>' to the preprocessor is no test:
+# GNU make 4.3 keeps the backslash, the preprocessor sees no directive and "succeeds" whatever is there.)
+probe = $(shell d=$$(mktemp -d) && $(CC) -w -o $$d/p tools/probes/$(1).c $(2) >/dev/null 2>&1 && $$d/p 2>/dev/null | head -1; rm -rf $$d)
+
+# `make run`, `make test` and `make deps` install first and probe afterwards, in a second make, so
+# that what was just installed is found; the first make probes nothing.
+WRAPPERS := run test deps deps-run deps-test
+ifneq ($(filter-out $(WRAPPERS),$(or $(MAKECMDGOALS),all)),)
+
+# required: a C compiler with OpenMP, zlib, libpng, libjpeg
+MISSING := $(if $(call probe,openmp,-fopenmp),,$(PKG_BUILD)) $(if $(call probe,zlib,-lz),,zlib1g-dev) \
+           $(if $(call probe,png,-lpng),,libpng-dev) $(if $(call probe,jpeg,-ljpeg),,libjpeg62-turbo-dev)
+MISSING := $(strip $(MISSING))
+ifneq ($(MISSING),)
+  $(info ✗ missing, and needed to build ./excb: $(MISSING). Install: make deps (or $(INSTALL_LINE) $(MISSING)))
 endif
-ifeq ($(HAVE_CUDA),1)
+
+# optional: oneDNN, the GPU path, Criterion (tests only), gnuplot (excb plot)
+ifneq ($(EXCB_NO_DNNL),1)
+DNNL := $(call probe,dnnl,-ldnnl)
+endif
+ifneq ($(DNNL),)
+  CFLAGS += -DEXCB_USE_DNNL
+  LDLIBS += -ldnnl
+  $(info ✓ $(DNNL) found: dnnl_sgemm is the GEMM)
+else ifeq ($(EXCB_NO_DNNL),1)
+  $(info ✗ oneDNN not used (EXCB_NO_DNNL=1): naive GEMM (slow))
+else
+  $(info ✗ oneDNN not found: naive GEMM (correct, about 50x slower). Install: $(INSTALL_LINE) $(PKG_DNNL))
+endif
+
+ifneq ($(EXCB_CPU_ONLY),1)
+CUDA := $(shell test -x $(NVCC) && echo 1)
+CUDA := $(if $(CUDA),$(call probe,cuda,-I$(CUDA_HOME)/include $(CUDA_LIBS)))
+endif
+ifneq ($(CUDA),)
   CUDA_OBJ := excb_kernels.o
   CFLAGS += -DEXCB_CUDA
-  LDLIBS += -L$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib64 -lcudnn -lcublas -lcudart_static -ldl -lrt -lstdc++
-  $(info ✓ CUDA found: $(shell $(NVCC) --version | tail -1), cuBLAS and cuDNN in $(CUDA_HOME): the GPU path is built)
+  LDLIBS += $(CUDA_LIBS)
+  $(info ✓ $(CUDA) found in $(CUDA_HOME): the GPU path is built)
+else ifeq ($(EXCB_CPU_ONLY),1)
+  $(info ✗ CUDA path not built (EXCB_CPU_ONLY=1): CPU only)
 else
-  ifeq ($(EXCB_CPU_ONLY),1)
-    $(info ✗ CUDA path not built (EXCB_CPU_ONLY=1): CPU only)
-  else
-    $(info ✗ CUDA path not built (needs nvcc, cublas_v2.h, cudnn.h and their libraries in CUDA_HOME=$(CUDA_HOME)): CPU only)
-  endif
+  $(info ✗ CUDA path not built: no nvcc, cuBLAS and cuDNN that link in CUDA_HOME=$(CUDA_HOME) (CPU only). Install NVIDIA's CUDA toolkit and cuDNN: apt-get install cuda-toolkit cudnn9-cuda-13, from NVIDIA's repository)
 endif
+
+CRITERION := $(call probe,criterion,$(shell pkg-config --cflags --libs criterion 2>/dev/null || echo -lcriterion))
+ifeq ($(CRITERION),)
+  $(info ✗ Criterion not found: the test suites cannot be built. Install: $(INSTALL_LINE) $(PKG_CRITERION) pkg-config)
+endif
+ifeq ($(shell echo 'set terminal png; set output "/dev/null"; plot x' | gnuplot >/dev/null 2>&1 && echo 1),)
+  $(info ✗ gnuplot with PNG output not found: excb plot exits 69. Install: $(INSTALL_LINE) $(PKG_GNUPLOT))
+endif
+endif
+
+# --- the two commands of the README, and the install step they share -------------------------------
+.PHONY: run deps deps-run deps-test
+deps: deps-test
+deps-run:
+	@sh tools/install-debian-packages $(PACKAGES_RUN)
+deps-test:
+	@sh tools/install-debian-packages $(PACKAGES_TEST)
+ARGS ?=
+run: deps-run
+	@$(MAKE) --no-print-directory all data
+	./excb train $(ARGS)
+# build in parallel, then run the suites one after another (their timings and outputs stay apart)
+test: deps-test
+	@$(MAKE) --no-print-directory -j$$(nproc) all data $(TESTS)
+	@$(MAKE) --no-print-directory check
 
 excb_kernels.o: excb_kernels.cu excb.h
 	$(NVCC) $(NVCCFLAGS) -DEXCB_CUDA -c -o $@ excb_kernels.cu
@@ -62,7 +136,7 @@ excb_kernels.o: excb_kernels.cu excb.h
 TESTS := tests/test_gpu tests/test_equations tests/test_gradients tests/test_whole_model_f64 tests/test_step \
          tests/test_data tests/test_views tests/test_train tests/test_train_e2e
 
-.PHONY: all check test test-fast test-step bench bench-compare fixture parity-peer clean data golden \
+.PHONY: all check suites test-fast test-step bench bench-compare fixture parity-peer clean data golden \
         fuzz fuzz-build test-asan test-tsan bench-data
 
 # The embedded default data set: Fashion-MNIST from the Debian package dataset-fashion-mnist, copied
@@ -71,13 +145,19 @@ FMNIST_SRC ?= /usr/share/datasets/fashion-mnist
 FMNIST_FILES := train-images-idx3-ubyte.gz train-labels-idx1-ubyte.gz t10k-images-idx3-ubyte.gz t10k-labels-idx1-ubyte.gz
 data: $(addprefix data/fashion-mnist/,$(FMNIST_FILES))
 data/fashion-mnist/%.gz:
-	@test -f $(FMNIST_SRC)/$*.gz || { echo "missing $(FMNIST_SRC)/$*.gz: apt-get install dataset-fashion-mnist" >&2; exit 66; }
+	@test -f $(FMNIST_SRC)/$*.gz || { echo "missing $(FMNIST_SRC)/$*.gz: make deps (or $(INSTALL_LINE) $(PKG_DATA))" >&2; exit 66; }
 	mkdir -p data/fashion-mnist
 	cp $(FMNIST_SRC)/$*.gz $@.tmp && mv $@.tmp $@
 all: excb
 
 excb: excb.c excb.h $(CUDA_OBJ)
+ifneq ($(MISSING),)
+	@echo "✗ cannot build ./excb without $(MISSING): make deps installs them (or $(INSTALL_LINE) $(MISSING))" >&2; exit 69
+endif
 	$(CC) $(CFLAGS) -o $@ excb.c $(CUDA_OBJ) $(LDLIBS)
+
+# the first line of every recipe that builds a Criterion suite
+need_criterion = $(if $(CRITERION),,@echo "✗ cannot build $@ without Criterion: make deps installs it (or $(INSTALL_LINE) $(PKG_CRITERION) pkg-config)" >&2; exit 69)
 
 # the whole implementation compiled without main, for the tests
 excb_test.o: excb.c excb.h
@@ -88,19 +168,19 @@ excb_f64.o: excb.c excb.h
 	$(CC) $(CFLAGS) -UEXCB_CUDA -DTESTING -DEXCB_REAL_DOUBLE -c -o $@ excb.c
 
 tests/test_whole_model_f64: tests/test_whole_model_f64.c tests/testutil.h excb_f64.o
+	$(need_criterion)
 	$(CC) $(CFLAGS) -UEXCB_CUDA -DEXCB_REAL_DOUBLE $(shell pkg-config --cflags criterion) -I. -o $@ $< excb_f64.o $(shell pkg-config --libs criterion) $(LDLIBS)
 
 tests/%: tests/%.c tests/testutil.h excb_test.o $(CUDA_OBJ)
-ifneq ($(HAVE_CRITERION),1)
-	$(error Criterion not found: apt-get install libcriterion-dev pkg-config)
-endif
+	$(need_criterion)
 	$(CC) $(CFLAGS) $(shell pkg-config --cflags criterion) -I. -o $@ $< excb_test.o $(CUDA_OBJ) $(shell pkg-config --libs criterion) $(LDLIBS)
 
-# everything CI runs: the suites, the data/view suites under ASan+UBSan, the loader's threads under
-# ThreadSanitizer, a short fuzz of every reader
-check: test test-asan test-tsan fuzz
+# every test (what `make test` runs after its install step, and so what CI runs): the Criterion suites,
+# the data/view suites under ASan+UBSan, the loader's threads under ThreadSanitizer, a short fuzz of
+# every reader
+check: suites test-asan test-tsan fuzz
 
-test: test-fast test-step
+suites: test-fast test-step
 test-fast: tests/test_equations tests/test_gradients tests/test_whole_model_f64 tests/test_data tests/test_views \
            tests/test_train tests/test_gpu excb
 	./tests/test_equations
@@ -120,9 +200,13 @@ bench: excb
 	./excb bench --config resnet20s --global-size 28 --local-size 12 --batch 256 --K 4096
 	./excb bench --config resnet18 --global-size 32 --local-size 16 --batch 64 --K 4096
 
-# the same-run comparison with the PyTorch peer (issue 2's figures); needs python3-torch
+# the same-run comparison with the PyTorch peer, at 1 and 2 threads, against Debian's PyTorch (needs
+# python3-torch and libopenblas0-pthread: without it that PyTorch has no real BLAS) and, when
+# TORCH_VENV holds one, pip's (python3 -m venv $(TORCH_VENV) && $(TORCH_VENV)/bin/pip install torch numpy)
+TORCH_VENV ?= /opt/torchvenv
 bench-compare: excb
-	/usr/bin/python3 bench/compare.py
+	/usr/bin/python3 bench/compare.py --peer $(PEER) --torch "Debian torch + OpenBLAS=/usr/bin/python3" \
+	  $(if $(wildcard $(TORCH_VENV)/bin/python),--torch "pip torch=$(TORCH_VENV)/bin/python")
 
 # regenerate the float64 parity fixtures (needs python3-torch; CI never does this)
 fixture:
@@ -143,6 +227,7 @@ golden:
 # so the sanitizers see every instruction). The CLI test inside test_data uses the normal ./excb.
 ASAN := -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer -g -O1
 test-asan: excb
+	$(need_criterion)
 	$(CC) -std=c11 -Wall -Wextra -Wno-unknown-pragmas -Wno-format-truncation -ffp-contract=off -fopenmp $(ASAN) -DTESTING -c -o excb_asan.o excb.c
 	for t in test_data test_views test_equations; do \
 	  $(CC) -std=c11 -ffp-contract=off -fopenmp $(ASAN) $(shell pkg-config --cflags criterion) -I. -o tests/$$t.asan tests/$$t.c excb_asan.o \

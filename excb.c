@@ -5,7 +5,7 @@
  *   "Efficient Unsupervised Visual Representation Learning with Explicit Cluster Balancing"
  *   (I. Maniadis Metaxas, G. Tzimiropoulos, I. Patras; ECCV 2024; arXiv 2407.11168),
  * exactly as the official PyTorch code (ManiadisG/ExCB @ 7750bd5) runs it. Equation labels E0..E14
- * are those of shared/METHOD.md; paper_notes.md maps each to this file and says where the code
+ * are this project's own; paper_notes.md defines each, maps it to this file and says where the code
  * departs from the paper (audit items A1..A25). The paper's own equation numbers are UNCONFIRMED.
  *
  * What is here, in the method's order: the ResNet backbone (E-), projector (E0), weight-normalised
@@ -13,8 +13,8 @@
  * boost and clamp (E5), teacher targets, student predictions and the 18-term loss (E6..E8) and
  * its backward (E11..E13), then the teacher EMA (E9), SGD with its weight-decay groups (E14) and
  * schedules (Appendix A), one training step; then the data sets (IDX, CIFAR, STL-10, PNG/JPEG
- * folders), the multi-crop views of METHOD.md 1.8 in PIL's arithmetic, a threaded deterministic
- * loader; then whole runs: the config and presets, k-means centroid initialisation (METHOD.md 1.10),
+ * folders), the multi-crop views (paper_notes.md §8b) in PIL's arithmetic, a threaded deterministic
+ * loader; then whole runs: the config and presets, k-means centroid initialisation (paper_notes.md §9),
  * checkpoints, the training loop, evaluation (k-NN, linear probe, clustering metrics), benchmarks and
  * the command line. Every forward sits right above its backward.
  *
@@ -174,7 +174,8 @@ float excb_round_fp16(float x) {
  * ================================================================================================
  * C = alpha op(A) op(B) + beta C, row-major, op(A) M x K, op(B) K x N (the BLAS convention with
  * rows and columns swapped). matmul_naive is the definition; matmul calls oneDNN's sgemm when the
- * build has it (PERF.md: 85-95 % of peak here, and unaffected by OPENBLAS_CORETYPE).
+ * build has it (85-95 % of the FMA peak on the project's 2-core machine even on skinny convolution shapes, and
+ * unaffected by OPENBLAS_CORETYPE, which these machines set to Haswell and which halves OpenBLAS).
  * Every call here is sequential: callers cut the work into fixed tiles and run tiles in parallel.
  * oneDNN runs a GEMM called inside an OpenMP parallel region on the calling thread alone.
  */
@@ -222,7 +223,7 @@ static void matmul_tiled(char ta, char tb, int M, int N, int K, real alpha, cons
 }
 
 /* ================================================================================================
- * 1. Backbone (METHOD.md 1.1): convolution, BatchNorm (+ReLU, +residual), max-pool, average-pool
+ * 1. Backbone (paper_notes.md §1): convolution, BatchNorm (+ReLU, +residual), max-pool, average-pool
  * ================================================================================================
  * A ResNet is a stem, stages of residual blocks, and a global average pool to a D-vector per image.
  * BasicBlock: y = relu(BN(conv3x3(relu(BN(conv3x3(x))))) + shortcut(x)); Bottleneck has three
@@ -581,7 +582,7 @@ void linear_backward(real *dx, real *dw, real *db, const real *dy, const real *x
  *   z_k = <u, c_k>  in [-1, 1]               (a cosine similarity; E4 relies on this range)
  * The similarity itself is one GEMM, z (N, K) = u (N, d) . c^T. Its backward (E12, E13):
  *   du = dz . c,    dc = dz^T . u,    dv = (I - c c^T) dc / ||v||,    dh = (I - u u^T) du / ||h||
- * Gradient routing (METHOD.md 1.6, A8, A9): only the two direct global rows send dc; predictor
+ * Gradient routing (paper_notes.md §3, A8, A9): only the two direct global rows send dc; predictor
  * rows (and the unused direct local rows) see c as a constant.
  */
 
@@ -687,7 +688,7 @@ void cluster_size_update(real *s, int32_t *counts, const int32_t *labels, int N,
  *   E6:  q   = softmax(zh / tau_t),  tau_t = 0.04, no gradient
  * B(.; r) is increasing in z (a cluster's ranking of samples is kept), the identity at r = 1 (so at
  * the start, s = 1/K), and maps [-1, 1] into [-1, 1]. A3: where a factor is exactly 0 (r_k = 0,
- * which FP32 with subnormals never reaches, METHOD.md A3) the code adds U(0,1) * 0.001. For r = 0,
+ * which FP32 with subnormals never reaches; audit A3, paper_notes.md §10) the code adds U(0,1) * 0.001. For r = 0,
  * 1/r = inf and 1 - relu(1 - inf) = 1: IEEE arithmetic gives the official value with no NaN.
  */
 void balance_factors(real *r, real *lower, real *higher, const real *s, int K, double jitter,
@@ -1061,7 +1062,7 @@ int excb_find_tensor(const ExcbModel *m, const char *name) {
  *   Linear: trunc_normal(std 0.02) with torch's default cut at +-2 ABSOLUTE (100 sigma, so in effect
  *           a plain normal), bias 0
  *   centroid v: kaiming_uniform(a = sqrt 5) = U(-1/sqrt d, 1/sqrt d) (the official code then
- *           replaces it by k-means, METHOD.md 1.10: not implemented yet)
+ *           replaces it by k-means, paper_notes.md §9: not implemented yet)
  * Each tensor draws from (seed, INIT, tensor index, element): independent of everything else. */
 static void init_params(ExcbModel *m) {
     const uint64_t seed = m->cfg.seed;
@@ -1469,7 +1470,7 @@ static void projector_forward(ExcbModel *m, const real *P, real *run, const real
 }
 
 /* ================================================================================================
- * 10. One training step (trainer.py L84-132; METHOD.md 1.12)
+ * 10. One training step (trainer.py L84-132; paper_notes.md §8)
  * ================================================================================================
  *  teacher (no grad):  zt = cos(normalize(g_T(f_T(X_g))), c_T)         E0, E1     (Vg*B, K)
  *                      q  = softmax(clamp(boost(B(zt; r))) / tau_t)      E4..E6, r from steps < t
@@ -1750,7 +1751,7 @@ void excb_cuda_conv_report(int *plans, int *packed) { *plans = *packed = 0; }
  * fails halfway through an epoch because of a file it could have checked at the start (image files
  * in folders are the exception: they are decoded when used, as in PyTorch). Fixed-size formats are
  * mapped (CIFAR, STL-10; 64-bit offsets, so STL-10's 2.6 GiB unlabeled file is fine) or decompressed
- * into memory (gzipped IDX). Byte layouts: shared/ECOSYSTEM.md 3.3.
+ * into memory (gzipped IDX). Byte layouts: in each reader's comment, and data/README.md.
  *
  * Errors: one line naming the file and the problem, and an exit code: 66 (EX_NOINPUT) when a file
  * is missing or unreadable, 65 (EX_DATAERR) when its content is wrong, 71 when memory runs out.
@@ -1886,7 +1887,7 @@ static uint32_t be32(const uint8_t *p) {
     return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
 }
 
-/* IDX header (ECOSYSTEM.md 3.3): 00 00, type, ndim, ndim big-endian u32 sizes, then the data, which
+/* IDX header (LeCun's MNIST format): 00 00, type, ndim, ndim big-endian u32 sizes, then the data, which
    must fill the rest of the buffer exactly. excb reads type 0x08 (unsigned bytes) only. */
 int excb_parse_idx(const uint8_t *buf, size_t len, const char *name, int *ndim, uint32_t dims[4],
                    size_t *data_offset, char *err) {
@@ -2385,7 +2386,7 @@ static int check_size(const char *name, long h, long w, char *err) {
 }
 
 /* PIL's Image.convert("RGB") drops alpha; libpng would composite onto a background if asked for RGB,
-   so we ask for RGBA and drop the fourth channel ourselves (ECOSYSTEM.md 3.2). */
+   so we ask for RGBA and drop the fourth channel ourselves (as PIL's convert("RGB") does). */
 static int decode_png(const uint8_t *buf, size_t len, const char *name, ExcbImage *img, char *err) {
     png_image pi;
     memset(&pi, 0, sizeof pi);
@@ -2577,7 +2578,7 @@ int excb_write_jpeg(const char *path, const uint8_t *px, int h, int w, int c, in
 }
 
 /* ================================================================================================
- * 12. Views: ExCB's multi-crop augmentation (METHOD.md 1.8; transforms.py L84-103)
+ * 12. Views: ExCB's multi-crop augmentation (paper_notes.md §8b; transforms.py L84-103)
  * ================================================================================================
  * Per view, in this order, on 8-bit pixels as torchvision does on PIL images:
  *   RandomResizedCrop(S, scale, ratio 3/4..4/3, bicubic) -> horizontal flip (p 0.5)
@@ -3431,6 +3432,21 @@ int excb_config_parse(ExcbRunConfig *rc, const char *text, const char *name, cha
     return 0;
 }
 
+/* x in the fewest significant digits that read back (strtod) as exactly x: 0.6, not 0.59999999999999998.
+   %.17g always round-trips, so the search ends by 17 digits. %g writes an exponent where the digits run
+   out before the decimal point (100 at 1 digit is 1e+02); such an x is an integer, and below 1e15 it is
+   written as one instead: the same significant digits, then zeros (100, 120000). */
+static void format_shortest(double x, char *out, size_t cap) {
+    int digits = 1;
+    while (digits < 17) {
+        snprintf(out, cap, "%.*g", digits, x);
+        if (strtod(out, NULL) == x) break;
+        digits++;
+    }
+    snprintf(out, cap, "%.*g", digits, x);
+    if (strchr(out, 'e') && x == floor(x) && fabs(x) < 1e15) snprintf(out, cap, "%.0f", x);
+}
+
 /* the value of one key, as text */
 static void config_value(const ExcbRunConfig *rc, const ConfigKey *k, char *out, size_t cap) {
     const char *at = (const char *)rc + k->off;
@@ -3438,7 +3454,7 @@ static void config_value(const ExcbRunConfig *rc, const ConfigKey *k, char *out,
     case KT_INT: snprintf(out, cap, "%d", *(const int *)at); break;
     case KT_LONG: snprintf(out, cap, "%ld", *(const long *)at); break;
     case KT_U64: snprintf(out, cap, "%llu", (unsigned long long)*(const uint64_t *)at); break;
-    case KT_DOUBLE: snprintf(out, cap, "%.17g", *(const double *)at); break;   /* round-trips exactly */
+    case KT_DOUBLE: format_shortest(*(const double *)at, out, cap); break;      /* round-trips exactly */
     case KT_STR: snprintf(out, cap, "%s", at); break;
     case KT_INTLIST: {
         int n = *(const int *)((const char *)rc + k->count_off);
@@ -3498,7 +3514,7 @@ int excb_config_compatible(const ExcbRunConfig *run, const ExcbRunConfig *ckpt, 
 }
 
 /* --- presets: complete starting points; every value can still be overridden ----------------------
- * The official recipe (METHOD.md 2) is the base; the small presets change only what their scale needs,
+ * The official recipe (paper_notes.md §9, Presets) is the base; the small presets change only what their scale needs,
  * and the comments say what and why. */
 static void run_defaults(ExcbRunConfig *rc) {
     memset(rc, 0, sizeof *rc);
@@ -3584,7 +3600,7 @@ int excb_preset(ExcbRunConfig *rc, const char *name, char *err) {
         rc->kmeans_samples = 100000;
         rc->knn_every = 10;
     } else if (!strcmp(name, "imagenet-r50")) {
-        /* The paper's ResNet-50 recipe as the official code runs it (METHOD.md 2): 400 epochs, B = 1024,
+        /* The paper's ResNet-50 recipe as the official code runs it (paper_notes.md §9): 400 epochs, B = 1024,
            K = 65536, lr 0.6 with 10 warm-up epochs, 2 x 224 + 6 x 96 crops, 500k k-means samples.
            data = an ImageFolder root with train/ and val/ (set it: --set data=/path/to/imagenet). */
         set_model(rc, "resnet50");
@@ -3652,7 +3668,7 @@ int excb_config_validate(ExcbRunConfig *rc, char *err) {
 }
 
 /* ================================================================================================
- * 15. Centroid initialisation: spherical k-means on the teacher's projections (METHOD.md 1.10, A12)
+ * 15. Centroid initialisation: spherical k-means on the teacher's projections (paper_notes.md §9, A12)
  * ================================================================================================
  * The official code does not start from random centroids: before the first epoch it collects
  * `clustering_samples` L2-normalised teacher projections h/||h|| of the randomly initialised network
@@ -3788,7 +3804,7 @@ static int kmeans_init_centroids(ExcbModel *m, ExcbModel *run, const ExcbRunConf
 }
 
 /* ================================================================================================
- * 16. Checkpoints: atomic, self-describing, verified (ECOSYSTEM.md 4.5)
+ * 16. Checkpoints: atomic, self-describing, verified (paper_notes.md §9)
  * ================================================================================================
  * File layout (little-endian; a reader on another byte order refuses the endian marker):
  *   header   "EXCBCKPT", u32 version (1), u32 endian marker 0x01020304, u32 entries, u32 entry size (184),
@@ -4273,7 +4289,7 @@ typedef struct {
     long n_bank, n_query;
     int n_ks;
     double top1[EXCB_MAX_KS], top5[EXCB_MAX_KS];
-    int probed;
+    int probed, clustered;
     double probe_test, probe_train;
     ExcbClusterScores clusters;
     double seconds;
@@ -4288,21 +4304,45 @@ static long *subset(long n, long max, long *count) {
     return idx;
 }
 
+/* mean-centring: the bank's mean row, subtracted from every bank and query row */
+static void subtract_mean_row(real *bank, long nb, real *query, long nq, int D) {
+    double *mean = xcalloc(D, sizeof(double));
+    for (long i = 0; i < nb; i++)
+        for (int j = 0; j < D; j++) mean[j] += bank[(size_t)i * D + j];
+    for (int j = 0; j < D; j++) mean[j] /= nb;
+    for (long i = 0; i < nb; i++)
+        for (int j = 0; j < D; j++) bank[(size_t)i * D + j] -= (real)mean[j];
+    for (long i = 0; i < nq; i++)
+        for (int j = 0; j < D; j++) query[(size_t)i * D + j] -= (real)mean[j];
+    free(mean);
+}
+
 /* k-NN on (subsets of) the bank and query splits; with full = 1 also the linear probe and the
-   clustering metrics of the query split */
+   clustering metrics of the query split. m = NULL: the same measures on the mean-centred pixels
+   (excb_pixel_features), without clusters. */
 static int evaluate(ExcbModel *m, const ExcbRunConfig *rc, EvalSets *es, long bank_max, long query_max, int full,
                     int teacher, EvalResult *res, char *err) {
     double t0 = now_seconds();
     memset(res, 0, sizeof *res);
     ExcbViewConfig vc;
-    excb_view_config_for(&vc, &m->cfg, rc->epochs, rc->blur);
+    const ExcbConfig *cfg = m ? &m->cfg : &rc->model;
+    excb_view_config_for(&vc, cfg, rc->epochs, rc->blur);
     long nb, nq;
     long *ib = subset(es->bank.n, bank_max, &nb), *iq = subset(es->query.n, query_max, &nq);
-    int D = m->D, C = es->bank.n_classes > es->query.n_classes ? es->bank.n_classes : es->query.n_classes;
+    int D = m ? m->D : cfg->in_ch * cfg->global_size * cfg->global_size;
+    int C = es->bank.n_classes > es->query.n_classes ? es->bank.n_classes : es->query.n_classes;
     real *fb = xmalloc(sizeof(real) * nb * D), *fq = xmalloc(sizeof(real) * nq * D);
-    int32_t *yb = xmalloc(sizeof(int32_t) * nb), *yq = xmalloc(sizeof(int32_t) * nq), *aq = full ? xmalloc(sizeof(int32_t) * nq) : NULL;
-    int code = excb_extract_features(m, teacher, &es->bank, &vc, ib, nb, fb, NULL, err);
-    if (!code) code = excb_extract_features(m, teacher, &es->query, &vc, iq, nq, fq, aq, err);
+    int32_t *yb = xmalloc(sizeof(int32_t) * nb), *yq = xmalloc(sizeof(int32_t) * nq);
+    int32_t *aq = full && m ? xmalloc(sizeof(int32_t) * nq) : NULL;
+    int code;
+    if (m) {
+        code = excb_extract_features(m, teacher, &es->bank, &vc, ib, nb, fb, NULL, err);
+        if (!code) code = excb_extract_features(m, teacher, &es->query, &vc, iq, nq, fq, aq, err);
+    } else {
+        code = excb_pixel_features(&es->bank, &vc, cfg->in_ch, ib, nb, fb, err);
+        if (!code) code = excb_pixel_features(&es->query, &vc, cfg->in_ch, iq, nq, fq, err);
+        if (!code) subtract_mean_row(fb, nb, fq, nq, D);
+    }
     if (!code) {
         for (long i = 0; i < nb; i++) yb[i] = es->bank.labels[ib[i]];
         for (long i = 0; i < nq; i++) yq[i] = es->query.labels[iq[i]];
@@ -4313,8 +4353,11 @@ static int evaluate(ExcbModel *m, const ExcbRunConfig *rc, EvalSets *es, long ba
         if (full) {
             res->probed = 1;
             res->probe_test = excb_linear_probe(fb, yb, nb, fq, yq, nq, D, C, rc->probe_epochs, rc->probe_batch,
-                                                rc->probe_lr, rc->probe_wd, m->cfg.seed, &res->probe_train);
-            excb_cluster_scores(aq, yq, nq, m->cfg.K, C, &res->clusters);
+                                                rc->probe_lr, rc->probe_wd, cfg->seed, &res->probe_train);
+            if (aq) {
+                res->clustered = 1;
+                excb_cluster_scores(aq, yq, nq, cfg->K, C, &res->clusters);
+            }
         }
     }
     res->seconds = now_seconds() - t0;
@@ -4324,10 +4367,14 @@ static int evaluate(ExcbModel *m, const ExcbRunConfig *rc, EvalSets *es, long ba
 
 /* the evaluation, printed with every knob that produced it (stdout), and as one JSON object */
 static void print_eval(FILE *f, const ExcbModel *m, const ExcbRunConfig *rc, const EvalSets *es, const EvalResult *r, int teacher) {
-    fprintf(f, "features: %s backbone, pooled (D = %d), BatchNorm running statistics, evaluation view %dx%d "
-            "(%s), step %ld\n", teacher ? "teacher" : "student", m->D, m->cfg.global_size, m->cfg.global_size,
-            es->bank.height == m->cfg.global_size ? "the whole image" : "resize short side to G*256/224, centre crop",
-            m->step);
+    const ExcbConfig *cfg = m ? &m->cfg : &rc->model;
+    const char *view = es->bank.height == cfg->global_size ? "the whole image" : "resize short side to G*256/224, centre crop";
+    if (m)
+        fprintf(f, "features: %s backbone, pooled (D = %d), BatchNorm running statistics, evaluation view %dx%d "
+                "(%s), step %ld\n", teacher ? "teacher" : "student", m->D, cfg->global_size, cfg->global_size, view, m->step);
+    else
+        fprintf(f, "features: the pixels of the evaluation view %dx%d (%s; D = %d), normalised, minus the bank's mean image\n",
+                cfg->global_size, cfg->global_size, view, cfg->in_ch * cfg->global_size * cfg->global_size);
     fprintf(f, "k-NN: cosine on L2-normalised features, vote weight exp(sim/T), T = %g; bank %s (%s) %ld images, "
             "queries %s %ld images, %d classes\n", rc->knn_t, es->bank.path, es->bank.split, r->n_bank,
             es->query.split, r->n_query, es->bank.n_classes);
@@ -4337,7 +4384,9 @@ static void print_eval(FILE *f, const ExcbModel *m, const ExcbRunConfig *rc, con
         fprintf(f, "linear probe: standardised frozen features, softmax regression, SGD momentum 0.9, lr %g cosine "
                 "to 0, wd %g, batch %d, %d epochs, no augmentation, seed %llu: test top-1 %.2f %% (train %.2f %%), "
                 "last epoch\n", rc->probe_lr, rc->probe_wd, rc->probe_batch, rc->probe_epochs,
-                (unsigned long long)m->cfg.seed, r->probe_test, r->probe_train);
+                (unsigned long long)cfg->seed, r->probe_test, r->probe_train);
+    }
+    if (r->clustered) {
         const ExcbClusterScores *c = &r->clusters;
         fprintf(f, "clusters: %s centroids (K = %d), each query's argmax cosine, no balancing; %ld queries, %d "
                 "clusters used: NMI %.4f  AMI %.4f  ARI %.4f  many-to-one acc %.2f %%  Hungarian acc %s\n",
@@ -4358,6 +4407,8 @@ static void eval_json(FILE *f, const ExcbRunConfig *rc, const EvalResult *r) {
     if (r->probed) {
         jnum(f, "probe_test_top1", r->probe_test);
         jnum(f, "probe_train_top1", r->probe_train);
+    }
+    if (r->clustered) {
         jnum(f, "nmi", r->clusters.nmi);
         jnum(f, "ami", r->clusters.ami);
         jnum(f, "ari", r->clusters.ari);
@@ -4533,7 +4584,7 @@ int excb_train(ExcbRunConfig *rc_in, const char *out_dir, const char *resume_fro
                 EXCB_VERSION, (unsigned long long)rc.model.seed, data_json, ds.n, bpe, rc.model.total_steps, m.n_params,
                 run->ops->name, precision_names[rc.precision], config_json);
         metrics_end(&r, 0, 0);
-        if (rc.kmeans_init) {                   /* METHOD.md 1.10, on the loader's first batches */
+        if (rc.kmeans_init) {                   /* paper_notes.md §9, on the loader's first batches */
             if ((code = excb_loader_open(&L, &ds, &vc, rc.model.batch, rc.workers, 0, err))) goto done_model;
             code = kmeans_init_centroids(&m, run, &rc, &L, !quiet, err);
             excb_loader_close(&L);
@@ -4658,7 +4709,7 @@ done_model:
 /* ================================================================================================
  * 18. Evaluation: frozen features, weighted k-NN, a linear probe, clustering metrics
  * ================================================================================================
- * What is measured, and how (ECOSYSTEM.md 1.2):
+ * What is measured, and how (paper_notes.md §9, Evaluation):
  *  - features: the backbone's pooled output (D), teacher weights by default (DINO's eval_knn uses the
  *    teacher), BatchNorm with running statistics, one deterministic view per image: the whole image
  *    when it already has the global crop's side, otherwise Resize(short side to G*256/224) and
@@ -4732,6 +4783,23 @@ int excb_extract_features(ExcbModel *m, int teacher, const ExcbDataset *ds, cons
     }
     m->eval_bn = 0;
     free(x);
+    excb_image_free(&img);
+    free(scr.a); free(scr.b); free(scr.f);
+    return code;
+}
+
+/* The floor a learned representation has to beat: each image's evaluation view itself, its C*G*G
+   normalised pixels as a feature row (evaluate() then subtracts the bank's mean image). */
+int excb_pixel_features(const ExcbDataset *ds, const ExcbViewConfig *vc, int C, const long *idx, long n,
+                        real *feat, char *err) {
+    int G = vc->global_size, code = 0;
+    ExcbImage img = {0};
+    ExcbViewScratch scr = {0};
+    for (long r = 0; r < n && !code; r++) {
+        if ((code = excb_data_get(ds, idx[r], &img, err))) break;
+        if (img.c != C) code = fail(err, EXCB_EXIT_DATA, "%s: image %ld has %d channels, not %d", ds->path, idx[r], img.c, C);
+        else eval_view(vc, &img, feat + (size_t)r * C * G * G, &scr);
+    }
     excb_image_free(&img);
     free(scr.a); free(scr.b); free(scr.f);
     return code;
@@ -5084,6 +5152,8 @@ static void usage(FILE *f) {
         "                              cuda (the GPU or exit 69)\n"
         "              --precision P   fp32 (default), tf32 (GPU: TF32 GEMMs and convolutions); bf16: not yet\n"
         "  eval        excb eval CHECKPOINT|RUN_DIR: k-NN, linear probe and clustering metrics of a checkpoint\n"
+        "              excb eval --pixels [--data SPEC]: the same k-NN and probe on the mean-centred pixels,\n"
+        "              the floor a learned representation has to beat\n"
         "              --student (default: teacher) --knn-k 10,20,100,200 --knn-t 0.07 --data SPEC\n"
         "              --bank-split S --query-split S --probe-epochs N --probe-lr X --probe-wd X --set KEY=VALUE\n"
         "  plot        excb plot RUN_DIR: PNG curves (loss, diagnostics, cluster usage, k-NN, cluster sizes)\n"
@@ -5627,7 +5697,7 @@ static int cmd_train(int argc, char **argv) {
 /* --- excb eval ------------------------------------------------------------------------------------ */
 static int cmd_eval(int argc, char **argv) {
     const char *target = NULL;
-    int student = 0, n_sets = 0;
+    int student = 0, pixels = 0, n_sets = 0;
     static Setting sets[MAX_SETS];
     static char keys[MAX_SETS][64];
     char err[EXCB_ERR_LEN];
@@ -5640,6 +5710,7 @@ static int cmd_eval(int argc, char **argv) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         if (!strcmp(a, "--help") || !strcmp(a, "-h")) { usage(stdout); return 0; }
         if (!strcmp(a, "--student")) { student = 1; continue; }
+        if (!strcmp(a, "--pixels")) { pixels = 1; continue; }
         if (a[0] != '-') {
             if (target) { fprintf(stderr, "excb eval: one checkpoint or run directory, got '%s' and '%s'\n", target, a); return EXCB_EXIT_USAGE; }
             target = a;
@@ -5663,28 +5734,48 @@ static int cmd_eval(int argc, char **argv) {
         sets[n_sets].key = key;
         snprintf(sets[n_sets++].value, sizeof sets[0].value, "%s", v);
     }
-    if (!target) { fprintf(stderr, "excb eval: which checkpoint? excb eval CHECKPOINT|RUN_DIR\n"); return EXCB_EXIT_USAGE; }
-    char path[4200];
+    if (!target == !pixels) {
+        fprintf(stderr, "excb eval: %s\n", pixels ? "--pixels evaluates the pixels, not a checkpoint: drop one of the two"
+                                                  : "which checkpoint? excb eval CHECKPOINT|RUN_DIR (or --pixels)");
+        return EXCB_EXIT_USAGE;
+    }
+    char path[4200] = "";
     struct stat st;
     int code;
-    if (!stat(target, &st) && S_ISDIR(st.st_mode)) {
-        if ((code = excb_find_checkpoint(target, path, sizeof path, 1, err))) { fprintf(stderr, "excb eval: %s\n", err); return code; }
-    } else snprintf(path, sizeof path, "%s", target);
-    char *text = NULL;
     ExcbRunConfig rc;
     memset(&rc, 0, sizeof rc);
-    if ((code = excb_checkpoint_config(path, &text, err)) || (code = excb_config_parse(&rc, text, path, err))) {
-        fprintf(stderr, "excb eval: %s\n", err);
+    if (pixels) {
+        excb_preset(&rc, "fashion-mnist", err);        /* its evaluation settings; --data, --set change them */
+    } else {
+        if (!stat(target, &st) && S_ISDIR(st.st_mode)) {
+            if ((code = excb_find_checkpoint(target, path, sizeof path, 1, err))) { fprintf(stderr, "excb eval: %s\n", err); return code; }
+        } else snprintf(path, sizeof path, "%s", target);
+        char *text = NULL;
+        if ((code = excb_checkpoint_config(path, &text, err)) || (code = excb_config_parse(&rc, text, path, err))) {
+            fprintf(stderr, "excb eval: %s\n", err);
+            free(text);
+            return code;
+        }
         free(text);
-        return code;
     }
-    free(text);
     for (int i = 0; i < n_sets; i++)
         if ((code = excb_config_set(&rc, sets[i].key, sets[i].value, err))) { fprintf(stderr, "excb eval: %s\n", err); return code; }
     if ((code = excb_config_validate(&rc, err))) { fprintf(stderr, "excb eval: %s\n", err); return code; }
     EvalSets es;
     if ((code = open_eval_sets(&rc, &es, err))) { fprintf(stderr, "excb eval: %s\n", err); return code; }
     rc.model.in_ch = es.bank.channels;
+    EvalResult res;
+    if (pixels) {
+        /* square images of one size are taken whole; others are resized and centre-cropped to global_size */
+        if (es.bank.height && es.bank.height == es.bank.width) rc.model.global_size = es.bank.height;
+        if ((code = evaluate(NULL, &rc, &es, 0, 0, 1, 0, &res, err))) fprintf(stderr, "excb eval: %s\n", err);
+        else {
+            printf("excb eval --pixels %s\n", es.bank.path);
+            print_eval(stdout, NULL, &rc, &es, &res, 0);
+        }
+        close_eval_sets(&es);
+        return code;
+    }
     ExcbModel m;
     ExcbTrainState ts;
     if (excb_build(&m, &rc.model)) { close_eval_sets(&es); return EXCB_EXIT_CONFIG; }
@@ -5694,7 +5785,6 @@ static int cmd_eval(int argc, char **argv) {
         return code;
     }
     excb_train_state_free(&ts);
-    EvalResult res;
     fprintf(stderr, "excb eval: %s (step %ld)\n", path, m.step);
     code = evaluate(&m, &rc, &es, 0, 0, 1, !student, &res, err);
     if (code) fprintf(stderr, "excb eval: %s\n", err);
@@ -5758,7 +5848,7 @@ static int cmd_plot(int argc, char **argv) {
                     json_number(line, "distinct_frac"), json_number(line, "assign_entropy"), json_number(line, "changed_labels"));
             n_steps++;
         } else if (strstr(line, "\"type\":\"epoch\"")) {
-            double knn = json_number(line, "knn_top1_k20");   /* k = 20 (PERF.md's), else the first k */
+            double knn = json_number(line, "knn_top1_k20");   /* k = 20 (the README's), else the first k */
             const char *kp = strstr(line, "\"knn_top1_k");
             if (!isnan(knn)) knn_k = 20;
             else if (kp) {

@@ -3,7 +3,7 @@
  *
  * ExCB: "Efficient Unsupervised Visual Representation Learning with Explicit Cluster Balancing",
  * I. Maniadis Metaxas, G. Tzimiropoulos, I. Patras, ECCV 2024, arXiv 2407.11168.
- * Equation labels E0..E14 are those of shared/METHOD.md (written from the official code); the paper's
+ * Equation labels E0..E14 are this project's own (paper_notes.md, written from the official code); the paper's
  * own equation numbers are UNCONFIRMED and are never used here.
  *
  * Dimension letters, used in every shape comment of this project:
@@ -64,7 +64,7 @@ typedef enum { EXCB_OPT_SGD = 0 } ExcbOptimizer;
 
 typedef struct {
     char name[32];             /* config name, e.g. "resnet20s"                                       */
-    /* backbone (METHOD.md 1.1) */
+    /* backbone (paper_notes.md §1) */
     ExcbBlock block;           /* BasicBlock (ResNet-18/20) or Bottleneck (ResNet-50)                  */
     ExcbStem stem;             /* CIFAR: conv3x3/1, no max-pool; ImageNet: conv7x7/2 + maxpool3x3/2    */
     int in_ch;                 /* input channels, 1 (Fashion-MNIST) or 3                              */
@@ -75,7 +75,7 @@ typedef struct {
     int hidden;                /* MLP hidden width Hd, 512 (resnet20s) or 2048                        */
     int d;                     /* bottleneck width d, 256                                              */
     int K;                     /* clusters, 65536 in the paper's runs, 4096 for laptop-sized ones      */
-    /* views (METHOD.md 1.8) */
+    /* views (paper_notes.md §8b) */
     int n_global, n_local;     /* Vg = 2, Vl = 6                                                       */
     int global_size, local_size;   /* crop sides, e.g. 28/12 (Fashion-MNIST), 32/16, 224/96            */
     int batch;                 /* B, images per step (each with all its views)                         */
@@ -546,7 +546,7 @@ int excb_decode_image(const uint8_t *buf, size_t len, const char *name, ExcbImag
 int excb_write_png(const char *path, const uint8_t *px, int h, int w, int c, char *err);
 int excb_write_jpeg(const char *path, const uint8_t *px, int h, int w, int c, int quality, char *err);
 
-/* What the views of one sample are made of (METHOD.md 1.8; transforms.py L84-103). */
+/* What the views of one sample are made of (paper_notes.md §8b; transforms.py L84-103). */
 enum { EXCB_BLUR_AS_RUN = 0, EXCB_BLUR_AS_CONFIGURED = 1, EXCB_BLUR_NONE = 2 };
 typedef struct {
     int n_global, n_local, global_size, local_size, channels;
@@ -648,7 +648,7 @@ typedef struct {
     int knn_ks[EXCB_MAX_KS], n_knn_ks;    /* k values of the weighted k-NN                           */
     double knn_t;              /* its temperature T (0.07)                                             */
     long knn_bank_max, knn_query_max;     /* during training: evenly spaced subsets (0: all)         */
-    int kmeans_init;           /* 1: spherical k-means centroids (METHOD.md 1.10); 0: random (ablation) */
+    int kmeans_init;           /* 1: spherical k-means centroids (paper_notes.md §9); 0: random (ablation) */
     long kmeans_samples;       /* projections collected (500000 officially)                            */
     int kmeans_iters, kmeans_restarts;    /* Lloyd iterations (50); restarts allowed while a cluster is empty */
     int probe_epochs, probe_batch;        /* linear probe on frozen features                           */
@@ -675,7 +675,7 @@ char *excb_config_dump(const ExcbRunConfig *rc, int json);
 /* the keys that shape the trajectory equal in both (resume); 0 or EXCB_EXIT_CONFIG naming the key */
 int excb_config_compatible(const ExcbRunConfig *run, const ExcbRunConfig *ckpt, char *err);
 
-/* METHOD.md 1.10: spherical k-means on n unit rows x (n, d). Seeds are distinct random rows; Lloyd
+/* paper_notes.md §9: spherical k-means on n unit rows x (n, d). Seeds are distinct random rows; Lloyd
    iterations with argmax E-steps and normalised-mean M-steps (an empty cluster keeps its centroid);
    restarted with new seeds while a cluster is empty after the last E-step. c gets the unit centroids
    (the teacher's), c_next one more M-step's unnormalised means (the student's). Returns the restarts
@@ -695,7 +695,7 @@ typedef struct {
     double seconds;            /* training time so far (informative only; not part of any comparison) */
 } ExcbTrainState;
 
-/* Checkpoints (ECOSYSTEM.md 4.5): magic, version, a table of named tensors with a CRC-32 each, a CRC-32
+/* Checkpoints (paper_notes.md §9): magic, version, a table of named tensors with a CRC-32 each, a CRC-32
    of the whole file; written to a temporary file, fsync'ed, renamed, directory fsync'ed. */
 int excb_checkpoint_save(const char *path, const ExcbModel *m, const ExcbTrainState *ts, const char *config_text,
                          char *err);
@@ -721,6 +721,9 @@ int excb_find_checkpoint(const char *dir, char *path, size_t cap, int verbose, c
    no balancing). */
 int excb_extract_features(ExcbModel *m, int teacher, const ExcbDataset *ds, const ExcbViewConfig *vc,
                           const long *idx, long n, real *feat, int32_t *assign, char *err);
+/* the same evaluation view's C*G*G pixels as each image's feature row, for the pixel baseline */
+int excb_pixel_features(const ExcbDataset *ds, const ExcbViewConfig *vc, int C, const long *idx, long n,
+                        real *feat, char *err);
 /* weighted k-NN as DINO's eval_knn: cosine similarity of L2-normalised rows, vote weight exp(sim/T);
    top1[j], top5[j] in percent for k = ks[j] */
 void excb_knn(const real *bank, const int32_t *bank_labels, long n_bank, const real *query,

@@ -57,6 +57,63 @@ Test(config, dump_parse_round_trip_is_exact) {
     free(again);
 }
 
+/* the value of `key` in a config dump, as text */
+static void dumped_value(const ExcbRunConfig *rc, const char *key, char *out, size_t cap) {
+    char *text = excb_config_dump(rc, 0), pattern[64];
+    snprintf(pattern, sizeof pattern, "\n%s = ", key);
+    const char *at = strstr(text, pattern);
+    cr_assert(at != NULL, "no '%s' in the dump", key);
+    at += strlen(pattern);
+    size_t n = strcspn(at, "\n");
+    cr_assert_lt(n, cap);
+    memcpy(out, at, n);
+    out[n] = 0;
+    free(text);
+}
+
+/* Numbers are written in the fewest significant digits that read back as the same double: what a
+   user typed comes back as typed (0.6, not %.17g's 0.59999999999999998), and nothing is lost. */
+Test(config, doubles_are_written_shortest_and_read_back_exactly) {
+    ExcbRunConfig rc;
+    char err[EXCB_ERR_LEN], v[64];
+    excb_preset(&rc, "fashion-mnist", err);
+    const struct { const char *in, *out; } cases[] = {
+        {"0.6", "0.6"}, {"0.1", "0.1"}, {"1e-6", "1e-06"}, {"0.04", "0.04"}, {"3", "3"}, {"-0.5", "-0.5"},
+        {"0.30000000000000004", "0.30000000000000004"},   /* 0.1 + 0.2: needs all 17 digits              */
+        {"100", "100"}, {"1.2e5", "120000"}, {"1e22", "1e+22"}, {"2.5e-300", "2.5e-300"},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        cr_assert_eq(excb_config_set(&rc, "lr", cases[i].in, err), 0, "%s", err);
+        dumped_value(&rc, "lr", v, sizeof v);
+        cr_expect_str_eq(v, cases[i].out, "lr = %s was written as %s", cases[i].in, v);
+    }
+    /* 20,000 doubles with random bits (finite ones): each reads back exactly, and one digit fewer would not */
+    uint64_t state = 0x9E3779B97F4A7C15ull;
+    for (int i = 0, checked = 0; checked < 20000; i++) {
+        state = state * 6364136223846793005ull + 1442695040888963407ull;
+        uint64_t bits = state ^ (state >> 29);
+        double x;
+        memcpy(&x, &bits, sizeof x);
+        if (!isfinite(x)) continue;
+        checked++;
+        rc.model.lr_peak = x;
+        dumped_value(&rc, "lr", v, sizeof v);
+        cr_assert_eq(strtod(v, NULL), x, "%s does not read back as %.17g", v, x);
+        /* significant digits: the mantissa's, without leading zeros or the zeros that end an integer */
+        const char *p = v + (v[0] == '-');
+        while (*p == '0' || *p == '.') p++;
+        int digits = 0, zeros = 0;
+        for (; *p && *p != 'e'; p++)
+            if (*p >= '0' && *p <= '9') { digits++; zeros = *p == '0' ? zeros + 1 : 0; }
+        if (!strchr(v, '.')) digits -= zeros;
+        char shorter[64];
+        if (digits > 1) {
+            snprintf(shorter, sizeof shorter, "%.*g", digits - 1, x);
+            cr_assert_neq(strtod(shorter, NULL), x, "%s would do for %s", shorter, v);
+        }
+    }
+}
+
 static void expect_set_fails(const char *key, const char *value, const char *must) {
     ExcbRunConfig rc;
     char err[EXCB_ERR_LEN] = "";
@@ -98,7 +155,7 @@ Test(config, bad_settings_are_errors_that_name_the_key) {
     cr_expect(strstr(err, "k-means needs at least K samples"), "%s", err);
 }
 
-/* ---- spherical k-means (METHOD.md 1.10) ------------------------------------------------------------ */
+/* ---- spherical k-means (paper_notes.md §9) --------------------------------------------------------- */
 #define DEG (M_PI / 180.0)
 Test(kmeans, two_clusters_on_the_circle_by_hand) {
     /* points at 0, 10, 80 and 90 degrees; from any two distinct seeds Lloyd ends at {0,10} and {80,90}

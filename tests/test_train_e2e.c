@@ -319,6 +319,55 @@ Test(e2e, command_line_errors_have_their_exit_codes) {
     cr_expect(log_has("BLAS/GEMM") && log_has("CUDA"), "--version lists the build features");
 }
 
+/* an uncompressed IDX file's payload (after its 4 + 4 * ndim header bytes) */
+static uint8_t *idx_payload(const char *path, int ndim) {
+    char *raw = slurp_text(path);
+    cr_assert(raw, "cannot read %s", path);
+    return (uint8_t *)raw + 4 + 4 * ndim;
+}
+
+/* excb eval --pixels: the floor, measured with the same k-NN. Recomputed here independently: mean-centre
+   the raw pixels with the bank's mean image, cosine similarity, each query takes its nearest bank
+   image's label (k = 1: the vote weight does not matter). Every query's best similarity must beat the
+   runner-up by 2e-5: excb computes the cosines in float32, whose rounding over 144 terms of unit vectors
+   stays below 144 * 2^-24 = 8.6e-6 (and as much for the normalisation), so it cannot pick another
+   neighbour, and the accuracy is compared exactly. */
+Test(e2e, pixel_baseline_is_the_nearest_mean_centred_image) {
+    enum { NB = 256, NQ = 64, D = 144 };
+    uint8_t *bank = idx_payload(p("data/train-images-idx3-ubyte"), 3), *query = idx_payload(p("data/t10k-images-idx3-ubyte"), 3);
+    uint8_t *yb = idx_payload(p("data/train-labels-idx1-ubyte"), 1), *yq = idx_payload(p("data/t10k-labels-idx1-ubyte"), 1);
+    static double mean[D], b[NB][D], q[D];
+    for (int i = 0; i < NB; i++)
+        for (int j = 0; j < D; j++) mean[j] += bank[i * D + j] / (double)NB;
+    for (int i = 0; i < NB; i++) {
+        double n = 0;
+        for (int j = 0; j < D; j++) { b[i][j] = bank[i * D + j] - mean[j]; n += b[i][j] * b[i][j]; }
+        for (int j = 0; j < D; j++) b[i][j] /= sqrt(n);
+    }
+    int hits = 0;
+    for (int i = 0; i < NQ; i++) {
+        double n = 0, best = -2, second = -2;
+        for (int j = 0; j < D; j++) { q[j] = query[i * D + j] - mean[j]; n += q[j] * q[j]; }
+        int arg = -1;
+        for (int k = 0; k < NB; k++) {
+            double s = 0;
+            for (int j = 0; j < D; j++) s += q[j] * b[k][j];
+            s /= sqrt(n);
+            if (s > best) { second = best; best = s; arg = k; } else if (s > second) second = s;
+        }
+        cr_assert_gt(best - second, 2e-5, "query %d: a near tie (%g vs %g) makes the exact check unsound", i, best, second);
+        hits += yb[arg] == yq[i];
+    }
+    char expect[64];
+    snprintf(expect, sizeof expect, "k =   1   top-1 %6.2f %%", 100.0 * hits / NQ);
+    cr_assert_eq(sh("./excb eval --pixels --data '%s' --knn-k 1,3 --probe-epochs 20", p("data")), 0, "see %s/log", dir);
+    cr_expect(log_has(expect), "expected '%s' (see %s/log)", expect, dir);
+    cr_expect(log_has("features: the pixels of the evaluation view 12x12") && log_has("D = 144"));
+    cr_expect(log_has("linear probe:") && !log_has("clusters:"), "a probe, and no clusters without centroids");
+    cr_expect_eq(sh("./excb eval --pixels '%s'", p("data")), EXCB_EXIT_USAGE, "--pixels takes no checkpoint");
+    free(bank - 16); free(query - 16); free(yb - 8); free(yq - 8);
+}
+
 Test(e2e, plot_writes_pngs_with_gnuplot) {
     cr_assert_eq(sh(TRAIN "--out '%s'", p("data"), p("a")), 0);
     if (system("command -v gnuplot >/dev/null 2>&1")) {

@@ -1,5 +1,5 @@
 /* test_equations.c: every equation of excb.c against small cases computed by hand (the arithmetic is
- * in the comments). METHOD.md section 6.1's T1-T5 first, then the operators, schedules, EMA, SGD.
+ * in the comments). The hand cases T1-T5 of paper_notes.md §5 first, then the operators, schedules, EMA, SGD.
  * Tolerances: float32 results of a few operations are held to a few ulp of their value (~1e-7
  * absolute near 1); results that pass through exp/log get 1e-6 (expf/logf are 1-ulp functions). */
 #include "testutil.h"
@@ -301,13 +301,13 @@ Test(schedules, centroid_weight_decay_wdx10c1) {
 
 Test(schedules, teacher_momentum_and_crop_scale) {
     /* 1 - 0.004 (1 + cos(pi t/T))/2: 0 -> 0.996; 25 % -> 1 - 0.002*(1 + 0.70711) = 0.99658579;
-       50 % -> 0.998; 75 % -> 0.99941421; 100 % -> 1 (METHOD.md: 0.99659 / 0.998 / 0.99941) */
+       50 % -> 0.998; 75 % -> 0.99941421; 100 % -> 1 (paper_notes.md §7: 0.99659 / 0.998 / 0.99941) */
     EXPECT_NEAR(ema_momentum_at(0, 1000, 0.996), 0.996, 1e-15, "start");
     EXPECT_NEAR(ema_momentum_at(250, 1000, 0.996), 0.99658579, 1e-8, "25 %%");
     EXPECT_NEAR(ema_momentum_at(500, 1000, 0.996), 0.998, 1e-15, "50 %%");
     EXPECT_NEAR(ema_momentum_at(750, 1000, 0.996), 0.99941421, 1e-8, "75 %%");
     EXPECT_NEAR(ema_momentum_at(1000, 1000, 0.996), 1.0, 1e-15, "end");
-    /* s_min(e) = 0.14 + 0.06 (1 + cos(pi e/E)), E = 400 (METHOD.md 1.8):
+    /* s_min(e) = 0.14 + 0.06 (1 + cos(pi e/E)), E = 400 (paper_notes.md §7):
        0 -> 0.26, 100 -> 0.14 + 0.06*1.70711 = 0.24243, 200 -> 0.20, 300 -> 0.15757, 399 -> 0.14000 */
     EXPECT_NEAR(crop_scale_min_at(0, 400), 0.26, 1e-15, "e=0");
     EXPECT_NEAR(crop_scale_min_at(100, 400), 0.2424264, 1e-7, "e=100");

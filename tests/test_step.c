@@ -1,6 +1,6 @@
 /* test_step.c: whole training steps.
  *  - parity: one step of excb.c against the independent PyTorch reference (tests/reference, written
- *    from METHOD.md) for the tiny BasicBlock net and the tiny Bottleneck/ImageNet-stem net, every
+ *    from the official code's equations, paper_notes.md) for the tiny BasicBlock net and the tiny Bottleneck/ImageNet-stem net, every
  *    tensor compared; and, when EXCB_TORCH_DUMP names a `torch_excb.py --dump` file, against that
  *    second reference too (skipped, and reported as skipped, otherwise);
  *  - determinism: N steps are bitwise equal across runs and across 1 and 2 threads;
@@ -201,7 +201,7 @@ Test(parity, tiny_bottleneck_imagenet_stem_vs_reference, .timeout = 60) {
 Test(parity, tiny_vs_torch_excb_dump, .timeout = 60) {
     const char *path = getenv("EXCB_TORCH_DUMP");
     if (!path || !*path)
-        cr_skip_test("EXCB_TORCH_DUMP not set: run `make parity-peer` to compare with shared/bench/torch_excb.py --dump");
+        cr_skip_test("EXCB_TORCH_DUMP not set: run `make parity-peer` to compare with the PyTorch peer's --dump (PEER=path/to/torch_excb.py)");
     parity_from_file("tiny", path, &PEER);
 }
 

@@ -1,7 +1,7 @@
 #!/usr/bin/python3
 """Write the parity fixture that tests/test_step.c compares excb.c against.
 
-An independent implementation of ONE ExCB training step, written from shared/METHOD.md (equations
+An independent implementation of ONE ExCB training step, written from the official code's equations as paper_notes.md gives them (equations
 E0-E14, section 1.12, Appendix A) in a functional style: parameters live in a dict keyed by the
 PyTorch state_dict names that excb.c also uses, and the forward is plain torch.nn.functional calls,
 so autograd supplies every gradient. Needs PyTorch only to REGENERATE the fixture; CI never runs it.
@@ -20,7 +20,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-# METHOD.md constants (section 2, ResNet / SGD branch)
+# the official constants (paper_notes.md §9, ResNet / SGD branch)
 TAU_S, TAU_T, M_S, BOOST = 0.1, 0.04, 0.999, 0.01
 LR_PEAK, LR_MIN_FACTOR, WD, CENTROID_BOOST, MOMENTUM, EMA_START = 0.6, 1e-4, 1e-4, 9.0, 0.9, 0.996
 BN_EPS, NORM_EPS = 1e-5, 1e-12

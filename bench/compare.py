@@ -15,7 +15,8 @@ Two traps are checked in the same run, before any timing:
 
 Each peer runs tuned as a user would: channels-last, AVX-512 ATen kernels, OPENBLAS_CORETYPE removed
 (these machines export Haswell, which halves OpenBLAS), and glibc told to keep freed memory (faster
-for PyTorch's step). excb runs as built.
+for PyTorch's step); OPENBLAS/OMP/MKL_NUM_THREADS hold its BLAS to the round's thread count. excb runs
+as built, with --threads.
 
     /usr/bin/python3 bench/compare.py --peer PATH/torch_excb.py \\
         [--torch "Debian torch + OpenBLAS=/usr/bin/python3"] [--torch "pip torch=/opt/torchvenv/bin/python"] \\
@@ -52,16 +53,18 @@ print(torch.__version__ + " | " + info + " | GEMM 2048^3 %.1f GFLOP/s" % best)
 """
 
 
-def peer_env():
+def peer_env(threads):
     env = dict(os.environ)
     env.pop("OPENBLAS_CORETYPE", None)
+    # torch.set_num_threads does not reach a pthreads OpenBLAS (Debian's): it would use every core at "1 thread"
+    n = str(threads)
     env.update(ATEN_CPU_CAPABILITY="avx512", MALLOC_MMAP_THRESHOLD_="17179869184",
-               MALLOC_TRIM_THRESHOLD_="17179869184")
+               MALLOC_TRIM_THRESHOLD_="17179869184", OPENBLAS_NUM_THREADS=n, OMP_NUM_THREADS=n, MKL_NUM_THREADS=n)
     return env
 
 
 def gemm_check(python, threads):
-    out = subprocess.run([python, "-c", GEMM_CHECK, str(threads)], env=peer_env(), capture_output=True, text=True)
+    out = subprocess.run([python, "-c", GEMM_CHECK, str(threads)], env=peer_env(threads), capture_output=True, text=True)
     if out.returncode:
         return None, out.stderr.strip().splitlines()[-1] if out.stderr.strip() else "failed"
     line = out.stdout.strip().splitlines()[-1]
@@ -72,7 +75,7 @@ def run_peer(python, peer, arch, G, L, B, K, seconds, threads):
     cmd = [python, peer, "--bench", "--arch", arch, "--global-size", str(G), "--local-size", str(L),
            "--batch", str(B), "--K", str(K), "--channels-last", "--threads", str(threads), "--warmup", "1",
            "--reps", "1", "--min-rep-seconds", str(seconds)]
-    out = subprocess.run(cmd, env=peer_env(), capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(cmd, env=peer_env(threads), capture_output=True, text=True, check=True).stdout
     d = json.loads(out.strip().splitlines()[-1])
     return d["img_per_s_median"]
 

@@ -59,7 +59,7 @@ CUDA_LIBS := -L$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib64 -lcudnn -lcublas
 
 # --- probes: each compiles, links and runs a tiny program (tools/probes/NAME.c) ---------------------
 # $(call probe,NAME,FLAGS): the line the program printed when tools/probes/NAME.c compiled with FLAGS,
-# linked and ran with exit 0; empty otherwise. (Piping '\#include <x.h>' to the preprocessor is no test:
+# linked and ran with exit 0; empty otherwise. (Piping a backslash-escaped include line to the preprocessor is no test:
 # GNU make 4.3 keeps the backslash, the preprocessor sees no directive and "succeeds" whatever is there.)
 probe = $(shell d=$$(mktemp -d) && $(CC) -w -o $$d/p tools/probes/$(1).c $(2) >/dev/null 2>&1 && $$d/p 2>/dev/null | head -1; rm -rf $$d)
 

@@ -4045,7 +4045,26 @@ static int ck_open(const char *path, CkFile *ck, char *err) {
         e.crc = get32(t + 168);
         if (e.dtype > CK_F64 || e.ndim > 4 || e.offset > n - CK_TRAILER || e.bytes > n - CK_TRAILER - e.offset) {
             ck_close(ck);
-            return fail(err, EXCB_EXIT_DATA, "checkpoint %s: entry %u ('%.40s') is out of bounds", path, i, e.name);
+            return fail(err, EXCB_EXIT_DATA, "checkpoint %s: entry %u ('%s') is out of bounds", path, i, e.name);
+        }
+        /* the table must agree with itself: dtype x shape is the stored byte count, computed without
+           overflow, and the unused dimensions are 0. A forged table whose CRCs are all valid (the file
+           CRC covers the table, but anyone can recompute it) is refused here, before any byte count
+           or shape from it sizes a copy or an allocation; the byte count is already within the file. */
+        uint64_t need = ck_dtype_size[e.dtype];
+        int agrees = 1;
+        for (uint32_t j = 0; j < 4; j++) {
+            if (j >= e.ndim) agrees &= e.shape[j] == 0;
+            else if (e.shape[j] && need > UINT64_MAX / e.shape[j]) agrees = 0;
+            else need *= e.shape[j];
+        }
+        if (!agrees || need != e.bytes) {
+            ck_close(ck);
+            return fail(err, EXCB_EXIT_DATA, "checkpoint %s: entry %u ('%s') is %s of shape %llu,%llu,%llu,%llu "
+                        "(ndim %u) but holds %llu bytes: its table is inconsistent", path, i, e.name,
+                        ck_dtype_name[e.dtype], (unsigned long long)e.shape[0], (unsigned long long)e.shape[1],
+                        (unsigned long long)e.shape[2], (unsigned long long)e.shape[3], e.ndim,
+                        (unsigned long long)e.bytes);
         }
         if (crc_of(0, b + e.offset, e.bytes) != e.crc) {
             ck_close(ck);
@@ -4088,8 +4107,8 @@ int excb_checkpoint_load(const char *path, ExcbModel *m, ExcbTrainState *ts, cha
     int64_t si[2] = {0};
     double sf[1] = {0};
     long n_samples = -1;
-    for (int i = 0; i < ck.l.n; i++)
-        if (!strcmp(ck.l.e[i].name, "train.previous_labels")) n_samples = (long)ck.l.e[i].shape[0];
+    for (int i = 0; i < ck.l.n; i++)            /* ck_open checked shape against bytes: this is within the file */
+        if (!strcmp(ck.l.e[i].name, "train.previous_labels") && ck.l.e[i].ndim == 1) n_samples = (long)ck.l.e[i].shape[0];
     if (n_samples < 0) { ck_close(&ck); return fail(err, EXCB_EXIT_DATA, "checkpoint %s: no train.previous_labels entry", path); }
     ExcbTrainState fresh = {.n_samples = n_samples};
     fresh.prev_labels = xmalloc(sizeof(int32_t) * (n_samples + 1));

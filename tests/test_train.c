@@ -7,6 +7,7 @@
 #include "testutil.h"
 #include <sys/stat.h>
 #include <unistd.h>
+#include <zlib.h>
 
 /* ---- config files and --set --------------------------------------------------------------------- */
 Test(config, precedence_preset_then_file_then_set) {
@@ -542,6 +543,71 @@ Test(checkpoint, truncated_or_one_flipped_byte_is_refused) {
     cr_expect_eq(memcmp(a.params, b.params, sizeof(float) * a.n_params), 0);
     cr_expect_eq(excb_checkpoint_load("/nonexistent/ck.excb", &b, &tb, err), EXCB_EXIT_NOINPUT);
     free(bytes);
+    excb_train_state_free(&ta); excb_train_state_free(&tb);
+    excb_free(&a); excb_free(&b);
+}
+
+/* A forger's edit of one table entry (the layout of excb.c section 16: a 32-byte header, then 184-byte
+   entries: name[112], u32 dtype, u32 ndim, u64 shape[4] at 120, u64 offset at 152, u64 bytes at 160),
+   with the file CRC in the trailer recomputed, so that every CRC is valid and only the table lies. */
+static void forge_entry(uint8_t *b, size_t n, const char *name, int dim, uint64_t shape, int set_bytes, uint64_t bytes) {
+    uint32_t count;
+    memcpy(&count, b + 16, 4);
+    uint8_t *t = NULL;
+    for (uint32_t i = 0; i < count && !t; i++)
+        if (!strcmp((const char *)b + 32 + (size_t)i * 184, name)) t = b + 32 + (size_t)i * 184;
+    cr_assert(t, "no entry %s", name);
+    memcpy(t + 120 + 8 * dim, &shape, 8);
+    if (set_bytes) memcpy(t + 160, &bytes, 8);
+    uint32_t crc = (uint32_t)crc32(0, b, (uInt)(n - 16));
+    memcpy(b + n - 16, &crc, 4);
+}
+
+Test(checkpoint, a_table_that_lies_with_valid_crcs_is_refused) {
+    ExcbModel a, b;
+    ExcbTrainState ta = {0}, tb = {0};
+    char err[EXCB_ERR_LEN], path[300], bad[300], *cfg_text = NULL;
+    filled_model(&a, &ta, 0);
+    filled_model(&b, &tb, 1);
+    excb_train_state_free(&tb);
+    snprintf(path, sizeof path, "%s/ck.excb", ckdir);
+    snprintf(bad, sizeof bad, "%s/forged.excb", ckdir);
+    cr_assert_eq(excb_checkpoint_save(path, &a, &ta, "preset = tiny\n", err), 0, "%s", err);
+    size_t n;
+    uint8_t *good = slurp(path, &n), *bytes = malloc(n);
+    /* each forgery: entry, dimension, new extent, and the byte count written with it (or kept) */
+    struct { const char *name; int dim; uint64_t shape; int set_bytes; uint64_t bytes; const char *why; } cases[] = {
+        /* 37 labels stored (148 bytes); the table claims 1037: a reader that trusted the shape would
+           copy 4148 bytes out of a 148-byte entry (the old loader did, and returned 0) */
+        {"train.previous_labels", 0, 1037, 0, 0, "shape larger than its bytes"},
+        /* 2^62 x (the tensor's other extents) x 4 bytes wraps around 2^64: the product must not overflow */
+        {"student.classifier.centroid_layer.weight_v", 0, 1ull << 62, 0, 0, "shape product overflows"},
+        /* a second dimension on a 1-d entry: the unused extents must stay 0 */
+        {"config", 1, 5, 0, 0, "unused dimension set"},
+        /* a shape of 2^38 labels, 1 TiB with its byte count to match: refused as out of the file, never
+           as an allocation */
+        {"train.previous_labels", 0, 1ull << 38, 1, 1ull << 40, "1 TiB entry"},
+    };
+    for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++) {
+        memcpy(bytes, good, n);
+        forge_entry(bytes, n, cases[c].name, cases[c].dim, cases[c].shape, cases[c].set_bytes, cases[c].bytes);
+        spill(bad, bytes, n);
+        err[0] = 0;
+        cr_expect_eq(excb_checkpoint_load(bad, &b, &tb, err), EXCB_EXIT_DATA, "%s: accepted (%s)", cases[c].why, err);
+        cr_expect(strstr(err, bad) && strstr(err, cases[c].name), "%s: the message names the file and entry: %s",
+                  cases[c].why, err);
+        cr_expect(!strstr(err, "memory"), "%s: refused as bad data, not as an allocation: %s", cases[c].why, err);
+        err[0] = 0;
+        cr_expect_eq(excb_checkpoint_config(bad, &cfg_text, err), EXCB_EXIT_DATA, "%s: config read (%s)", cases[c].why, err);
+        excb_train_state_free(&tb);
+    }
+    /* the forger's tool itself leaves an honest file loadable: only the lie is refused */
+    memcpy(bytes, good, n);
+    forge_entry(bytes, n, "train.previous_labels", 0, 37, 0, 0);
+    spill(bad, bytes, n);
+    cr_expect_eq(excb_checkpoint_load(bad, &b, &tb, err), 0, "%s", err);
+    cr_expect_eq(memcmp(ta.prev_labels, tb.prev_labels, sizeof(int32_t) * 37), 0);
+    free(good); free(bytes);
     excb_train_state_free(&ta); excb_train_state_free(&tb);
     excb_free(&a); excb_free(&b);
 }

@@ -200,11 +200,15 @@ bench: excb
 	./excb bench --config resnet20s --global-size 28 --local-size 12 --batch 256 --K 4096
 	./excb bench --config resnet18 --global-size 32 --local-size 16 --batch 64 --K 4096
 
+# the machine's FMA peak, printed beside every timing (bench/compare.py, bench/recipes.sh)
+bench/fma_peak: bench/fma_peak.c
+	$(CC) -O2 -march=native -fopenmp -o $@ $<
+
 # the same-run comparison with the PyTorch peer, at 1 and 2 threads, against Debian's PyTorch (needs
 # python3-torch and libopenblas0-pthread: without it that PyTorch has no real BLAS) and, when
 # TORCH_VENV holds one, pip's (python3 -m venv $(TORCH_VENV) && $(TORCH_VENV)/bin/pip install torch numpy)
 TORCH_VENV ?= /opt/torchvenv
-bench-compare: excb
+bench-compare: excb bench/fma_peak
 	/usr/bin/python3 bench/compare.py --peer $(PEER) --torch "Debian torch + OpenBLAS=/usr/bin/python3" \
 	  $(if $(wildcard $(TORCH_VENV)/bin/python),--torch "pip torch=$(TORCH_VENV)/bin/python")
 

@@ -3849,6 +3849,20 @@ typedef struct {
 
 typedef struct { CkEntry *e; int n, cap; } CkList;
 
+/* An entry's byte count, dtype size x the product of its extents: 0 when the product overflows 64 bits
+   or an unused extent (index >= ndim) is not 0. The writer sizes entries with it, and the reader checks
+   every table entry against it (a table whose CRCs were recomputed can still lie). */
+static int ck_bytes(uint32_t dtype, uint32_t ndim, const uint64_t shape[4], uint64_t *bytes) {
+    uint64_t need = ck_dtype_size[dtype];
+    for (uint32_t j = 0; j < 4; j++) {
+        if (j >= ndim) { if (shape[j]) return 0; }
+        else if (shape[j] && need > UINT64_MAX / shape[j]) return 0;
+        else need *= shape[j];
+    }
+    *bytes = need;
+    return 1;
+}
+
 static void ck_add(CkList *l, const char *name, int dtype, int ndim, const uint64_t *shape, const void *data) {
     if (l->n == l->cap) {
         l->cap = l->cap ? 2 * l->cap : 256;
@@ -3861,8 +3875,8 @@ static void ck_add(CkList *l, const char *name, int dtype, int ndim, const uint6
     snprintf(e->name, CK_NAME, "%s", name);
     e->dtype = dtype;
     e->ndim = ndim;
-    e->bytes = ck_dtype_size[dtype];
-    for (int i = 0; i < ndim; i++) { e->shape[i] = shape[i]; e->bytes *= shape[i]; }
+    for (int i = 0; i < ndim; i++) e->shape[i] = shape[i];
+    ck_bytes(e->dtype, e->ndim, e->shape, &e->bytes);     /* a model's shapes never overflow */
     e->data = data;
 }
 
@@ -4047,18 +4061,10 @@ static int ck_open(const char *path, CkFile *ck, char *err) {
             ck_close(ck);
             return fail(err, EXCB_EXIT_DATA, "checkpoint %s: entry %u ('%s') is out of bounds", path, i, e.name);
         }
-        /* the table must agree with itself: dtype x shape is the stored byte count, computed without
-           overflow, and the unused dimensions are 0. A forged table whose CRCs are all valid (the file
-           CRC covers the table, but anyone can recompute it) is refused here, before any byte count
-           or shape from it sizes a copy or an allocation; the byte count is already within the file. */
-        uint64_t need = ck_dtype_size[e.dtype];
-        int agrees = 1;
-        for (uint32_t j = 0; j < 4; j++) {
-            if (j >= e.ndim) agrees &= e.shape[j] == 0;
-            else if (e.shape[j] && need > UINT64_MAX / e.shape[j]) agrees = 0;
-            else need *= e.shape[j];
-        }
-        if (!agrees || need != e.bytes) {
+        /* the table must agree with itself (ck_bytes), before any of its shapes sizes a copy or an
+           allocation; the byte count is already within the file */
+        uint64_t need = 0;
+        if (!ck_bytes(e.dtype, e.ndim, e.shape, &need) || need != e.bytes) {
             ck_close(ck);
             return fail(err, EXCB_EXIT_DATA, "checkpoint %s: entry %u ('%s') is %s of shape %llu,%llu,%llu,%llu "
                         "(ndim %u) but holds %llu bytes: its table is inconsistent", path, i, e.name,

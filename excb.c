@@ -42,10 +42,14 @@
 #include <sys/resource.h>    /* getrusage: peak resident memory                                 */
 #include <sys/stat.h>    /* stat: files and folders of a data set                               */
 #include <sys/mman.h>    /* mmap: CIFAR and STL-10 files are mapped, not copied                 */
-#include <fcntl.h>       /* open                                                                */
+#include <fcntl.h>       /* open, O_NONBLOCK: inputs are type-checked before they are read      */
+#include <sys/file.h>    /* flock: one process at a time in a run directory                      */
+#include <signal.h>      /* SIGINT, SIGTERM, SIGHUP: a run stops with a checkpoint              */
+#include <stdatomic.h>   /* atomic_int: which signal came first, whichever thread took it       */
 #include <unistd.h>      /* close, readlink                                                     */
 #include <dirent.h>      /* opendir, readdir: image folders                                     */
 #include <errno.h>       /* errno, for messages naming why a file could not be opened           */
+#include <ctype.h>       /* isxdigit: the escapes of quoted config values                       */
 #include <strings.h>     /* strcasecmp: image extensions                                        */
 #include <setjmp.h>      /* libjpeg reports fatal errors by a callback that must not return    */
 #include <pthread.h>     /* the loader's worker threads                                         */
@@ -77,8 +81,17 @@ static int thread_id(void) {
 #endif
 }
 
+/* n compute threads (0: OpenMP's default). More threads than cores only slow the step down (each
+   waits for a core at every barrier; 1000 threads on 2 cores: 60x slower), and results do not depend
+   on the count, so a larger n runs on every core instead, said once on stderr. */
 void excb_set_threads(int n) {
 #ifdef _OPENMP
+    long cores = sysconf(_SC_NPROCESSORS_ONLN);
+    static int said;
+    if (cores > 0 && n > cores) {
+        if (!said++) fprintf(stderr, "excb: threads = %d is more than this machine's %ld cores: using %ld\n", n, cores, cores);
+        n = (int)cores;
+    }
     if (n > 0) omp_set_num_threads(n);
 #else
     (void)n;
@@ -1780,27 +1793,35 @@ static int is_dir(const char *path) {
     return stat(path, &st) == 0 && S_ISDIR(st.st_mode);
 }
 
-static int is_file(const char *path) {
+/* Every input file is opened here: without blocking (a FIFO or a device would otherwise wait for a
+   writer, or never end), then checked to be a regular file of at most `max` bytes before one byte is
+   read. 0 and *fd (in blocking mode) and *size, or 66 (cannot be opened) or 65 (there, but not a
+   regular file, or too large). */
+static int open_input(const char *path, size_t max, int *fd, size_t *size, char *err) {
+    *fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+    if (*fd < 0) return fail(err, EXCB_EXIT_NOINPUT, "%s: cannot open: %s", path, strerror(errno));
     struct stat st;
-    return stat(path, &st) == 0 && S_ISREG(st.st_mode);
+    int code = 0;
+    if (fstat(*fd, &st) != 0 || !S_ISREG(st.st_mode))
+        code = fail(err, EXCB_EXIT_DATA, "%s: not a regular file (%s)", path, S_ISDIR(st.st_mode) ? "a directory"
+                    : S_ISFIFO(st.st_mode) ? "a FIFO" : S_ISCHR(st.st_mode) || S_ISBLK(st.st_mode) ? "a device" : "a special file");
+    else if ((uint64_t)st.st_size > max)
+        code = fail(err, EXCB_EXIT_DATA, "%s: %lld bytes, above the %zu-byte limit for this kind of file", path,
+                    (long long)st.st_size, max);
+    if (code) { close(*fd); *fd = -1; return code; }
+    fcntl(*fd, F_SETFL, fcntl(*fd, F_GETFL) & ~O_NONBLOCK);
+    *size = (size_t)st.st_size;
+    return 0;
 }
 
 /* the whole of a (small) file into a growable buffer; files above `max` bytes are refused */
 static int read_whole_file(const char *path, uint8_t **buf, size_t *cap, size_t *len, size_t max,
                            char *err) {
-    FILE *f = fopen(path, "rb");
-    if (!f) return fail(err, EXCB_EXIT_NOINPUT, "%s: cannot open: %s", path, strerror(errno));
-    struct stat st;
-    if (fstat(fileno(f), &st) != 0 || !S_ISREG(st.st_mode)) {
-        fclose(f);
-        return fail(err, EXCB_EXIT_NOINPUT, "%s: not a regular file", path);
-    }
-    if ((uint64_t)st.st_size > max) {
-        fclose(f);
-        return fail(err, EXCB_EXIT_DATA, "%s: %lld bytes, above the %zu-byte limit for one file", path,
-                    (long long)st.st_size, max);
-    }
-    size_t n = (size_t)st.st_size;
+    size_t n = 0;
+    int fd, code = open_input(path, max, &fd, &n, err);
+    if (code) return code;
+    FILE *f = fdopen(fd, "rb");
+    if (!f) { close(fd); return fail(err, EXCB_EXIT_OSERR, "%s: %s", path, strerror(errno)); }
     if (grow(buf, cap, n + 1)) { fclose(f); return fail(err, EXCB_EXIT_OSERR, "%s: out of memory", path); }
     size_t got = fread(*buf, 1, n, f);
     int bad = ferror(f);
@@ -1812,19 +1833,15 @@ static int read_whole_file(const char *path, uint8_t **buf, size_t *cap, size_t 
 
 /* map a whole file read-only; an empty file is an error (nothing to map, nothing to learn from) */
 static int map_file(const char *path, void **map, size_t *len, char *err) {
-    int fd = open(path, O_RDONLY);
-    if (fd < 0) return fail(err, EXCB_EXIT_NOINPUT, "%s: cannot open: %s", path, strerror(errno));
-    struct stat st;
-    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
-        close(fd);
-        return fail(err, EXCB_EXIT_NOINPUT, "%s: not a regular file", path);
-    }
-    if (st.st_size == 0) { close(fd); return fail(err, EXCB_EXIT_DATA, "%s: empty file", path); }
-    void *p = mmap(NULL, (size_t)st.st_size, PROT_READ, MAP_PRIVATE, fd, 0);
+    size_t n = 0;
+    int fd, code = open_input(path, SIZE_MAX, &fd, &n, err);   /* mapped, not read: no size limit */
+    if (code) return code;
+    if (n == 0) { close(fd); return fail(err, EXCB_EXIT_DATA, "%s: empty file", path); }
+    void *p = mmap(NULL, n, PROT_READ, MAP_PRIVATE, fd, 0);
     close(fd);
     if (p == MAP_FAILED) return fail(err, EXCB_EXIT_IO, "%s: cannot map: %s", path, strerror(errno));
     *map = p;
-    *len = (size_t)st.st_size;
+    *len = n;
     return 0;
 }
 
@@ -1954,11 +1971,18 @@ static int load_idx(const char *path, ExcbDataPart *part, int *ndim, uint32_t di
 }
 
 /* "dir/name" or "dir/name.gz", whichever exists */
+/* the data sets' files are found by name, whatever their type: a directory or a FIFO that bears an
+   IDX, CIFAR or STL-10 file's name is then refused by open_input as what it is, not skipped over */
+static int exists(const char *path) {
+    struct stat st;
+    return stat(path, &st) == 0;
+}
+
 static int find_maybe_gz(char *out, size_t cap, const char *dir, const char *name) {
     snprintf(out, cap, "%s/%s.gz", dir, name);
-    if (is_file(out)) return 1;
+    if (exists(out)) return 1;
     snprintf(out, cap, "%s/%s", dir, name);
-    return is_file(out);
+    return exists(out);
 }
 
 static int open_idx(ExcbDataset *ds, const char *images, const char *labels, char *err) {
@@ -2021,8 +2045,11 @@ static int alloc_labels(ExcbDataset *ds, char *err) {
 
 /* the first n lines of a class-name file, if it exists (optional: names only decorate reports) */
 static void read_class_names(ExcbDataset *ds, const char *path) {
-    FILE *f = fopen(path, "r");
-    if (!f) return;
+    char err[EXCB_ERR_LEN];
+    size_t n;
+    int fd;
+    FILE *f = open_input(path, 1 << 20, &fd, &n, err) ? NULL : fdopen(fd, "r");
+    if (!f) { if (fd >= 0) close(fd); return; }
     ds->class_names = calloc(ds->n_classes, sizeof *ds->class_names);
     char line[256];
     for (int i = 0; ds->class_names && i < ds->n_classes && fgets(line, sizeof line, f);) {
@@ -2167,10 +2194,17 @@ static int collect_images(FileList *fl, const char *dir, int label, int depth, c
             code = fail(err, EXCB_EXIT_DATA, "%s/%s: path too long", dir, names[i]);
             break;
         }
-        if (is_dir(path)) { code = collect_images(fl, path, label, depth + 1, err); continue; }
+        struct stat st;
+        int listed = !stat(path, &st);
+        if (listed && S_ISDIR(st.st_mode)) { code = collect_images(fl, path, label, depth + 1, err); continue; }
         if (!has_image_extension(names[i])) {
             if (!fl->ignored++) snprintf(fl->first_ignored, sizeof fl->first_ignored, "%s", path);
             continue;
+        }
+        if (!listed || !S_ISREG(st.st_mode)) {       /* a FIFO named img.png would block its reader */
+            code = fail(err, EXCB_EXIT_DATA, "%s: %s", path, listed ? "named like an image but not a regular file"
+                        : strerror(errno));
+            break;
         }
         if (fl->n == fl->cap) {
             fl->cap = fl->cap ? 2 * fl->cap : 1024;
@@ -2254,7 +2288,7 @@ static int open_folder(ExcbDataset *ds, const char *root, char *err) {
 static int has_file(const char *dir, const char *name) {
     char path[4200];
     snprintf(path, sizeof path, "%s/%s", dir, name);
-    return is_file(path);
+    return exists(path);
 }
 
 /* --data fashion-mnist: data/fashion-mnist (made by `make data`) next to the working directory or the
@@ -2300,7 +2334,7 @@ int excb_data_open(ExcbDataset *ds, const char *spec, const char *split, char *e
             if (!train && !test) return fail(err, EXCB_EXIT_USAGE, "%s: IDX splits are train and test, not '%s'", path, split);
             find_maybe_gz(a, sizeof a, path, test ? "t10k-images-idx3-ubyte" : "train-images-idx3-ubyte");
             int has_labels = find_maybe_gz(b, sizeof b, path, test ? "t10k-labels-idx1-ubyte" : "train-labels-idx1-ubyte");
-            if (!is_file(a)) return fail(err, EXCB_EXIT_NOINPUT, "%s: missing (test split of an IDX folder)", a);
+            if (!exists(a)) return fail(err, EXCB_EXIT_NOINPUT, "%s: missing (test split of an IDX folder)", a);
             code = open_idx(ds, a, has_labels ? b : NULL, err);
         } else if (has_file(path, "data_batch_1.bin")) {                             /* CIFAR-10   */
             int nf = 0;
@@ -2325,10 +2359,12 @@ int excb_data_open(ExcbDataset *ds, const char *spec, const char *split, char *e
         const char *base = strrchr(path, '/');
         base = base ? base + 1 : path;
         uint8_t head[4] = {0};
-        FILE *f = fopen(path, "rb");
-        if (!f) return fail(err, EXCB_EXIT_NOINPUT, "%s: cannot open: %s", path, strerror(errno));
-        size_t got = fread(head, 1, 4, f);
-        fclose(f);
+        size_t bytes;
+        int fd;
+        if ((code = open_input(path, SIZE_MAX, &fd, &bytes, err))) return code;
+        ssize_t r = read(fd, head, 4);
+        close(fd);
+        size_t got = r > 0 ? (size_t)r : 0;
         char files[1][4096];
         snprintf(files[0], 4096, "%s", path);
         char dir[4096];
@@ -2340,7 +2376,7 @@ int excb_data_open(ExcbDataset *ds, const char *spec, const char *split, char *e
             int has_labels = 0;
             if (p) {
                 snprintf(labels, sizeof labels, "%.*slabels-idx1%s", (int)(p - path), path, p + strlen("images-idx3"));
-                has_labels = is_file(labels);
+                has_labels = exists(labels);
             }
             code = open_idx(ds, path, has_labels ? labels : NULL, err);
         } else if (!strncmp(base, "data_batch_", 11) || !strcmp(base, "test_batch.bin")) {
@@ -3256,65 +3292,68 @@ typedef struct {
     size_t off, size;          /* offset in ExcbRunConfig; bytes (strings) or capacity (lists)       */
     size_t count_off;          /* lists: offset of their element count                              */
     int trajectory;            /* 1: changing it changes the computed run (must match on --resume)  */
+    double lo, hi;             /* numbers: the valid range, checked by excb_config_validate; a U64
+                                  takes every value (lo = hi = 0), strings and lists are checked
+                                  when parsed, and cross-key rules follow the table there          */
     const char *help;
 } ConfigKey;
 
 #define RC(f) offsetof(ExcbRunConfig, f)
 #define MC(f) (offsetof(ExcbRunConfig, model) + offsetof(ExcbConfig, f))
 static const ConfigKey config_keys[] = {
-    {"data", KT_STR, RC(data), sizeof(((ExcbRunConfig *)0)->data), 0, 1, "data set: fashion-mnist, an IDX/CIFAR/STL-10 folder or file, an image folder"},
-    {"train_split", KT_STR, RC(train_split), 32, 0, 1, "split to pre-train on (train; STL-10: train+unlabeled)"},
-    {"bank_split", KT_STR, RC(bank_split), 32, 0, 0, "k-NN memory bank and probe training split"},
-    {"query_split", KT_STR, RC(query_split), 32, 0, 0, "k-NN queries and probe test split"},
-    {"block", KT_BLOCK, MC(block), 0, 0, 1, "residual block: basic (ResNet-18/20) or bottleneck (ResNet-50)"},
-    {"stem", KT_STEM, MC(stem), 0, 0, 1, "stem: cifar (conv3x3/1) or imagenet (conv7x7/2 + max-pool)"},
-    {"widths", KT_INTLIST, MC(widths), EXCB_MAX_STAGES, RC(n_widths), 1, "stage widths, e.g. 16,32,64"},
-    {"blocks", KT_INTLIST, MC(blocks), EXCB_MAX_STAGES, RC(n_blocks), 1, "blocks per stage, e.g. 3,3,3"},
-    {"hidden", KT_INT, MC(hidden), 0, 0, 1, "projector and predictor hidden width (2048)"},
-    {"d", KT_INT, MC(d), 0, 0, 1, "projection width d (256)"},
-    {"K", KT_INT, MC(K), 0, 0, 1, "clusters (65536 in the paper)"},
-    {"n_local", KT_INT, MC(n_local), 0, 0, 1, "local crops per image (6)"},
-    {"global_size", KT_INT, MC(global_size), 0, 0, 1, "global crop side (224)"},
-    {"local_size", KT_INT, MC(local_size), 0, 0, 1, "local crop side (96)"},
-    {"batch", KT_INT, MC(batch), 0, 0, 1, "images per step B (1024 officially, over all GPUs)"},
-    {"epochs", KT_LONG, RC(epochs), 0, 0, 1, "epochs E"},
-    {"warmup_epochs", KT_DOUBLE, RC(warmup_epochs), 0, 0, 1, "linear lr warm-up in epochs (10)"},
-    {"lr", KT_DOUBLE, MC(lr_peak), 0, 0, 1, "peak learning rate, absolute (0.6, A19)"},
-    {"lr_min_factor", KT_DOUBLE, MC(lr_min_factor), 0, 0, 1, "the cosine ends at lr * this (1e-4)"},
-    {"wd", KT_DOUBLE, MC(weight_decay), 0, 0, 1, "weight decay on weights (1e-4)"},
-    {"centroid_wd_boost", KT_DOUBLE, MC(centroid_wd_boost), 0, 0, 1, "centroid wd multiplier 1 + this*cos-decay (9, A10)"},
-    {"sgd_momentum", KT_DOUBLE, MC(sgd_momentum), 0, 0, 1, "SGD momentum (0.9)"},
-    {"ema_start", KT_DOUBLE, MC(ema_start), 0, 0, 1, "teacher momentum at step 0, cosine to 1 (0.996)"},
-    {"tau_s", KT_DOUBLE, MC(tau_s), 0, 0, 1, "student temperature (0.1)"},
-    {"tau_t", KT_DOUBLE, MC(tau_t), 0, 0, 1, "teacher temperature (0.04)"},
-    {"m_s", KT_DOUBLE, MC(m_s), 0, 0, 1, "cluster-size EMA momentum (0.999)"},
-    {"boost", KT_DOUBLE, MC(boost), 0, 0, 1, "argmax boost of E5 (0.01)"},
-    {"clamp", KT_DOUBLE, MC(clamp), 0, 0, 1, "clamp of the balanced similarity (1)"},
-    {"zero_jitter", KT_DOUBLE, MC(zero_jitter), 0, 0, 1, "A3 jitter where a balancing factor is 0 (0.001)"},
-    {"fp16_count_term", KT_INT, MC(fp16_count_term), 0, 0, 1, "1: round the E3 term through float16 (A4)"},
-    {"seed", KT_U64, MC(seed), 0, 0, 1, "the root seed"},
-    {"blur", KT_BLUR, RC(blur), 0, 0, 1, "as-run (the official code's blur, A14), as-configured, or none"},
-    {"crop_scale_offset", KT_DOUBLE, RC(crop_scale_offset), 0, 0, 1, "added to the crop-scale bound s_min(e) of A11 (0)"},
-    {"kmeans_init", KT_INT, RC(kmeans_init), 0, 0, 1, "1: spherical k-means centroids (1.10); 0: random"},
-    {"kmeans_samples", KT_LONG, RC(kmeans_samples), 0, 0, 1, "teacher projections for k-means (500000)"},
-    {"kmeans_iters", KT_INT, RC(kmeans_iters), 0, 0, 1, "Lloyd iterations (50)"},
-    {"kmeans_restarts", KT_INT, RC(kmeans_restarts), 0, 0, 1, "restarts allowed while a cluster is empty"},
-    {"debug_nan_step", KT_LONG, RC(debug_nan_step), 0, 0, 1, "tests: a NaN in step N's input (-1: never)"},
-    {"threads", KT_INT, MC(threads), 0, 0, 0, "compute threads (0: all cores); results do not depend on it"},
-    {"workers", KT_INT, RC(workers), 0, 0, 0, "loader threads; results do not depend on it"},
-    {"skip_bad", KT_INT, RC(skip_bad), 0, 0, 1, "1: skip undecodable images (counted) instead of exit 65"},
-    {"log_every", KT_INT, RC(log_every), 0, 0, 0, "steps between step records and plain progress lines"},
-    {"ckpt_every", KT_INT, RC(ckpt_every), 0, 0, 0, "steps between checkpoints (0: each epoch's end)"},
-    {"keep", KT_INT, RC(keep), 0, 0, 0, "checkpoints kept"},
-    {"knn_every", KT_INT, RC(knn_every), 0, 0, 0, "epochs between k-NN evaluations (0: at the end only)"},
-    {"knn_k", KT_INTLIST, RC(knn_ks), EXCB_MAX_KS, RC(n_knn_ks), 0, "k of the weighted k-NN (10,20,100,200)"},
-    {"knn_t", KT_DOUBLE, RC(knn_t), 0, 0, 0, "k-NN temperature (0.07)"},
-    {"knn_bank_max", KT_LONG, RC(knn_bank_max), 0, 0, 0, "during training: bank images, evenly spaced (0: all)"},
-    {"knn_query_max", KT_LONG, RC(knn_query_max), 0, 0, 0, "during training: query images (0: all)"},
-    {"probe_epochs", KT_INT, RC(probe_epochs), 0, 0, 0, "linear probe epochs"},
-    {"probe_batch", KT_INT, RC(probe_batch), 0, 0, 0, "linear probe batch"},
-    {"probe_lr", KT_DOUBLE, RC(probe_lr), 0, 0, 0, "linear probe peak lr (cosine to 0)"},
-    {"probe_wd", KT_DOUBLE, RC(probe_wd), 0, 0, 0, "linear probe weight decay"},
+    {"data", KT_STR, RC(data), sizeof(((ExcbRunConfig *)0)->data), 0, 1, 0, 0, "data set: fashion-mnist, an IDX/CIFAR/STL-10 folder or file, an image folder"},
+    {"train_split", KT_STR, RC(train_split), 32, 0, 1, 0, 0, "split to pre-train on (train; STL-10: train+unlabeled)"},
+    {"bank_split", KT_STR, RC(bank_split), 32, 0, 0, 0, 0, "k-NN memory bank and probe training split"},
+    {"query_split", KT_STR, RC(query_split), 32, 0, 0, 0, 0, "k-NN queries and probe test split"},
+    {"block", KT_BLOCK, MC(block), 0, 0, 1, 0, 0, "residual block: basic (ResNet-18/20) or bottleneck (ResNet-50)"},
+    {"stem", KT_STEM, MC(stem), 0, 0, 1, 0, 0, "stem: cifar (conv3x3/1) or imagenet (conv7x7/2 + max-pool)"},
+    {"widths", KT_INTLIST, MC(widths), EXCB_MAX_STAGES, RC(n_widths), 1, 0, 0, "stage widths, e.g. 16,32,64"},
+    {"blocks", KT_INTLIST, MC(blocks), EXCB_MAX_STAGES, RC(n_blocks), 1, 0, 0, "blocks per stage, e.g. 3,3,3"},
+    {"hidden", KT_INT, MC(hidden), 0, 0, 1, 1, 1 << 16, "projector and predictor hidden width (2048)"},
+    {"d", KT_INT, MC(d), 0, 0, 1, 1, 1 << 16, "projection width d (256)"},
+    {"K", KT_INT, MC(K), 0, 0, 1, 2, 1 << 24, "clusters (65536 in the paper)"},
+    {"n_local", KT_INT, MC(n_local), 0, 0, 1, 0, 64, "local crops per image (6)"},
+    {"global_size", KT_INT, MC(global_size), 0, 0, 1, 4, 4096, "global crop side (224)"},
+    {"local_size", KT_INT, MC(local_size), 0, 0, 1, 0, 4096, "local crop side (96)"},
+    {"batch", KT_INT, MC(batch), 0, 0, 1, 2, 1 << 20, "images per step B (1024 officially, over all GPUs)"},
+    {"epochs", KT_LONG, RC(epochs), 0, 0, 1, 1, 1e9, "epochs E"},
+    {"warmup_epochs", KT_DOUBLE, RC(warmup_epochs), 0, 0, 1, 0, 1e9, "linear lr warm-up in epochs (10)"},
+    {"lr", KT_DOUBLE, MC(lr_peak), 0, 0, 1, 0, 1e3, "peak learning rate, absolute (0.6, A19)"},
+    {"lr_min_factor", KT_DOUBLE, MC(lr_min_factor), 0, 0, 1, 0, 1, "the cosine ends at lr * this (1e-4)"},
+    {"wd", KT_DOUBLE, MC(weight_decay), 0, 0, 1, 0, 1, "weight decay on weights (1e-4)"},
+    {"centroid_wd_boost", KT_DOUBLE, MC(centroid_wd_boost), 0, 0, 1, 0, 1e3, "centroid wd multiplier 1 + this*cos-decay (9, A10)"},
+    {"sgd_momentum", KT_DOUBLE, MC(sgd_momentum), 0, 0, 1, 0, 1, "SGD momentum (0.9)"},
+    {"ema_start", KT_DOUBLE, MC(ema_start), 0, 0, 1, 0, 1, "teacher momentum at step 0, cosine to 1 (0.996)"},
+    {"tau_s", KT_DOUBLE, MC(tau_s), 0, 0, 1, 1e-6, 1e6, "student temperature (0.1)"},
+    {"tau_t", KT_DOUBLE, MC(tau_t), 0, 0, 1, 1e-6, 1e6, "teacher temperature (0.04)"},
+    {"m_s", KT_DOUBLE, MC(m_s), 0, 0, 1, 0, 1, "cluster-size EMA momentum (0.999)"},
+    {"boost", KT_DOUBLE, MC(boost), 0, 0, 1, 0, 1e3, "argmax boost of E5 (0.01)"},
+    {"clamp", KT_DOUBLE, MC(clamp), 0, 0, 1, 1e-6, 1e6, "clamp of the balanced similarity (1)"},
+    {"zero_jitter", KT_DOUBLE, MC(zero_jitter), 0, 0, 1, 0, 1, "A3 jitter where a balancing factor is 0 (0.001)"},
+    {"fp16_count_term", KT_INT, MC(fp16_count_term), 0, 0, 1, 0, 1, "1: round the E3 term through float16 (A4)"},
+    {"seed", KT_U64, MC(seed), 0, 0, 1, 0, 0, "the root seed"},
+    {"blur", KT_BLUR, RC(blur), 0, 0, 1, 0, 0, "as-run (the official code's blur, A14), as-configured, or none"},
+    {"crop_scale_offset", KT_DOUBLE, RC(crop_scale_offset), 0, 0, 1, -0.04, 0.7, "added to the crop-scale bound s_min(e) of A11 (0)"},
+    {"kmeans_init", KT_INT, RC(kmeans_init), 0, 0, 1, 0, 1, "1: spherical k-means centroids (1.10); 0: random"},
+    {"kmeans_samples", KT_LONG, RC(kmeans_samples), 0, 0, 1, 2, 1e10, "teacher projections for k-means (500000)"},
+    {"kmeans_iters", KT_INT, RC(kmeans_iters), 0, 0, 1, 1, 1e6, "Lloyd iterations (50)"},
+    {"kmeans_restarts", KT_INT, RC(kmeans_restarts), 0, 0, 1, 0, 1e6, "restarts allowed while a cluster is empty"},
+    {"debug_nan_step", KT_LONG, RC(debug_nan_step), 0, 0, 1, -1, 1e18, "tests: a NaN in step N's input (-1: never)"},
+    {"threads", KT_INT, MC(threads), 0, 0, 0, 0, 1024, "compute threads (0: all cores); results do not depend on it"},
+    {"workers", KT_INT, RC(workers), 0, 0, 0, 0, 256, "loader threads; results do not depend on it"},
+    {"skip_bad", KT_INT, RC(skip_bad), 0, 0, 1, 0, 1, "1: skip undecodable images (counted) instead of exit 65"},
+    {"log_every", KT_INT, RC(log_every), 0, 0, 0, 1, 1e9, "steps between step records and plain progress lines"},
+    {"ckpt_every", KT_INT, RC(ckpt_every), 0, 0, 0, 0, 1e9, "steps between checkpoints (0: each epoch's end)"},
+    {"keep", KT_INT, RC(keep), 0, 0, 0, 1, 1000, "checkpoints kept"},
+    {"knn_every", KT_INT, RC(knn_every), 0, 0, 0, 0, 1e9, "epochs between k-NN evaluations (0: at the end only)"},
+    {"knn_k", KT_INTLIST, RC(knn_ks), EXCB_MAX_KS, RC(n_knn_ks), 0, 0, 0, "k of the weighted k-NN (10,20,100,200)"},
+    {"knn_t", KT_DOUBLE, RC(knn_t), 0, 0, 0, 1e-6, 1e6, "k-NN temperature (0.07)"},
+    {"knn_bank_max", KT_LONG, RC(knn_bank_max), 0, 0, 0, 0, 1e12, "during training: bank images, evenly spaced (0: all)"},
+    {"knn_query_max", KT_LONG, RC(knn_query_max), 0, 0, 0, 0, 1e12, "during training: query images (0: all)"},
+    {"probe_epochs", KT_INT, RC(probe_epochs), 0, 0, 0, 1, 1e6, "linear probe epochs"},
+    {"probe_batch", KT_INT, RC(probe_batch), 0, 0, 0, 1, 1 << 24, "linear probe batch"},
+    {"probe_lr", KT_DOUBLE, RC(probe_lr), 0, 0, 0, 0, 1e3, "linear probe peak lr (cosine to 0)"},
+    {"probe_wd", KT_DOUBLE, RC(probe_wd), 0, 0, 0, 0, 1, "linear probe weight decay"},
 };
 #define N_CONFIG_KEYS (sizeof config_keys / sizeof config_keys[0])
 
@@ -3392,42 +3431,101 @@ int excb_config_set(ExcbRunConfig *rc, const char *key, const char *value, char 
     return 0;
 }
 
+/* Config values are written bare (K = 1024) or, for strings, in double quotes with C escapes:
+   data = "/data/set #2 \n". A bare value ends at '#' (a comment) and loses its surrounding blanks; a
+   quoted one keeps every byte: \\ \" \n \t \r and \xHH (any other byte below 0x20, and 0x7f) are the
+   escapes. config.txt and the checkpoint's config write every string quoted, so a path with '#', a
+   trailing space or a newline reads back exactly (tests/test_train.c, config suite). */
+static void config_quote(char *out, size_t cap, const char *in) {
+    size_t n = 0;
+    out[n++] = '"';
+    for (; *in && n + 6 < cap; in++) {
+        unsigned char ch = (unsigned char)*in;
+        const char *esc = ch == '\\' ? "\\\\" : ch == '"' ? "\\\"" : ch == '\n' ? "\\n" : ch == '\t' ? "\\t" : ch == '\r' ? "\\r" : NULL;
+        if (esc) n += (size_t)snprintf(out + n, cap - n, "%s", esc);
+        else if (ch < 0x20 || ch == 0x7f) n += (size_t)snprintf(out + n, cap - n, "\\x%02x", ch);
+        else out[n++] = (char)ch;
+    }
+    out[n++] = '"';
+    out[n] = 0;
+}
+
+/* the quoted value at *q (which points at its opening quote) into out; *q moves past the closing quote.
+   0, or the reason it is not one */
+static const char *config_unquote(const char **q, char *out, size_t cap) {
+    const char *s = *q + 1;
+    size_t n = 0;
+    for (; *s && *s != '"'; s++) {
+        char ch = *s;
+        if (ch == '\\') {
+            char e = *++s;
+            if (e == '\\' || e == '"') ch = e;
+            else if (e == 'n') ch = '\n';
+            else if (e == 't') ch = '\t';
+            else if (e == 'r') ch = '\r';
+            else if (e == 'x' && isxdigit((unsigned char)s[1]) && isxdigit((unsigned char)s[2])) {
+                char hex[3] = {s[1], s[2], 0};
+                ch = (char)strtol(hex, NULL, 16);
+                s += 2;
+                if (!ch) return "\\x00 (a NUL byte) cannot be part of a value";
+            } else return "unknown escape (\\\\ \\\" \\n \\t \\r \\xHH)";
+        }
+        if (n + 1 >= cap) return "quoted value too long";
+        out[n++] = ch;
+    }
+    if (*s != '"') return "unterminated quoted value";
+    out[n] = 0;
+    *q = s + 1;
+    return NULL;
+}
+
 int excb_config_parse(ExcbRunConfig *rc, const char *text, const char *name, char *err) {
     int line_no = 0, settings = 0;
     const char *p = text;
     while (*p) {
         const char *eol = strchr(p, '\n');
         size_t len = eol ? (size_t)(eol - p) : strlen(p);
-        char line[2048];
+        static _Thread_local char line[8192], value[8192];
         line_no++;
         if (len >= sizeof line) return fail(err, EXCB_EXIT_CONFIG, "%s:%d: line longer than %zu bytes", name, line_no, sizeof line - 1);
         memcpy(line, p, len);
         line[len] = 0;
         p = eol ? eol + 1 : p + len;
-        char *hash = strchr(line, '#');
-        if (hash) *hash = 0;
         char *s = line;
         while (*s == ' ' || *s == '\t' || *s == '\r') s++;
-        char *e = s + strlen(s);
-        while (e > s && (e[-1] == ' ' || e[-1] == '\t' || e[-1] == '\r')) *--e = 0;
-        if (!*s) continue;
-        char *eq = strchr(s, '=');
-        if (!eq) return fail(err, EXCB_EXIT_CONFIG, "%s:%d: expected 'key = value', got '%s'", name, line_no, s);
+        if (!*s || *s == '#') continue;
+        char *eq = strchr(s, '='), *hash = strchr(s, '#');
+        if (!eq || (hash && hash < eq)) {
+            if (hash) *hash = 0;
+            return fail(err, EXCB_EXIT_CONFIG, "%s:%d: expected 'key = value', got '%s'", name, line_no, s);
+        }
         char *kend = eq, *v = eq + 1;
         while (kend > s && (kend[-1] == ' ' || kend[-1] == '\t')) kend--;
         *kend = 0;
         while (*v == ' ' || *v == '\t') v++;
+        if (*v == '"') {                              /* quoted: every byte up to the closing quote */
+            const char *rest = v, *why = config_unquote(&rest, value, sizeof value);
+            if (why) return fail(err, EXCB_EXIT_CONFIG, "%s:%d: key '%s': %s", name, line_no, s, why);
+            while (*rest == ' ' || *rest == '\t' || *rest == '\r') rest++;
+            if (*rest && *rest != '#')
+                return fail(err, EXCB_EXIT_CONFIG, "%s:%d: key '%s': text after the closing quote", name, line_no, s);
+        } else {                                      /* bare: up to a comment, blanks trimmed */
+            if ((hash = strchr(v, '#'))) *hash = 0;
+            char *e = v + strlen(v);
+            while (e > v && (e[-1] == ' ' || e[-1] == '\t' || e[-1] == '\r')) *--e = 0;
+            snprintf(value, sizeof value, "%s", v);
+        }
         char sub[EXCB_ERR_LEN];
         if (!strcmp(s, "preset")) {     /* a file may name its preset, as its first setting; a preset */
             if (settings) return fail(err, EXCB_EXIT_CONFIG, "%s:%d: 'preset' must come before every other key", name, line_no);
-            if (!rc->preset[0] && excb_preset(rc, v, sub))    /* chosen on the command line wins */
+            if (!rc->preset[0] && excb_preset(rc, value, sub))    /* chosen on the command line wins */
                 return fail(err, EXCB_EXIT_CONFIG, "%s:%d: %s", name, line_no, sub);
             settings++;
             continue;
         }
         if (!rc->preset[0]) excb_preset(rc, "fashion-mnist", sub);   /* no preset named: the default */
         settings++;
-        if (excb_config_set(rc, s, v, sub)) return fail(err, EXCB_EXIT_CONFIG, "%s:%d: %s", name, line_no, sub);
+        if (excb_config_set(rc, s, value, sub)) return fail(err, EXCB_EXIT_CONFIG, "%s:%d: %s", name, line_no, sub);
     }
     return 0;
 }
@@ -3490,10 +3588,13 @@ char *excb_config_dump(const ExcbRunConfig *rc, int json) {
         const ConfigKey *k = &config_keys[i];
         config_value(rc, k, val, sizeof val);
         int quoted = k->type == KT_STR || k->type == KT_INTLIST || k->type >= KT_BLOCK;
-        char esc[2 * sizeof val];
+        char esc[8 * sizeof val];               /* every byte escaped: \\u00XX is 6 */
         json_escape(esc, sizeof esc, val);
         if (json) used += snprintf(out + used, cap - used, quoted ? ",\"%s\":\"%s\"" : ",\"%s\":%s", k->key, esc);
-        else used += snprintf(out + used, cap - used, "%s = %s\n", k->key, val);
+        else if (k->type == KT_STR) {                 /* quoted: the value reads back byte for byte */
+            config_quote(esc, sizeof esc, val);
+            used += snprintf(out + used, cap - used, "%s = %s\n", k->key, esc);
+        } else used += snprintf(out + used, cap - used, "%s = %s\n", k->key, val);
     }
     if (json && used < cap) snprintf(out + used, cap - used, "}");
     return out;
@@ -3651,26 +3752,23 @@ int excb_config_validate(ExcbRunConfig *rc, char *err) {
     int total_blocks = 0;
     for (int i = 0; i < c->n_stages; i++) total_blocks += c->blocks[i];
     if (total_blocks > EXCB_MAX_BLOCKS) return fail(err, EXCB_EXIT_CONFIG, "more than %d residual blocks", EXCB_MAX_BLOCKS);
-    struct { const char *key; double v, lo, hi; } range[] = {
-        {"batch", c->batch, 2, 1 << 20}, {"K", c->K, 2, 1 << 24}, {"d", c->d, 1, 1 << 16},
-        {"hidden", c->hidden, 1, 1 << 16}, {"n_local", c->n_local, 0, 64},
-        {"global_size", c->global_size, 4, 4096}, {"local_size", c->local_size, c->n_local ? 4 : 0, 4096},
-        {"epochs", rc->epochs, 1, 1e9}, {"warmup_epochs", rc->warmup_epochs, 0, rc->epochs},
-        {"lr", c->lr_peak, 0, 1e3}, {"tau_s", c->tau_s, 1e-6, 1e6}, {"tau_t", c->tau_t, 1e-6, 1e6},
-        {"m_s", c->m_s, 0, 1}, {"ema_start", c->ema_start, 0, 1}, {"sgd_momentum", c->sgd_momentum, 0, 1},
-        {"wd", c->weight_decay, 0, 1}, {"workers", rc->workers, 0, 256}, {"threads", c->threads, 0, 4096},
-        {"log_every", rc->log_every, 1, 1e9}, {"ckpt_every", rc->ckpt_every, 0, 1e9}, {"keep", rc->keep, 1, 1000},
-        {"knn_every", rc->knn_every, 0, 1e9}, {"knn_t", rc->knn_t, 1e-6, 1e6},
-        {"kmeans_iters", rc->kmeans_iters, 1, 1e6}, {"kmeans_restarts", rc->kmeans_restarts, 0, 1e6},
-        {"kmeans_samples", rc->kmeans_samples, c->K, 1e10}, {"probe_epochs", rc->probe_epochs, 1, 1e6},
-        {"probe_batch", rc->probe_batch, 1, 1 << 24}, {"probe_lr", rc->probe_lr, 0, 1e3},
-{"fp16_count_term", c->fp16_count_term, 0, 1},
-        {"kmeans_init", rc->kmeans_init, 0, 1}, {"crop_scale_offset", rc->crop_scale_offset, -0.04, 0.7}, {"skip_bad", rc->skip_bad, 0, 1},
-    };
-    for (size_t i = 0; i < sizeof range / sizeof range[0]; i++)
-        if (!(range[i].v >= range[i].lo && range[i].v <= range[i].hi))
-            return fail(err, EXCB_EXIT_CONFIG, "key '%s' = %g is outside [%g, %g]%s", range[i].key, range[i].v,
-                        range[i].lo, range[i].hi, !strcmp(range[i].key, "kmeans_samples") ? " (k-means needs at least K samples)" : "");
+    /* every number within its row's range (the table above) */
+    for (size_t i = 0; i < N_CONFIG_KEYS; i++) {
+        const ConfigKey *k = &config_keys[i];
+        if (k->type != KT_INT && k->type != KT_LONG && k->type != KT_DOUBLE) continue;   /* U64: any value */
+        const char *at = (const char *)rc + k->off;
+        double v = k->type == KT_INT ? *(const int *)at : k->type == KT_LONG ? (double)*(const long *)at : *(const double *)at;
+        if (!(v >= k->lo && v <= k->hi))
+            return fail(err, EXCB_EXIT_CONFIG, "key '%s' = %g is outside [%g, %g]", k->key, v, k->lo, k->hi);
+    }
+    /* the rules between keys */
+    if (c->n_local && c->local_size < 4)
+        return fail(err, EXCB_EXIT_CONFIG, "key 'local_size' = %d: local crops need at least 4 pixels (or n_local = 0)", c->local_size);
+    if (rc->warmup_epochs > rc->epochs)
+        return fail(err, EXCB_EXIT_CONFIG, "key 'warmup_epochs' = %g is more than epochs = %ld", rc->warmup_epochs, rc->epochs);
+    if (rc->kmeans_init && rc->kmeans_samples < c->K)
+        return fail(err, EXCB_EXIT_CONFIG, "key 'kmeans_samples' = %ld is below K = %d: k-means needs at least K samples",
+                    rc->kmeans_samples, c->K);
     if (!rc->data[0]) return fail(err, EXCB_EXIT_CONFIG, "no data set: --data SPEC or --set data=SPEC");
     return 0;
 }
@@ -3838,6 +3936,7 @@ static const char *ck_dtype_name[] = {"u8", "i32", "i64", "f32", "f64"};
 #define CK_HEADER 32
 #define CK_TRAILER 16
 #define CK_VERSION 1
+#define CK_MAX_BYTES ((size_t)1 << 36)    /* 64 GiB: a ResNet-50 run's checkpoint is about 0.5 GB */
 
 typedef struct {
     char name[CK_NAME];
@@ -3932,6 +4031,14 @@ static void put64(uint8_t *p, uint64_t v) { memcpy(p, &v, 8); }
 static uint32_t get32(const uint8_t *p) { uint32_t v; memcpy(&v, p, 4); return v; }
 static uint64_t get64(const uint8_t *p) { uint64_t v; memcpy(&v, p, 8); return v; }
 
+/* The temporary file being written (a checkpoint's NAME.tmp, config.txt.tmp, eval.json.tmp), known to
+   the signal handler of section 17 so that a process ended by a second signal leaves none behind. */
+static volatile sig_atomic_t tmp_in_flight;      /* 1 while tmp_path is being written                 */
+static char tmp_path[4200];
+
+static void tmp_begin(const char *path) { snprintf(tmp_path, sizeof tmp_path, "%s", path); tmp_in_flight = 1; }
+static void tmp_end(void) { tmp_in_flight = 0; }
+
 static int fsync_dir_of(const char *path) {
     char dir[4096];
     snprintf(dir, sizeof dir, "%s", path);
@@ -3961,8 +4068,9 @@ int excb_checkpoint_save(const char *path, const ExcbModel *m, const ExcbTrainSt
     }
     char tmp[4200];
     snprintf(tmp, sizeof tmp, "%s.tmp", path);
+    tmp_begin(tmp);                        /* a second signal removes it (section 17) */
     FILE *f = fopen(tmp, "wb");
-    if (!f) { free(l.e); return fail(err, EXCB_EXIT_CANTCREAT, "cannot create %s: %s", tmp, strerror(errno)); }
+    if (!f) { tmp_end(); free(l.e); return fail(err, EXCB_EXIT_CANTCREAT, "cannot create %s: %s", tmp, strerror(errno)); }
     uint32_t crc = 0;
     uint8_t hdr[CK_HEADER] = {0}, ent[CK_ENTRY], pad[64] = {0};
     memcpy(hdr, "EXCBCKPT", 8);
@@ -4001,13 +4109,17 @@ int excb_checkpoint_save(const char *path, const ExcbModel *m, const ExcbTrainSt
     free(l.e);
     if (bad) {
         unlink(tmp);
+        tmp_end();
         return fail(err, EXCB_EXIT_IO, "writing %s failed: %s (the previous checkpoint is untouched)", tmp,
                     strerror(saved_errno ? saved_errno : errno));
     }
     if (rename(tmp, path) || fsync_dir_of(path)) {
+        saved_errno = errno;
         unlink(tmp);
-        return fail(err, EXCB_EXIT_IO, "committing %s failed: %s", path, strerror(errno));
+        tmp_end();
+        return fail(err, EXCB_EXIT_IO, "committing %s failed: %s", path, strerror(saved_errno));
     }
+    tmp_end();
     return 0;
 }
 
@@ -4018,11 +4130,10 @@ static void ck_close(CkFile *ck) { free(ck->buf); free(ck->l.e); memset(ck, 0, s
 
 static int ck_open(const char *path, CkFile *ck, char *err) {
     memset(ck, 0, sizeof *ck);
-    FILE *f = fopen(path, "rb");
-    if (!f) return fail(err, EXCB_EXIT_NOINPUT, "checkpoint %s: %s", path, strerror(errno));
-    struct stat st;
-    if (fstat(fileno(f), &st) || !S_ISREG(st.st_mode)) { fclose(f); return fail(err, EXCB_EXIT_NOINPUT, "checkpoint %s: not a regular file", path); }
-    ck->len = (size_t)st.st_size;
+    int fd, code = open_input(path, CK_MAX_BYTES, &fd, &ck->len, err);
+    if (code) return code;
+    FILE *f = fdopen(fd, "rb");
+    if (!f) { close(fd); return fail(err, EXCB_EXIT_OSERR, "checkpoint %s: %s", path, strerror(errno)); }
     ck->buf = malloc(ck->len ? ck->len : 1);
     if (!ck->buf) { fclose(f); return fail(err, EXCB_EXIT_OSERR, "checkpoint %s: out of memory (%zu bytes)", path, ck->len); }
     size_t got = fread(ck->buf, 1, ck->len, f);
@@ -4041,7 +4152,8 @@ static int ck_open(const char *path, CkFile *ck, char *err) {
         return fail(err, EXCB_EXIT_DATA, "checkpoint %s: damaged (file CRC-32 is 0x%08x, the trailer says 0x%08x)", path, got_crc, want);
     }
     if (get32(b + 12) != 0x01020304u) { ck_close(ck); return fail(err, EXCB_EXIT_DATA, "checkpoint %s: written on a machine of the other byte order", path); }
-    if (get32(b + 8) != CK_VERSION) { ck_close(ck); return fail(err, EXCB_EXIT_DATA, "checkpoint %s: format version %u, this excb reads %d", path, get32(b + 8), CK_VERSION); }
+    uint32_t version = get32(b + 8);
+    if (version != CK_VERSION) { ck_close(ck); return fail(err, EXCB_EXIT_DATA, "checkpoint %s: format version %u, this excb reads %d", path, version, CK_VERSION); }
     uint32_t count = get32(b + 16);
     if (get32(b + 20) != CK_ENTRY || (uint64_t)count * CK_ENTRY + CK_HEADER > n - CK_TRAILER) {
         ck_close(ck);
@@ -4162,14 +4274,72 @@ int excb_checkpoint_load(const char *path, ExcbModel *m, ExcbTrainState *ts, cha
  *   ckpt-NNNNNNNNNN.excb the newest `keep` checkpoints, NNNNNNNNNN = steps done
  *   eval.json           the final evaluation
  *   diverged-STEP.txt   only after a divergence: the step's diagnostics and its sample indices
+ *   lock                held (flock) by the one excb process working in the directory; it holds that
+ *                       process's pid. The kernel releases the lock when the process ends, however it
+ *                       ends (kill -9 included), so a stale file never blocks a later run.
+ * Every write is checked: a metrics record, a checkpoint, config.txt or eval.json that cannot be
+ * written stops the run with exit 74 and the path, before a checkpoint could record a metrics length
+ * that is not on disk. SIGINT, SIGTERM and SIGHUP stop the run at the end of the step in progress (or
+ * of the evaluation in progress) with a checkpoint of that step and exit 128 + the signal; a second
+ * signal exits at once, removing the checkpoint file being written, if any.
  */
 typedef struct {
     char dir[4096];
     FILE *metrics;
+    int metrics_errno;         /* the first failed write to metrics.jsonl (0: none)                   */
     int tty, quiet;
     double t_start;
     long step_start;
 } Run;
+
+/* --- one process per run directory ------------------------------------------------------------------
+ * An exclusive flock on DIR/lock, held until the process ends. A second process (a second `train`, a
+ * `--resume` of a live run) is refused with exit 75 before it touches anything: it would otherwise
+ * delete the first one's checkpoint in progress and interleave its records with the first one's. */
+int excb_lock_run_dir(const char *dir, int *fd_out, char *err) {
+    char path[4200];
+    snprintf(path, sizeof path, "%s/lock", dir);
+    int fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0666);
+    if (fd < 0) return fail(err, EXCB_EXIT_CANTCREAT, "cannot create %s: %s", path, strerror(errno));
+    if (flock(fd, LOCK_EX | LOCK_NB)) {
+        int busy = errno == EWOULDBLOCK;
+        char pid[32] = "";
+        ssize_t n = busy ? pread(fd, pid, sizeof pid - 1, 0) : 0;
+        pid[n > 0 ? n : 0] = 0;
+        pid[strcspn(pid, "\n")] = 0;
+        close(fd);
+        if (!busy) return fail(err, EXCB_EXIT_IO, "cannot lock %s: %s", path, strerror(errno));
+        return fail(err, EXCB_EXIT_TEMPFAIL, "%s is in use by another excb process (pid %s holds %s); nothing "
+                    "was changed: wait for it to finish, or stop it (SIGINT saves a checkpoint)", dir, pid[0] ? pid : "?", path);
+    }
+    char pid[32];
+    int len = snprintf(pid, sizeof pid, "%ld\n", (long)getpid());
+    if (ftruncate(fd, 0) || pwrite(fd, pid, len, 0) != len) {
+        close(fd);
+        return fail(err, EXCB_EXIT_IO, "writing %s failed: %s", path, strerror(errno));
+    }
+    *fd_out = fd;                        /* kept open (and locked) until the process ends */
+    return 0;
+}
+
+/* --- signals ------------------------------------------------------------------------------------------
+ * The handler only records the signal; the loop stops after the step in progress. A second signal ends
+ * the process at once, after removing the temporary file of the write in progress (tmp_begin, section
+ * 16; unlink and _exit are async-signal-safe). */
+static volatile sig_atomic_t stop_signal;        /* the first SIGINT/SIGTERM/SIGHUP of this run       */
+static atomic_int signals_seen;                  /* every thread may take a signal: counted atomically */
+
+static void on_stop_signal(int sig) {
+    if (atomic_fetch_add(&signals_seen, 1) > 0) {       /* lock-free: async-signal-safe */
+        static const char msg[] = "\nexcb train: a second signal: exiting now; the newest complete checkpoint is kept\n";
+        if (tmp_in_flight) unlink(tmp_path);
+        if (write(STDERR_FILENO, msg, sizeof msg - 1) < 0) { /* nothing left to tell */ }
+        _exit(EXCB_EXIT_SIGNAL + sig);
+    }
+    stop_signal = sig;
+}
+
+static const char *signal_name(int sig) { return sig == SIGINT ? "SIGINT" : sig == SIGTERM ? "SIGTERM" : sig == SIGHUP ? "SIGHUP" : "a signal"; }
 
 static void path_in(char *out, size_t cap, const char *dir, const char *name) { snprintf(out, cap, "%s/%s", dir, name); }
 
@@ -4192,15 +4362,20 @@ static int mkdir_p(const char *dir, char *err) {
 static int write_text_atomic(const char *path, const char *text, char *err) {
     char tmp[4200];
     snprintf(tmp, sizeof tmp, "%s.tmp", path);
+    tmp_begin(tmp);
     FILE *f = fopen(tmp, "w");
-    if (!f) return fail(err, EXCB_EXIT_CANTCREAT, "cannot create %s: %s", tmp, strerror(errno));
+    if (!f) { tmp_end(); return fail(err, EXCB_EXIT_CANTCREAT, "cannot create %s: %s", tmp, strerror(errno)); }
     int bad = fputs(text, f) < 0;
     bad |= fflush(f) || fsync(fileno(f));
+    int saved_errno = errno;
     bad |= fclose(f) != 0;
     if (bad || rename(tmp, path) || fsync_dir_of(path)) {
+        if (!bad) saved_errno = errno;
         unlink(tmp);
-        return fail(err, EXCB_EXIT_IO, "writing %s failed: %s", path, strerror(errno));
+        tmp_end();
+        return fail(err, EXCB_EXIT_IO, "writing %s failed: %s", path, strerror(saved_errno ? saved_errno : errno));
     }
+    tmp_end();
     return 0;
 }
 
@@ -4255,9 +4430,17 @@ static void jnum(FILE *f, const char *key, double v) {
     else fprintf(f, ",\"%s\":null", key);
 }
 
+/* a record's end, flushed; the first failure is kept in r->metrics_errno, and metrics_check turns it
+   into exit 74 at the next point where the run can stop cleanly */
 static void metrics_end(Run *r, double extra_seconds, double img_per_s) {
     fprintf(r->metrics, ",\"wall\":{\"seconds\":%.3f,\"img_per_s\":%.2f}}\n", extra_seconds, img_per_s);
-    fflush(r->metrics);
+    if ((fflush(r->metrics) || ferror(r->metrics)) && !r->metrics_errno) r->metrics_errno = errno ? errno : EIO;
+}
+
+static int metrics_check(const Run *r, char *err) {
+    if (!r->metrics_errno) return 0;
+    return fail(err, EXCB_EXIT_IO, "writing %s/metrics.jsonl failed: %s (the newest checkpoint is intact; free "
+                "space, then continue with --resume)", r->dir, strerror(r->metrics_errno));
 }
 
 static double elapsed_img_per_s(const Run *r, long step, int B) {
@@ -4301,6 +4484,29 @@ static int open_eval_sets(const ExcbRunConfig *rc, EvalSets *es, char *err) {
     if ((code = excb_data_open(&es->query, rc->data, rc->query_split, err))) { excb_data_close(&es->bank); return code; }
     es->has_query = 1;
     ExcbDataset *sets[2] = {&es->bank, &es->query};
+    /* labels are class indices: two image folders must name the same classes in the same order, or
+       the k-NN and the probe would compare unrelated classes by index */
+    if (es->bank.kind == EXCB_DATA_FOLDER && es->query.kind == EXCB_DATA_FOLDER) {
+        int same = es->bank.n_classes == es->query.n_classes;
+        for (int c = 0; same && c < es->bank.n_classes && es->bank.class_names && es->query.class_names; c++)
+            same = !strcmp(es->bank.class_names[c], es->query.class_names[c]);
+        if (!same) {
+            char a[600] = "", b[600] = "";
+            for (int c = 0; c < es->bank.n_classes && es->bank.class_names && strlen(a) < 500; c++)
+                snprintf(a + strlen(a), sizeof a - strlen(a), c ? ", %s" : "%s", es->bank.class_names[c]);
+            for (int c = 0; c < es->query.n_classes && es->query.class_names && strlen(b) < 500; c++)
+                snprintf(b + strlen(b), sizeof b - strlen(b), c ? ", %s" : "%s", es->query.class_names[c]);
+            int code = fail(err, EXCB_EXIT_DATA, "%s: the %s split's classes {%s} and the %s split's {%s} differ: the "
+                            "evaluation compares labels by class, so both need the same class folders", es->bank.path,
+                            es->bank.split, a, es->query.split, b);
+            excb_data_close(&es->bank); excb_data_close(&es->query);
+            return code;
+        }
+    }
+    for (int s = 0; s < 2 && rc->skip_bad; s++) {        /* a skip holds for the evaluation as well */
+        sets[s]->skip_bad = 1;
+        sets[s]->bad = xcalloc(sets[s]->n ? sets[s]->n : 1, 1);
+    }
     for (int s = 0; s < 2; s++) {
         const ExcbDataset *ds = sets[s];
         int ok = ds->labels && ds->n_classes > 0;
@@ -4319,7 +4525,8 @@ static void close_eval_sets(EvalSets *es) {
 }
 
 typedef struct {
-    long n_bank, n_query;
+    long n_bank, n_query;          /* the images evaluated, after bad ones were skipped               */
+    long skipped_bank, skipped_query;   /* bad images skipped (skip_bad), dropped from every measure */
     int n_ks;
     double top1[EXCB_MAX_KS], top5[EXCB_MAX_KS];
     int probed, clustered;
@@ -4350,6 +4557,24 @@ static void subtract_mean_row(real *bank, long nb, real *query, long nq, int D) 
     free(mean);
 }
 
+/* the rows of images marked bad in ds->bad removed from idx, feat (n x D) and assign; how many */
+static long drop_bad_rows(const ExcbDataset *ds, long *idx, long *n, real *feat, int D, int32_t *assign) {
+    if (!ds->bad) return 0;
+    long kept = 0;
+    for (long r = 0; r < *n; r++) {
+        if (ds->bad[idx[r]]) continue;
+        if (kept != r) {
+            idx[kept] = idx[r];
+            memmove(feat + (size_t)kept * D, feat + (size_t)r * D, sizeof(real) * D);
+            if (assign) assign[kept] = assign[r];
+        }
+        kept++;
+    }
+    long dropped = *n - kept;
+    *n = kept;
+    return dropped;
+}
+
 /* k-NN on (subsets of) the bank and query splits; with full = 1 also the linear probe and the
    clustering metrics of the query split. m = NULL: the same measures on the mean-centred pixels
    (excb_pixel_features), without clusters. */
@@ -4374,8 +4599,18 @@ static int evaluate(ExcbModel *m, const ExcbRunConfig *rc, EvalSets *es, long ba
     } else {
         code = excb_pixel_features(&es->bank, &vc, cfg->in_ch, ib, nb, fb, err);
         if (!code) code = excb_pixel_features(&es->query, &vc, cfg->in_ch, iq, nq, fq, err);
-        if (!code) subtract_mean_row(fb, nb, fq, nq, D);
     }
+    /* a run asked to stop (section 17) drops its final evaluation; the epochs' short k-NN runs to its end,
+       so that the epoch's record and checkpoint stay one unit */
+    if (!code && full && stop_signal) code = EXCB_EXIT_SIGNAL + stop_signal;
+    if (!code) {
+        /* bad images (skip_bad) leave the bank and the queries; kept rows move up in order */
+        res->skipped_bank = drop_bad_rows(&es->bank, ib, &nb, fb, D, NULL);
+        res->skipped_query = drop_bad_rows(&es->query, iq, &nq, fq, D, aq);
+        if (!nb || !nq) code = fail(err, EXCB_EXIT_DATA, "%s: every image of the %s split was bad", es->bank.path,
+                                    !nb ? es->bank.split : es->query.split);
+    }
+    if (!code && !m) subtract_mean_row(fb, nb, fq, nq, D);
     if (!code) {
         for (long i = 0; i < nb; i++) yb[i] = es->bank.labels[ib[i]];
         for (long i = 0; i < nq; i++) yq[i] = es->query.labels[iq[i]];
@@ -4383,10 +4618,12 @@ static int evaluate(ExcbModel *m, const ExcbRunConfig *rc, EvalSets *es, long ba
         res->n_query = nq;
         res->n_ks = rc->n_knn_ks;
         excb_knn(fb, yb, nb, fq, yq, nq, D, C, rc->knn_ks, rc->n_knn_ks, rc->knn_t, res->top1, res->top5);
-        if (full) {
+        if (full && stop_signal) code = EXCB_EXIT_SIGNAL + stop_signal;
+        else if (full) {
             res->probed = 1;
             res->probe_test = excb_linear_probe(fb, yb, nb, fq, yq, nq, D, C, rc->probe_epochs, rc->probe_batch,
                                                 rc->probe_lr, rc->probe_wd, cfg->seed, &res->probe_train);
+            if (stop_signal) code = EXCB_EXIT_SIGNAL + stop_signal;          /* cut short: not a result */
             if (aq) {
                 res->clustered = 1;
                 excb_cluster_scores(aq, yq, nq, cfg->K, C, &res->clusters);
@@ -4411,6 +4648,9 @@ static void print_eval(FILE *f, const ExcbModel *m, const ExcbRunConfig *rc, con
     fprintf(f, "k-NN: cosine on L2-normalised features, vote weight exp(sim/T), T = %g; bank %s (%s) %ld images, "
             "queries %s %ld images, %d classes\n", rc->knn_t, es->bank.path, es->bank.split, r->n_bank,
             es->query.split, r->n_query, es->bank.n_classes);
+    if (r->skipped_bank || r->skipped_query)
+        fprintf(f, "  bad images skipped (skip_bad), left out of every measure: %ld of the bank, %ld of the queries\n",
+                r->skipped_bank, r->skipped_query);
     for (int j = 0; j < r->n_ks; j++)
         fprintf(f, "  k = %3d   top-1 %6.2f %%   top-5 %6.2f %%\n", rc->knn_ks[j], r->top1[j], r->top5[j]);
     if (r->probed) {
@@ -4431,7 +4671,8 @@ static void print_eval(FILE *f, const ExcbModel *m, const ExcbRunConfig *rc, con
 }
 
 static void eval_json(FILE *f, const ExcbRunConfig *rc, const EvalResult *r) {
-    fprintf(f, "\"n_bank\":%ld,\"n_query\":%ld,\"knn_t\":%g", r->n_bank, r->n_query, rc->knn_t);
+    fprintf(f, "\"n_bank\":%ld,\"n_query\":%ld,\"skipped_bank\":%ld,\"skipped_query\":%ld,\"knn_t\":%g", r->n_bank,
+            r->n_query, r->skipped_bank, r->skipped_query, rc->knn_t);
     char key[32];
     for (int j = 0; j < r->n_ks; j++) {
         snprintf(key, sizeof key, "knn_top1_k%d", rc->knn_ks[j]); jnum(f, key, r->top1[j]);
@@ -4461,19 +4702,21 @@ static int diverged(Run *r, const ExcbModel *m, const ExcbBatch *bt, long epoch,
     jnum(r->metrics, "grad_norm", gnorm);
     fprintf(r->metrics, ",\"last_checkpoint_step\":%ld", last_ckpt);
     metrics_end(r, now_seconds() - r->t_start, 0);
-    char path[4200], name[64];
+    char path[4200], name[64], why[EXCB_ERR_LEN] = "";
     snprintf(name, sizeof name, "diverged-%ld.txt", m->step);
     path_in(path, sizeof path, r->dir, name);
-    FILE *f = fopen(path, "w");
-    if (f) {
-        fprintf(f, "step %ld (0-based), epoch %ld: %s (loss %g, gradient norm %g)\nlast good checkpoint: step %ld\n"
-                "data set indices of the batch's %d images:\n", m->step, epoch, what, loss, gnorm, last_ckpt, m->cfg.batch);
-        for (int i = 0; i < m->cfg.batch; i++) fprintf(f, "%lld\n", (long long)bt->index[i]);
-        fclose(f);
-    }
+    char *text = NULL;
+    size_t len = 0;
+    FILE *f = open_memstream(&text, &len);
+    fprintf(f, "step %ld (0-based), epoch %ld: %s (loss %g, gradient norm %g)\nlast good checkpoint: step %ld\n"
+            "data set indices of the batch's %d images:\n", m->step, epoch, what, loss, gnorm, last_ckpt, m->cfg.batch);
+    for (int i = 0; i < m->cfg.batch; i++) fprintf(f, "%lld\n", (long long)bt->index[i]);
+    fclose(f);
+    int written = !write_text_atomic(path, text, why);
+    free(text);
     return fail(err, EXCB_EXIT_DIVERGED, "step %ld: %s (loss %g, gradient norm %g); nothing of this step was saved, "
-                "the last good checkpoint is step %ld; the batch's images are listed in %s", m->step, what, loss, gnorm,
-                last_ckpt, path);
+                "the last good checkpoint is step %ld; %s%s", m->step, what, loss, gnorm, last_ckpt,
+                written ? "the batch's images are listed in " : "the batch's images could not be listed: ", written ? path : why);
 }
 
 /* keep the newest `keep` checkpoints */
@@ -4488,11 +4731,13 @@ static void prune_checkpoints(const char *dir, int keep) {
 }
 
 static int save_checkpoint(Run *r, const ExcbModel *m, ExcbTrainState *ts, const char *config_text, int keep, char *err) {
-    fflush(r->metrics);
+    if (fflush(r->metrics) && !r->metrics_errno) r->metrics_errno = errno ? errno : EIO;
+    int code = metrics_check(r, err);    /* a checkpoint must never count metrics bytes that are not there */
+    if (code) return code;
     ts->metrics_bytes = ftell(r->metrics);
     char p[4200];
     ckpt_path(p, sizeof p, r->dir, m->step);
-    int code = excb_checkpoint_save(p, m, ts, config_text, err);
+    code = excb_checkpoint_save(p, m, ts, config_text, err);
     if (!code) prune_checkpoints(r->dir, keep);
     return code;
 }
@@ -4544,6 +4789,13 @@ int excb_train(ExcbRunConfig *rc_in, const char *out_dir, const char *resume_fro
     snprintf(r.dir, sizeof r.dir, "%s", out_dir);
     int code;
     if ((code = mkdir_p(out_dir, err))) return code;
+    /* SIGINT, SIGTERM, SIGHUP: stop after the step in progress, with a checkpoint (until this returns) */
+    static const int stop_sigs[3] = {SIGINT, SIGTERM, SIGHUP};
+    struct sigaction on_stop = {.sa_handler = on_stop_signal}, before[3];
+    sigemptyset(&on_stop.sa_mask);
+    stop_signal = 0;
+    atomic_store(&signals_seen, 0);
+    for (int i = 0; i < 3; i++) sigaction(stop_sigs[i], &on_stop, &before[i]);
     /* the data first: the model's channel count and the schedule's length follow from it */
     ExcbDataset ds;
     if ((code = excb_data_open(&ds, rc.data, rc.train_split, err))) return code;
@@ -4551,8 +4803,10 @@ int excb_train(ExcbRunConfig *rc_in, const char *out_dir, const char *resume_fro
     rc.model.in_ch = ds.channels;
     long bpe = ds.n / rc.model.batch;                   /* drop_last, as the official loader        */
     if (bpe < 1) {
-        excb_data_close(&ds);
-        return fail(err, EXCB_EXIT_CONFIG, "batch %d is larger than the data set (%ld images in %s)", rc.model.batch, ds.n, ds.path);
+        code = fail(err, EXCB_EXIT_CONFIG, "batch %d is larger than the data set (%ld images in %s, %s split)",
+                    rc.model.batch, ds.n, ds.path, ds.split);
+        excb_data_close(&ds);                      /* after the message, which names what it held */
+        return code;
     }
     rc.model.total_steps = rc.epochs * bpe;
     rc.model.warmup_steps = (long)nearbyint(rc.warmup_epochs * bpe);
@@ -4637,7 +4891,7 @@ int excb_train(ExcbRunConfig *rc_in, const char *out_dir, const char *resume_fro
     double seconds_before = ts.seconds;               /* training time of earlier processes of this run */
     double epoch_t0 = now_seconds();
     int B = rc.model.batch, NG = rc.model.n_global * B;
-    while (m.step < rc.model.total_steps && !(rc.stop_after && m.step >= rc.stop_after)) {
+    while (m.step < rc.model.total_steps && !(rc.stop_after && m.step >= rc.stop_after) && !stop_signal) {
         ExcbBatch *bt;
         if ((code = excb_loader_next(&L, &bt, err))) break;
         long epoch = m.step / bpe;
@@ -4685,6 +4939,7 @@ int excb_train(ExcbRunConfig *rc_in, const char *out_dir, const char *resume_fro
             jnum(r.metrics, "grad_norm", gnorm);
             metrics_end(&r, now_seconds() - r.t_start, elapsed_img_per_s(&r, m.step, B));
         }
+        if ((code = metrics_check(&r, err))) break;
         progress(&r, m.step, rc.model.total_steps, bpe, &st, B, epoch_end && r.tty);
         int need_state = epoch_end || (rc.ckpt_every && m.step % rc.ckpt_every == 0) || m.step == rc.stop_after
                          || m.step == rc.model.total_steps;
@@ -4705,7 +4960,7 @@ int excb_train(ExcbRunConfig *rc_in, const char *out_dir, const char *resume_fro
         }
     }
     excb_loader_close(&L);
-    if (!code && m.step == rc.model.total_steps && have_eval) {
+    if (!code && m.step == rc.model.total_steps && have_eval && !stop_signal) {
         /* the final evaluation on the whole bank and query splits */
         EvalResult res;
         if (!quiet) fprintf(stderr, "excb train: final evaluation (k-NN, linear probe, clusters) ...\n");
@@ -4713,22 +4968,44 @@ int excb_train(ExcbRunConfig *rc_in, const char *out_dir, const char *resume_fro
             fprintf(r.metrics, "{\"type\":\"eval\",\"step\":%ld,\"features\":\"teacher\",", m.step);
             eval_json(r.metrics, &rc, &res);
             metrics_end(&r, res.seconds, 0);
+            char *text = NULL;
+            size_t len = 0;
+            FILE *f = open_memstream(&text, &len);
+            fprintf(f, "{\"step\":%ld,\"features\":\"teacher\",", m.step);
+            eval_json(f, &rc, &res);
+            fprintf(f, ",\"config\":%s}\n", config_json);
+            fclose(f);
             path_in(path, sizeof path, r.dir, "eval.json");
-            FILE *f = fopen(path, "w");
-            if (f) {
-                fprintf(f, "{\"step\":%ld,\"features\":\"teacher\",", m.step);
-                eval_json(f, &rc, &res);
-                fprintf(f, ",\"config\":%s}\n", config_json);
-                fclose(f);
+            if (!(code = metrics_check(&r, err)) && !(code = write_text_atomic(path, text, err))) {
+                printf("excb train: finished %ld steps in %s\n", m.step, r.dir);
+                print_eval(stdout, &m, &rc, &es, &res, 1);
             }
-            printf("excb train: finished %ld steps in %s\n", m.step, r.dir);
-            print_eval(stdout, &m, &rc, &es, &res, 1);
+            free(text);
+        }
+    }
+    if (stop_signal && (!code || code == EXCB_EXIT_SIGNAL + stop_signal)) {
+        /* stopped between steps (or during an evaluation, which is simply dropped): the state is the
+           end of step m.step, complete, so a checkpoint of it is as good as any other */
+        int sig = stop_signal;
+        code = 0;
+        if (m.step != last_ckpt) {
+            if (run != &m) code = excb_cuda_download(&m, run, err);
+            ts.seconds = seconds_before + (now_seconds() - r.t_start);
+            if (!code) code = save_checkpoint(&r, &m, &ts, config_text, rc.keep, err);
+            if (!code) last_ckpt = m.step;
+        }
+        if (!code) {
+            ckpt_path(path, sizeof path, r.dir, last_ckpt);
+            code = fail(err, EXCB_EXIT_SIGNAL + sig, "%s: stopped after step %ld of %ld; the run is saved in %s: continue "
+                        "with --out %s --resume", signal_name(sig), m.step, rc.model.total_steps, path, r.dir);
         }
     } else if (!code && rc.stop_after && m.step >= rc.stop_after && !quiet) {
         fprintf(stderr, "excb train: stopped after step %ld (--stop-after); continue with --out %s --resume\n", m.step, r.dir);
     }
+    if (ds.n_bad) fprintf(stderr, "excb train: %ld bad training image(s) skipped (skip_bad), each named above\n", ds.n_bad);
 done_model:
-    if (r.metrics) fclose(r.metrics);
+    if (r.metrics && fclose(r.metrics) && !code) code = fail(err, EXCB_EXIT_IO, "closing %s/metrics.jsonl failed: %s", r.dir, strerror(errno));
+    for (int i = 0; i < 3; i++) sigaction(stop_sigs[i], &before[i], NULL);
     if (have_eval) close_eval_sets(&es);
     excb_train_state_free(&ts);
     free(config_text);
@@ -4775,7 +5052,23 @@ static void eval_view(const ExcbViewConfig *vc, const ExcbImage *img, real *out,
                 out[((size_t)ch * G + y) * G + x] = (real)(((float)px[((size_t)y * w + x) * C + ch] / 255.0f - vc->mean[ch]) / vc->std[ch]);
 }
 
-int excb_extract_features(ExcbModel *m, int teacher, const ExcbDataset *ds, const ExcbViewConfig *vc,
+/* Image i for an evaluation, with C channels: 0 and *skipped = 0, or an exit code. With skip_bad a bad
+   image (exit 65) is marked in ds->bad, counted and logged once, and *skipped = 1: its feature row is
+   computed from zeros and evaluate() drops it, with the count in its report. */
+static int eval_image(ExcbDataset *ds, long i, int C, ExcbImage *img, int *skipped, char *err) {
+    *skipped = 0;
+    if (ds->bad && ds->bad[i]) { *skipped = 1; return 0; }
+    int code = excb_data_get(ds, i, img, err);
+    if (!code && img->c != C) code = fail(err, EXCB_EXIT_DATA, "%s: image %ld has %d channels, the model %d", ds->path, i, img->c, C);
+    if (code != EXCB_EXIT_DATA || !ds->skip_bad || !ds->bad) return code;
+    ds->bad[i] = 1;
+    ds->n_bad++;
+    fprintf(stderr, "excb: skipping bad image (%ld so far in the %s split): %s\n", ds->n_bad, ds->split, err);
+    *skipped = 1;
+    return 0;
+}
+
+int excb_extract_features(ExcbModel *m, int teacher, ExcbDataset *ds, const ExcbViewConfig *vc,
                           const long *idx, long n, real *feat, int32_t *assign, char *err) {
     const ExcbConfig *c = &m->cfg;
     int N = c->n_global * c->batch, G = c->global_size, C = c->in_ch, D = m->D, K = c->K, d = c->d;
@@ -4791,9 +5084,10 @@ int excb_extract_features(ExcbModel *m, int teacher, const ExcbDataset *ds, cons
         int rows = (int)(n - i0 < N ? n - i0 : N);
         for (int r = 0; r < rows && !code; r++) {
             long i = idx ? idx[i0 + r] : i0 + r;
-            if ((code = excb_data_get(ds, i, &img, err))) break;
-            if (img.c != C) { code = fail(err, EXCB_EXIT_DATA, "%s: image %ld has %d channels, the model %d", ds->path, i, img.c, C); break; }
-            eval_view(vc, &img, x + (size_t)r * C * G * G, &scr);
+            int skipped;
+            if ((code = eval_image(ds, i, C, &img, &skipped, err))) break;
+            if (skipped) memset(x + (size_t)r * C * G * G, 0, sizeof(real) * C * G * G);
+            else eval_view(vc, &img, x + (size_t)r * C * G * G, &scr);
         }
         if (code) break;
         /* the arena's global-crop activations hold N images; unused rows keep stale inputs, which BN in
@@ -4823,14 +5117,14 @@ int excb_extract_features(ExcbModel *m, int teacher, const ExcbDataset *ds, cons
 
 /* The floor a learned representation has to beat: each image's evaluation view itself, its C*G*G
    normalised pixels as a feature row (evaluate() then subtracts the bank's mean image). */
-int excb_pixel_features(const ExcbDataset *ds, const ExcbViewConfig *vc, int C, const long *idx, long n,
+int excb_pixel_features(ExcbDataset *ds, const ExcbViewConfig *vc, int C, const long *idx, long n,
                         real *feat, char *err) {
-    int G = vc->global_size, code = 0;
+    int G = vc->global_size, code = 0, skipped;
     ExcbImage img = {0};
     ExcbViewScratch scr = {0};
     for (long r = 0; r < n && !code; r++) {
-        if ((code = excb_data_get(ds, idx[r], &img, err))) break;
-        if (img.c != C) code = fail(err, EXCB_EXIT_DATA, "%s: image %ld has %d channels, not %d", ds->path, idx[r], img.c, C);
+        if ((code = eval_image(ds, idx[r], C, &img, &skipped, err))) break;
+        if (skipped) memset(feat + (size_t)r * C * G * G, 0, sizeof(real) * C * G * G);
         else eval_view(vc, &img, feat + (size_t)r * C * G * G, &scr);
     }
     excb_image_free(&img);
@@ -4983,7 +5277,7 @@ double excb_linear_probe(const real *train_in, const int32_t *ytr, long ntr, con
     real *xb = xmalloc(sizeof(real) * batch * D);
     int32_t *yb = xmalloc(sizeof(int32_t) * batch);
     long steps_per_epoch = (ntr + batch - 1) / batch, total = steps_per_epoch * epochs, t = 0;
-    for (int e = 0; e < epochs; e++) {
+    for (int e = 0; e < epochs && !stop_signal; e++) {     /* a run asked to stop: evaluate() drops it */
         excb_permutation(perm, ntr, seed ^ 0x70726f6265ull, e);          /* "probe" */
         for (long s0 = 0; s0 < ntr; s0 += batch, t++) {
             int nb = (int)(ntr - s0 < batch ? ntr - s0 : batch);
@@ -5181,6 +5475,8 @@ static void usage(FILE *f) {
         "              --force         start over in a directory that holds a run (deletes its checkpoints)\n"
         "              --quiet         no progress on stderr\n"
         "              --stop-after N  stop with a checkpoint once N steps are done (continue with --resume)\n"
+        "              --skip-bad-images  skip, count and log undecodable images (training and evaluation)\n"
+        "              SIGINT/SIGTERM/SIGHUP stop after the current step with a checkpoint (a second: at once)\n"
         "              --device D      auto (default: the GPU if one answers, else the CPU, said on stderr), cpu,\n"
         "                              cuda (the GPU or exit 69)\n"
         "              --precision P   fp32 (default), tf32 (GPU: TF32 GEMMs and convolutions); bf16: not yet\n"
@@ -5189,6 +5485,7 @@ static void usage(FILE *f) {
         "              the floor a learned representation has to beat\n"
         "              --student (default: teacher) --knn-k 10,20,100,200 --knn-t 0.07 --data SPEC\n"
         "              --bank-split S --query-split S --probe-epochs N --probe-lr X --probe-wd X --set KEY=VALUE\n"
+        "              --skip-bad-images: leave undecodable images out of the bank and the queries (counted)\n"
         "  plot        excb plot RUN_DIR: PNG curves (loss, diagnostics, cluster usage, k-NN, cluster sizes)\n"
         "              into RUN_DIR/plots with gnuplot (apt-get install gnuplot-nox)\n"
         "  inspect     excb inspect CHECKPOINT: verify it and list its tensors (name, type, shape, CRC-32)\n"
@@ -5216,8 +5513,9 @@ static void usage(FILE *f) {
         "  --help     this text        --version   version and build features\n"
         "exit codes: 0 ok, 3 diverged (NaN/Inf loss or gradient; the last good checkpoint is kept), 64 usage,\n"
         "            65 bad data or a damaged checkpoint, 66 missing input, 69 gnuplot missing, 70 internal,\n"
-        "            71 out of memory, 73 cannot create the run directory, 74 I/O, 78 bad config or a\n"
-        "            checkpoint of another run\n");
+        "            71 out of memory, 73 cannot create the run directory, 74 I/O, 75 the run directory is in\n"
+        "            use by another excb process, 78 bad config or a checkpoint of another run,\n"
+        "            128 + N stopped by signal N with a checkpoint (129 SIGHUP, 130 SIGINT, 143 SIGTERM)\n");
 }
 
 static int parse_int(const char *opt, const char *v, int lo, int hi) {
@@ -5596,21 +5894,13 @@ static int help_config(void) {
     return 0;
 }
 
+/* a config file: a regular file of at most 1 MiB (a run's config.txt is about 2 KB) */
 static int read_text_file(const char *path, char **out, char *err) {
-    FILE *f = fopen(path, "rb");
-    if (!f) return fail(err, EXCB_EXIT_NOINPUT, "%s: %s", path, strerror(errno));
-    size_t cap = 4096, n = 0;
-    char *buf = xmalloc(cap);
-    size_t got;
-    while ((got = fread(buf + n, 1, cap - n - 1, f)) > 0) {
-        n += got;
-        if (n + 1 == cap) {
-            char *grown = realloc(buf, cap *= 2);
-            if (!grown) { free(buf); fclose(f); return fail(err, EXCB_EXIT_OSERR, "%s: out of memory", path); }
-            buf = grown;
-        }
-    }
-    fclose(f);
+    uint8_t *raw = NULL;
+    size_t cap = 0, n;
+    int code = read_whole_file(path, &raw, &cap, &n, 1 << 20, err);
+    if (code) { free(raw); return code == EXCB_EXIT_DATA ? EXCB_EXIT_CONFIG : code; }   /* too large: 78 */
+    char *buf = (char *)raw;
     buf[n] = 0;
     if (memchr(buf, 0, n)) { free(buf); return fail(err, EXCB_EXIT_CONFIG, "%s: not a text file (NUL byte)", path); }
     *out = buf;
@@ -5635,6 +5925,12 @@ static int cmd_train(int argc, char **argv) {
         if (!strcmp(a, "--resume")) { resume = 1; continue; }
         if (!strcmp(a, "--force")) { force = 1; continue; }
         if (!strcmp(a, "--quiet") || !strcmp(a, "-q")) { quiet = 1; continue; }
+        if (!strcmp(a, "--skip-bad-images")) {             /* = --set skip_bad=1, in its place in the order */
+            if (n_sets == MAX_SETS) { fprintf(stderr, "excb train: more than %d settings\n", MAX_SETS); return EXCB_EXIT_USAGE; }
+            sets[n_sets].key = "skip_bad";
+            snprintf(sets[n_sets++].value, sizeof sets[0].value, "1");
+            continue;
+        }
         if (!v) { fprintf(stderr, "excb train: option '%s' needs a value (or is unknown)\n", a); return EXCB_EXIT_USAGE; }
         i++;
         if (!strcmp(a, "--preset")) { preset = v; continue; }
@@ -5687,9 +5983,16 @@ static int cmd_train(int argc, char **argv) {
     char dir[4096];
     if (out) snprintf(dir, sizeof dir, "%s", out);
     else snprintf(dir, sizeof dir, "runs/%s", rc.preset);
+    /* one process per run directory, from here to the end (section 17); with the lock held, the
+       leftover *.tmp files that list_checkpoints removes can only be those of a process that died */
+    int lock_fd = -1;
+    if ((!resume || is_dir(dir)) && ((code = mkdir_p(dir, err)) || (code = excb_lock_run_dir(dir, &lock_fd, err)))) {
+        fprintf(stderr, "excb train: %s\n", err);      /* (--resume of a missing directory: 66 below) */
+        return code;
+    }
     char ckpt[4200] = "";
-    long steps[1];
-    int existing = list_checkpoints(dir, steps, 1, 1);
+    static long steps[4096];
+    int existing = list_checkpoints(dir, steps, 4096, 1);     /* newest first */
     if (resume) {
         if ((code = excb_find_checkpoint(dir, ckpt, sizeof ckpt, 1, err))) { fprintf(stderr, "excb train --resume: %s\n", err); return code; }
         /* the run's own config, with this command line's settings on top; they must not change the run */
@@ -5702,6 +6005,23 @@ static int cmd_train(int argc, char **argv) {
             return code;
         }
         free(text);
+        /* the checkpoint must be this directory's run: every trajectory key of its config equal to
+           config.txt's (a checkpoint copied in from another run is refused, exit 78) */
+        ExcbRunConfig own;
+        memset(&own, 0, sizeof own);
+        char own_path[4200];
+        path_in(own_path, sizeof own_path, dir, "config.txt");
+        if ((code = read_text_file(own_path, &text, err)) || (code = excb_config_parse(&own, text, own_path, err))
+            || (code = excb_config_validate(&own, err))) {
+            fprintf(stderr, "excb train --resume: %s\n", err);
+            free(text);
+            return code;
+        }
+        free(text);
+        if ((code = excb_config_compatible(&own, &saved, err))) {
+            fprintf(stderr, "excb train --resume: %s is not this run's checkpoint: %s says otherwise: %s\n", ckpt, own_path, err);
+            return code;
+        }
         ExcbRunConfig merged = saved;
         for (int i = 0; i < n_sets; i++) excb_config_set(&merged, sets[i].key, sets[i].value, err);
         if ((code = excb_config_validate(&merged, err)) || (code = excb_config_compatible(&merged, &saved, err))) {
@@ -5724,6 +6044,7 @@ static int cmd_train(int argc, char **argv) {
     rc.device = device;
     code = excb_train(&rc, dir, resume ? ckpt : NULL, quiet, err);
     if (code) fprintf(stderr, "excb train: %s\n", err);
+    close(lock_fd);                         /* the lock ends here (or with the process) */
     return code;
 }
 
@@ -5744,6 +6065,12 @@ static int cmd_eval(int argc, char **argv) {
         if (!strcmp(a, "--help") || !strcmp(a, "-h")) { usage(stdout); return 0; }
         if (!strcmp(a, "--student")) { student = 1; continue; }
         if (!strcmp(a, "--pixels")) { pixels = 1; continue; }
+        if (!strcmp(a, "--skip-bad-images")) {
+            if (n_sets == MAX_SETS) { fprintf(stderr, "excb eval: too many settings\n"); return EXCB_EXIT_USAGE; }
+            sets[n_sets].key = "skip_bad";
+            snprintf(sets[n_sets++].value, sizeof sets[0].value, "1");
+            continue;
+        }
         if (a[0] != '-') {
             if (target) { fprintf(stderr, "excb eval: one checkpoint or run directory, got '%s' and '%s'\n", target, a); return EXCB_EXIT_USAGE; }
             target = a;
@@ -5851,6 +6178,16 @@ static int cmp_real_desc(const void *a, const void *b) {
     return (x < y) - (x > y);
 }
 
+/* fclose that reports a failed write (ENOSPC, EIO) of anything written through f: 0 or exit 74 */
+static int close_checked(FILE *f, const char *path, const char *cmd) {
+    int bad = ferror(f) | fflush(f);
+    int e = errno;
+    if (fclose(f) && !bad) { bad = 1; e = errno; }
+    if (!bad) return 0;
+    fprintf(stderr, "excb %s: writing %s failed: %s\n", cmd, path, strerror(e ? e : EIO));
+    return EXCB_EXIT_IO;
+}
+
 static int cmd_plot(int argc, char **argv) {
     if (argc != 1 || argv[0][0] == '-') {
         if (argc == 1 && (!strcmp(argv[0], "--help") || !strcmp(argv[0], "-h"))) { usage(stdout); return 0; }
@@ -5897,7 +6234,9 @@ static int cmd_plot(int argc, char **argv) {
             n_epochs++;
         }
     }
-    fclose(in); fclose(fs); fclose(fe);
+    fclose(in);
+    int bad_fs = close_checked(fs, p1, "plot"), bad_fe = close_checked(fe, p2, "plot");
+    if (bad_fs || bad_fe) return EXCB_EXIT_IO;
     if (!n_steps) { fprintf(stderr, "excb plot: %s has no step records yet\n", path); return EXCB_EXIT_DATA; }
     /* the cluster-size distribution: the newest checkpoint's s, sorted, times K (1 = the balanced size) */
     char ck[4200];
@@ -5916,7 +6255,7 @@ static int cmd_plot(int argc, char **argv) {
                     if (fc) {
                         fprintf(fc, "# rank  s_k*K (sorted; 1 = every cluster equally used)  from %s\n", ck);
                         for (long k = 0; k < K; k++) fprintf(fc, "%ld %.9g\n", k + 1, (double)s[k] * K);
-                        fclose(fc);
+                        if (close_checked(fc, p1, "plot")) { free(s); ck_close(&f); return EXCB_EXIT_IO; }
                         have_sizes = 1;
                     }
                     free(s);
@@ -5944,7 +6283,7 @@ static int cmd_plot(int argc, char **argv) {
         fprintf(g, "set output 'cluster_sizes.png'\nset title 'cluster-size estimate s (E3), sorted, times K'\n"
                    "set xlabel 'rank'\nset ylabel 's_k K'\nset logscale y\n"
                    "plot 'cluster_sizes.dat' using 1:2 with lines title 's_k K', 1 with lines dashtype 2 title 'balanced'\n");
-    fclose(g);
+    if (close_checked(g, p1, "plot")) return EXCB_EXIT_IO;
     pid_t pid = fork();
     if (pid == 0) {
         if (chdir(plots)) _exit(127);

@@ -49,8 +49,10 @@ enum {
     EXCB_EXIT_UNAVAILABLE = 69,/* EX_UNAVAILABLE: a helper program (gnuplot) is missing */
     EXCB_EXIT_CANTCREAT = 73,  /* EX_CANTCREAT: the run directory cannot be created   */
     EXCB_EXIT_IO = 74,         /* EX_IOERR: read or write failure                     */
+    EXCB_EXIT_TEMPFAIL = 75,   /* EX_TEMPFAIL: the run directory is in use by another process */
     EXCB_EXIT_CONFIG = 78,     /* EX_CONFIG: a bad config file or --set, or a checkpoint of another run */
     EXCB_EXIT_DIVERGED = 3,    /* the loss or the gradient norm became NaN or Inf     */
+    EXCB_EXIT_SIGNAL = 128,    /* + the signal: 129 SIGHUP, 130 SIGINT, 143 SIGTERM (a checkpoint was written) */
 };
 
 /* ------------------------------------------------------------------------------------------------ */
@@ -710,6 +712,10 @@ void excb_train_state_free(ExcbTrainState *ts);
    resume_from (a checkpoint of this run directory) it continues that run; rc must be its config.
    0, or an exit code with err (EXCB_EXIT_DIVERGED: the last good checkpoint is intact). */
 int excb_train(ExcbRunConfig *rc, const char *out_dir, const char *resume_from, int quiet, char *err);
+/* one process per run directory: an exclusive flock on DIR/lock (which gets the pid), held while *fd
+   stays open and released by the kernel when the process ends however it ends. 0, or
+   EXCB_EXIT_TEMPFAIL when another process holds it (err names its pid), or EXCB_EXIT_CANTCREAT/IO */
+int excb_lock_run_dir(const char *dir, int *fd, char *err);
 /* the newest checkpoint of a run directory that verifies (damaged newer ones are skipped, with a note
    on stderr when verbose); 0 or EXCB_EXIT_NOINPUT */
 int excb_find_checkpoint(const char *dir, char *path, size_t cap, int verbose, char *err);
@@ -718,11 +724,12 @@ int excb_find_checkpoint(const char *dir, char *path, size_t cap, int verbose, c
 /* backbone features (n, D) of images idx[0..n) (NULL: 0..n-1), BN in evaluation mode, the evaluation view
    (the whole image, or resize the short side to G*256/224 and centre-crop G); the teacher's weights or
    the student's. assign (may be NULL): each image's nearest centroid of the same network (E1 argmax,
-   no balancing). */
-int excb_extract_features(ExcbModel *m, int teacher, const ExcbDataset *ds, const ExcbViewConfig *vc,
+   no balancing). With ds->skip_bad (and ds->bad allocated) a bad image is marked in ds->bad and
+   counted in ds->n_bad, and its row is computed from a zero input: the caller drops the marked rows. */
+int excb_extract_features(ExcbModel *m, int teacher, ExcbDataset *ds, const ExcbViewConfig *vc,
                           const long *idx, long n, real *feat, int32_t *assign, char *err);
 /* the same evaluation view's C*G*G pixels as each image's feature row, for the pixel baseline */
-int excb_pixel_features(const ExcbDataset *ds, const ExcbViewConfig *vc, int C, const long *idx, long n,
+int excb_pixel_features(ExcbDataset *ds, const ExcbViewConfig *vc, int C, const long *idx, long n,
                         real *feat, char *err);
 /* weighted k-NN as DINO's eval_knn: cosine similarity of L2-normalised rows, vote weight exp(sim/T);
    top1[j], top5[j] in percent for k = ks[j] */

@@ -33,6 +33,38 @@ Test(config, precedence_preset_then_file_then_set) {
     cr_expect_eq(rc.epochs, 7);
 }
 
+/* paths with a '#', blanks at either end, a newline, quotes, backslashes and control bytes come back
+   byte for byte through config.txt's quoted form; bare hand-written values keep their old meaning */
+Test(config, string_values_with_any_byte_survive_the_dump) {
+    static const char *paths[] = {"/data/set #2", " lead and trail ", "/a\nb", "q\"uo\\te\\", "\t\x01\x1f\x7f end",
+                                  "#", "\\x41 is not an escape here", "plain/path"};
+    char err[EXCB_ERR_LEN];
+    for (size_t i = 0; i < sizeof paths / sizeof paths[0]; i++) {
+        ExcbRunConfig a, b;
+        excb_preset(&a, "tiny", err);
+        cr_assert_eq(excb_config_set(&a, "data", paths[i], err), 0, "%s", err);
+        char *text = excb_config_dump(&a, 0);
+        memset(&b, 0, sizeof b);
+        cr_assert_eq(excb_config_parse(&b, text, "config.txt", err), 0, "path %zu: %s", i, err);
+        cr_expect_str_eq(b.data, paths[i], "path %zu came back different", i);
+        cr_expect_eq(excb_config_compatible(&a, &b, err), 0, "%s", err);
+        free(text);
+    }
+    ExcbRunConfig c;
+    memset(&c, 0, sizeof c);
+    cr_assert_eq(excb_config_parse(&c, "data = \"/x #1\"  # the set\ntrain_split = train  # bare\n", "h.conf", err), 0, "%s", err);
+    cr_expect_str_eq(c.data, "/x #1");
+    cr_expect_str_eq(c.train_split, "train", "a bare value ends at the comment, blanks trimmed");
+    /* malformed quoted values are refused with the line and the reason */
+    const char *bad[][2] = {{"data = \"/x\n", "unterminated"}, {"data = \"/x\\q\"\n", "unknown escape"},
+                            {"data = \"/x\" tail\n", "after the closing quote"}, {"data = \"\\x00\"\n", "NUL"}};
+    for (int i = 0; i < 4; i++) {
+        memset(&c, 0, sizeof c);
+        cr_expect_eq(excb_config_parse(&c, bad[i][0], "bad.conf", err), EXCB_EXIT_CONFIG, "case %d accepted", i);
+        cr_expect(strstr(err, "bad.conf:1") && strstr(err, bad[i][1]), "case %d: %s", i, err);
+    }
+}
+
 Test(config, dump_parse_round_trip_is_exact) {
     ExcbRunConfig a, b;
     char err[EXCB_ERR_LEN];
@@ -634,4 +666,24 @@ Test(checkpoint, another_models_checkpoint_is_refused_by_name_and_shape) {
     cr_expect(strstr(err, "has no tensor") || strstr(err, "expects"), "%s", err);
     excb_train_state_free(&ta);
     excb_free(&a); excb_free(&b);
+}
+
+/* ---- the run directory's lock ------------------------------------------------------------------ */
+/* flock locks belong to an open file description: a second open of DIR/lock, even in this process,
+   meets the first one's lock exactly as another process would */
+Test(rundir, the_lock_admits_one_holder_and_names_it) {
+    char dir[] = "/tmp/excb_test_lock_XXXXXX", err[EXCB_ERR_LEN], pid[32];
+    cr_assert(mkdtemp(dir));
+    int a = -1, b = -1;
+    cr_assert_eq(excb_lock_run_dir(dir, &a, err), 0, "%s", err);
+    cr_expect_eq(excb_lock_run_dir(dir, &b, err), EXCB_EXIT_TEMPFAIL, "a second holder was admitted");
+    snprintf(pid, sizeof pid, "pid %ld", (long)getpid());
+    cr_expect(strstr(err, pid) && strstr(err, "in use"), "the refusal names the holder: %s", err);
+    close(a);                                          /* as the kernel does when a process ends */
+    cr_expect_eq(excb_lock_run_dir(dir, &b, err), 0, "the lock outlived its holder: %s", err);
+    close(b);
+    char path[64];
+    snprintf(path, sizeof path, "%s/lock", dir);
+    unlink(path);
+    rmdir(dir);
 }

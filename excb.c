@@ -1802,7 +1802,9 @@ static int open_input(const char *path, size_t max, int *fd, size_t *size, char 
     if (*fd < 0) return fail(err, EXCB_EXIT_NOINPUT, "%s: cannot open: %s", path, strerror(errno));
     struct stat st;
     int code = 0;
-    if (fstat(*fd, &st) != 0 || !S_ISREG(st.st_mode))
+    if (fstat(*fd, &st) != 0)
+        code = fail(err, EXCB_EXIT_IO, "%s: cannot stat: %s", path, strerror(errno));
+    else if (!S_ISREG(st.st_mode))
         code = fail(err, EXCB_EXIT_DATA, "%s: not a regular file (%s)", path, S_ISDIR(st.st_mode) ? "a directory"
                     : S_ISFIFO(st.st_mode) ? "a FIFO" : S_ISCHR(st.st_mode) || S_ISBLK(st.st_mode) ? "a device" : "a special file");
     else if ((uint64_t)st.st_size > max)
@@ -2194,18 +2196,13 @@ static int collect_images(FileList *fl, const char *dir, int label, int depth, c
             code = fail(err, EXCB_EXIT_DATA, "%s/%s: path too long", dir, names[i]);
             break;
         }
-        struct stat st;
-        int listed = !stat(path, &st);
-        if (listed && S_ISDIR(st.st_mode)) { code = collect_images(fl, path, label, depth + 1, err); continue; }
+        if (is_dir(path)) { code = collect_images(fl, path, label, depth + 1, err); continue; }
         if (!has_image_extension(names[i])) {
             if (!fl->ignored++) snprintf(fl->first_ignored, sizeof fl->first_ignored, "%s", path);
             continue;
         }
-        if (!listed || !S_ISREG(st.st_mode)) {       /* a FIFO named img.png would block its reader */
-            code = fail(err, EXCB_EXIT_DATA, "%s: %s", path, listed ? "named like an image but not a regular file"
-                        : strerror(errno));
-            break;
-        }
+        /* listed by name: a FIFO or a dangling link named like an image is refused when it is read
+           (open_input, without blocking), and a skip (skip_bad) then skips it like any bad image */
         if (fl->n == fl->cap) {
             fl->cap = fl->cap ? 2 * fl->cap : 1024;
             char **np = realloc(fl->paths, sizeof(char *) * fl->cap);
@@ -4033,11 +4030,15 @@ static uint64_t get64(const uint8_t *p) { uint64_t v; memcpy(&v, p, 8); return v
 
 /* The temporary file being written (a checkpoint's NAME.tmp, config.txt.tmp, eval.json.tmp), known to
    the signal handler of section 17 so that a process ended by a second signal leaves none behind. */
-static volatile sig_atomic_t tmp_in_flight;      /* 1 while tmp_path is being written                 */
-static char tmp_path[4200];
-
-static void tmp_begin(const char *path) { snprintf(tmp_path, sizeof tmp_path, "%s", path); tmp_in_flight = 1; }
-static void tmp_end(void) { tmp_in_flight = 0; }
+static atomic_int tmp_in_flight;                 /* 1 while tmp_path is being written; any thread may  */
+static char tmp_path[4200];                      /* take the signal, so the path is published by a    */
+                                                 /* release store and read after an acquire load      */
+static void tmp_begin(const char *path) {
+    atomic_store_explicit(&tmp_in_flight, 0, memory_order_release);
+    snprintf(tmp_path, sizeof tmp_path, "%s", path);
+    atomic_store_explicit(&tmp_in_flight, 1, memory_order_release);
+}
+static void tmp_end(void) { atomic_store_explicit(&tmp_in_flight, 0, memory_order_release); }
 
 static int fsync_dir_of(const char *path) {
     char dir[4096];
@@ -4103,15 +4104,15 @@ int excb_checkpoint_save(const char *path, const ExcbModel *m, const ExcbTrainSt
     put32(trailer, crc);
     memcpy(trailer + 8, "EXCBEND", 8);
     if (!bad) bad = fwrite(trailer, 1, CK_TRAILER, f) != CK_TRAILER;
-    int saved_errno = errno;
-    if (!bad) bad = fflush(f) || fsync(fileno(f));
-    if (fclose(f)) bad = 1;
+    int saved_errno = bad ? errno : 0;             /* the errno of the first call that failed */
+    if (!bad && (fflush(f) || fsync(fileno(f)))) { bad = 1; saved_errno = errno; }
+    if (fclose(f) && !bad) { bad = 1; saved_errno = errno; }
     free(l.e);
     if (bad) {
         unlink(tmp);
         tmp_end();
         return fail(err, EXCB_EXIT_IO, "writing %s failed: %s (the previous checkpoint is untouched)", tmp,
-                    strerror(saved_errno ? saved_errno : errno));
+                    strerror(saved_errno ? saved_errno : EIO));
     }
     if (rename(tmp, path) || fsync_dir_of(path)) {
         saved_errno = errno;
@@ -4295,48 +4296,61 @@ typedef struct {
 /* --- one process per run directory ------------------------------------------------------------------
  * An exclusive flock on DIR/lock, held until the process ends. A second process (a second `train`, a
  * `--resume` of a live run) is refused with exit 75 before it touches anything: it would otherwise
- * delete the first one's checkpoint in progress and interleave its records with the first one's. */
-int excb_lock_run_dir(const char *dir, int *fd_out, char *err) {
+ * delete the first one's checkpoint in progress and interleave its records with the first one's.
+ * create = 0 only probes: it takes the lock if the file is there (and leaves the file as it is);
+ * create = 1, once the run goes ahead, creates the file if needed and writes this process's pid. */
+int excb_lock_run_dir(const char *dir, int create, int *fd, char *err) {
     char path[4200];
     snprintf(path, sizeof path, "%s/lock", dir);
-    int fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0666);
-    if (fd < 0) return fail(err, EXCB_EXIT_CANTCREAT, "cannot create %s: %s", path, strerror(errno));
-    if (flock(fd, LOCK_EX | LOCK_NB)) {
-        int busy = errno == EWOULDBLOCK;
-        char pid[32] = "";
-        ssize_t n = busy ? pread(fd, pid, sizeof pid - 1, 0) : 0;
-        pid[n > 0 ? n : 0] = 0;
-        pid[strcspn(pid, "\n")] = 0;
-        close(fd);
-        if (!busy) return fail(err, EXCB_EXIT_IO, "cannot lock %s: %s", path, strerror(errno));
-        return fail(err, EXCB_EXIT_TEMPFAIL, "%s is in use by another excb process (pid %s holds %s); nothing "
-                    "was changed: wait for it to finish, or stop it (SIGINT saves a checkpoint)", dir, pid[0] ? pid : "?", path);
+    if (*fd < 0) {
+        *fd = open(path, O_RDWR | O_CLOEXEC | O_NOFOLLOW | (create ? O_CREAT : 0), 0666);
+        if (*fd < 0 && !create && errno == ENOENT) return 0;        /* no lock file: no live run */
+        if (*fd < 0) return fail(err, EXCB_EXIT_CANTCREAT, "cannot create %s: %s", path, strerror(errno));
+        if (flock(*fd, LOCK_EX | LOCK_NB)) {
+            int busy = errno == EWOULDBLOCK, e = errno;
+            char pid[32] = "";
+            ssize_t n = busy ? pread(*fd, pid, sizeof pid - 1, 0) : 0;
+            pid[n > 0 ? n : 0] = 0;
+            pid[strcspn(pid, "\n")] = 0;
+            close(*fd);
+            *fd = -1;
+            if (!busy) return fail(err, EXCB_EXIT_IO, "cannot lock %s: %s", path, strerror(e));
+            return fail(err, EXCB_EXIT_TEMPFAIL, "%s is in use by another excb process (pid %s holds %s); nothing "
+                        "was changed: wait for it to finish, or stop it (SIGINT saves a checkpoint)", dir, pid[0] ? pid : "?", path);
+        }
     }
+    if (!create) return 0;
     char pid[32];
     int len = snprintf(pid, sizeof pid, "%ld\n", (long)getpid());
-    if (ftruncate(fd, 0) || pwrite(fd, pid, len, 0) != len) {
-        close(fd);
-        return fail(err, EXCB_EXIT_IO, "writing %s failed: %s", path, strerror(errno));
-    }
-    *fd_out = fd;                        /* kept open (and locked) until the process ends */
-    return 0;
+    if (ftruncate(*fd, 0) || pwrite(*fd, pid, len, 0) != len) return fail(err, EXCB_EXIT_IO, "writing %s failed: %s", path, strerror(errno));
+    return 0;                            /* *fd stays open (and locked) until the process ends */
 }
 
 /* --- signals ------------------------------------------------------------------------------------------
  * The handler only records the signal; the loop stops after the step in progress. A second signal ends
  * the process at once, after removing the temporary file of the write in progress (tmp_begin, section
  * 16; unlink and _exit are async-signal-safe). */
-static volatile sig_atomic_t stop_signal;        /* the first SIGINT/SIGTERM/SIGHUP of this run       */
+static atomic_int stop_signal;                   /* the first SIGINT/SIGTERM/SIGHUP of this run       */
 static atomic_int signals_seen;                  /* every thread may take a signal: counted atomically */
 
+/* lock-free atomics, unlink, write, sigaction, sigprocmask and raise: all async-signal-safe */
 static void on_stop_signal(int sig) {
-    if (atomic_fetch_add(&signals_seen, 1) > 0) {       /* lock-free: async-signal-safe */
+    if (atomic_fetch_add(&signals_seen, 1) > 0) {
         static const char msg[] = "\nexcb train: a second signal: exiting now; the newest complete checkpoint is kept\n";
-        if (tmp_in_flight) unlink(tmp_path);
+        if (atomic_load_explicit(&tmp_in_flight, memory_order_acquire)) unlink(tmp_path);
         if (write(STDERR_FILENO, msg, sizeof msg - 1) < 0) { /* nothing left to tell */ }
-        _exit(EXCB_EXIT_SIGNAL + sig);
+        /* die of the signal itself: the parent sees "killed by SIGINT", not the 130 of a clean stop */
+        struct sigaction dfl = {.sa_handler = SIG_DFL};
+        sigemptyset(&dfl.sa_mask);
+        sigaction(sig, &dfl, NULL);
+        sigset_t one;
+        sigemptyset(&one);
+        sigaddset(&one, sig);
+        sigprocmask(SIG_UNBLOCK, &one, NULL);
+        raise(sig);
+        _exit(EXCB_EXIT_SIGNAL + sig);                  /* not reached */
     }
-    stop_signal = sig;
+    atomic_store(&stop_signal, sig);
 }
 
 static const char *signal_name(int sig) { return sig == SIGINT ? "SIGINT" : sig == SIGTERM ? "SIGTERM" : sig == SIGHUP ? "SIGHUP" : "a signal"; }
@@ -4365,15 +4379,15 @@ static int write_text_atomic(const char *path, const char *text, char *err) {
     tmp_begin(tmp);
     FILE *f = fopen(tmp, "w");
     if (!f) { tmp_end(); return fail(err, EXCB_EXIT_CANTCREAT, "cannot create %s: %s", tmp, strerror(errno)); }
-    int bad = fputs(text, f) < 0;
-    bad |= fflush(f) || fsync(fileno(f));
-    int saved_errno = errno;
-    bad |= fclose(f) != 0;
-    if (bad || rename(tmp, path) || fsync_dir_of(path)) {
-        if (!bad) saved_errno = errno;
+    int e = 0;                                   /* the errno of the first call that failed */
+    if (fputs(text, f) < 0 || fflush(f) || fsync(fileno(f))) e = errno ? errno : EIO;
+    if (fclose(f) && !e) e = errno ? errno : EIO;
+    if (!e && rename(tmp, path)) e = errno;
+    if (!e && fsync_dir_of(path)) e = errno;
+    if (e) {
         unlink(tmp);
         tmp_end();
-        return fail(err, EXCB_EXIT_IO, "writing %s failed: %s", path, strerror(saved_errno ? saved_errno : errno));
+        return fail(err, EXCB_EXIT_IO, "writing %s failed: %s", path, strerror(e));
     }
     tmp_end();
     return 0;
@@ -4789,13 +4803,6 @@ int excb_train(ExcbRunConfig *rc_in, const char *out_dir, const char *resume_fro
     snprintf(r.dir, sizeof r.dir, "%s", out_dir);
     int code;
     if ((code = mkdir_p(out_dir, err))) return code;
-    /* SIGINT, SIGTERM, SIGHUP: stop after the step in progress, with a checkpoint (until this returns) */
-    static const int stop_sigs[3] = {SIGINT, SIGTERM, SIGHUP};
-    struct sigaction on_stop = {.sa_handler = on_stop_signal}, before[3];
-    sigemptyset(&on_stop.sa_mask);
-    stop_signal = 0;
-    atomic_store(&signals_seen, 0);
-    for (int i = 0; i < 3; i++) sigaction(stop_sigs[i], &on_stop, &before[i]);
     /* the data first: the model's channel count and the schedule's length follow from it */
     ExcbDataset ds;
     if ((code = excb_data_open(&ds, rc.data, rc.train_split, err))) return code;
@@ -4819,6 +4826,18 @@ int excb_train(ExcbRunConfig *rc_in, const char *out_dir, const char *resume_fro
             return code;
         }
         run = &dm;
+    }
+    /* SIGINT, SIGTERM, SIGHUP: stop after the step in progress, with a checkpoint (from here until this
+       returns; every exit below goes through done_model, which restores the handlers). A signal the
+       caller ignores (nohup, a background job of a script) stays ignored. */
+    static const int stop_sigs[3] = {SIGINT, SIGTERM, SIGHUP};
+    struct sigaction on_stop = {.sa_handler = on_stop_signal}, before[3];
+    sigemptyset(&on_stop.sa_mask);
+    atomic_store(&stop_signal, 0);
+    atomic_store(&signals_seen, 0);
+    for (int i = 0; i < 3; i++) {
+        sigaction(stop_sigs[i], NULL, &before[i]);
+        if (before[i].sa_handler != SIG_IGN) sigaction(stop_sigs[i], &on_stop, NULL);
     }
     char *config_text = excb_config_dump(&rc, 0), *config_json = excb_config_dump(&rc, 1);
     ExcbTrainState ts = {0};
@@ -4960,11 +4979,16 @@ int excb_train(ExcbRunConfig *rc_in, const char *out_dir, const char *resume_fro
         }
     }
     excb_loader_close(&L);
-    if (!code && m.step == rc.model.total_steps && have_eval && !stop_signal) {
+    /* the loop ended early because of a signal (not at its end or at --stop-after): interrupted */
+    int interrupted = !code && stop_signal && m.step < rc.model.total_steps && !(rc.stop_after && m.step >= rc.stop_after)
+                      ? stop_signal : 0;
+    if (!code && !interrupted && m.step == rc.model.total_steps && have_eval) {
         /* the final evaluation on the whole bank and query splits */
         EvalResult res;
         if (!quiet) fprintf(stderr, "excb train: final evaluation (k-NN, linear probe, clusters) ...\n");
-        if (!(code = evaluate(&m, &rc, &es, 0, 0, 1, 1, &res, err))) {
+        code = evaluate(&m, &rc, &es, 0, 0, 1, 1, &res, err);
+        if (stop_signal && code == EXCB_EXIT_SIGNAL + stop_signal) { interrupted = stop_signal; code = 0; }  /* cut short */
+        else if (!code) {
             fprintf(r.metrics, "{\"type\":\"eval\",\"step\":%ld,\"features\":\"teacher\",", m.step);
             eval_json(r.metrics, &rc, &res);
             metrics_end(&r, res.seconds, 0);
@@ -4983,11 +5007,11 @@ int excb_train(ExcbRunConfig *rc_in, const char *out_dir, const char *resume_fro
             free(text);
         }
     }
-    if (stop_signal && (!code || code == EXCB_EXIT_SIGNAL + stop_signal)) {
-        /* stopped between steps (or during an evaluation, which is simply dropped): the state is the
-           end of step m.step, complete, so a checkpoint of it is as good as any other */
-        int sig = stop_signal;
-        code = 0;
+    if (interrupted) {
+        /* stopped between steps (or during the final evaluation, which is simply dropped): the state is
+           the end of step m.step, complete, so a checkpoint of it is as good as any other. A signal that
+           comes after the run's work is done changes nothing: the run finished. */
+        int sig = interrupted;
         if (m.step != last_ckpt) {
             if (run != &m) code = excb_cuda_download(&m, run, err);
             ts.seconds = seconds_before + (now_seconds() - r.t_start);
@@ -5006,6 +5030,7 @@ int excb_train(ExcbRunConfig *rc_in, const char *out_dir, const char *resume_fro
 done_model:
     if (r.metrics && fclose(r.metrics) && !code) code = fail(err, EXCB_EXIT_IO, "closing %s/metrics.jsonl failed: %s", r.dir, strerror(errno));
     for (int i = 0; i < 3; i++) sigaction(stop_sigs[i], &before[i], NULL);
+    atomic_store(&stop_signal, 0);               /* later evaluations in this process run whole */
     if (have_eval) close_eval_sets(&es);
     excb_train_state_free(&ts);
     free(config_text);
@@ -5983,23 +6008,20 @@ static int cmd_train(int argc, char **argv) {
     char dir[4096];
     if (out) snprintf(dir, sizeof dir, "%s", out);
     else snprintf(dir, sizeof dir, "runs/%s", rc.preset);
-    /* one process per run directory, from here to the end (section 17); with the lock held, the
-       leftover *.tmp files that list_checkpoints removes can only be those of a process that died */
+    /* one process per run directory (section 17): a live run's lock first, so that nothing below even
+       looks at a directory another process is working in; the checks then only read, and a refused
+       command (64, 66, 78) changes nothing */
     int lock_fd = -1;
-    if ((!resume || is_dir(dir)) && ((code = mkdir_p(dir, err)) || (code = excb_lock_run_dir(dir, &lock_fd, err)))) {
-        fprintf(stderr, "excb train: %s\n", err);      /* (--resume of a missing directory: 66 below) */
-        return code;
-    }
+    if (is_dir(dir) && (code = excb_lock_run_dir(dir, 0, &lock_fd, err))) { fprintf(stderr, "excb train: %s\n", err); return code; }
     char ckpt[4200] = "";
     static long steps[4096];
-    int existing = list_checkpoints(dir, steps, 4096, 1);     /* newest first */
+    int existing = list_checkpoints(dir, steps, 4096, 0);     /* newest first; removes nothing */
     if (resume) {
         if ((code = excb_find_checkpoint(dir, ckpt, sizeof ckpt, 1, err))) { fprintf(stderr, "excb train --resume: %s\n", err); return code; }
         /* the run's own config, with this command line's settings on top; they must not change the run */
         ExcbRunConfig saved;
         memset(&saved, 0, sizeof saved);
-        if ((code = excb_checkpoint_config(ckpt, &text, err)) || (code = excb_config_parse(&saved, text, ckpt, err))
-            || (code = excb_config_validate(&saved, err))) {
+        if ((code = excb_checkpoint_config(ckpt, &text, err)) || (code = excb_config_parse(&saved, text, ckpt, err))) {
             fprintf(stderr, "excb train --resume: %s\n", err);
             free(text);
             return code;
@@ -6011,8 +6033,7 @@ static int cmd_train(int argc, char **argv) {
         memset(&own, 0, sizeof own);
         char own_path[4200];
         path_in(own_path, sizeof own_path, dir, "config.txt");
-        if ((code = read_text_file(own_path, &text, err)) || (code = excb_config_parse(&own, text, own_path, err))
-            || (code = excb_config_validate(&own, err))) {
+        if ((code = read_text_file(own_path, &text, err)) || (code = excb_config_parse(&own, text, own_path, err))) {
             fprintf(stderr, "excb train --resume: %s\n", err);
             free(text);
             return code;
@@ -6022,23 +6043,26 @@ static int cmd_train(int argc, char **argv) {
             fprintf(stderr, "excb train --resume: %s is not this run's checkpoint: %s says otherwise: %s\n", ckpt, own_path, err);
             return code;
         }
+        /* validated once merged: a saved value outside today's range (threads = 2000 from an older
+           excb) can be overridden when it does not shape the trajectory (--threads 2) */
         ExcbRunConfig merged = saved;
-        for (int i = 0; i < n_sets; i++) excb_config_set(&merged, sets[i].key, sets[i].value, err);
-        if ((code = excb_config_validate(&merged, err)) || (code = excb_config_compatible(&merged, &saved, err))) {
+        for (int i = 0; i < n_sets && !code; i++) code = excb_config_set(&merged, sets[i].key, sets[i].value, err);
+        if (code || (code = excb_config_validate(&merged, err)) || (code = excb_config_compatible(&merged, &saved, err))) {
             fprintf(stderr, "excb train --resume %s: %s\n", ckpt, err);
             return code;
         }
         rc = merged;
-    } else if (existing) {
-        if (!force) {
-            fprintf(stderr, "excb train: %s already holds a run (checkpoint at step %ld): continue it with --resume, "
-                    "or start over with --force (which deletes its checkpoints and metrics)\n", dir, steps[0]);
-            return EXCB_EXIT_USAGE;
-        }
-        long all[4096];
-        int n = list_checkpoints(dir, all, 4096, 1);
-        for (int i = 0; i < n; i++) { char p[4200]; ckpt_path(p, sizeof p, dir, all[i]); unlink(p); }
+    } else if (existing && !force) {
+        fprintf(stderr, "excb train: %s already holds a run (checkpoint at step %ld): continue it with --resume, "
+                "or start over with --force (which deletes its checkpoints and metrics)\n", dir, steps[0]);
+        return EXCB_EXIT_USAGE;
     }
+    /* the run goes ahead: its directory, the lock with this pid; then, under the lock, the leftover
+       ckpt-*.tmp of a process that died, and with --force the old checkpoints */
+    if ((code = mkdir_p(dir, err)) || (code = excb_lock_run_dir(dir, 1, &lock_fd, err))) { fprintf(stderr, "excb train: %s\n", err); return code; }
+    long all[4096];
+    int n_all = list_checkpoints(dir, all, 4096, 1);
+    for (int i = 0; force && !resume && i < n_all; i++) { char p[4200]; ckpt_path(p, sizeof p, dir, all[i]); unlink(p); }
     rc.stop_after = stop_after;
     rc.precision = precision;
     rc.device = device;
@@ -6197,8 +6221,10 @@ static int cmd_plot(int argc, char **argv) {
     const char *dir = argv[0];
     char path[4400], err[EXCB_ERR_LEN], plots[4200];
     path_in(path, sizeof path, dir, "metrics.jsonl");
-    FILE *in = fopen(path, "r");
-    if (!in) { fprintf(stderr, "excb plot: %s: %s\n", path, strerror(errno)); return EXCB_EXIT_NOINPUT; }
+    size_t bytes;
+    int fd, code = open_input(path, SIZE_MAX, &fd, &bytes, err);     /* a FIFO would block fopen */
+    FILE *in = code ? NULL : fdopen(fd, "r");
+    if (!in) { fprintf(stderr, "excb plot: %s\n", code ? err : strerror(errno)); return code ? code : EXCB_EXIT_OSERR; }
     path_in(plots, sizeof plots, dir, "plots");
     if (mkdir_p(plots, err)) { fclose(in); fprintf(stderr, "excb plot: %s\n", err); return EXCB_EXIT_CANTCREAT; }
     char p1[4400], p2[4400];

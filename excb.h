@@ -712,10 +712,11 @@ void excb_train_state_free(ExcbTrainState *ts);
    resume_from (a checkpoint of this run directory) it continues that run; rc must be its config.
    0, or an exit code with err (EXCB_EXIT_DIVERGED: the last good checkpoint is intact). */
 int excb_train(ExcbRunConfig *rc, const char *out_dir, const char *resume_from, int quiet, char *err);
-/* one process per run directory: an exclusive flock on DIR/lock (which gets the pid), held while *fd
-   stays open and released by the kernel when the process ends however it ends. 0, or
+/* one process per run directory: an exclusive flock on DIR/lock, held while *fd stays open and released
+   by the kernel when the process ends however it ends. *fd < 0: open and lock the file (create = 0: only
+   if it exists, else 0 with *fd still -1); then create = 1 writes this process's pid into it. 0, or
    EXCB_EXIT_TEMPFAIL when another process holds it (err names its pid), or EXCB_EXIT_CANTCREAT/IO */
-int excb_lock_run_dir(const char *dir, int *fd, char *err);
+int excb_lock_run_dir(const char *dir, int create, int *fd, char *err);
 /* the newest checkpoint of a run directory that verifies (damaged newer ones are skipped, with a note
    on stderr when verbose); 0 or EXCB_EXIT_NOINPUT */
 int excb_find_checkpoint(const char *dir, char *path, size_t cap, int verbose, char *err);

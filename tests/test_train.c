@@ -672,18 +672,23 @@ Test(checkpoint, another_models_checkpoint_is_refused_by_name_and_shape) {
 /* flock locks belong to an open file description: a second open of DIR/lock, even in this process,
    meets the first one's lock exactly as another process would */
 Test(rundir, the_lock_admits_one_holder_and_names_it) {
-    char dir[] = "/tmp/excb_test_lock_XXXXXX", err[EXCB_ERR_LEN], pid[32];
+    char dir[] = "/tmp/excb_test_lock_XXXXXX", err[EXCB_ERR_LEN], pid[32], path[64];
     cr_assert(mkdtemp(dir));
-    int a = -1, b = -1;
-    cr_assert_eq(excb_lock_run_dir(dir, &a, err), 0, "%s", err);
-    cr_expect_eq(excb_lock_run_dir(dir, &b, err), EXCB_EXIT_TEMPFAIL, "a second holder was admitted");
+    snprintf(path, sizeof path, "%s/lock", dir);
+    int a = -1, b = -1, c = -1;
+    /* a probe of a directory without a lock file creates nothing */
+    cr_assert_eq(excb_lock_run_dir(dir, 0, &a, err), 0, "%s", err);
+    cr_expect(a < 0 && access(path, F_OK) != 0, "the probe created %s", path);
+    cr_assert_eq(excb_lock_run_dir(dir, 1, &a, err), 0, "%s", err);
+    cr_expect_eq(excb_lock_run_dir(dir, 0, &b, err), EXCB_EXIT_TEMPFAIL, "a probe was admitted beside the holder");
+    cr_expect_eq(excb_lock_run_dir(dir, 1, &c, err), EXCB_EXIT_TEMPFAIL, "a second holder was admitted");
     snprintf(pid, sizeof pid, "pid %ld", (long)getpid());
     cr_expect(strstr(err, pid) && strstr(err, "in use"), "the refusal names the holder: %s", err);
     close(a);                                          /* as the kernel does when a process ends */
-    cr_expect_eq(excb_lock_run_dir(dir, &b, err), 0, "the lock outlived its holder: %s", err);
+    b = -1;
+    cr_expect_eq(excb_lock_run_dir(dir, 0, &b, err), 0, "the lock outlived its holder: %s", err);
+    cr_expect_eq(excb_lock_run_dir(dir, 1, &b, err), 0, "the probe's lock, taken on: %s", err);
     close(b);
-    char path[64];
-    snprintf(path, sizeof path, "%s/lock", dir);
     unlink(path);
     rmdir(dir);
 }

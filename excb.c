@@ -4510,7 +4510,7 @@ static int open_eval_sets(const ExcbRunConfig *rc, EvalSets *es, char *err) {
                 snprintf(a + strlen(a), sizeof a - strlen(a), c ? ", %s" : "%s", es->bank.class_names[c]);
             for (int c = 0; c < es->query.n_classes && es->query.class_names && strlen(b) < 500; c++)
                 snprintf(b + strlen(b), sizeof b - strlen(b), c ? ", %s" : "%s", es->query.class_names[c]);
-            int code = fail(err, EXCB_EXIT_DATA, "%s: the %s split's classes {%s} and the %s split's {%s} differ: the "
+            code = fail(err, EXCB_EXIT_DATA, "%s: the %s split's classes {%s} and the %s split's {%s} differ: the "
                             "evaluation compares labels by class, so both need the same class folders", es->bank.path,
                             es->bank.split, a, es->query.split, b);
             excb_data_close(&es->bank); excb_data_close(&es->query);
@@ -4526,8 +4526,9 @@ static int open_eval_sets(const ExcbRunConfig *rc, EvalSets *es, char *err) {
         int ok = ds->labels && ds->n_classes > 0;
         for (long i = 0; ok && i < ds->n; i++) ok = ds->labels[i] >= 0;
         if (!ok) {
-            excb_data_close(&es->bank); excb_data_close(&es->query);
-            return fail(err, EXCB_EXIT_DATA, "%s (%s split): evaluation needs every image labelled", ds->path, ds->split);
+            code = fail(err, EXCB_EXIT_DATA, "%s (%s split): evaluation needs every image labelled", ds->path, ds->split);
+            excb_data_close(&es->bank); excb_data_close(&es->query);      /* after the message: it names them */
+            return code;
         }
     }
     return 0;

@@ -1972,7 +1972,6 @@ static int load_idx(const char *path, ExcbDataPart *part, int *ndim, uint32_t di
     return 0;
 }
 
-/* "dir/name" or "dir/name.gz", whichever exists */
 /* the data sets' files are found by name, whatever their type: a directory or a FIFO that bears an
    IDX, CIFAR or STL-10 file's name is then refused by open_input as what it is, not skipped over */
 static int exists(const char *path) {
@@ -1980,6 +1979,7 @@ static int exists(const char *path) {
     return stat(path, &st) == 0;
 }
 
+/* "dir/name" or "dir/name.gz", whichever exists */
 static int find_maybe_gz(char *out, size_t cap, const char *dir, const char *name) {
     snprintf(out, cap, "%s/%s.gz", dir, name);
     if (exists(out)) return 1;
@@ -4280,9 +4280,10 @@ int excb_checkpoint_load(const char *path, ExcbModel *m, ExcbTrainState *ts, cha
  *                       ends (kill -9 included), so a stale file never blocks a later run.
  * Every write is checked: a metrics record, a checkpoint, config.txt or eval.json that cannot be
  * written stops the run with exit 74 and the path, before a checkpoint could record a metrics length
- * that is not on disk. SIGINT, SIGTERM and SIGHUP stop the run at the end of the step in progress (or
- * of the evaluation in progress) with a checkpoint of that step and exit 128 + the signal; a second
- * signal exits at once, removing the checkpoint file being written, if any.
+ * that is not on disk. SIGINT, SIGTERM and SIGHUP stop the run at the end of the step in progress (in
+ * the final evaluation, at the linear probe's next epoch) with a checkpoint of that step and exit
+ * 128 + the signal; a second signal kills the process by that signal, after removing the checkpoint
+ * file being written, if any.
  */
 typedef struct {
     char dir[4096];
@@ -4329,7 +4330,7 @@ int excb_lock_run_dir(const char *dir, int create, int *fd, char *err) {
 /* --- signals ------------------------------------------------------------------------------------------
  * The handler only records the signal; the loop stops after the step in progress. A second signal ends
  * the process at once, after removing the temporary file of the write in progress (tmp_begin, section
- * 16; unlink and _exit are async-signal-safe). */
+ * 16). */
 static atomic_int stop_signal;                   /* the first SIGINT/SIGTERM/SIGHUP of this run       */
 static atomic_int signals_seen;                  /* every thread may take a signal: counted atomically */
 
@@ -4615,9 +4616,6 @@ static int evaluate(ExcbModel *m, const ExcbRunConfig *rc, EvalSets *es, long ba
         code = excb_pixel_features(&es->bank, &vc, cfg->in_ch, ib, nb, fb, err);
         if (!code) code = excb_pixel_features(&es->query, &vc, cfg->in_ch, iq, nq, fq, err);
     }
-    /* a run asked to stop (section 17) drops its final evaluation; the epochs' short k-NN runs to its end,
-       so that the epoch's record and checkpoint stay one unit */
-    if (!code && full && stop_signal) code = EXCB_EXIT_SIGNAL + stop_signal;
     if (!code) {
         /* bad images (skip_bad) leave the bank and the queries; kept rows move up in order */
         res->skipped_bank = drop_bad_rows(&es->bank, ib, &nb, fb, D, NULL);
@@ -4633,12 +4631,14 @@ static int evaluate(ExcbModel *m, const ExcbRunConfig *rc, EvalSets *es, long ba
         res->n_query = nq;
         res->n_ks = rc->n_knn_ks;
         excb_knn(fb, yb, nb, fq, yq, nq, D, C, rc->knn_ks, rc->n_knn_ks, rc->knn_t, res->top1, res->top5);
-        if (full && stop_signal) code = EXCB_EXIT_SIGNAL + stop_signal;
-        else if (full) {
+        if (full) {
             res->probed = 1;
             res->probe_test = excb_linear_probe(fb, yb, nb, fq, yq, nq, D, C, rc->probe_epochs, rc->probe_batch,
                                                 rc->probe_lr, rc->probe_wd, cfg->seed, &res->probe_train);
-            if (stop_signal) code = EXCB_EXIT_SIGNAL + stop_signal;          /* cut short: not a result */
+            /* a run asked to stop (section 17): the probe stopped at its next epoch, so the full
+               evaluation is dropped; the epochs' short k-NN (full = 0) runs to its end, so that an
+               epoch's record and its checkpoint stay one unit */
+            if (stop_signal) code = EXCB_EXIT_SIGNAL + stop_signal;
             if (aq) {
                 res->clustered = 1;
                 excb_cluster_scores(aq, yq, nq, cfg->K, C, &res->clusters);
@@ -4798,6 +4798,11 @@ static void epoch_record(Run *r, const ExcbModel *m, const ExcbTrainState *ts, l
     }
 }
 
+/* the loop goes on while the schedule and --stop-after both leave steps to do */
+static int steps_left(const ExcbRunConfig *rc, long step) {
+    return step < rc->model.total_steps && !(rc->stop_after && step >= rc->stop_after);
+}
+
 int excb_train(ExcbRunConfig *rc_in, const char *out_dir, const char *resume_from, int quiet, char *err) {
     ExcbRunConfig rc = *rc_in;
     Run r = {.tty = isatty(STDERR_FILENO), .quiet = quiet};
@@ -4911,7 +4916,7 @@ int excb_train(ExcbRunConfig *rc_in, const char *out_dir, const char *resume_fro
     double seconds_before = ts.seconds;               /* training time of earlier processes of this run */
     double epoch_t0 = now_seconds();
     int B = rc.model.batch, NG = rc.model.n_global * B;
-    while (m.step < rc.model.total_steps && !(rc.stop_after && m.step >= rc.stop_after) && !stop_signal) {
+    while (steps_left(&rc, m.step) && !stop_signal) {
         ExcbBatch *bt;
         if ((code = excb_loader_next(&L, &bt, err))) break;
         long epoch = m.step / bpe;
@@ -4981,8 +4986,7 @@ int excb_train(ExcbRunConfig *rc_in, const char *out_dir, const char *resume_fro
     }
     excb_loader_close(&L);
     /* the loop ended early because of a signal (not at its end or at --stop-after): interrupted */
-    int interrupted = !code && stop_signal && m.step < rc.model.total_steps && !(rc.stop_after && m.step >= rc.stop_after)
-                      ? stop_signal : 0;
+    int interrupted = !code && stop_signal && steps_left(&rc, m.step) ? stop_signal : 0;
     if (!code && !interrupted && m.step == rc.model.total_steps && have_eval) {
         /* the final evaluation on the whole bank and query splits */
         EvalResult res;
@@ -5904,7 +5908,16 @@ static int cmd_views(int argc, char **argv) {
  * Settings are applied in order: the preset (--preset, or the config file's first line, or
  * fashion-mnist), the config file (--config), then every --set and shortcut option in the order given. */
 #define MAX_SETS 256
-typedef struct { const char *key; char value[1100]; } Setting;
+typedef struct { char key[64], value[1100]; } Setting;
+
+/* one more setting (key_len < 0: all of key), in command-line order; 0, or 64 when there are too many */
+static int push_setting(const char *cmd, Setting *sets, int *n, const char *key, int key_len, const char *value) {
+    if (*n == MAX_SETS) { fprintf(stderr, "excb %s: more than %d settings\n", cmd, MAX_SETS); return EXCB_EXIT_USAGE; }
+    snprintf(sets[*n].key, sizeof sets[*n].key, "%.*s", key_len < 0 ? (int)strlen(key) : key_len, key);
+    snprintf(sets[*n].value, sizeof sets[*n].value, "%s", value);
+    (*n)++;
+    return 0;
+}
 
 static int help_config(void) {
     ExcbRunConfig rc;
@@ -5952,9 +5965,7 @@ static int cmd_train(int argc, char **argv) {
         if (!strcmp(a, "--force")) { force = 1; continue; }
         if (!strcmp(a, "--quiet") || !strcmp(a, "-q")) { quiet = 1; continue; }
         if (!strcmp(a, "--skip-bad-images")) {             /* = --set skip_bad=1, in its place in the order */
-            if (n_sets == MAX_SETS) { fprintf(stderr, "excb train: more than %d settings\n", MAX_SETS); return EXCB_EXIT_USAGE; }
-            sets[n_sets].key = "skip_bad";
-            snprintf(sets[n_sets++].value, sizeof sets[0].value, "1");
+            if (push_setting("train", sets, &n_sets, "skip_bad", -1, "1")) return EXCB_EXIT_USAGE;
             continue;
         }
         if (!v) { fprintf(stderr, "excb train: option '%s' needs a value (or is unknown)\n", a); return EXCB_EXIT_USAGE; }
@@ -5970,22 +5981,17 @@ static int cmd_train(int argc, char **argv) {
             if (*end || stop_after < 1) { fprintf(stderr, "excb train: --stop-after needs a step count >= 1, got '%s'\n", v); return EXCB_EXIT_USAGE; }
             continue;
         }
-        if (n_sets == MAX_SETS) { fprintf(stderr, "excb train: more than %d settings\n", MAX_SETS); return EXCB_EXIT_USAGE; }
         if (!strcmp(a, "--set")) {
             const char *eq = strchr(v, '=');
             if (!eq || eq == v) { fprintf(stderr, "excb train: --set needs key=value, got '%s'\n", v); return EXCB_EXIT_USAGE; }
-            static char keys[MAX_SETS][64];
-            snprintf(keys[n_sets], 64, "%.*s", (int)(eq - v), v);
-            sets[n_sets].key = keys[n_sets];
-            snprintf(sets[n_sets++].value, sizeof sets[0].value, "%s", eq + 1);
+            if (push_setting("train", sets, &n_sets, v, (int)(eq - v), eq + 1)) return EXCB_EXIT_USAGE;
             continue;
         }
         size_t s;
         for (s = 0; s < sizeof shortcut / sizeof shortcut[0]; s++)
             if (!strcmp(a, shortcut[s].opt)) break;
         if (s == sizeof shortcut / sizeof shortcut[0]) { fprintf(stderr, "excb train: unknown option '%s'\n", a); return EXCB_EXIT_USAGE; }
-        sets[n_sets].key = shortcut[s].key;
-        snprintf(sets[n_sets++].value, sizeof sets[0].value, "%s", v);
+        if (push_setting("train", sets, &n_sets, shortcut[s].key, -1, v)) return EXCB_EXIT_USAGE;
     }
     ExcbRunConfig rc;
     memset(&rc, 0, sizeof rc);
@@ -6061,9 +6067,8 @@ static int cmd_train(int argc, char **argv) {
     /* the run goes ahead: its directory, the lock with this pid; then, under the lock, the leftover
        ckpt-*.tmp of a process that died, and with --force the old checkpoints */
     if ((code = mkdir_p(dir, err)) || (code = excb_lock_run_dir(dir, 1, &lock_fd, err))) { fprintf(stderr, "excb train: %s\n", err); return code; }
-    long all[4096];
-    int n_all = list_checkpoints(dir, all, 4096, 1);
-    for (int i = 0; force && !resume && i < n_all; i++) { char p[4200]; ckpt_path(p, sizeof p, dir, all[i]); unlink(p); }
+    existing = list_checkpoints(dir, steps, 4096, 1);
+    for (int i = 0; force && !resume && i < existing; i++) { char p[4200]; ckpt_path(p, sizeof p, dir, steps[i]); unlink(p); }
     rc.stop_after = stop_after;
     rc.precision = precision;
     rc.device = device;
@@ -6078,7 +6083,6 @@ static int cmd_eval(int argc, char **argv) {
     const char *target = NULL;
     int student = 0, pixels = 0, n_sets = 0;
     static Setting sets[MAX_SETS];
-    static char keys[MAX_SETS][64];
     char err[EXCB_ERR_LEN];
     static const struct { const char *opt, *key; } shortcut[] = {
         {"--data", "data"}, {"--knn-k", "knn_k"}, {"--knn-t", "knn_t"}, {"--bank-split", "bank_split"},
@@ -6091,9 +6095,7 @@ static int cmd_eval(int argc, char **argv) {
         if (!strcmp(a, "--student")) { student = 1; continue; }
         if (!strcmp(a, "--pixels")) { pixels = 1; continue; }
         if (!strcmp(a, "--skip-bad-images")) {
-            if (n_sets == MAX_SETS) { fprintf(stderr, "excb eval: too many settings\n"); return EXCB_EXIT_USAGE; }
-            sets[n_sets].key = "skip_bad";
-            snprintf(sets[n_sets++].value, sizeof sets[0].value, "1");
+            if (push_setting("eval", sets, &n_sets, "skip_bad", -1, "1")) return EXCB_EXIT_USAGE;
             continue;
         }
         if (a[0] != '-') {
@@ -6104,20 +6106,19 @@ static int cmd_eval(int argc, char **argv) {
         if (!v) { fprintf(stderr, "excb eval: option '%s' needs a value (or is unknown)\n", a); return EXCB_EXIT_USAGE; }
         i++;
         const char *key = NULL;
+        int key_len = -1;
         if (!strcmp(a, "--set")) {
             const char *eq = strchr(v, '=');
             if (!eq || eq == v) { fprintf(stderr, "excb eval: --set needs key=value, got '%s'\n", v); return EXCB_EXIT_USAGE; }
-            snprintf(keys[n_sets], 64, "%.*s", (int)(eq - v), v);
-            key = keys[n_sets];
+            key = v;
+            key_len = (int)(eq - v);
             v = eq + 1;
         } else {
             for (size_t s = 0; s < sizeof shortcut / sizeof shortcut[0]; s++)
                 if (!strcmp(a, shortcut[s].opt)) key = shortcut[s].key;
         }
         if (!key) { fprintf(stderr, "excb eval: unknown option '%s'\n", a); return EXCB_EXIT_USAGE; }
-        if (n_sets == MAX_SETS) { fprintf(stderr, "excb eval: too many settings\n"); return EXCB_EXIT_USAGE; }
-        sets[n_sets].key = key;
-        snprintf(sets[n_sets++].value, sizeof sets[0].value, "%s", v);
+        if (push_setting("eval", sets, &n_sets, key, key_len, v)) return EXCB_EXIT_USAGE;
     }
     if (!target == !pixels) {
         fprintf(stderr, "excb eval: %s\n", pixels ? "--pixels evaluates the pixels, not a checkpoint: drop one of the two"

@@ -691,8 +691,43 @@ void cluster_size_update(real *s, int32_t *counts, const int32_t *labels, int N,
 }
 
 /* ================================================================================================
- * 5. Balancing (E4) and the code's boost and clamp (E5); teacher targets (E6)
+ * 5. Balancing rules: how the teacher's scores become targets (ExCB, none, DINO, SwAV)
  * ================================================================================================
+ * A method (excb.h, ExcbMethod) is everything that differs between ExCB and the baselines it is
+ * compared with: the targets q the teacher gives for a whole batch, and the state that carries over
+ * from one step to the next. The networks, the cross-entropy of section 6 and the optimiser are shared,
+ * so a comparison changes the balancing rule and nothing else. Each subsection below holds one rule:
+ * its equations and operators, its state and scratch buffers (by name), its settings (rows of the key
+ * table, section 14) and the ExcbMethod that binds them. The step (section 10) calls only
+ *   begin_step -> [teacher forward] -> targets -> [student, loss] -> update -> [backward, SGD, EMA].
+ * paper_notes.md §4 (ExCB), §5 (the baselines) write the equations out; §5 says where each baseline
+ * departs from its own official code inside this harness.
+ */
+#define RC(f) offsetof(ExcbRunConfig, f)                          /* a setting of the run           */
+#define MC(f) (offsetof(ExcbRunConfig, model) + offsetof(ExcbConfig, f))   /* a setting of the model */
+
+/* The distinct teacher labels of a step (A21's monitor), for the rules without E2's counts. */
+static int distinct_labels(int32_t *counts, const int32_t *labels, int N, int K) {
+    memset(counts, 0, sizeof(int32_t) * K);
+    int used = 0;
+    for (int n = 0; n < N; n++) used += counts[labels[n]]++ == 0;
+    return used;
+}
+
+/* the first maximum of each of N rows of K (argmax as torch: the first index wins a tie) */
+static void row_argmax(int32_t *labels, const real *q, int N, int K) {
+    for (int n = 0; n < N; n++) {
+        const real *qn = q + (size_t)n * K;
+        int best = 0;
+        for (int k = 1; k < K; k++)
+            if (qn[k] > qn[best]) best = k;
+        labels[n] = best;
+    }
+}
+
+/* ------------------------------------------------------------------------------------------------
+ * 5.1 ExCB (E3', E4, E5, E6; E2 and E3 are section 4) and `none`, its collapse control
+ * ------------------------------------------------------------------------------------------------
  *   lower_k  = min(r_k, 1)     written as 1 - relu(1 - r_k), the official form
  *   higher_k = min(1/r_k, 1)   written as 1 - relu(1 - 1/r_k)
  *   E4:  z'  = 1 - (1 - z) lower      shrink the cosine DISTANCE of small clusters  (r < 1)
@@ -700,9 +735,15 @@ void cluster_size_update(real *s, int32_t *counts, const int32_t *labels, int N,
  *   E5:  zh  = clamp(z'' (1 + 0.01 [k = argmax z'']), -1, 1)       (A1 boost, A2 clamp)
  *   E6:  q   = softmax(zh / tau_t),  tau_t = 0.04, no gradient
  * B(.; r) is increasing in z (a cluster's ranking of samples is kept), the identity at r = 1 (so at
- * the start, s = 1/K), and maps [-1, 1] into [-1, 1]. A3: where a factor is exactly 0 (r_k = 0,
- * which FP32 with subnormals never reaches; audit A3, paper_notes.md §10) the code adds U(0,1) * 0.001. For r = 0,
- * 1/r = inf and 1 - relu(1 - inf) = 1: IEEE arithmetic gives the official value with no NaN.
+ * the start, s = 1/K), and maps [-1, 1] into [-1, 1]. A3: where a factor is exactly 0 the code adds
+ * U(0,1) * 0.001. In float32, 1 - r rounds to 1 for every r <= 2^-25 (about 3e-8), so lower is exactly
+ * 0 not only at r = 0 but for every cluster whose r fell that low: with m_s = 0.999 a cluster that
+ * gets no label has r ~ 0.999^n, below 2^-25 after about 17,300 steps, and from then on it draws
+ * the jitter (paper_notes.md §4, A3). higher is 0 only for r <= 0, which s >= 0 never gives. For
+ * r = 0, 1/r = inf and 1 - relu(1 - inf) = 1: IEEE arithmetic gives the official value, no NaN.
+ * `none` keeps everything but the factors, which it fixes at 1: E4 at r = 1 is the identity in exact
+ * arithmetic (in float32, 1 - (1 - z) may round z by half an ulp of 1), so with a uniform s, where
+ * ExCB's factors are exactly 1 too, the two methods compute the same bits (tests/test_methods.c).
  */
 void balance_factors(real *r, real *lower, real *higher, const real *s, int K, double jitter,
                      uint64_t seed, long step) {
@@ -731,8 +772,9 @@ void balanced_targets(real *q, int32_t *labels, real *zhat, const real *z, const
         real *qn = q + (size_t)n * K;
         int a = 0;
         for (int k = 0; k < K; k++) {
-            real z1 = 1.0f - (1.0f - zn[k]) * lower[k];            /* E4, lower branch          */
-            real z2 = (z1 + 1.0f) * higher[k] - 1.0f;               /* E4, upper branch          */
+            real lo = lower ? lower[k] : 1.0f, hi = higher ? higher[k] : 1.0f;   /* NULL: `none` */
+            real z1 = 1.0f - (1.0f - zn[k]) * lo;                   /* E4, lower branch          */
+            real z2 = (z1 + 1.0f) * hi - 1.0f;                      /* E4, upper branch          */
             zh[k] = z2;
             if (z2 > zh[a]) a = k;                                  /* first maximum             */
         }
@@ -759,21 +801,377 @@ void balanced_targets(real *q, int32_t *labels, real *zhat, const real *z, const
     }
 }
 
+
+/* ExCB's buffers: s is its whole state (K floats, O(K) memory whatever the data set's size) */
+enum { EXCB_S, EXCB_R, EXCB_LOWER, EXCB_HIGHER, EXCB_COUNTS, EXCB_N_BUFFERS };
+static int excb_rule_buffers(const ExcbConfig *c, ExcbBuffer *b) {
+    b[EXCB_S] = (ExcbBuffer){"cluster_sizes", (size_t)c->K, 1};          /* s, E3                     */
+    b[EXCB_R] = (ExcbBuffer){"r", (size_t)c->K, 0};                      /* r, E3'                    */
+    b[EXCB_LOWER] = (ExcbBuffer){"lower", (size_t)c->K, 0};              /* E4's factors              */
+    b[EXCB_HIGHER] = (ExcbBuffer){"higher", (size_t)c->K, 0};
+    b[EXCB_COUNTS] = (ExcbBuffer){"counts", (size_t)c->K, 0};            /* E2's counts (int32)       */
+    return EXCB_N_BUFFERS;
+}
+
+static void excb_rule_init(ExcbModel *m) {
+    real *s = m->mbuf[EXCB_S];
+    for (int k = 0; k < m->cfg.K; k++) s[k] = 1.0f / (real)m->cfg.K;    /* E3's start: uniform       */
+}
+
+static void excb_rule_targets(ExcbModel *m) {
+    const ExcbConfig *c = &m->cfg;
+    const ExcbBalancingConfig *e = &c->excb;
+    int NG = c->n_global * c->batch;
+    m->ops->balance_factors(m->mbuf[EXCB_R], m->mbuf[EXCB_LOWER], m->mbuf[EXCB_HIGHER], m->mbuf[EXCB_S], c->K,
+                            e->zero_jitter, c->seed, m->step);                                  /* E3', E4 */
+    m->ops->balanced_targets(m->q, m->labels, NULL, m->zt, m->mbuf[EXCB_LOWER], m->mbuf[EXCB_HIGHER], NG, c->K,
+                             e->boost, e->clamp, c->tau_t);                                     /* E4-E6  */
+}
+
+static void none_targets(ExcbModel *m) {
+    const ExcbConfig *c = &m->cfg;
+    m->ops->balanced_targets(m->q, m->labels, NULL, m->zt, NULL, NULL, c->n_global * c->batch, c->K, c->excb.boost,
+                             c->excb.clamp, c->tau_t);                                          /* E5, E6 */
+}
+
+/* E2, E3 after the loss, as the official code (criterion.py L83); `none` keeps s too, as a monitor */
+static int excb_rule_update(ExcbModel *m) {
+    const ExcbConfig *c = &m->cfg;
+    return m->ops->cluster_size_update(m->mbuf[EXCB_S], m->mbuf[EXCB_COUNTS], m->labels, c->n_global * c->batch, c->K,
+                                       c->excb.m_s, c->excb.fp16_count_term);
+}
+
+static int excb_rule_diagnostics(const ExcbModel *m, const char **names, double *values) {
+    const real *s = m->mbuf[EXCB_S];
+    double smin = s[0], smax = s[0];
+    for (int k = 1; k < m->cfg.K; k++) { smin = fmin(smin, s[k]); smax = fmax(smax, s[k]); }
+    names[0] = "s_min_times_K"; values[0] = smin * m->cfg.K;
+    names[1] = "s_max_times_K"; values[1] = smax * m->cfg.K;
+    return 2;
+}
+
+static const ExcbSetting excb_rule_settings[] = {
+    {"m_s", EXCB_KEY_DOUBLE, MC(excb.m_s), 0, 0, 1, 0, 1, "0.999", NULL, "cluster-size EMA momentum (E3, A5)"},
+    {"boost", EXCB_KEY_DOUBLE, MC(excb.boost), 0, 0, 1, 0, 1e3, "0.01", NULL, "argmax boost of E5 (A1)"},
+    {"clamp", EXCB_KEY_DOUBLE, MC(excb.clamp), 0, 0, 1, 1e-6, 1e6, "1", NULL, "clamp of the balanced similarity (E5, A2)"},
+    {"zero_jitter", EXCB_KEY_DOUBLE, MC(excb.zero_jitter), 0, 0, 1, 0, 1, "0.001", NULL, "jitter where a balancing factor is 0 (A3)"},
+    {"fp16_count_term", EXCB_KEY_INT, MC(excb.fp16_count_term), 0, 0, 1, 0, 1, "1", NULL, "1: round the E3 term through float16 (A4)"},
+};
+
+static const ExcbMethod method_excb = {
+    .name = "excb", .summary = "ExCB: cluster sizes across batches (E2, E3) rescale the teacher's similarities (E4, E5)",
+    .pairing = EXCB_PAIRING_EXCB, .cuda = 1,
+    .settings = excb_rule_settings, .n_settings = sizeof excb_rule_settings / sizeof excb_rule_settings[0],
+    .buffers = excb_rule_buffers, .init = excb_rule_init, .targets = excb_rule_targets, .update = excb_rule_update,
+    .diagnostics = excb_rule_diagnostics,
+};
+
+/* `none` reads ExCB's settings (boost, clamp, m_s), which excb's rows declare */
+static const ExcbMethod method_none = {
+    .name = "none", .summary = "ExCB without balancing: E4 at r = 1 (the identity), the collapse control",
+    .pairing = EXCB_PAIRING_EXCB, .cuda = 1,
+    .buffers = excb_rule_buffers, .init = excb_rule_init, .targets = none_targets, .update = excb_rule_update,
+    .diagnostics = excb_rule_diagnostics,
+};
+
+/* ------------------------------------------------------------------------------------------------
+ * 5.2 DINO: centering and sharpening (paper_notes.md §5.2; facebookresearch/dino main_dino.py DINOLoss)
+ * ------------------------------------------------------------------------------------------------
+ *   D1:  q = softmax((z - c) / tau_t)          z: the teacher's scores (here E1's cosines, as DINO's
+ *                                             weight-normalised last layer on a normalised input)
+ *   D2:  c <- 0.9 c + 0.1 mean_i z_i           after the loss, over both global views' rows; c starts at 0
+ *   D3:  tau_t(e) = linspace(tau_warm, tau_t, W)[e] for epochs e < W, then tau_t (W = 0: no warm-up)
+ * Centering keeps one cluster from taking every sample; the low temperature keeps the targets from
+ * going uniform. Balance is a soft running mean of logits, not counts: the monitors show how well it
+ * holds at small batches. Its own pairing is SWAPPED (every crop's direct row except the teacher's view,
+ * no predictor); pairing = excb gives it ExCB's 18 terms, so that the rule alone differs.
+ */
+double dino_tau_at(const ExcbConfig *c, long step) {
+    const ExcbDinoConfig *d = &c->dino;
+    long epoch = step / c->steps_per_epoch;
+    if (epoch >= d->warmup_epochs) return c->tau_t;
+    if (d->warmup_epochs == 1) return d->warmup_tau_t;             /* numpy.linspace(a, b, 1) = [a]  */
+    if (epoch == d->warmup_epochs - 1) return c->tau_t;            /* and its last value is exactly b */
+    return epoch * ((c->tau_t - d->warmup_tau_t) / (d->warmup_epochs - 1)) + d->warmup_tau_t;
+}
+
+void dino_targets(real *q, int32_t *labels, const real *z, const real *center, int N, int K, double tau) {
+    real t = (real)tau;
+#pragma omp parallel for schedule(static)
+    for (int n = 0; n < N; n++) {
+        const real *zn = z + (size_t)n * K;
+        real *qn = q + (size_t)n * K, mx = -INFINITY;
+        for (int k = 0; k < K; k++) {
+            qn[k] = (zn[k] - center[k]) / t;                                         /* D1      */
+            mx = qn[k] > mx ? qn[k] : mx;
+        }
+        double sum = 0;
+        for (int k = 0; k < K; k++) {
+            qn[k] = exp(qn[k] - mx);
+            sum += qn[k];
+        }
+        real inv = (real)(1.0 / sum);
+        for (int k = 0; k < K; k++) qn[k] *= inv;
+    }
+    row_argmax(labels, q, N, K);
+}
+
+void dino_center_update(real *center, const real *z, int N, int K, double momentum) {
+    real mf = (real)momentum, omf = (real)(1.0 - momentum);
+#pragma omp parallel for schedule(static)
+    for (int k = 0; k < K; k++) {
+        double acc = 0;
+        for (int n = 0; n < N; n++) acc += z[(size_t)n * K + k];
+        real mean = (real)(acc / N);
+        center[k] = center[k] * mf + mean * omf;                                     /* D2      */
+    }
+}
+
+enum { DINO_CENTER, DINO_COUNTS, DINO_N_BUFFERS };
+static int dino_buffers(const ExcbConfig *c, ExcbBuffer *b) {
+    b[DINO_CENTER] = (ExcbBuffer){"center", (size_t)c->K, 1};
+    b[DINO_COUNTS] = (ExcbBuffer){"counts", (size_t)c->K, 0};
+    return DINO_N_BUFFERS;
+}
+
+static void dino_init(ExcbModel *m) { memset(m->mbuf[DINO_CENTER], 0, sizeof(real) * m->cfg.K); }
+
+static void dino_method_targets(ExcbModel *m) {
+    const ExcbConfig *c = &m->cfg;
+    dino_targets(m->q, m->labels, m->zt, m->mbuf[DINO_CENTER], c->n_global * c->batch, c->K, dino_tau_at(c, m->step));
+}
+
+static int dino_update(ExcbModel *m) {
+    const ExcbConfig *c = &m->cfg;
+    int NG = c->n_global * c->batch;
+    dino_center_update(m->mbuf[DINO_CENTER], m->zt, NG, c->K, c->dino.center_momentum);
+    return distinct_labels(m->mbuf[DINO_COUNTS], m->labels, NG, c->K);
+}
+
+static int dino_diagnostics(const ExcbModel *m, const char **names, double *values) {
+    const real *ctr = m->mbuf[DINO_CENTER];
+    double lo = ctr[0], hi = ctr[0];
+    for (int k = 1; k < m->cfg.K; k++) { lo = fmin(lo, ctr[k]); hi = fmax(hi, ctr[k]); }
+    names[0] = "center_min"; values[0] = lo;
+    names[1] = "center_max"; values[1] = hi;
+    names[2] = "dino_tau_t"; values[2] = dino_tau_at(&m->cfg, m->step > 0 ? m->step - 1 : 0);
+    return 3;
+}
+
+static const ExcbSetting dino_settings[] = {
+    {"dino_center_momentum", EXCB_KEY_DOUBLE, MC(dino.center_momentum), 0, 0, 1, 0, 1, "0.9", NULL, "DINO: centre EMA momentum (D2)"},
+    {"dino_warmup_tau_t", EXCB_KEY_DOUBLE, MC(dino.warmup_tau_t), 0, 0, 1, 1e-6, 1e6, "0.04", NULL, "DINO: teacher temperature at epoch 0 of the warm-up (D3)"},
+    {"dino_warmup_epochs", EXCB_KEY_INT, MC(dino.warmup_epochs), 0, 0, 1, 0, 1e6, "0", NULL, "DINO: epochs of linear temperature warm-up (D3; 0: none)"},
+};
+
+static const ExcbMethod method_dino = {
+    .name = "dino", .summary = "DINO: centering by a running mean of the teacher's scores, sharpening by tau_t (D1-D3)",
+    .pairing = EXCB_PAIRING_SWAPPED, .cuda = 0,
+    .settings = dino_settings, .n_settings = sizeof dino_settings / sizeof dino_settings[0],
+    .buffers = dino_buffers, .init = dino_init, .targets = dino_method_targets, .update = dino_update,
+    .diagnostics = dino_diagnostics,
+};
+
+/* ------------------------------------------------------------------------------------------------
+ * 5.3 SwAV: Sinkhorn-Knopp equipartition with a queue (paper_notes.md §5.3; facebookresearch/swav
+ *     main_swav.py train() and distributed_sinkhorn)
+ * ------------------------------------------------------------------------------------------------
+ *   S1:  per global view v, on the N = Lq + B score rows [queue_v c^T ; z_v]:
+ *          Q = exp(S / eps)^T  (K x N), Q /= sum(Q);  repeat 3 times:
+ *              Q /= row sums, Q /= K   (every prototype gets mass 1/K)
+ *              Q /= column sums, Q /= N  (every sample gets mass 1/N)
+ *          Q *= N; the targets of view v are the batch's B columns (each sums to 1)
+ *   S2:  the queue of view v holds the teacher's normalised projections u of the last Lq/B batches,
+ *        newest first; it fills from epoch queue_start_epoch and takes part in S1 once full
+ *   S3:  the student's prototypes v are re-normalised before every step, and get no update at all
+ *        (no gradient, no weight decay, no momentum) before step freeze_prototypes_steps
+ * Balance is an equipartition inside the batch plus the queue: with B << K and no queue, each sample's
+ * code is spread thin (SwAV's small-batch recipe: queue 3840 from epoch 15). exp is taken after
+ * subtracting the largest score, which the normalisation by sum(Q) cancels exactly in real arithmetic
+ * and which keeps exp finite for any eps. Its own pairing is SWAPPED (swapped prediction, tau_s 0.1).
+ */
+void sinkhorn_knopp(real *S, double *sums, int N, int K, double epsilon, int iterations) {
+    real eps = (real)epsilon, mx = -INFINITY;
+    size_t n_all = (size_t)N * K;
+    for (size_t i = 0; i < n_all; i++) mx = fmax(mx, S[i] / eps);
+    double *col = sums, *row = sums + K;                    /* per prototype (K), per sample (N)   */
+#pragma omp parallel for schedule(static)
+    for (int n = 0; n < N; n++) {
+        double acc = 0;
+        for (int k = 0; k < K; k++) {
+            real e = exp(S[(size_t)n * K + k] / eps - mx);
+            S[(size_t)n * K + k] = e;
+            acc += e;
+        }
+        row[n] = acc;
+    }
+    double total = 0;
+    for (int n = 0; n < N; n++) total += row[n];              /* a fixed order: any thread count     */
+    real inv_total = (real)total;
+#pragma omp parallel for schedule(static)
+    for (size_t i = 0; i < n_all; i++) S[i] /= inv_total;
+    real Kf = (real)K, Nf = (real)N;
+    for (int it = 0; it < iterations; it++) {
+        int tiles = (K + 63) / 64;                            /* each prototype's mass, 64 at a time */
+#pragma omp parallel for schedule(static)
+        for (int t = 0; t < tiles; t++) {
+            int k0 = t * 64, kk = imin(64, K - k0);
+            double acc[64] = {0};
+            for (int n = 0; n < N; n++)
+                for (int j = 0; j < kk; j++) acc[j] += S[(size_t)n * K + k0 + j];
+            for (int j = 0; j < kk; j++) col[k0 + j] = acc[j];
+        }
+#pragma omp parallel for schedule(static)
+        for (int n = 0; n < N; n++) {
+            real *Sn = S + (size_t)n * K;
+            double acc = 0;
+            for (int k = 0; k < K; k++) {
+                Sn[k] = Sn[k] / (real)col[k] / Kf;             /* Q /= sum_of_rows; Q /= K            */
+                acc += Sn[k];
+            }
+            real rs = (real)acc;
+            for (int k = 0; k < K; k++) Sn[k] = Sn[k] / rs / Nf;    /* Q /= sum over K; Q /= B        */
+        }
+    }
+#pragma omp parallel for schedule(static)
+    for (size_t i = 0; i < n_all; i++) S[i] *= Nf;             /* Q *= B: each sample's code sums to 1 */
+}
+
+enum { SWAV_QUEUE, SWAV_SCORES, SWAV_SUMS, SWAV_COUNTS, SWAV_N_BUFFERS };
+static int swav_buffers(const ExcbConfig *c, ExcbBuffer *b) {
+    size_t Lq = (size_t)c->swav.queue_length, rows = Lq + (size_t)c->batch;
+    b[SWAV_QUEUE] = (ExcbBuffer){"queue", (size_t)c->n_global * Lq * c->d, 1};   /* (Vg, Lq, d), S2 */
+    b[SWAV_SCORES] = (ExcbBuffer){"scores", rows * c->K, 0};                     /* (Lq + B, K), S1 */
+    b[SWAV_SUMS] = (ExcbBuffer){"sums", 2 * (rows + c->K), 0};                   /* doubles         */
+    b[SWAV_COUNTS] = (ExcbBuffer){"counts", (size_t)c->K, 0};
+    return SWAV_N_BUFFERS;
+}
+
+static int swav_validate(const ExcbConfig *c, char *err) {
+    if (c->swav.queue_length % c->batch) {            /* the queue takes whole batches (main_swav.py) */
+        snprintf(err, EXCB_ERR_LEN, "key 'swav_queue_length' = %d is not a multiple of batch = %d (the queue "
+                 "takes whole batches; the official code rounds it down, here you choose)", c->swav.queue_length, c->batch);
+        return EXCB_EXIT_CONFIG;
+    }
+    return 0;
+}
+
+static void swav_init(ExcbModel *m) { memset(m->mbuf[SWAV_QUEUE], 0, sizeof(real) * m->mbuf_spec[SWAV_QUEUE].floats); }
+
+/* S3: v_k <- v_k / max(||v_k||, 1e-12), the student's only (the teacher follows by its EMA) */
+static void swav_begin_step(ExcbModel *m) {
+    real *v = m->params + m->tensors[m->centroids].offset;
+    int d = m->cfg.d;
+#pragma omp parallel for schedule(static)
+    for (int k = 0; k < m->cfg.K; k++) {
+        double ss = 0;
+        for (int j = 0; j < d; j++) ss += (double)v[(size_t)k * d + j] * v[(size_t)k * d + j];
+        real nrm = (real)sqrt(ss), den = nrm > 1e-12f ? nrm : 1e-12f;
+        for (int j = 0; j < d; j++) v[(size_t)k * d + j] /= den;
+    }
+}
+
+/* S2: in use once full (its oldest row is no longer the zeros it started as, as main_swav.py checks) */
+static int swav_queue_in_use(const ExcbModel *m, int v) {
+    int Lq = m->cfg.swav.queue_length, d = m->cfg.d;
+    if (Lq == 0) return 0;
+    const real *last = (const real *)m->mbuf[SWAV_QUEUE] + ((size_t)v * Lq + Lq - 1) * d;
+    for (int j = 0; j < d; j++)
+        if (last[j] != 0.0f) return 1;
+    return 0;
+}
+
+static void swav_targets(ExcbModel *m) {
+    const ExcbConfig *c = &m->cfg;
+    int B = c->batch, K = c->K, d = c->d, Lq = c->swav.queue_length;
+    real *S = m->mbuf[SWAV_SCORES];
+    for (int v = 0; v < c->n_global; v++) {
+        int rows = swav_queue_in_use(m, v) ? Lq : 0, N = rows + B;
+        if (rows)                                   /* the queue's scores against today's prototypes */
+            matmul_tiled('N', 'T', rows, K, d, 1.0f, (const real *)m->mbuf[SWAV_QUEUE] + (size_t)v * Lq * d, d, m->c, d,
+                         0.0f, S, K);
+        memcpy(S + (size_t)rows * K, m->zt + (size_t)v * B * K, sizeof(real) * B * K);
+        sinkhorn_knopp(S, m->mbuf[SWAV_SUMS], N, K, c->swav.epsilon, c->swav.iterations);      /* S1 */
+        memcpy(m->q + (size_t)v * B * K, S + (size_t)rows * K, sizeof(real) * B * K);
+    }
+    row_argmax(m->labels, m->q, c->n_global * B, K);
+}
+
+static int swav_update(ExcbModel *m) {
+    const ExcbConfig *c = &m->cfg;
+    int B = c->batch, d = c->d, Lq = c->swav.queue_length, NG = c->n_global * B;
+    if (Lq > 0 && m->step / c->steps_per_epoch >= c->swav.queue_start_epoch)
+        for (int v = 0; v < c->n_global; v++) {                                            /* S2 */
+            real *qv = (real *)m->mbuf[SWAV_QUEUE] + (size_t)v * Lq * d;
+            memmove(qv + (size_t)B * d, qv, sizeof(real) * (size_t)(Lq - B) * d);
+            memcpy(qv, m->ut + (size_t)v * B * d, sizeof(real) * (size_t)B * d);
+        }
+    return distinct_labels(m->mbuf[SWAV_COUNTS], m->labels, NG, c->K);
+}
+
+static int swav_centroids_frozen(const ExcbModel *m) { return m->step < m->cfg.swav.freeze_prototypes_steps; }
+
+static int swav_diagnostics(const ExcbModel *m, const char **names, double *values) {
+    names[0] = "queue_in_use";
+    values[0] = swav_queue_in_use(m, 0);
+    return 1;
+}
+
+static const ExcbSetting swav_settings[] = {
+    {"swav_epsilon", EXCB_KEY_DOUBLE, MC(swav.epsilon), 0, 0, 1, 1e-6, 1e6, "0.05", NULL, "SwAV: Sinkhorn-Knopp's epsilon (S1)"},
+    {"swav_iterations", EXCB_KEY_INT, MC(swav.iterations), 0, 0, 1, 0, 1000, "3", NULL, "SwAV: Sinkhorn-Knopp iterations (S1)"},
+    {"swav_queue_length", EXCB_KEY_INT, MC(swav.queue_length), 0, 0, 1, 0, 1 << 24, "0", NULL, "SwAV: queue rows per global view, a multiple of batch (S2; 0: none; 3840 at B = 256)"},
+    {"swav_queue_start_epoch", EXCB_KEY_INT, MC(swav.queue_start_epoch), 0, 0, 1, 0, 1e9, "15", NULL, "SwAV: the epoch the queue starts filling (S2)"},
+    {"swav_freeze_prototypes_steps", EXCB_KEY_LONG, MC(swav.freeze_prototypes_steps), 0, 0, 1, 0, 1e18, "313", NULL, "SwAV: steps before the prototypes are first updated (S3)"},
+};
+
+static const ExcbMethod method_swav = {
+    .name = "swav", .summary = "SwAV: Sinkhorn-Knopp equipartition over the batch and a queue (S1-S3)",
+    .pairing = EXCB_PAIRING_SWAPPED, .cuda = 0,
+    .settings = swav_settings, .n_settings = sizeof swav_settings / sizeof swav_settings[0],
+    .buffers = swav_buffers, .validate = swav_validate, .init = swav_init, .begin_step = swav_begin_step,
+    .targets = swav_targets, .update = swav_update, .centroids_frozen = swav_centroids_frozen,
+    .diagnostics = swav_diagnostics,
+};
+
+/* ------------------------------------------------------------------------------------------------
+ * 5.4 The list of methods: a new rule is a subsection above and one line here
+ * ------------------------------------------------------------------------------------------------ */
+const ExcbMethod *const excb_methods[] = {&method_excb, &method_none, &method_dino, &method_swav, NULL};
+
+void *excb_method_buffer(const ExcbModel *m, const char *name) {
+    for (int i = 0; i < m->n_mbuf; i++)
+        if (!strcmp(m->mbuf_spec[i].name, name)) return m->mbuf[i];
+    return NULL;
+}
+
+void excb_method_bind_state(ExcbModel *m) {
+    size_t off = 0;
+    for (int i = 0; i < m->n_mbuf; i++)
+        if (m->mbuf_spec[i].state) {
+            m->mbuf[i] = m->mstate + off;
+            off += (m->mbuf_spec[i].floats + 15) / 16 * 16;        /* 64-byte aligned, as the arena */
+        }
+}
+
 /* ================================================================================================
- * 6. Student predictions, the loss (E7, E8) and its gradient (E11)
+ * 6. Student predictions, the loss (E7, E8) and its gradient (E11), for either pairing
  * ================================================================================================
  *   E7:  p_{u,i} = softmax(z^S_{u,i} / tau_s),   tau_s = 0.1
  *   E8:  L = (1/|M|) sum_{(v,u) in M} (1/B) sum_i sum_k -q_{v,i,k} log p_{u,i,k}
- * The student rows, in the official order: direct similarities of the Vg global crops (E1), the
- * direct rows of the local crops, then the predictor's similarities (E10b) of all Vg + Vl crops.
- * Teacher view v is matched (A7) with the direct row of every OTHER global view and with EVERY
- * predictor row, its own view included: |M| = Vg(Vg-1) + Vg(Vg+Vl) = 2 + 16 = 18 terms. The direct
- * local rows are never matched, so they are not computed here (the official code computes and
- * discards them; no value or gradient depends on them).
+ * Every method here trains the student by this cross-entropy against its own targets q (SwAV calls it
+ * swapped prediction); what differs is M, the pairing (paper_notes.md §3):
+ *   EXCB (A7): the student rows are the direct similarities of the Vg global crops (E1), then the
+ *     predictor's similarities (E10b) of all Vg + Vl crops. Teacher view v is matched with the direct
+ *     row of every OTHER global view and with EVERY predictor row, its own view included:
+ *     |M| = Vg(Vg-1) + Vg(Vg+Vl) = 2 + 16 = 18. The direct local rows are never matched, so they are not
+ *     computed (the official code computes and discards them; nothing depends on them).
+ *   SWAPPED (DINO, SwAV): the direct rows of all Vg + Vl crops, no predictor; teacher view v is matched
+ *     with every crop but its own: |M| = Vg(Vg+Vl-1) = 14.
  *   E11: for one term, dL/dl_k = p_k - q_k (sum q = 1), and l = z / tau_s. Summed over the
  *        n_u teacher views that match row u:   dL/dz_k = (n_u p_k - sum_v q_{v,k}) / (tau_s |M| B)
- * z_dir is (Vg*B, K) and z_pred ((Vg+Vl)*B, K); both are overwritten with dL/dz. The loss of each
- * row goes to row_loss, then rows are summed in order (a sum that no thread count changes).
+ * z_dir is (n_dir_crops*B, K) and z_pred ((Vg+Vl)*B, K) or absent; both are overwritten with dL/dz. The
+ * loss of each row goes to row_loss, then rows are summed in order (a sum no thread count changes).
  */
 static double loss_row(real *z, const real *q, int B, int K, int i, int n_views, int skip_view,
                        double tau_s, double scale) {
@@ -805,15 +1203,22 @@ static double loss_row(real *z, const real *q, int B, int K, int i, int n_views,
     return lse * qs - ql;                /* sum_v sum_k -q_{v,k} log p_k = sum_k q_k (lse - l_k) */
 }
 
-double excb_loss_forward_backward(real *z_dir, real *z_pred, double *row_loss, const real *q,
+/* |M|: a direct row of a global crop meets the Vg - 1 other views, of a local crop all Vg; a predictor
+   row all Vg */
+int excb_loss_terms(int n_dir_crops, int with_pred, int Vg, int Vl) {
+    int global_dir = n_dir_crops < Vg ? n_dir_crops : Vg;
+    return global_dir * (Vg - 1) + (n_dir_crops - global_dir) * Vg + (with_pred ? Vg * (Vg + Vl) : 0);
+}
+
+double excb_loss_forward_backward(real *z_dir, int n_dir_crops, real *z_pred, double *row_loss, const real *q,
                                   int Vg, int Vl, int B, int K, double tau_s) {
-    int n_terms = Vg * (Vg - 1) + Vg * (Vg + Vl);                  /* |M| = 18                  */
+    int n_terms = excb_loss_terms(n_dir_crops, z_pred != NULL, Vg, Vl);   /* 18 (EXCB), 14 (SWAPPED) */
     double scale = 1.0 / (tau_s * n_terms * B);
-    int n_dir = Vg * B, n_rows = n_dir + (Vg + Vl) * B;
+    int n_dir = n_dir_crops * B, n_rows = n_dir + (z_pred ? (Vg + Vl) * B : 0);
 #pragma omp parallel for schedule(static)
     for (int r = 0; r < n_rows; r++) {
-        if (r < n_dir)        /* direct row of global view v: matched by the other teacher views */
-            row_loss[r] = loss_row(z_dir + (size_t)r * K, q, B, K, r % B, Vg, r / B, tau_s, scale);
+        if (r < n_dir)        /* direct row of crop u: matched by every other teacher view       */
+            row_loss[r] = loss_row(z_dir + (size_t)r * K, q, B, K, r % B, Vg, r / B < Vg ? r / B : -1, tau_s, scale);
         else                  /* predictor row of any crop: matched by every teacher view       */
             row_loss[r] = loss_row(z_pred + (size_t)(r - n_dir) * K, q, B, K, (r - n_dir) % B, Vg, -1,
                                    tau_s, scale);
@@ -870,6 +1275,7 @@ void sgd_update(ExcbModel *m, double lr, double wd, double wd_centroid) {
     real mom = (real)m->cfg.sgd_momentum, lrf = (real)lr;
     for (int t = 0; t < m->n_tensors; t++) {
         const ExcbTensor *T = &m->tensors[t];
+        if (t == m->centroids && m->frozen_centroids) continue;     /* SwAV's frozen prototypes, S3 */
         real wdt = T->group == EXCB_GROUP_WEIGHT ? (real)wd
                   : T->group == EXCB_GROUP_CENTROID ? (real)wd_centroid : 0.0f;
         real *p = m->params + T->offset, *g = m->grads + T->offset, *b = m->momentum + T->offset;
@@ -886,33 +1292,21 @@ void sgd_update(ExcbModel *m, double lr, double wd, double wd_centroid) {
 /* ================================================================================================
  * 8. The model: named configurations, the parameter table, initialisation, activation arenas
  * ================================================================================================ */
+/* The settings' defaults come from their rows of the key table (section 14); what is left here is
+   what no setting chooses: the number of global views, the normalisation constants, the schedule's
+   length (excb train derives it from the data set and the epochs). */
+static void model_defaults_from_table(ExcbConfig *c);
 static void config_defaults(ExcbConfig *c) {
     memset(c, 0, sizeof *c);
-    c->d = 256;
-    c->K = 4096;
+    model_defaults_from_table(c);
     c->n_global = 2;
-    c->n_local = 6;
-    c->tau_s = 0.1;
-    c->tau_t = 0.04;
-    c->m_s = 0.999;
-    c->boost = 0.01;
-    c->clamp = 1.0;
-    c->zero_jitter = 0.001;
     c->optimizer = EXCB_OPT_SGD;
-    c->fp16_count_term = 1;
     c->bn_eps = 1e-5;
     c->bn_momentum = 0.1;
     c->norm_eps = 1e-12;
-    c->lr_peak = 0.6;
-    c->lr_min_factor = 1e-4;
-    c->weight_decay = 1e-4;
-    c->centroid_wd_boost = 9.0;
-    c->sgd_momentum = 0.9;
-    c->ema_start = 0.996;
     c->total_steps = 500400;       /* ResNet-50, 400 epochs at B = 1024 on ImageNet-1k            */
     c->warmup_steps = 12510;       /* 10 epochs of the same                                       */
-    c->seed = 0;
-    c->threads = 0;                /* 0: OpenMP's default (OMP_NUM_THREADS or every core)          */
+    c->steps_per_epoch = 1251;
 }
 
 int excb_config_named(ExcbConfig *c, const char *name) {
@@ -942,12 +1336,12 @@ int excb_config_named(ExcbConfig *c, const char *name) {
         c->widths[0] = 4; c->widths[1] = 8; c->widths[2] = 8;
         c->blocks[0] = c->blocks[1] = c->blocks[2] = 1;
         c->hidden = 16; c->d = 8; c->K = 16; c->global_size = 8; c->local_size = 4; c->batch = 4;
-        c->total_steps = 100; c->warmup_steps = 10;
+        c->total_steps = 100; c->warmup_steps = 10; c->steps_per_epoch = 10;
     } else if (!strcmp(name, "tiny50")) {     /* Bottleneck + ImageNet stem + max-pool, for tests */
         c->block = EXCB_BLOCK_BOTTLENECK; c->stem = EXCB_STEM_IMAGENET; c->in_ch = 3; c->n_stages = 2;
         c->widths[0] = 2; c->widths[1] = 4; c->blocks[0] = 1; c->blocks[1] = 2;
         c->hidden = 16; c->d = 8; c->K = 16; c->global_size = 16; c->local_size = 8; c->batch = 4;
-        c->total_steps = 100; c->warmup_steps = 10;
+        c->total_steps = 100; c->warmup_steps = 10; c->steps_per_epoch = 10;
     } else {
         return -1;
     }
@@ -1118,7 +1512,7 @@ static void init_params(ExcbModel *m) {
     memcpy(m->teacher_running, m->running, sizeof(real) * m->n_running);
     memset(m->momentum, 0, sizeof(real) * m->n_params);
     memset(m->grads, 0, sizeof(real) * m->n_params);
-    for (int k = 0; k < m->cfg.K; k++) m->s[k] = 1.0f / (real)m->cfg.K;    /* E3's start      */
+    m->method->init(m);                                          /* the method's state at step 0 */
     m->step = 0;
 }
 
@@ -1193,6 +1587,7 @@ static void plan_arena(ExcbModel *m, Arena *ar) {
     ar->end_global = ar->used;
     if (c->n_local > 0) plan_backbone(m, ar, &m->act_local, c->n_local * B, c->local_size, &max_act, &max_col, &max_w);
     ar->end_local = ar->used;
+    int n_dir = m->n_dir_crops * B, pred = m->pairing == EXCB_PAIRING_EXCB;
     m->f = take(ar, (size_t)D * NS);
     for (int l = 0; l < 3; l++) {
         int out = m->proj[l].out;
@@ -1202,33 +1597,33 @@ static void plan_arena(ExcbModel *m, Arena *ar) {
         m->proj_act.rstd[l] = l < 2 ? take(ar, out) : NULL;
     }
     m->h = m->proj_act.a[2];
-    m->pre_y = take(ar, (size_t)d * NS);
-    m->pre_mean = take(ar, d);
-    m->pre_rstd = take(ar, d);
-    m->pred_y = take(ar, (size_t)Hd * NS);
-    m->pred_a = take(ar, (size_t)Hd * NS);
-    m->pred_mean = take(ar, Hd);
-    m->pred_rstd = take(ar, Hd);
-    m->p = take(ar, (size_t)d * NS);
+    if (pred) {                                 /* the predictor (E10) runs in the EXCB pairing only */
+        m->pre_y = take(ar, (size_t)d * NS);
+        m->pre_mean = take(ar, d);
+        m->pre_rstd = take(ar, d);
+        m->pred_y = take(ar, (size_t)Hd * NS);
+        m->pred_a = take(ar, (size_t)Hd * NS);
+        m->pred_mean = take(ar, Hd);
+        m->pred_rstd = take(ar, Hd);
+        m->p = take(ar, (size_t)d * NS);
+        m->u_pred = take(ar, (size_t)NS * d);
+        m->u_pred_den = take(ar, NS);
+        m->z_pred = take(ar, (size_t)NS * K);
+    }
     m->c = take(ar, (size_t)K * d);
     m->c_inv_norm = take(ar, K);
-    m->u_dir = take(ar, (size_t)NG * d);
-    m->u_dir_den = take(ar, NG);
-    m->u_pred = take(ar, (size_t)NS * d);
-    m->u_pred_den = take(ar, NS);
+    m->u_dir = take(ar, (size_t)n_dir * d);
+    m->u_dir_den = take(ar, n_dir);
     m->ut = take(ar, (size_t)NG * d);
     m->ut_den = take(ar, NG);
-    m->z_dir = take(ar, (size_t)NG * K);
-    m->z_pred = take(ar, (size_t)NS * K);
+    m->z_dir = take(ar, (size_t)n_dir * K);
     m->q = take(ar, (size_t)NG * K);
     m->zt = take(ar, (size_t)NG * K);
     m->labels = (int32_t *)take(ar, NG);
-    m->counts = (int32_t *)take(ar, K);
     m->row_loss = (double *)take(ar, 2 * (size_t)(NG + NS));
-    m->r = take(ar, K);
-    m->lower = take(ar, K);
-    m->higher = take(ar, K);
     m->qbar = (double *)take(ar, 2 * (size_t)K);      /* K doubles */
+    for (int i = 0; i < m->n_mbuf; i++)          /* the method's scratch (its state is not here)   */
+        if (!m->mbuf_spec[i].state) m->mbuf[i] = take(ar, m->mbuf_spec[i].floats);
     ar->end_heads = ar->used;
     for (int i = 0; i < 3; i++) m->dbuf[i] = take(ar, max_act);
     /* A shortcut's BN output BN(conv1x1/s(x)) is read once, by the residual add of its block's last
@@ -1252,11 +1647,30 @@ static void plan_arena(ExcbModel *m, Arena *ar) {
 }
 
 static int check_config(const ExcbConfig *cfg) {
-    if (cfg->n_global < 2 || cfg->batch < 2 || cfg->K < 2 || cfg->n_stages < 1 || cfg->n_stages > EXCB_MAX_STAGES) {
-        fprintf(stderr, "excb: config %s: need n_global >= 2, batch >= 2, K >= 2, 1..4 stages\n", cfg->name);
+    if (cfg->n_global < 2 || cfg->batch < 2 || cfg->K < 2 || cfg->n_stages < 1 || cfg->n_stages > EXCB_MAX_STAGES
+        || cfg->steps_per_epoch < 1) {
+        fprintf(stderr, "excb: config %s: need n_global >= 2, batch >= 2, K >= 2, 1..4 stages, steps_per_epoch >= 1\n",
+                cfg->name);
+        return -1;
+    }
+    int n_methods = 0;
+    while (excb_methods[n_methods]) n_methods++;
+    if (cfg->method < 0 || cfg->method >= n_methods) {
+        fprintf(stderr, "excb: config %s: method %d is not one of the %d methods\n", cfg->name, cfg->method, n_methods);
         return -1;
     }
     return 0;
+}
+
+/* the method, its pairing and its buffers' table: what the arena plan and the state need to know */
+static void bind_method(ExcbModel *m) {
+    m->method = excb_methods[m->cfg.method];
+    m->pairing = m->cfg.pairing != EXCB_PAIRING_AUTO ? m->cfg.pairing : m->method->pairing;
+    m->n_dir_crops = m->pairing == EXCB_PAIRING_EXCB ? m->cfg.n_global : m->cfg.n_global + m->cfg.n_local;
+    m->n_mbuf = m->method->buffers(&m->cfg, m->mbuf_spec);
+    m->mstate_floats = 0;
+    for (int i = 0; i < m->n_mbuf; i++)
+        if (m->mbuf_spec[i].state) m->mstate_floats += (m->mbuf_spec[i].floats + 15) / 16 * 16;
 }
 
 int excb_build(ExcbModel *m, const ExcbConfig *cfg) {
@@ -1266,13 +1680,15 @@ int excb_build(ExcbModel *m, const ExcbConfig *cfg) {
     excb_set_threads(cfg->threads);
     m->max_threads = max_threads();
     build_structure(m);
+    bind_method(m);
     m->params = xmalloc(sizeof(real) * m->n_params);
     m->grads = xmalloc(sizeof(real) * m->n_params);
     m->momentum = xmalloc(sizeof(real) * m->n_params);
     m->teacher = xmalloc(sizeof(real) * m->n_params);
     m->running = xmalloc(sizeof(real) * m->n_running);
     m->teacher_running = xmalloc(sizeof(real) * m->n_running);
-    m->s = xmalloc(sizeof(real) * cfg->K);
+    m->mstate = xmalloc(sizeof(real) * m->mstate_floats);
+    excb_method_bind_state(m);
     Arena count = {0};
     plan_arena(m, &count);
     m->arena_floats = count.used;
@@ -1301,13 +1717,14 @@ int excb_memory_plan(const ExcbConfig *cfg, ExcbMemoryPlan *mp) {
     excb_set_threads(cfg->threads);
     m->max_threads = max_threads();
     build_structure(m);
+    bind_method(m);
     Arena a = {0}, dev = {.share_shortcuts = 1};
     plan_arena(m, &a);
     plan_arena(m, &dev);
     const size_t f = sizeof(real);
     mp->threads = m->max_threads;
     mp->params = 4 * f * m->n_params;
-    mp->state = f * (2 * m->n_running + (size_t)cfg->K);
+    mp->state = f * (2 * m->n_running + m->mstate_floats);
     mp->acts_global = f * a.end_global;
     mp->acts_local = f * (a.end_local - a.end_global);
     mp->heads = f * (a.end_heads - a.end_local);
@@ -1321,7 +1738,7 @@ int excb_memory_plan(const ExcbConfig *cfg, ExcbMemoryPlan *mp) {
 
 void excb_free(ExcbModel *m) {
     free(m->params); free(m->grads); free(m->momentum); free(m->teacher);
-    free(m->running); free(m->teacher_running); free(m->s); free(m->arena);
+    free(m->running); free(m->teacher_running); free(m->mstate); free(m->arena);
     memset(m, 0, sizeof *m);
 }
 
@@ -1485,13 +1902,15 @@ static void projector_forward(ExcbModel *m, const real *P, real *run, const real
 /* ================================================================================================
  * 10. One training step (trainer.py L84-132; paper_notes.md §8)
  * ================================================================================================
+ *  the method:         begin_step (SwAV re-normalises its prototypes, S3)
  *  teacher (no grad):  zt = cos(normalize(g_T(f_T(X_g))), c_T)         E0, E1     (Vg*B, K)
- *                      q  = softmax(clamp(boost(B(zt; r))) / tau_t)      E4..E6, r from steps < t
+ *                      q  = the method's targets from zt                 ExCB: E4..E6 with r from
+ *                                                                        steps < t; DINO D1; SwAV S1
  *  student:            h  = g_S(cat(f_S(X_g), f_S(X_l)))                E0         (d, NS)
- *                      z_dir  = cos(normalize(h[:, global]), c)          E1         (Vg*B, K)
- *                      z_pred = cos(normalize(P(BN(h))), stopgrad(c))    E10        (NS, K)
- *  loss and dL/dz:     E7, E8, E11
- *  cluster sizes:      E2, E3 from argmax q
+ *                      z_dir  = cos(normalize(h[:, direct crops]), c)    E1   (n_dir_crops*B, K)
+ *                      z_pred = cos(normalize(P(BN(h))), stopgrad(c))    E10  (NS, K), EXCB pairing
+ *  loss and dL/dz:     E7, E8, E11 over the pairing's terms
+ *  the method's state: ExCB E2, E3 from argmax q; DINO's centre D2; SwAV's queue S2
  *  backward:           E12, E13 and the network; SGD (E14); teacher EMA (E9)
  */
 static void centroids_forward(ExcbModel *m, const real *P) {
@@ -1540,44 +1959,43 @@ static void step_diagnostics(ExcbModel *m, ExcbStepStats *st) {
 double excb_forward_loss(ExcbModel *m, const real *xg, const real *xl, ExcbStepStats *st) {
     const ExcbConfig *c = &m->cfg;
     int B = c->batch, NG = c->n_global * B, NL = c->n_local * B, NS = NG + NL, K = c->K, d = c->d;
+    int n_dir = m->n_dir_crops * B, pred = m->pairing == EXCB_PAIRING_EXCB;
     real eps = (real)c->norm_eps;
+    if (m->method->begin_step) m->method->begin_step(m);
     /* --- teacher: global crops only, its own parameters and BN statistics, no gradient ----------- */
     backbone_forward(m, m->teacher, m->teacher_running, &m->act_global, xg, m->f, NG);
     projector_forward(m, m->teacher, m->teacher_running, m->f, NG);
     centroids_forward(m, m->teacher);
     m->ops->l2norm_rows_forward(m->ut, m->ut_den, m->h, NG, d, NG, eps);
     m->ops->gemm('N', 'T', NG, K, d, 1.0f, m->ut, d, m->c, d, 0.0f, m->zt, K);      /* E1 */
-    m->ops->balance_factors(m->r, m->lower, m->higher, m->s, K, c->zero_jitter, c->seed, m->step);  /* E3', E4 */
-    m->ops->balanced_targets(m->q, m->labels, NULL, m->zt, m->lower, m->higher, NG, K, c->boost, c->clamp,
-                             c->tau_t);
+    m->method->targets(m);                                 /* q and labels for the whole batch   */
     /* --- student: backbone once per resolution (A20), heads over all crops ------------------------- */
     backbone_forward(m, m->params, m->running, &m->act_global, xg, m->f, NS);
     if (NL > 0) backbone_forward(m, m->params, m->running, &m->act_local, xl, m->f + NG, NS);
     projector_forward(m, m->params, m->running, m->f, NS);
     centroids_forward(m, m->params);
-    m->ops->l2norm_rows_forward(m->u_dir, m->u_dir_den, m->h, NS, d, NG, eps);    /* global rows */
-    m->ops->gemm('N', 'T', NG, K, d, 1.0f, m->u_dir, d, m->c, d, 0.0f, m->z_dir, K);
-    /* predictor E10a: BN(d) without ReLU, Linear-BN-ReLU, Linear */
-    m->ops->batchnorm_forward(m->pre_y, m->pre_mean, m->pre_rstd, m->running + m->pred_bn_stats,
-                              m->running + m->pred_bn_stats + d, m->h, PT(m->params, m->pred_bn_gamma),
-                              PT(m->params, m->pred_bn_beta), NULL, 0, d, NS, (real)c->bn_eps, (real)c->bn_momentum);
-    head_layer_forward(m, m->params, m->running, &m->pred[0], m->pre_y, m->pred_y, m->pred_a, m->pred_mean,
-                       m->pred_rstd, NS);
-    head_layer_forward(m, m->params, m->running, &m->pred[1], m->pred_a, NULL, m->p, NULL, NULL, NS);
-    m->ops->l2norm_rows_forward(m->u_pred, m->u_pred_den, m->p, NS, d, NS, eps);   /* E10b       */
-    m->ops->gemm('N', 'T', NS, K, d, 1.0f, m->u_pred, d, m->c, d, 0.0f, m->z_pred, K);
+    m->ops->l2norm_rows_forward(m->u_dir, m->u_dir_den, m->h, NS, d, n_dir, eps);   /* direct rows */
+    m->ops->gemm('N', 'T', n_dir, K, d, 1.0f, m->u_dir, d, m->c, d, 0.0f, m->z_dir, K);
+    if (pred) {           /* predictor E10a: BN(d) without ReLU, Linear-BN-ReLU, Linear */
+        m->ops->batchnorm_forward(m->pre_y, m->pre_mean, m->pre_rstd, m->running + m->pred_bn_stats,
+                                  m->running + m->pred_bn_stats + d, m->h, PT(m->params, m->pred_bn_gamma),
+                                  PT(m->params, m->pred_bn_beta), NULL, 0, d, NS, (real)c->bn_eps, (real)c->bn_momentum);
+        head_layer_forward(m, m->params, m->running, &m->pred[0], m->pre_y, m->pred_y, m->pred_a, m->pred_mean,
+                           m->pred_rstd, NS);
+        head_layer_forward(m, m->params, m->running, &m->pred[1], m->pred_a, NULL, m->p, NULL, NULL, NS);
+        m->ops->l2norm_rows_forward(m->u_pred, m->u_pred_den, m->p, NS, d, NS, eps);   /* E10b       */
+        m->ops->gemm('N', 'T', NS, K, d, 1.0f, m->u_pred, d, m->c, d, 0.0f, m->z_pred, K);
+    }
     if (st) step_diagnostics(m, st);
     /* --- the loss; z_dir and z_pred become dL/dz ------------------------------------------------- */
-    double loss = m->ops->loss_forward_backward(m->z_dir, m->z_pred, m->row_loss, m->q, c->n_global,
-                                                c->n_local, B, K, c->tau_s);
+    double loss = m->ops->loss_forward_backward(m->z_dir, m->n_dir_crops, pred ? m->z_pred : NULL, m->row_loss, m->q,
+                                                c->n_global, c->n_local, B, K, c->tau_s);
     if (st) st->loss = loss;
     return loss;
 }
 
-void excb_update_cluster_sizes(ExcbModel *m, ExcbStepStats *st) {
-    int NG = m->cfg.n_global * m->cfg.batch;
-    int used = m->ops->cluster_size_update(m->s, m->counts, m->labels, NG, m->cfg.K, m->cfg.m_s,
-                                           m->cfg.fp16_count_term);
+void excb_update_method(ExcbModel *m, ExcbStepStats *st) {
+    int used = m->method->update(m);
     if (st) {                                              /* A21 collapse monitors             */
         st->unique_labels = used;
         st->empty_clusters = m->cfg.K - used;
@@ -1587,6 +2005,7 @@ void excb_update_cluster_sizes(ExcbModel *m, ExcbStepStats *st) {
 void excb_backward(ExcbModel *m) {
     const ExcbConfig *c = &m->cfg;
     int B = c->batch, NG = c->n_global * B, NL = c->n_local * B, NS = NG + NL, K = c->K, d = c->d;
+    int n_dir = m->n_dir_crops * B;
     real eps = (real)c->norm_eps;
     const real *P = m->params;
     real *G = m->grads;
@@ -1595,23 +2014,26 @@ void excb_backward(ExcbModel *m) {
        reused as soon as the gradient it holds has been consumed; the comments say what is where. */
     real *s0 = m->dhead[0], *s1 = m->dhead[1], *s2 = m->dhead[2], *s3 = m->dhead[3];
     real *dh = s1;                                         /* dL/dh (d, NS): both branches add here */
-    /* E13: only the direct global rows reach the centroids: dc = dz_dir^T u_dir, then weight norm */
-    m->ops->gemm('T', 'N', K, d, NG, 1.0f, m->z_dir, K, m->u_dir, d, 0.0f, s3, d);            /* s3 = dc */
+    /* E13: only the direct rows reach the centroids (ExCB: the global ones, A8, A9; DINO and SwAV:
+       every crop's): dc = dz_dir^T u_dir, then weight norm */
+    m->ops->gemm('T', 'N', K, d, n_dir, 1.0f, m->z_dir, K, m->u_dir, d, 0.0f, s3, d);         /* s3 = dc */
     m->ops->weightnorm_backward(PT(G, m->centroids), s3, m->c, m->c_inv_norm, K, d);
-    /* E12, direct rows: du = dz_dir c, dh[:, global] = (I - u u^T) du / ||h||; local columns 0 */
-    m->ops->gemm('N', 'N', NG, d, K, 1.0f, m->z_dir, K, m->c, d, 0.0f, s0, d);               /* s0 = du */
-    m->ops->l2norm_rows_backward(dh, NS, s0, m->u_dir, m->u_dir_den, d, NG, eps, 0);
-    m->ops->zero_columns(dh, d, NS, NG, NL);
-    /* E12, predictor rows (c is a constant here): du = dz_pred c, dp = (I - u u^T) du / ||p|| */
-    m->ops->gemm('N', 'N', NS, d, K, 1.0f, m->z_pred, K, m->c, d, 0.0f, s0, d);              /* s0 = du */
-    m->ops->l2norm_rows_backward(s2, NS, s0, m->u_pred, m->u_pred_den, d, NS, eps, 0);       /* s2 = dp */
-    /* predictor E10a, last layer to first, then its input BN(d); the result adds into dh */
-    head_layer_backward(m, &m->pred[1], s0, s2, NULL, m->pred_a, NULL, m->p, NULL, NULL, NS);  /* s0 = d pred_a */
-    head_layer_backward(m, &m->pred[0], s2, s0, s3, m->pre_y, m->pred_y, m->pred_a, m->pred_mean,
-                        m->pred_rstd, NS);                                                    /* s2 = d BN(h) */
-    m->ops->batchnorm_backward(s3, PT(G, m->pred_bn_gamma), PT(G, m->pred_bn_beta), s2, m->pre_y, m->h, m->pre_mean,
-                               m->pre_rstd, PT(P, m->pred_bn_gamma), 0, d, NS);                /* s3 = dh_pred */
-    m->ops->add(dh, s3, (size_t)d * NS);
+    /* E12, direct rows: du = dz_dir c, dh[:, direct] = (I - u u^T) du / ||h||; the other columns 0 */
+    m->ops->gemm('N', 'N', n_dir, d, K, 1.0f, m->z_dir, K, m->c, d, 0.0f, s0, d);            /* s0 = du */
+    m->ops->l2norm_rows_backward(dh, NS, s0, m->u_dir, m->u_dir_den, d, n_dir, eps, 0);
+    if (n_dir < NS) m->ops->zero_columns(dh, d, NS, n_dir, NS - n_dir);
+    if (m->pairing == EXCB_PAIRING_EXCB) {
+        /* E12, predictor rows (c is a constant here): du = dz_pred c, dp = (I - u u^T) du / ||p|| */
+        m->ops->gemm('N', 'N', NS, d, K, 1.0f, m->z_pred, K, m->c, d, 0.0f, s0, d);          /* s0 = du */
+        m->ops->l2norm_rows_backward(s2, NS, s0, m->u_pred, m->u_pred_den, d, NS, eps, 0);   /* s2 = dp */
+        /* predictor E10a, last layer to first, then its input BN(d); the result adds into dh */
+        head_layer_backward(m, &m->pred[1], s0, s2, NULL, m->pred_a, NULL, m->p, NULL, NULL, NS);  /* s0 = d pred_a */
+        head_layer_backward(m, &m->pred[0], s2, s0, s3, m->pre_y, m->pred_y, m->pred_a, m->pred_mean,
+                            m->pred_rstd, NS);                                                /* s2 = d BN(h) */
+        m->ops->batchnorm_backward(s3, PT(G, m->pred_bn_gamma), PT(G, m->pred_bn_beta), s2, m->pre_y, m->h,
+                                   m->pre_mean, m->pre_rstd, PT(P, m->pred_bn_gamma), 0, d, NS);  /* s3 = dh_pred */
+        m->ops->add(dh, s3, (size_t)d * NS);
+    }
     /* projector E0, last layer to first: df (D, NS) */
     ExcbMLPActs *A = &m->proj_act;
     head_layer_backward(m, &m->proj[2], s0, dh, NULL, A->a[1], NULL, A->a[2], NULL, NULL, NS);      /* s0 = d a1 */
@@ -1621,6 +2043,9 @@ void excb_backward(ExcbModel *m) {
     /* backbone: local crops, then global crops; both add into the same parameter gradients */
     if (NL > 0) backbone_backward(m, &m->act_local, df + NG, NS);
     backbone_backward(m, &m->act_global, df, NS);
+    /* a frozen centroid (SwAV, S3) has no gradient, as PyTorch's p.grad = None: it is not updated */
+    m->frozen_centroids = m->method->centroids_frozen && m->method->centroids_frozen(m);
+    if (m->frozen_centroids) m->ops->zero(PT(G, m->centroids), m->tensors[m->centroids].numel);
 }
 
 void excb_update(ExcbModel *m, ExcbStepStats *st) {
@@ -1640,13 +2065,20 @@ void excb_update(ExcbModel *m, ExcbStepStats *st) {
     }
 }
 
+/* The step, as the training loop, the benchmark and the tests run it. EXCB_EXIT_DIVERGED when the loss
+   (then nothing has changed but BN running statistics) or the gradient norm is not finite (then the
+   method's state has moved but no parameter has): st says which. */
 int excb_step(ExcbModel *m, const real *xg, const real *xl, ExcbStepStats *st) {
     ExcbStepStats local;
     if (!st) st = &local;
+    st->grad_norm = NAN;
     double loss = excb_forward_loss(m, xg, xl, st);
-    if (!isfinite(loss)) return EXCB_EXIT_DIVERGED;        /* nothing updated: the state is intact */
-    excb_update_cluster_sizes(m, st);                       /* after the loss, as the code does   */
+    st->loss = loss;
+    if (!isfinite(loss)) return EXCB_EXIT_DIVERGED;
+    excb_update_method(m, st);                              /* after the loss, as the code does   */
     excb_backward(m);
+    st->grad_norm = sqrt(m->ops->sum_squares(m->grads, m->n_params));
+    if (!isfinite(st->grad_norm)) return EXCB_EXIT_DIVERGED;
     excb_update(m, st);
     return 0;
 }
@@ -3282,122 +3714,128 @@ void excb_loader_close(ExcbLoader *L) {
  * the metrics header), where it lives in ExcbRunConfig, its type and a line of help. Precedence is
  * preset < config file < command line; a key that is not in the table is an error, never ignored.
  */
-typedef enum { KT_INT, KT_LONG, KT_DOUBLE, KT_U64, KT_STR, KT_INTLIST, KT_BLOCK, KT_STEM, KT_BLUR } KeyType;
-typedef struct {
-    const char *key;
-    KeyType type;
-    size_t off, size;          /* offset in ExcbRunConfig; bytes (strings) or capacity (lists)       */
-    size_t count_off;          /* lists: offset of their element count                              */
-    int trajectory;            /* 1: changing it changes the computed run (must match on --resume)  */
-    double lo, hi;             /* numbers: the valid range, checked by excb_config_validate; a U64
-                                  takes every value (lo = hi = 0), strings and lists are checked
-                                  when parsed, and cross-key rules follow the table there          */
-    const char *help;
-} ConfigKey;
-
-#define RC(f) offsetof(ExcbRunConfig, f)
-#define MC(f) (offsetof(ExcbRunConfig, model) + offsetof(ExcbConfig, f))
+/* The key table: every setting of a run but the methods' own (each method's rows are in its section,
+   section 5, and come after these). A row carries its default: presets start from these values. */
+static const char *const block_names[] = {"basic", "bottleneck", NULL}, *const stem_names[] = {"cifar", "imagenet", NULL},
+                         *const blur_names[] = {"as-run", "as-configured", "none", NULL},
+                         *const pairing_names[] = {"auto", "excb", "swapped", NULL},
+                         *const precision_names[] = {"fp32", "tf32", "bf16", NULL};  /* in their enums' order */
+typedef ExcbSetting ConfigKey;
 static const ConfigKey config_keys[] = {
-    {"data", KT_STR, RC(data), sizeof(((ExcbRunConfig *)0)->data), 0, 1, 0, 0, "data set: fashion-mnist, an IDX/CIFAR/STL-10 folder or file, an image folder"},
-    {"train_split", KT_STR, RC(train_split), 32, 0, 1, 0, 0, "split to pre-train on (train; STL-10: train+unlabeled)"},
-    {"bank_split", KT_STR, RC(bank_split), 32, 0, 0, 0, 0, "k-NN memory bank and probe training split"},
-    {"query_split", KT_STR, RC(query_split), 32, 0, 0, 0, 0, "k-NN queries and probe test split"},
-    {"block", KT_BLOCK, MC(block), 0, 0, 1, 0, 0, "residual block: basic (ResNet-18/20) or bottleneck (ResNet-50)"},
-    {"stem", KT_STEM, MC(stem), 0, 0, 1, 0, 0, "stem: cifar (conv3x3/1) or imagenet (conv7x7/2 + max-pool)"},
-    {"widths", KT_INTLIST, MC(widths), EXCB_MAX_STAGES, RC(n_widths), 1, 0, 0, "stage widths, e.g. 16,32,64"},
-    {"blocks", KT_INTLIST, MC(blocks), EXCB_MAX_STAGES, RC(n_blocks), 1, 0, 0, "blocks per stage, e.g. 3,3,3"},
-    {"hidden", KT_INT, MC(hidden), 0, 0, 1, 1, 1 << 16, "projector and predictor hidden width (2048)"},
-    {"d", KT_INT, MC(d), 0, 0, 1, 1, 1 << 16, "projection width d (256)"},
-    {"K", KT_INT, MC(K), 0, 0, 1, 2, 1 << 24, "clusters (65536 in the paper)"},
-    {"n_local", KT_INT, MC(n_local), 0, 0, 1, 0, 64, "local crops per image (6)"},
-    {"global_size", KT_INT, MC(global_size), 0, 0, 1, 4, 4096, "global crop side (224)"},
-    {"local_size", KT_INT, MC(local_size), 0, 0, 1, 0, 4096, "local crop side (96)"},
-    {"batch", KT_INT, MC(batch), 0, 0, 1, 2, 1 << 20, "images per step B (1024 officially, over all GPUs)"},
-    {"epochs", KT_LONG, RC(epochs), 0, 0, 1, 1, 1e9, "epochs E"},
-    {"warmup_epochs", KT_DOUBLE, RC(warmup_epochs), 0, 0, 1, 0, 1e9, "linear lr warm-up in epochs (10)"},
-    {"lr", KT_DOUBLE, MC(lr_peak), 0, 0, 1, 0, 1e3, "peak learning rate, absolute (0.6, A19)"},
-    {"lr_min_factor", KT_DOUBLE, MC(lr_min_factor), 0, 0, 1, 0, 1, "the cosine ends at lr * this (1e-4)"},
-    {"wd", KT_DOUBLE, MC(weight_decay), 0, 0, 1, 0, 1, "weight decay on weights (1e-4)"},
-    {"centroid_wd_boost", KT_DOUBLE, MC(centroid_wd_boost), 0, 0, 1, 0, 1e3, "centroid wd multiplier 1 + this*cos-decay (9, A10)"},
-    {"sgd_momentum", KT_DOUBLE, MC(sgd_momentum), 0, 0, 1, 0, 1, "SGD momentum (0.9)"},
-    {"ema_start", KT_DOUBLE, MC(ema_start), 0, 0, 1, 0, 1, "teacher momentum at step 0, cosine to 1 (0.996)"},
-    {"tau_s", KT_DOUBLE, MC(tau_s), 0, 0, 1, 1e-6, 1e6, "student temperature (0.1)"},
-    {"tau_t", KT_DOUBLE, MC(tau_t), 0, 0, 1, 1e-6, 1e6, "teacher temperature (0.04)"},
-    {"m_s", KT_DOUBLE, MC(m_s), 0, 0, 1, 0, 1, "cluster-size EMA momentum (0.999)"},
-    {"boost", KT_DOUBLE, MC(boost), 0, 0, 1, 0, 1e3, "argmax boost of E5 (0.01)"},
-    {"clamp", KT_DOUBLE, MC(clamp), 0, 0, 1, 1e-6, 1e6, "clamp of the balanced similarity (1)"},
-    {"zero_jitter", KT_DOUBLE, MC(zero_jitter), 0, 0, 1, 0, 1, "A3 jitter where a balancing factor is 0 (0.001)"},
-    {"fp16_count_term", KT_INT, MC(fp16_count_term), 0, 0, 1, 0, 1, "1: round the E3 term through float16 (A4)"},
-    {"seed", KT_U64, MC(seed), 0, 0, 1, 0, 0, "the root seed"},
-    {"blur", KT_BLUR, RC(blur), 0, 0, 1, 0, 0, "as-run (the official code's blur, A14), as-configured, or none"},
-    {"crop_scale_offset", KT_DOUBLE, RC(crop_scale_offset), 0, 0, 1, -0.04, 0.7, "added to the crop-scale bound s_min(e) of A11 (0)"},
-    {"kmeans_init", KT_INT, RC(kmeans_init), 0, 0, 1, 0, 1, "1: spherical k-means centroids (1.10); 0: random"},
-    {"kmeans_samples", KT_LONG, RC(kmeans_samples), 0, 0, 1, 2, 1e10, "teacher projections for k-means (500000)"},
-    {"kmeans_iters", KT_INT, RC(kmeans_iters), 0, 0, 1, 1, 1e6, "Lloyd iterations (50)"},
-    {"kmeans_restarts", KT_INT, RC(kmeans_restarts), 0, 0, 1, 0, 1e6, "restarts allowed while a cluster is empty"},
-    {"debug_nan_step", KT_LONG, RC(debug_nan_step), 0, 0, 1, -1, 1e18, "tests: a NaN in step N's input (-1: never)"},
-    {"threads", KT_INT, MC(threads), 0, 0, 0, 0, 1024, "compute threads (0: all cores); results do not depend on it"},
-    {"workers", KT_INT, RC(workers), 0, 0, 0, 0, 256, "loader threads; results do not depend on it"},
-    {"skip_bad", KT_INT, RC(skip_bad), 0, 0, 1, 0, 1, "1: skip undecodable images (counted) instead of exit 65"},
-    {"log_every", KT_INT, RC(log_every), 0, 0, 0, 1, 1e9, "steps between step records and plain progress lines"},
-    {"ckpt_every", KT_INT, RC(ckpt_every), 0, 0, 0, 0, 1e9, "steps between checkpoints (0: each epoch's end)"},
-    {"keep", KT_INT, RC(keep), 0, 0, 0, 1, 1000, "checkpoints kept"},
-    {"knn_every", KT_INT, RC(knn_every), 0, 0, 0, 0, 1e9, "epochs between k-NN evaluations (0: at the end only)"},
-    {"knn_k", KT_INTLIST, RC(knn_ks), EXCB_MAX_KS, RC(n_knn_ks), 0, 0, 0, "k of the weighted k-NN (10,20,100,200)"},
-    {"knn_t", KT_DOUBLE, RC(knn_t), 0, 0, 0, 1e-6, 1e6, "k-NN temperature (0.07)"},
-    {"knn_bank_max", KT_LONG, RC(knn_bank_max), 0, 0, 0, 0, 1e12, "during training: bank images, evenly spaced (0: all)"},
-    {"knn_query_max", KT_LONG, RC(knn_query_max), 0, 0, 0, 0, 1e12, "during training: query images (0: all)"},
-    {"probe_epochs", KT_INT, RC(probe_epochs), 0, 0, 0, 1, 1e6, "linear probe epochs"},
-    {"probe_batch", KT_INT, RC(probe_batch), 0, 0, 0, 1, 1 << 24, "linear probe batch"},
-    {"probe_lr", KT_DOUBLE, RC(probe_lr), 0, 0, 0, 0, 1e3, "linear probe peak lr (cosine to 0)"},
-    {"probe_wd", KT_DOUBLE, RC(probe_wd), 0, 0, 0, 0, 1, "linear probe weight decay"},
+    {"data", EXCB_KEY_STR, RC(data), sizeof(((ExcbRunConfig *)0)->data), 0, 1, 0, 0, NULL, NULL, "data set: fashion-mnist, an IDX/CIFAR/STL-10 folder or file, an image folder"},
+    {"train_split", EXCB_KEY_STR, RC(train_split), 32, 0, 1, 0, 0, "train", NULL, "split to pre-train on (train; STL-10: train+unlabeled)"},
+    {"bank_split", EXCB_KEY_STR, RC(bank_split), 32, 0, 0, 0, 0, "train", NULL, "k-NN memory bank and probe training split"},
+    {"query_split", EXCB_KEY_STR, RC(query_split), 32, 0, 0, 0, 0, "test", NULL, "k-NN queries and probe test split"},
+    {"block", EXCB_KEY_ENUM, MC(block), 0, 0, 1, 0, 0, NULL, block_names, "residual block: basic (ResNet-18/20) or bottleneck (ResNet-50)"},
+    {"stem", EXCB_KEY_ENUM, MC(stem), 0, 0, 1, 0, 0, NULL, stem_names, "stem: cifar (conv3x3/1) or imagenet (conv7x7/2 + max-pool)"},
+    {"widths", EXCB_KEY_INTLIST, MC(widths), EXCB_MAX_STAGES, RC(n_widths), 1, 0, 0, NULL, NULL, "stage widths, e.g. 16,32,64"},
+    {"blocks", EXCB_KEY_INTLIST, MC(blocks), EXCB_MAX_STAGES, RC(n_blocks), 1, 0, 0, NULL, NULL, "blocks per stage, e.g. 3,3,3"},
+    {"hidden", EXCB_KEY_INT, MC(hidden), 0, 0, 1, 1, 1 << 16, NULL, NULL, "projector and predictor hidden width (2048)"},
+    {"d", EXCB_KEY_INT, MC(d), 0, 0, 1, 1, 1 << 16, "256", NULL, "projection width d (256)"},
+    {"K", EXCB_KEY_INT, MC(K), 0, 0, 1, 2, 1 << 24, "4096", NULL, "clusters (65536 in the paper)"},
+    {"n_local", EXCB_KEY_INT, MC(n_local), 0, 0, 1, 0, 64, "6", NULL, "local crops per image (6)"},
+    {"global_size", EXCB_KEY_INT, MC(global_size), 0, 0, 1, 4, 4096, NULL, NULL, "global crop side (224)"},
+    {"local_size", EXCB_KEY_INT, MC(local_size), 0, 0, 1, 0, 4096, NULL, NULL, "local crop side (96)"},
+    {"batch", EXCB_KEY_INT, MC(batch), 0, 0, 1, 2, 1 << 20, NULL, NULL, "images per step B (1024 officially, over all GPUs)"},
+    {"epochs", EXCB_KEY_LONG, RC(epochs), 0, 0, 1, 1, 1e9, "400", NULL, "epochs E"},
+    {"warmup_epochs", EXCB_KEY_DOUBLE, RC(warmup_epochs), 0, 0, 1, 0, 1e9, "10", NULL, "linear lr warm-up in epochs (10)"},
+    {"lr", EXCB_KEY_DOUBLE, MC(lr_peak), 0, 0, 1, 0, 1e3, "0.6", NULL, "peak learning rate, absolute (0.6, A19)"},
+    {"lr_min_factor", EXCB_KEY_DOUBLE, MC(lr_min_factor), 0, 0, 1, 0, 1, "0.0001", NULL, "the cosine ends at lr * this (1e-4)"},
+    {"wd", EXCB_KEY_DOUBLE, MC(weight_decay), 0, 0, 1, 0, 1, "0.0001", NULL, "weight decay on weights (1e-4)"},
+    {"centroid_wd_boost", EXCB_KEY_DOUBLE, MC(centroid_wd_boost), 0, 0, 1, 0, 1e3, "9", NULL, "centroid wd multiplier 1 + this*cos-decay (9, A10)"},
+    {"sgd_momentum", EXCB_KEY_DOUBLE, MC(sgd_momentum), 0, 0, 1, 0, 1, "0.9", NULL, "SGD momentum (0.9)"},
+    {"ema_start", EXCB_KEY_DOUBLE, MC(ema_start), 0, 0, 1, 0, 1, "0.996", NULL, "teacher momentum at step 0, cosine to 1 (0.996)"},
+    {"tau_s", EXCB_KEY_DOUBLE, MC(tau_s), 0, 0, 1, 1e-6, 1e6, "0.1", NULL, "student temperature (0.1)"},
+    {"tau_t", EXCB_KEY_DOUBLE, MC(tau_t), 0, 0, 1, 1e-6, 1e6, "0.04", NULL, "teacher temperature (0.04)"},
+    {"method", EXCB_KEY_METHOD, MC(method), 0, 0, 1, 0, 0, "excb", NULL, "the balancing rule: excb, none, dino, swav (section 5)"},
+    {"pairing", EXCB_KEY_ENUM, MC(pairing), 0, 0, 1, 0, 0, "auto", pairing_names, "student rows per teacher view: auto (the method's own), excb (A7), swapped"},
+    {"seed", EXCB_KEY_U64, MC(seed), 0, 0, 1, 0, 0, "0", NULL, "the root seed"},
+    {"blur", EXCB_KEY_ENUM, RC(blur), 0, 0, 1, 0, 0, "as-run", blur_names, "as-run (the official code's blur, A14), as-configured, or none"},
+    {"crop_scale_offset", EXCB_KEY_DOUBLE, RC(crop_scale_offset), 0, 0, 1, -0.04, 0.7, "0", NULL, "added to the crop-scale bound s_min(e) of A11 (0)"},
+    {"kmeans_init", EXCB_KEY_INT, RC(kmeans_init), 0, 0, 1, 0, 1, "1", NULL, "1: spherical k-means centroids (1.10); 0: random"},
+    {"kmeans_samples", EXCB_KEY_LONG, RC(kmeans_samples), 0, 0, 1, 2, 1e10, "500000", NULL, "teacher projections for k-means (500000)"},
+    {"kmeans_iters", EXCB_KEY_INT, RC(kmeans_iters), 0, 0, 1, 1, 1e6, "50", NULL, "Lloyd iterations (50)"},
+    {"kmeans_restarts", EXCB_KEY_INT, RC(kmeans_restarts), 0, 0, 1, 0, 1e6, "20", NULL, "restarts allowed while a cluster is empty"},
+    {"debug_nan_step", EXCB_KEY_LONG, RC(debug_nan_step), 0, 0, 1, -1, 1e18, "-1", NULL, "tests: a NaN in step N's input (-1: never)"},
+    {"threads", EXCB_KEY_INT, MC(threads), 0, 0, 0, 0, 1024, "0", NULL, "compute threads (0: all cores); results do not depend on it"},
+    {"workers", EXCB_KEY_INT, RC(workers), 0, 0, 0, 0, 256, "1", NULL, "loader threads; results do not depend on it"},
+    {"skip_bad", EXCB_KEY_INT, RC(skip_bad), 0, 0, 1, 0, 1, "0", NULL, "1: skip undecodable images (counted) instead of exit 65"},
+    {"log_every", EXCB_KEY_INT, RC(log_every), 0, 0, 0, 1, 1e9, "10", NULL, "steps between step records and plain progress lines"},
+    {"ckpt_every", EXCB_KEY_INT, RC(ckpt_every), 0, 0, 0, 0, 1e9, "0", NULL, "steps between checkpoints (0: each epoch's end)"},
+    {"keep", EXCB_KEY_INT, RC(keep), 0, 0, 0, 1, 1000, "2", NULL, "checkpoints kept"},
+    {"knn_every", EXCB_KEY_INT, RC(knn_every), 0, 0, 0, 0, 1e9, "10", NULL, "epochs between k-NN evaluations (0: at the end only)"},
+    {"knn_k", EXCB_KEY_INTLIST, RC(knn_ks), EXCB_MAX_KS, RC(n_knn_ks), 0, 0, 0, "10,20,100,200", NULL, "k of the weighted k-NN (10,20,100,200)"},
+    {"knn_t", EXCB_KEY_DOUBLE, RC(knn_t), 0, 0, 0, 1e-6, 1e6, "0.07", NULL, "k-NN temperature (0.07)"},
+    {"knn_bank_max", EXCB_KEY_LONG, RC(knn_bank_max), 0, 0, 0, 0, 1e12, "0", NULL, "during training: bank images, evenly spaced (0: all)"},
+    {"knn_query_max", EXCB_KEY_LONG, RC(knn_query_max), 0, 0, 0, 0, 1e12, "0", NULL, "during training: query images (0: all)"},
+    {"probe_epochs", EXCB_KEY_INT, RC(probe_epochs), 0, 0, 0, 1, 1e6, "100", NULL, "linear probe epochs"},
+    {"probe_batch", EXCB_KEY_INT, RC(probe_batch), 0, 0, 0, 1, 1 << 24, "256", NULL, "linear probe batch"},
+    {"probe_lr", EXCB_KEY_DOUBLE, RC(probe_lr), 0, 0, 0, 0, 1e3, "0.1", NULL, "linear probe peak lr (cosine to 0)"},
+    {"probe_wd", EXCB_KEY_DOUBLE, RC(probe_wd), 0, 0, 0, 0, 1, "0.000001", NULL, "linear probe weight decay"},
 };
-#define N_CONFIG_KEYS (sizeof config_keys / sizeof config_keys[0])
+#define N_GENERAL_KEYS (sizeof config_keys / sizeof config_keys[0])
 
-static const char *block_names[] = {"basic", "bottleneck"}, *stem_names[] = {"cifar", "imagenet"},
-                  *blur_names[] = {"as-run", "as-configured", "none"},
-                  *precision_names[] = {"fp32", "tf32", "bf16"};           /* in ExcbPrecision's order */
-
-static int parse_enum(const char *v, const char **names, int n) {
-    for (int i = 0; i < n; i++)
-        if (!strcmp(v, names[i])) return i;
-    return -1;
+/* Every key: the table above, then each method's rows (section 5), in the order of excb_methods[]. */
+static size_t n_config_keys(void) {
+    size_t n = N_GENERAL_KEYS;
+    for (int i = 0; excb_methods[i]; i++) n += (size_t)excb_methods[i]->n_settings;
+    return n;
 }
 
-int excb_config_set(ExcbRunConfig *rc, const char *key, const char *value, char *err) {
-    const ConfigKey *k = NULL;
-    for (size_t i = 0; i < N_CONFIG_KEYS; i++)
-        if (!strcmp(config_keys[i].key, key)) k = &config_keys[i];
-    if (!k) return fail(err, EXCB_EXIT_CONFIG, "unknown key '%s' (excb train --help-config lists them)", key);
+static const ConfigKey *config_key(size_t i) {
+    if (i < N_GENERAL_KEYS) return &config_keys[i];
+    i -= N_GENERAL_KEYS;
+    for (int j = 0; excb_methods[j]; j++) {
+        if (i < (size_t)excb_methods[j]->n_settings) return &excb_methods[j]->settings[i];
+        i -= (size_t)excb_methods[j]->n_settings;
+    }
+    return NULL;
+}
+
+static const ConfigKey *find_key(const char *key) {
+    for (size_t i = 0; i < n_config_keys(); i++)
+        if (!strcmp(config_key(i)->key, key)) return config_key(i);
+    return NULL;
+}
+
+/* the values an enumerated key takes (its row's names, or the methods' names), NULL past the last */
+static const char *choice_name(const ConfigKey *k, int i) {
+    if (k->type == EXCB_KEY_METHOD) return excb_methods[i] ? excb_methods[i]->name : NULL;
+    return k->names[i];
+}
+
+/* value (text) into the field of row k inside rc */
+static int set_value(ExcbRunConfig *rc, const ConfigKey *k, const char *value, char *err) {
+    const char *key = k->key;
     char *at = (char *)rc + k->off, *end;
     errno = 0;
     switch (k->type) {
-    case KT_INT: case KT_LONG: {
+    case EXCB_KEY_INT: case EXCB_KEY_LONG: {
         long long x = strtoll(value, &end, 10);
-        if (end == value || *end || errno || (k->type == KT_INT && (x < INT32_MIN || x > INT32_MAX)))
+        if (end == value || *end || errno || (k->type == EXCB_KEY_INT && (x < INT32_MIN || x > INT32_MAX)))
             return fail(err, EXCB_EXIT_CONFIG, "key '%s' needs an integer, got '%s'", key, value);
-        if (k->type == KT_INT) *(int *)at = (int)x; else *(long *)at = (long)x;
+        if (k->type == EXCB_KEY_INT) *(int *)at = (int)x; else *(long *)at = (long)x;
         break;
     }
-    case KT_U64: {
+    case EXCB_KEY_U64: {
         unsigned long long x = strtoull(value, &end, 10);
         if (end == value || *end || errno || value[0] == '-')
             return fail(err, EXCB_EXIT_CONFIG, "key '%s' needs an unsigned integer, got '%s'", key, value);
         *(uint64_t *)at = x;
         break;
     }
-    case KT_DOUBLE: {
+    case EXCB_KEY_DOUBLE: {
         double x = strtod(value, &end);
         if (end == value || *end || errno || !isfinite(x))
             return fail(err, EXCB_EXIT_CONFIG, "key '%s' needs a finite number, got '%s'", key, value);
         *(double *)at = x;
         break;
     }
-    case KT_STR:
+    case EXCB_KEY_STR:
         if (strlen(value) >= k->size) return fail(err, EXCB_EXIT_CONFIG, "key '%s': value longer than %zu bytes", key, k->size - 1);
         snprintf(at, k->size, "%s", value);
         break;
-    case KT_INTLIST: {
+    case EXCB_KEY_INTLIST: {
         int n = 0, vals[16];
         const char *p = value;
         while (*p) {
@@ -3414,18 +3852,51 @@ int excb_config_set(ExcbRunConfig *rc, const char *key, const char *value, char 
         *count = n;
         break;
     }
-    case KT_BLOCK: case KT_STEM: case KT_BLUR: {
-        const char **names = k->type == KT_BLOCK ? block_names : k->type == KT_STEM ? stem_names : blur_names;
-        int n_names = k->type == KT_BLUR ? 3 : 2;
-        int x = parse_enum(value, names, n_names);
-        if (x < 0)
-            return fail(err, EXCB_EXIT_CONFIG, "key '%s' is %s or %s%s%s, not '%s'", key, names[0], names[1],
-                        n_names == 3 ? " or " : "", n_names == 3 ? names[2] : "", value);
+    case EXCB_KEY_ENUM: case EXCB_KEY_METHOD: {
+        int x = -1, n = 0;
+        for (; choice_name(k, n); n++)
+            if (!strcmp(value, choice_name(k, n))) x = n;
+        if (x < 0) {
+            char list[256];
+            size_t used = 0;
+            for (int i = 0; i < n; i++)
+                used += snprintf(list + used, sizeof list - used, "%s%s", i ? " or " : "", choice_name(k, i));
+            return fail(err, EXCB_EXIT_CONFIG, "key '%s' is %s, not '%s'", key, list, value);
+        }
         *(int *)at = x;
         break;
     }
     }
     return 0;
+}
+
+int excb_config_set(ExcbRunConfig *rc, const char *key, const char *value, char *err) {
+    const ConfigKey *k = find_key(key);
+    if (!k) return fail(err, EXCB_EXIT_CONFIG, "unknown key '%s' (excb train --help-config lists them)", key);
+    return set_value(rc, k, value, err);
+}
+
+/* Every row's default into rc: model rows (inside rc->model) when `model`, the run's others otherwise.
+   A row without a default (NULL) is left to the named model or the preset. */
+static void defaults_from_table(ExcbRunConfig *rc, int model) {
+    size_t lo = offsetof(ExcbRunConfig, model), hi = lo + sizeof(ExcbConfig);
+    char err[EXCB_ERR_LEN];
+    for (size_t i = 0; i < n_config_keys(); i++) {
+        const ConfigKey *k = config_key(i);
+        if (!k->def || (k->off >= lo && k->off < hi) != model) continue;
+        if (set_value(rc, k, k->def, err)) {         /* a table row that does not parse: a defect */
+            fprintf(stderr, "excb: the default of key '%s': %s\n", k->key, err);
+            exit(EXCB_EXIT_SOFTWARE);
+        }
+    }
+}
+
+static void model_defaults_from_table(ExcbConfig *c) {
+    static ExcbRunConfig rc;                /* 20 KB: not on the stack; only its model part is read */
+    ExcbRunConfig *tmp = &rc;
+    memset(tmp, 0, sizeof *tmp);
+    defaults_from_table(tmp, 1);
+    *c = tmp->model;
 }
 
 /* Config values are written bare (K = 1024) or, for strings, in double quotes with C escapes:
@@ -3546,21 +4017,19 @@ static void format_shortest(double x, char *out, size_t cap) {
 static void config_value(const ExcbRunConfig *rc, const ConfigKey *k, char *out, size_t cap) {
     const char *at = (const char *)rc + k->off;
     switch (k->type) {
-    case KT_INT: snprintf(out, cap, "%d", *(const int *)at); break;
-    case KT_LONG: snprintf(out, cap, "%ld", *(const long *)at); break;
-    case KT_U64: snprintf(out, cap, "%llu", (unsigned long long)*(const uint64_t *)at); break;
-    case KT_DOUBLE: format_shortest(*(const double *)at, out, cap); break;      /* round-trips exactly */
-    case KT_STR: snprintf(out, cap, "%s", at); break;
-    case KT_INTLIST: {
+    case EXCB_KEY_INT: snprintf(out, cap, "%d", *(const int *)at); break;
+    case EXCB_KEY_LONG: snprintf(out, cap, "%ld", *(const long *)at); break;
+    case EXCB_KEY_U64: snprintf(out, cap, "%llu", (unsigned long long)*(const uint64_t *)at); break;
+    case EXCB_KEY_DOUBLE: format_shortest(*(const double *)at, out, cap); break;      /* round-trips exactly */
+    case EXCB_KEY_STR: snprintf(out, cap, "%s", at); break;
+    case EXCB_KEY_INTLIST: {
         int n = *(const int *)((const char *)rc + k->count_off);
         size_t used = 0;
         out[0] = 0;
         for (int i = 0; i < n && used < cap; i++) used += snprintf(out + used, cap - used, i ? ",%d" : "%d", ((const int *)at)[i]);
         break;
     }
-    case KT_BLOCK: snprintf(out, cap, "%s", block_names[*(const int *)at]); break;
-    case KT_STEM: snprintf(out, cap, "%s", stem_names[*(const int *)at]); break;
-    case KT_BLUR: snprintf(out, cap, "%s", blur_names[*(const int *)at]); break;
+    case EXCB_KEY_ENUM: case EXCB_KEY_METHOD: snprintf(out, cap, "%s", choice_name(k, *(const int *)at)); break;
     }
 }
 
@@ -3581,14 +4050,14 @@ char *excb_config_dump(const ExcbRunConfig *rc, int json) {
     char *out = xmalloc(cap), val[1200];
     used += snprintf(out + used, cap - used, json ? "{\"preset\":\"%s\"" : "# excb %s resolved config\npreset = %s\n",
                      json ? rc->preset : EXCB_VERSION, json ? "" : rc->preset);
-    for (size_t i = 0; i < N_CONFIG_KEYS && used < cap; i++) {
-        const ConfigKey *k = &config_keys[i];
+    for (size_t i = 0; i < n_config_keys() && used < cap; i++) {
+        const ConfigKey *k = config_key(i);
         config_value(rc, k, val, sizeof val);
-        int quoted = k->type == KT_STR || k->type == KT_INTLIST || k->type >= KT_BLOCK;
+        int quoted = k->type >= EXCB_KEY_STR;                /* strings, lists and names: JSON strings */
         char esc[8 * sizeof val];               /* every byte escaped: \\u00XX is 6 */
         json_escape(esc, sizeof esc, val);
         if (json) used += snprintf(out + used, cap - used, quoted ? ",\"%s\":\"%s\"" : ",\"%s\":%s", k->key, esc);
-        else if (k->type == KT_STR) {                 /* quoted: the value reads back byte for byte */
+        else if (k->type == EXCB_KEY_STR) {           /* quoted: the value reads back byte for byte */
             config_quote(esc, sizeof esc, val);
             used += snprintf(out + used, cap - used, "%s = %s\n", k->key, esc);
         } else used += snprintf(out + used, cap - used, "%s = %s\n", k->key, val);
@@ -3599,8 +4068,8 @@ char *excb_config_dump(const ExcbRunConfig *rc, int json) {
 
 int excb_config_compatible(const ExcbRunConfig *run, const ExcbRunConfig *ckpt, char *err) {
     char a[1200], b[1200];
-    for (size_t i = 0; i < N_CONFIG_KEYS; i++) {
-        const ConfigKey *k = &config_keys[i];
+    for (size_t i = 0; i < n_config_keys(); i++) {
+        const ConfigKey *k = config_key(i);
         if (!k->trajectory) continue;
         config_value(run, k, a, sizeof a);
         config_value(ckpt, k, b, sizeof b);
@@ -3614,31 +4083,10 @@ int excb_config_compatible(const ExcbRunConfig *run, const ExcbRunConfig *ckpt, 
 /* --- presets: complete starting points; every value can still be overridden ----------------------
  * The official recipe (paper_notes.md §9, Presets) is the base; the small presets change only what their scale needs,
  * and the comments say what and why. */
+/* the run's settings at their table defaults (the model's come with set_model) */
 static void run_defaults(ExcbRunConfig *rc) {
     memset(rc, 0, sizeof *rc);
-    snprintf(rc->train_split, sizeof rc->train_split, "train");
-    snprintf(rc->bank_split, sizeof rc->bank_split, "train");
-    snprintf(rc->query_split, sizeof rc->query_split, "test");
-    rc->epochs = 400;
-    rc->warmup_epochs = 10;
-    rc->workers = 1;
-    rc->blur = EXCB_BLUR_AS_RUN;
-    rc->log_every = 10;
-    rc->ckpt_every = 0;
-    rc->keep = 2;
-    rc->knn_every = 10;
-    rc->n_knn_ks = 4;
-    rc->knn_ks[0] = 10; rc->knn_ks[1] = 20; rc->knn_ks[2] = 100; rc->knn_ks[3] = 200;
-    rc->knn_t = 0.07;
-    rc->kmeans_init = 1;
-    rc->kmeans_samples = 500000;
-    rc->kmeans_iters = 50;
-    rc->kmeans_restarts = 20;
-    rc->probe_epochs = 100;                /* the official linear eval: 100 epochs, batch 256,       */
-    rc->probe_batch = 256;                 /* SGD cosine to 0, wd 1e-6; lr 0.3 there on raw features, */
-    rc->probe_lr = 0.1;                    /* 0.1 here on standardised ones (a choice, see paper_notes) */
-    rc->probe_wd = 1e-6;
-    rc->debug_nan_step = -1;
+    defaults_from_table(rc, 0);
 }
 
 static void set_model(ExcbRunConfig *rc, const char *named) {
@@ -3750,11 +4198,12 @@ int excb_config_validate(ExcbRunConfig *rc, char *err) {
     for (int i = 0; i < c->n_stages; i++) total_blocks += c->blocks[i];
     if (total_blocks > EXCB_MAX_BLOCKS) return fail(err, EXCB_EXIT_CONFIG, "more than %d residual blocks", EXCB_MAX_BLOCKS);
     /* every number within its row's range (the table above) */
-    for (size_t i = 0; i < N_CONFIG_KEYS; i++) {
-        const ConfigKey *k = &config_keys[i];
-        if (k->type != KT_INT && k->type != KT_LONG && k->type != KT_DOUBLE) continue;   /* U64: any value */
+    for (size_t i = 0; i < n_config_keys(); i++) {
+        const ConfigKey *k = config_key(i);
+        if (k->type != EXCB_KEY_INT && k->type != EXCB_KEY_LONG && k->type != EXCB_KEY_DOUBLE) continue;   /* U64: any */
         const char *at = (const char *)rc + k->off;
-        double v = k->type == KT_INT ? *(const int *)at : k->type == KT_LONG ? (double)*(const long *)at : *(const double *)at;
+        double v = k->type == EXCB_KEY_INT ? *(const int *)at : k->type == EXCB_KEY_LONG ? (double)*(const long *)at
+                 : *(const double *)at;
         if (!(v >= k->lo && v <= k->hi))
             return fail(err, EXCB_EXIT_CONFIG, "key '%s' = %g is outside [%g, %g]", k->key, v, k->lo, k->hi);
     }
@@ -3767,6 +4216,8 @@ int excb_config_validate(ExcbRunConfig *rc, char *err) {
         return fail(err, EXCB_EXIT_CONFIG, "key 'kmeans_samples' = %ld is below K = %d: k-means needs at least K samples",
                     rc->kmeans_samples, c->K);
     if (!rc->data[0]) return fail(err, EXCB_EXIT_CONFIG, "no data set: --data SPEC or --set data=SPEC");
+    const ExcbMethod *method = excb_methods[c->method];
+    if (method->validate && method->validate(c, err)) return EXCB_EXIT_CONFIG;
     return 0;
 }
 
@@ -4001,7 +4452,12 @@ static void ck_describe(CkList *l, const ExcbModel *m, const ExcbTrainState *ts,
     ck_add1(l, "train.epoch_sums", CK_F64, EXCB_ACC_N, ts->acc);
     ck_add1(l, "train.epoch_label_counts", CK_I64, m->cfg.K, ts->epoch_counts);
     ck_add1(l, "train.previous_labels", CK_I32, ts->n_samples, ts->prev_labels);
-    ck_add1(l, "method.cluster_sizes", CK_F32, m->cfg.K, m->s);
+    for (int i = 0; i < m->n_mbuf; i++)              /* the method's state: ExCB's s, DINO's centre, ... */
+        if (m->mbuf_spec[i].state) {
+            char name[CK_NAME];
+            snprintf(name, sizeof name, "method.%s", m->mbuf_spec[i].name);
+            ck_add1(l, name, CK_F32, m->mbuf_spec[i].floats, m->mbuf[i]);
+        }
     static const char *prefix[3] = {"student.", "teacher.", "momentum."};
     const real *buf[3] = {m->params, m->teacher, m->momentum};
     for (int b = 0; b < 3; b++)
@@ -4708,7 +5164,6 @@ static void eval_json(FILE *f, const ExcbRunConfig *rc, const EvalResult *r) {
 }
 
 /* --- the divergence guard ------------------------------------------------------------------------- */
-static double grad_norm(const ExcbModel *m) { return sqrt(m->ops->sum_squares(m->grads, m->n_params)); }
 
 static int diverged(Run *r, const ExcbModel *m, const ExcbBatch *bt, long epoch, double loss, double gnorm,
                     const char *what, long last_ckpt, char *err) {
@@ -4771,8 +5226,6 @@ static void epoch_record(Run *r, const ExcbModel *m, const ExcbTrainState *ts, l
         cmax = c > cmax ? c : cmax;
         if (c > 0) h -= c / total * log(c / total);
     }
-    double smin = m->s[0], smax = m->s[0];
-    for (int k = 1; k < K; k++) { smin = fmin(smin, m->s[k]); smax = fmax(smax, m->s[k]); }
     fprintf(r->metrics, "{\"type\":\"epoch\",\"epoch\":%ld,\"step\":%ld", epoch, m->step);
     jnum(r->metrics, "loss", a[EXCB_ACC_LOSS] / n);
     jnum(r->metrics, "teacher_conf", a[EXCB_ACC_TCONF] / n);
@@ -4782,8 +5235,10 @@ static void epoch_record(Run *r, const ExcbModel *m, const ExcbTrainState *ts, l
     jnum(r->metrics, "assign_entropy", a[EXCB_ACC_ENTROPY] / n);
     fprintf(r->metrics, ",\"empty_clusters\":%ld,\"cluster_size_min\":%ld,\"cluster_size_max\":%ld", empty, cmin, cmax);
     jnum(r->metrics, "label_entropy_norm", h / log(K));
-    jnum(r->metrics, "s_min_times_K", smin * K);
-    jnum(r->metrics, "s_max_times_K", smax * K);
+    const char *extra_names[4];                     /* the method's own monitors (ExCB: s min and max) */
+    double extra[4];
+    int n_extra = m->method->diagnostics ? m->method->diagnostics(m, extra_names, extra) : 0;
+    for (int i = 0; i < n_extra; i++) jnum(r->metrics, extra_names[i], extra[i]);
     if (knn) {
         fprintf(r->metrics, ",");
         eval_json(r->metrics, rc, knn);
@@ -4823,6 +5278,7 @@ int excb_train(ExcbRunConfig *rc_in, const char *out_dir, const char *resume_fro
     }
     rc.model.total_steps = rc.epochs * bpe;
     rc.model.warmup_steps = (long)nearbyint(rc.warmup_epochs * bpe);
+    rc.model.steps_per_epoch = bpe;                     /* DINO's warm-up and SwAV's queue count epochs */
     ExcbModel m, dm, *run = &m;        /* run: the model that steps, m itself or its GPU twin dm */
     if (excb_build(&m, &rc.model)) { excb_data_close(&ds); return fail(err, EXCB_EXIT_CONFIG, "cannot build the model"); }
     if (rc.device == EXCB_DEVICE_CUDA) {
@@ -4922,9 +5378,12 @@ int excb_train(ExcbRunConfig *rc_in, const char *out_dir, const char *resume_fro
         long epoch = m.step / bpe;
         if (m.step == rc.debug_nan_step) bt->xg[0] = NAN;   /* tests: a poisoned input, as a bad batch would be */
         ExcbStepStats st = {0};
-        double loss = excb_forward_loss(run, bt->xg, bt->xl, &st);
-        if (!isfinite(loss)) { code = diverged(&r, &m, bt, epoch, loss, NAN, "non-finite loss", last_ckpt, err); break; }
-        excb_update_cluster_sizes(run, &st);
+        if (excb_step(run, bt->xg, bt->xl, &st)) {         /* the one step (section 10) */
+            code = diverged(&r, &m, bt, epoch, st.loss, st.grad_norm, isfinite(st.loss) ? "non-finite gradient norm"
+                            : "non-finite loss", last_ckpt, err);
+            break;
+        }
+        double loss = st.loss, gnorm = st.grad_norm;
         if (run != &m) run->ops->to_host(m.labels, run->labels, sizeof(int32_t) * NG);   /* the labels, for A21 */
         /* A21's changed labels: view 1's teacher label against the one this image had when last seen */
         long changed = 0, seen = 0;
@@ -4934,10 +5393,6 @@ int excb_train(ExcbRunConfig *rc_in, const char *out_dir, const char *resume_fro
             ts.prev_labels[idx] = m.labels[i];
         }
         for (int i = 0; i < NG; i++) ts.epoch_counts[m.labels[i]]++;
-        excb_backward(run);
-        double gnorm = grad_norm(run);
-        if (!isfinite(gnorm)) { code = diverged(&r, &m, bt, epoch, loss, gnorm, "non-finite gradient norm", last_ckpt, err); break; }
-        excb_update(run, &st);
         m.step = run->step;
         ts.acc[EXCB_ACC_STEPS] += 1;
         ts.acc[EXCB_ACC_LOSS] += loss;
@@ -5494,7 +5949,8 @@ static void usage(FILE *f) {
         "usage: excb <command> [options]\n"
         "\n"
         "commands:\n"
-        "  train       pre-train with ExCB into a run directory, then evaluate (k-NN, linear probe, clusters)\n"
+        "  train       pre-train with ExCB (or a baseline: --set method=none|dino|swav) into a run directory,\n"
+        "              then evaluate (k-NN, linear probe, clusters)\n"
         "              --preset NAME   fashion-mnist (default), fashion-mnist-long, cifar10-r18, stl10-r18,\n"
         "                              imagenet-r50, tiny\n"
         "              --config FILE   'key = value' lines (a run's config.txt is one); applied after the preset\n"
@@ -5508,7 +5964,7 @@ static void usage(FILE *f) {
         "              --skip-bad-images  skip, count and log undecodable images (training and evaluation)\n"
         "              SIGINT/SIGTERM/SIGHUP stop after the current step with a checkpoint (a second: at once)\n"
         "              --device D      auto (default: the GPU if one answers, else the CPU, said on stderr), cpu,\n"
-        "                              cuda (the GPU or exit 69)\n"
+        "                              cuda (the GPU or exit 69; exit 64 for a method without a GPU twin)\n"
         "              --precision P   fp32 (default), tf32 (GPU: TF32 GEMMs and convolutions); bf16: not yet\n"
         "  eval        excb eval CHECKPOINT|RUN_DIR: k-NN, linear probe and clustering metrics of a checkpoint\n"
         "              excb eval --pixels [--data SPEC]: the same k-NN and probe on the mean-centred pixels,\n"
@@ -5525,6 +5981,7 @@ static void usage(FILE *f) {
         "              --reps R (3)  --min-seconds S (4): each repetition runs >= S seconds\n"
         "              --data SPEC: alternate random and loaded repetitions and print their ratio\n"
         "              --device cpu|cuda|auto (cpu) --precision fp32|tf32: the GPU step, inputs on the GPU\n"
+        "              --method excb|none|dino|swav (excb): the balancing rule (each at its default settings)\n"
         "              --memory: print what the model takes, part by part, without allocating it, and stop\n"
         "  bench-data  time the loader alone (decode + views), in views per second\n"
         "              --config NAME (sizes and views as above) --batch B --seconds S (10) --reps R (3)\n"
@@ -5564,14 +6021,21 @@ typedef struct {
     int G, L, B, K, T, reps, min_s, workers, blur, skip_bad, seconds, images, epoch;
     int device, precision;
     int memory;                /* bench --memory: print the memory plan and stop                     */
+    int method;                /* bench --method: the balancing rule (excb_methods[])                */
     long seed;
 } Options;
+
+static int parse_enum(const char *v, const char *const *names, int n) {
+    for (int i = 0; i < n && names[i]; i++)
+        if (!strcmp(v, names[i])) return i;
+    return -1;
+}
 
 /* an option with a fixed set of values (--device, --precision, --blur): *out = the value's index in
    names, or a usage error that lists them */
 static const char *device_names[] = {"auto", "cpu", "cuda"};             /* in ExcbDevice's order    */
 
-static int parse_choice(const char *cmd, const char *opt, const char *v, const char **names, int n, int *out) {
+static int parse_choice(const char *cmd, const char *opt, const char *v, const char *const *names, int n, int *out) {
     int i = parse_enum(v, names, n);
     if (i >= 0) {
         *out = i;
@@ -5585,8 +6049,19 @@ static int parse_choice(const char *cmd, const char *opt, const char *v, const c
 
 /* auto: the GPU when one answers, else the CPU, and stderr says which and why; cuda: the GPU or exit 69.
    The CPU runs FP32 only: another precision there is a usage error, not a silent substitution. */
-static int resolve_device(const char *cmd, int *device, int precision, int quiet) {
+static int resolve_device(const char *cmd, int *device, int precision, int method, int quiet) {
     char desc[512];
+    const ExcbMethod *me = excb_methods[method];
+    if (!me->cuda && *device == EXCB_DEVICE_CUDA) {      /* never a silent CPU run */
+        fprintf(stderr, "excb %s: --device cuda: method '%s' has no GPU twin yet; it runs with --device cpu\n", cmd,
+                me->name);
+        return EXCB_EXIT_USAGE;
+    }
+    if (!me->cuda && *device == EXCB_DEVICE_AUTO) {
+        *device = EXCB_DEVICE_CPU;
+        if (!quiet) fprintf(stderr, "excb %s: --device auto: method '%s' has no GPU twin yet; running on the CPU\n", cmd,
+                            me->name);
+    }
     if (*device != EXCB_DEVICE_CPU) {
         int code = excb_cuda_probe(desc, sizeof desc);
         if (!code) {
@@ -5634,6 +6109,12 @@ static int parse_options(const char *cmd, int argc, char **argv, Options *o) {
         else if (!strcmp(a, "--device")) { if (parse_choice(cmd, a, v, device_names, 3, &o->device)) return EXCB_EXIT_USAGE; }
         else if (!strcmp(a, "--precision")) { if (parse_choice(cmd, a, v, precision_names, 3, &o->precision)) return EXCB_EXIT_USAGE; }
         else if (!strcmp(a, "--blur")) { if (parse_choice(cmd, a, v, blur_names, 2, &o->blur)) return EXCB_EXIT_USAGE; }
+        else if (!strcmp(a, "--method")) {
+            const char *names[16] = {0};
+            int n = 0;
+            while (excb_methods[n] && n < 15) { names[n] = excb_methods[n]->name; n++; }
+            if (parse_choice(cmd, a, v, names, n, &o->method)) return EXCB_EXIT_USAGE;
+        }
         else { fprintf(stderr, "excb %s: unknown option '%s'\n", cmd, a); return EXCB_EXIT_USAGE; }
     }
     return 0;
@@ -5651,6 +6132,7 @@ static int config_from(const char *cmd, const Options *o, ExcbConfig *cfg) {
     if (o->K) cfg->K = o->K;
     if (o->T) cfg->threads = o->T;
     cfg->seed = (uint64_t)o->seed;
+    cfg->method = o->method;
     return 0;
 }
 
@@ -5720,7 +6202,7 @@ static int cmd_bench(int argc, char **argv) {
     ExcbDataset ds;
     ExcbLoader L;
     if (o.data && (code = open_data("bench", &o, &cfg, &ds, &L))) return code;
-    if ((code = resolve_device("bench", &o.device, o.precision, 0))) return code;
+    if ((code = resolve_device("bench", &o.device, o.precision, o.method, 0))) return code;
     ExcbModel host, dm, *mp = &host;
     if (excb_build(&host, &cfg)) return EXCB_EXIT_USAGE;
     size_t ng = (size_t)cfg.n_global * cfg.batch * cfg.in_ch * cfg.global_size * cfg.global_size;
@@ -5925,11 +6407,21 @@ static int help_config(void) {
     excb_preset(&rc, "fashion-mnist", err);
     char val[1200];
     printf("config keys (config file lines 'key = value', or --set key=value); the value shown is the fashion-mnist\n"
-           "preset's; * marks keys that shape the trajectory and must match on --resume\n\n");
-    for (size_t i = 0; i < N_CONFIG_KEYS; i++) {
-        config_value(&rc, &config_keys[i], val, sizeof val);
-        printf("  %c %-18s %-22s %s\n", config_keys[i].trajectory ? '*' : ' ', config_keys[i].key, val, config_keys[i].help);
+           "preset's, then the key's default (- : the preset's own) and its range; * marks keys that shape the\n"
+           "trajectory and must match on --resume\n\n");
+    for (size_t i = 0; i < n_config_keys(); i++) {
+        const ConfigKey *k = config_key(i);
+        char range[64] = "";
+        config_value(&rc, k, val, sizeof val);
+        if (k->type == EXCB_KEY_INT || k->type == EXCB_KEY_LONG || k->type == EXCB_KEY_DOUBLE)
+            snprintf(range, sizeof range, "[%g, %g]", k->lo, k->hi);
+        printf("  %c %-28s %-16s %-14s %-18s %s\n", k->trajectory ? '*' : ' ', k->key, val, k->def ? k->def : "-", range,
+               k->help);
     }
+    printf("\nmethods (key 'method'):\n");
+    for (int j = 0; excb_methods[j]; j++)
+        printf("  %-6s %s%s\n", excb_methods[j]->name, excb_methods[j]->summary,
+               excb_methods[j]->cuda ? "" : " [CPU only]");
     return 0;
 }
 
@@ -6011,7 +6503,7 @@ static int cmd_train(int argc, char **argv) {
         if ((code = excb_config_set(&rc, sets[i].key, sets[i].value, err))) { fprintf(stderr, "excb train: %s\n", err); return code; }
     if ((code = excb_config_validate(&rc, err))) { fprintf(stderr, "excb train: %s\n", err); return code; }
     /* the device is settled before anything in the run directory is touched */
-    if ((code = resolve_device("train", &device, precision, quiet))) return code;
+    if ((code = resolve_device("train", &device, precision, rc.model.method, quiet))) return code;
     char dir[4096];
     if (out) snprintf(dir, sizeof dir, "%s", out);
     else snprintf(dir, sizeof dir, "runs/%s", rc.preset);

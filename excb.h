@@ -64,6 +64,32 @@ typedef enum { EXCB_STEM_CIFAR = 0, EXCB_STEM_IMAGENET = 1 } ExcbStem;
 typedef enum { EXCB_OPT_SGD = 0 } ExcbOptimizer;
 #define EXCB_MAX_STAGES 4
 
+/* Which student rows are scored against which teacher view (excb.c section 6, paper_notes.md §3).
+   EXCB: A7's 18 terms (the direct rows of the other global views, the predictor's rows of every crop);
+   SWAPPED: DINO's and SwAV's (the direct row of every crop except the teacher's own view, no predictor). */
+typedef enum { EXCB_PAIRING_AUTO = 0, EXCB_PAIRING_EXCB = 1, EXCB_PAIRING_SWAPPED = 2 } ExcbPairing;
+
+/* The settings of each balancing rule (excb.c section 5; one table row per field there). */
+typedef struct {
+    double m_s;                 /* cluster-size EMA momentum "center_momentum", 0.999 (A5)              */
+    double boost;               /* E5 argmax boost, 0.01 (factor 1.01, A1)                              */
+    double clamp;               /* E5 clamp of the balanced similarity to [-1, 1] (A2)                  */
+    double zero_jitter;         /* A3: U(0,1) * 0.001 added where a balancing factor is exactly 0      */
+    int fp16_count_term;       /* 1: round the E3 update term through float16 as the official code (A4) */
+} ExcbBalancingConfig;
+typedef struct {
+    double center_momentum;     /* D2: centre EMA momentum, 0.9                                         */
+    double warmup_tau_t;        /* the teacher temperature's start, linear to tau_t over warmup_epochs  */
+    int warmup_epochs;         /* 0: no warm-up (DINO's default)                                       */
+} ExcbDinoConfig;
+typedef struct {
+    double epsilon;             /* S1: exp(scores / epsilon), 0.05                                      */
+    int iterations;            /* S1: Sinkhorn-Knopp iterations, 3                                     */
+    int queue_length;          /* S2: rows of past teacher projections per global view (0: none)      */
+    int queue_start_epoch;     /* S2: the epoch the queue starts filling (15)                          */
+    long freeze_prototypes_steps;  /* S3: the prototypes get no update before this step (313)         */
+} ExcbSwavConfig;
+
 typedef struct {
     char name[32];             /* config name, e.g. "resnet20s"                                       */
     /* backbone (paper_notes.md §1) */
@@ -81,14 +107,14 @@ typedef struct {
     int n_global, n_local;     /* Vg = 2, Vl = 6                                                       */
     int global_size, local_size;   /* crop sides, e.g. 28/12 (Fashion-MNIST), 32/16, 224/96            */
     int batch;                 /* B, images per step (each with all its views)                         */
-    /* the criterion (E2..E8) */
+    /* the criterion: the method, its pairing, and the settings each method reads (excb.c section 5) */
+    int method;                /* index into excb_methods[]: excb, none, dino, swav                    */
+    ExcbPairing pairing;       /* which student rows meet which teacher views; auto: the method's own */
     double tau_s;               /* student temperature, 0.1                                             */
-    double tau_t;               /* teacher temperature, 0.04, constant (A18)                            */
-    double m_s;                 /* cluster-size EMA momentum "center_momentum", 0.999 (A5)              */
-    double boost;               /* E5 argmax boost, 0.01 (factor 1.01, A1)                              */
-    double clamp;               /* E5 clamp of the balanced similarity to [-1, 1] (A2)                  */
-    double zero_jitter;         /* A3: U(0,1) * 0.001 added where a balancing factor is exactly 0      */
-    int fp16_count_term;       /* 1: round the E3 update term through float16 as the official code (A4) */
+    double tau_t;               /* teacher temperature, 0.04, constant (A18); ExCB, none and DINO      */
+    ExcbBalancingConfig excb;  /* ExCB and none: E2..E5                                                */
+    ExcbDinoConfig dino;       /* DINO: centering and its temperature warm-up                         */
+    ExcbSwavConfig swav;       /* SwAV: Sinkhorn-Knopp, the queue, the frozen prototypes              */
     /* normalisation */
     double bn_eps;              /* 1e-5, every BatchNorm                                               */
     double bn_momentum;         /* 0.1, running statistics for evaluation                              */
@@ -103,6 +129,7 @@ typedef struct {
     double ema_start;           /* teacher momentum 0.996 -> 1.0 by cosine (E9)                         */
     long total_steps;          /* T: all optimisation steps of the run                                 */
     long warmup_steps;         /* W: linear lr warm-up (10 epochs in the official config)             */
+    long steps_per_epoch;      /* what a method's per-epoch schedule counts in (DINO, SwAV)           */
     /* reproducibility and speed */
     uint64_t seed;             /* the one root seed                                                    */
     int threads;               /* worker threads; results do not depend on it                          */
@@ -176,6 +203,15 @@ typedef struct {
 } ExcbMLPActs;
 
 /* ------------------------------------------------------------------------------------------------ */
+/* A method's named buffers (excb.c section 5): `floats` 4-byte values (real or int32).              */
+#define EXCB_MAX_METHOD_BUFFERS 8
+typedef struct {
+    const char *name;          /* "cluster_sizes"; a state buffer is saved as "method.cluster_sizes"   */
+    size_t floats;
+    int state;                 /* 1: kept across steps (saved, copied to the GPU); 0: one step's scratch */
+} ExcbBuffer;
+
+/* ------------------------------------------------------------------------------------------------ */
 /* The model: student, teacher, optimiser state, cluster sizes, and every buffer a step needs.     */
 
 typedef struct ExcbModel {
@@ -198,8 +234,17 @@ typedef struct ExcbModel {
     int n_bn;                  /* every BatchNorm's statistics block: (offset in `running`, channels) */
     size_t bn_stats[EXCB_MAX_TENSORS]; int bn_channels[EXCB_MAX_TENSORS];
     real *running, *teacher_running;
-    /* the method's state */
-    real *s;                   /* cluster-size estimate (K), sums to 1, starts at 1/K (E3)           */
+    /* the method (excb.c section 5): its operations, and its buffers by name. State buffers persist
+       across steps (one allocation, `mstate`, saved in checkpoints as "method.NAME", copied to and from
+       the GPU); scratch buffers hold one step's values and live in the activation arena. */
+    const struct ExcbMethod *method;
+    ExcbPairing pairing;       /* resolved: EXCB or SWAPPED                                          */
+    int n_dir_crops;           /* crops with a direct student row: Vg (EXCB pairing) or Vg + Vl       */
+    int n_mbuf;
+    ExcbBuffer mbuf_spec[EXCB_MAX_METHOD_BUFFERS];
+    void *mbuf[EXCB_MAX_METHOD_BUFFERS];    /* where each one is (host or device memory)              */
+    real *mstate; size_t mstate_floats;
+    int frozen_centroids;      /* this step's update leaves the centroids as they are (SwAV, S3)       */
     long step;                 /* optimisation steps done (0-based index of the next step)            */
     /* activation arenas, sized once in excb_build; nothing is allocated inside a step */
     real *arena; size_t arena_floats;
@@ -211,17 +256,15 @@ typedef struct ExcbModel {
     real *pred_y, *pred_a, *pred_mean, *pred_rstd;    /* predictor hidden layer (Hd, NS)           */
     real *p;                   /* predictor output (d, NS)                                             */
     real *c, *c_inv_norm;      /* unit centroids (K, d) and 1/||v_k|| (K)                              */
-    real *u_dir, *u_dir_den;   /* normalised global projections (Vg*B, d) and max(||h||, eps)          */
+    real *u_dir, *u_dir_den;   /* normalised projections of the direct rows (n_dir_crops*B, d), max(||h||, eps) */
     real *u_pred, *u_pred_den;     /* normalised predictor outputs (NS, d) and max(||p||, eps)        */
     real *ut, *ut_den;         /* the teacher's normalised projections (Vg*B, d)                       */
-    int32_t *counts;           /* teacher labels per cluster this step (K)                             */
     double *row_loss;          /* loss of each student row, summed in a fixed order                    */
-    real *z_dir;               /* direct similarities of global crops (Vg*B, K); then dL/dz            */
-    real *z_pred;              /* predictor similarities of all crops (NS, K); then dL/dz              */
-    real *q;                   /* balanced teacher targets (Vg*B, K)  (E6)                             */
+    real *z_dir;               /* direct similarities (n_dir_crops*B, K): global crops first; then dL/dz */
+    real *z_pred;              /* predictor similarities of all crops (NS, K), EXCB pairing; then dL/dz */
+    real *q;                   /* the method's teacher targets (Vg*B, K)  (E6, D1, S1)                 */
     int32_t *labels;           /* argmax of q per teacher row (Vg*B)  (E2)                              */
     real *zt;                  /* teacher similarities (Vg*B, K)  (E1)                                  */
-    real *r, *lower, *higher; /* balancing factors (K)  (E3', E4)                                     */
     double *qbar;              /* mean teacher assignment (K), for the entropy diagnostic            */
     int eval_bn;               /* 1: BatchNorm uses running statistics (feature extraction)          */
     /* backward scratch */
@@ -238,7 +281,8 @@ typedef struct ExcbModel {
 
 /* What one step reports (A21 diagnostics included). */
 typedef struct {
-    double loss;               /* E8, the 18-term mean                                                 */
+    double loss;               /* E8, the mean over the pairing's terms (18 for ExCB's)               */
+    double grad_norm;          /* ||dL/dtheta|| over every parameter (excb_step only)                  */
     float lr, wd_centroid, ema_m;
     int unique_labels;         /* distinct teacher labels over both views (of Vg*B)                   */
     int empty_clusters;        /* clusters with no teacher label this step                            */
@@ -246,6 +290,59 @@ typedef struct {
     double student_conf;       /* mean over the student's direct global rows of max_k softmax(z/tau_s) */
     double assign_entropy;     /* entropy (nats) of the teacher rows' mean assignment, mean_i q_i     */
 } ExcbStepStats;
+
+/* One setting of a run: a row of the key table (excb.c section 14; each method's rows are in its own
+   section). Its default, its range and its help come from this row alone: config_defaults, the presets'
+   starting point, --help-config and excb_config_validate all read it. */
+typedef enum { EXCB_KEY_INT, EXCB_KEY_LONG, EXCB_KEY_DOUBLE, EXCB_KEY_U64, EXCB_KEY_STR, EXCB_KEY_INTLIST,
+               EXCB_KEY_ENUM, EXCB_KEY_METHOD } ExcbKeyType;
+typedef struct {
+    const char *key;
+    ExcbKeyType type;
+    size_t off, size;          /* offset in ExcbRunConfig; bytes (strings) or capacity (lists)        */
+    size_t count_off;          /* lists: offset of their element count                               */
+    int trajectory;            /* 1: changing it changes the computed run (must match on --resume)   */
+    double lo, hi;             /* numbers: the valid range (a U64 takes every value: lo = hi = 0)    */
+    const char *def;           /* the default, as a config file would write it; NULL: the preset's   */
+    const char *const *names;  /* EXCB_KEY_ENUM: the values, in the enum's order, NULL-terminated    */
+    const char *help;
+} ExcbSetting;
+
+/* A balancing rule: how the teacher's scores become targets, and the state that carries over between
+   steps. Everything else (the networks, the loss of section 6, the optimiser) is shared. excb.c section 5
+   has one subsection per method; adding one is a subsection there, a line in excb_methods[], a sub-config
+   in ExcbConfig, its tests and its section of paper_notes.md. */
+typedef struct ExcbMethod {
+    const char *name;          /* the value of the config key `method`                                */
+    const char *summary;       /* one line for --help-config                                          */
+    ExcbPairing pairing;       /* its own pairing (pairing = auto)                                    */
+    int cuda;                  /* 1: every operator it calls has a GPU twin (excb_kernels.cu)         */
+    const ExcbSetting *settings;   /* its rows of the key table (NULL: none of its own)               */
+    int n_settings;
+    /* its buffers for a configuration, into out[] (at most EXCB_MAX_METHOD_BUFFERS); returns how many */
+    int (*buffers)(const ExcbConfig *c, ExcbBuffer *out);
+    /* cross-key rules on its settings (may be NULL): 0, or EXCB_EXIT_CONFIG with err */
+    int (*validate)(const ExcbConfig *c, char *err);
+    /* the state at step 0 (host memory) */
+    void (*init)(struct ExcbModel *m);
+    /* before the step's forward pass (may be NULL): SwAV re-normalises the prototypes (S3) */
+    void (*begin_step)(struct ExcbModel *m);
+    /* the teacher's targets for the whole batch: from m->zt (Vg*B, K) and m->ut (Vg*B, d), with m->c
+       holding the teacher's unit centroids, into m->q and m->labels. Changes no state. */
+    void (*targets)(struct ExcbModel *m);
+    /* the state update after the loss; returns the number of distinct teacher labels (A21) */
+    int (*update)(struct ExcbModel *m);
+    /* 1 when this step must leave the centroids untouched (may be NULL: never) */
+    int (*centroids_frozen)(const struct ExcbModel *m);
+    /* extra fields of the epoch record (host memory): names[i] = values[i]; returns how many (at most 4) */
+    int (*diagnostics)(const struct ExcbModel *m, const char **names, double *values);
+} ExcbMethod;
+/* the methods, NULL-terminated; ExcbConfig.method indexes it */
+extern const ExcbMethod *const excb_methods[];
+/* a method buffer by name (NULL: this model's method has none of that name) */
+void *excb_method_buffer(const ExcbModel *m, const char *name);
+/* point the state buffers into m->mstate (after it moved: the GPU twin) */
+void excb_method_bind_state(ExcbModel *m);
 
 int  excb_build(ExcbModel *m, const ExcbConfig *cfg);        /* 0 ok; allocates everything        */
 
@@ -269,10 +366,12 @@ void excb_free(ExcbModel *m);
 int  excb_find_tensor(const ExcbModel *m, const char *name);  /* index or -1                      */
 /* One ExCB training step on images xg (Vg*B, C, G, G) and xl (Vl*B, C, L, L), view-major rows.  */
 int  excb_step(ExcbModel *m, const real *xg, const real *xl, ExcbStepStats *st);
-/* The step's parts, in order: teacher + targets + student + loss and dL/dz (changes no state but
-   BN running statistics); E2/E3; backward into m->grads; SGD, EMA and step += 1.              */
+/* The step's parts, in order: teacher + the method's targets + student + loss and dL/dz (changes no
+   state but BN running statistics, and SwAV's prototype norms, S3); the method's state update (ExCB:
+   E2, E3); backward into m->grads; SGD, EMA and step += 1. excb_step runs them all, with the divergence
+   checks between them: the one step the training loop, the benchmark and the tests call.        */
 double excb_forward_loss(ExcbModel *m, const real *xg, const real *xl, ExcbStepStats *st);
-void excb_update_cluster_sizes(ExcbModel *m, ExcbStepStats *st);
+void excb_update_method(ExcbModel *m, ExcbStepStats *st);
 void excb_backward(ExcbModel *m);
 void excb_update(ExcbModel *m, ExcbStepStats *st);
 
@@ -346,16 +445,30 @@ void weightnorm_backward(real *dv, const real *dc, const real *c, const real *in
    `jitter`) where a factor is exactly 0, drawn from (seed, step). */
 void balance_factors(real *r, real *lower, real *higher, const real *s, int K, double jitter,
                      uint64_t seed, long step);
-/* E4-E6 for N teacher rows: q = softmax(clamp(boost(B(z; r)), -c, c) / tau_t); labels = argmax q. */
+/* E4-E6 for N teacher rows: q = softmax(clamp(boost(B(z; r)), -c, c) / tau_t); labels = argmax q.
+   lower = higher = NULL: factors 1 (r = 1 everywhere), the `none` method. */
 void balanced_targets(real *q, int32_t *labels, real *zhat, const real *z, const real *lower,
                       const real *higher, int N, int K, double boost, double clamp, double tau_t);
 /* E2, E3: s <- m_s s + (1-m_s) counts/N, the term rounded through float16 if fp16_term (A4). */
 void cluster_size_update(real *s, int32_t *counts, const int32_t *labels, int N, int K, double m_s,
                          int fp16_term);
-/* E7, E8, E11: the loss over student rows z (n_rows, K) matched to teacher targets; z is replaced
-   by dL/dz. Row u of z is matched by the teacher rows listed in match[u] (see excb.c). */
-double excb_loss_forward_backward(real *z_dir, real *z_pred, double *row_loss, const real *q,
+/* E7, E8, E11: the loss over the student rows, matched to the teacher targets q (Vg*B, K); each z is
+   replaced by dL/dz. z_dir holds the direct rows of the first n_dir_crops crops (n_dir_crops*B, K):
+   row of crop u is matched by every teacher view v != u. z_pred (NULL: none) holds the predictor rows
+   of all Vg+Vl crops, each matched by every teacher view. ExCB: n_dir_crops = Vg and z_pred (A7, 18
+   terms); DINO and SwAV: n_dir_crops = Vg+Vl, z_pred NULL (14 terms). The mean over terms. */
+double excb_loss_forward_backward(real *z_dir, int n_dir_crops, real *z_pred, double *row_loss, const real *q,
                                   int Vg, int Vl, int B, int K, double tau_s);
+int excb_loss_terms(int n_dir_crops, int with_pred, int Vg, int Vl);
+/* D1: q = softmax((z - center) / tau) for N rows; labels = argmax q. D2: center <- m center +
+   (1 - m) mean_rows(z). D3: the teacher temperature of DINO's warm-up at `step`. */
+void dino_targets(real *q, int32_t *labels, const real *z, const real *center, int N, int K, double tau);
+void dino_center_update(real *center, const real *z, int N, int K, double momentum);
+double dino_tau_at(const ExcbConfig *c, long step);
+/* S1: Sinkhorn-Knopp on scores S (N, K) in place: S becomes the codes, each row summing to 1, each
+   column to N/K, after `iterations` rounds (SwAV's distributed_sinkhorn with one process). sums: K + N
+   doubles of scratch. */
+void sinkhorn_knopp(real *S, double *sums, int N, int K, double epsilon, int iterations);
 
 /* ------------------------------------------------------------------------------------------------ */
 /* The operator table. Sections 9-10 of excb.c (the network and the step) call every operator through
@@ -398,8 +511,8 @@ typedef struct ExcbOps {
        out[2] entropy of mean q; scratch: per_row (2N doubles), qbar (K doubles) */
     void (*step_diagnostics)(const real *q, const real *z, double *per_row, double *qbar, int N, int K,
                              double tau_s, double out[3]);
-    double (*loss_forward_backward)(real *z_dir, real *z_pred, double *row_loss, const real *q, int Vg, int Vl,
-                                    int B, int K, double tau_s);
+    double (*loss_forward_backward)(real *z_dir, int n_dir_crops, real *z_pred, double *row_loss, const real *q,
+                                    int Vg, int Vl, int B, int K, double tau_s);
     /* E2, E3; returns the number of clusters with at least one label (counts stays where the model is) */
     int (*cluster_size_update)(real *s, int32_t *counts, const int32_t *labels, int N, int K, double m_s,
                                int fp16_term);

@@ -863,8 +863,9 @@ __global__ void balanced_targets_kernel(float *q, int32_t *labels, float *zhat, 
     float bv = -INFINITY;
     int bi = 0x7fffffff;
     for (int k = threadIdx.x; k < K; k += blockDim.x) {
-        float z1 = 1.0f - (1.0f - zn[k]) * lower[k];                 /* E4, lower branch */
-        float z2 = (z1 + 1.0f) * higher[k] - 1.0f;                     /* E4, upper branch */
+        float lo = lower ? lower[k] : 1.0f, hi = higher ? higher[k] : 1.0f;   /* NULL: `none` */
+        float z1 = 1.0f - (1.0f - zn[k]) * lo;                         /* E4, lower branch */
+        float z2 = (z1 + 1.0f) * hi - 1.0f;                            /* E4, upper branch */
         zh[k] = z2;
         argmax_merge(bv, bi, z2, k);
     }
@@ -948,16 +949,16 @@ static void cuda_step_diagnostics(const real *q, const real *z, double *per_row,
 /* ================================================================================================
  * 6. The loss (E7, E8) and its gradient (E11): one block per student row, z replaced by dL/dz
  * ================================================================================================
- * Row r < Vg*B is the direct row of global view r / B, matched by the other teacher views; the rest
- * are predictor rows of any crop, matched by every teacher view (excb.c section 6). */
-__global__ void loss_rows_kernel(float *z_dir, float *z_pred, double *row_loss, const float *q, int Vg, int B, int K,
-                                 float tau, float scale) {
+ * Row r < n_dir_crops*B is the direct row of crop r / B, matched by every other teacher view; the rest
+ * are predictor rows of any crop, matched by every teacher view (excb.c section 6, either pairing). */
+__global__ void loss_rows_kernel(float *z_dir, int n_dir_crops, float *z_pred, double *row_loss, const float *q, int Vg,
+                                 int B, int K, float tau, float scale) {
     __shared__ double smem[33];
     __shared__ float smem_f[33];
-    int r = blockIdx.x, n_dir = Vg * B;
+    int r = blockIdx.x, n_dir = n_dir_crops * B;
     float *z;
     int i, skip;
-    if (r < n_dir) { z = z_dir + (size_t)r * K; i = r % B; skip = r / B; }
+    if (r < n_dir) { z = z_dir + (size_t)r * K; i = r % B; skip = r / B < Vg ? r / B : -1; }
     else { z = z_pred + (size_t)(r - n_dir) * K; i = (r - n_dir) % B; skip = -1; }
     float mx = -INFINITY;
     for (int k = threadIdx.x; k < K; k += blockDim.x) mx = fmaxf(mx, z[k] / tau);
@@ -987,11 +988,13 @@ __global__ void loss_rows_kernel(float *z_dir, float *z_pred, double *row_loss, 
     if (threadIdx.x == 0) row_loss[r] = (mx + log(se)) * qs - ql;
 }
 
-static double cuda_loss_forward_backward(real *z_dir, real *z_pred, double *row_loss, const real *q, int Vg, int Vl,
-                                         int B, int K, double tau_s) {
-    int n_terms = Vg * (Vg - 1) + Vg * (Vg + Vl), n_rows = Vg * B + (Vg + Vl) * B;
+static double cuda_loss_forward_backward(real *z_dir, int n_dir_crops, real *z_pred, double *row_loss, const real *q,
+                                         int Vg, int Vl, int B, int K, double tau_s) {
+    int n_terms = excb_loss_terms(n_dir_crops, z_pred != NULL, Vg, Vl);
+    int n_rows = n_dir_crops * B + (z_pred ? (Vg + Vl) * B : 0);
     double scale = 1.0 / (tau_s * n_terms * B);
-    loss_rows_kernel<<<n_rows, ROW_THREADS, 0, g.stream>>>(z_dir, z_pred, row_loss, q, Vg, B, K, (float)tau_s, (float)scale);
+    loss_rows_kernel<<<n_rows, ROW_THREADS, 0, g.stream>>>(z_dir, n_dir_crops, z_pred, row_loss, q, Vg, B, K, (float)tau_s,
+                                                           (float)scale);
     KERNEL_CHECK();
     double *h = fetch_partials(row_loss, n_rows), total = 0;
     for (int r = 0; r < n_rows; r++) total += h[r];              /* excb.c's order              */
@@ -1177,17 +1180,22 @@ extern "C" int excb_cuda_attach(ExcbModel *dm, const ExcbModel *m, ExcbPrecision
         snprintf(err, EXCB_ERR_LEN, "--precision bf16 is not implemented yet (fp32 and tf32 are)");
         return EXCB_EXIT_USAGE;
     }
+    if (!m->method->cuda) {                          /* never a silent CPU run (excb.c section 5) */
+        snprintf(err, EXCB_ERR_LEN, "method '%s' has no GPU twin yet: run it with --device cpu", m->method->name);
+        return EXCB_EXIT_USAGE;
+    }
     int code = excb_cuda_init(precision, err);
     if (code) return code;
     *dm = *m;
-    size_t np = m->n_params, nr = m->n_running, K = m->cfg.K;
+    size_t np = m->n_params, nr = m->n_running;
     dm->params = (real *)dmalloc(sizeof(real) * np);
     dm->grads = (real *)dmalloc(sizeof(real) * np);
     dm->momentum = (real *)dmalloc(sizeof(real) * np);
     dm->teacher = (real *)dmalloc(sizeof(real) * np);
     dm->running = (real *)dmalloc(sizeof(real) * nr);
     dm->teacher_running = (real *)dmalloc(sizeof(real) * nr);
-    dm->s = (real *)dmalloc(sizeof(real) * K);
+    dm->mstate = (real *)dmalloc(sizeof(real) * m->mstate_floats);   /* the method's state: ExCB's s */
+    excb_method_bind_state(dm);
     /* the activation arena: excb.c's device layout (the shortcuts' BN outputs share a gradient buffer;
        no im2col panels or gradient slots, which cuDNN does not need) with a device base */
     size_t floats = excb_plan_arena(dm, NULL);
@@ -1208,13 +1216,13 @@ extern "C" int excb_cuda_attach(ExcbModel *dm, const ExcbModel *m, ExcbPrecision
 }
 
 static void copy_state(ExcbModel *dst, const ExcbModel *src, cudaMemcpyKind kind) {
-    size_t np = src->n_params, nr = src->n_running, K = src->cfg.K;
+    size_t np = src->n_params, nr = src->n_running;
     copy_sync(dst->params, src->params, sizeof(real) * np, kind);
     copy_sync(dst->momentum, src->momentum, sizeof(real) * np, kind);
     copy_sync(dst->teacher, src->teacher, sizeof(real) * np, kind);
     copy_sync(dst->running, src->running, sizeof(real) * nr, kind);
     copy_sync(dst->teacher_running, src->teacher_running, sizeof(real) * nr, kind);
-    copy_sync(dst->s, src->s, sizeof(real) * K, kind);
+    copy_sync(dst->mstate, src->mstate, sizeof(real) * src->mstate_floats, kind);
     dst->step = src->step;
 }
 
@@ -1242,7 +1250,7 @@ extern "C" void excb_cuda_detach(ExcbModel *dm) {
     dfree(dm->teacher, sizeof(real) * np);
     dfree(dm->running, sizeof(real) * dm->n_running);
     dfree(dm->teacher_running, sizeof(real) * dm->n_running);
-    dfree(dm->s, sizeof(real) * dm->cfg.K);
+    dfree(dm->mstate, sizeof(real) * dm->mstate_floats);
     dfree(dm->arena, sizeof(real) * dm->arena_floats);
     dfree(g.groups, np);
     g.groups = NULL;

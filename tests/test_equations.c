@@ -49,7 +49,7 @@ Test(loss, T2_cross_entropy_and_gradient) {
         memcpy(zd + 4 * r, z, sizeof z);
         memcpy(zp + 4 * r, z, sizeof z);
     }
-    double L = excb_loss_forward_backward(zd, zp, rows, q, 2, 0, 1, 4, 0.1);
+    double L = excb_loss_forward_backward(zd, 2, zp, rows, q, 2, 0, 1, 4, 0.1);
     EXPECT_NEAR(L, 0.145122, 1e-6, "loss");
     /* E11: direct row (1 matching view): (p - q)/(0.1 * 6);  predictor row (2 views): (2p - 2q)/0.6
        p - q = [0.1170589, 0.0021438, 0.0158316, -0.1350342]
@@ -69,7 +69,7 @@ Test(loss, pairing_of_views) {
        each term's CE = log 2, so L = log 2 whatever the pairing ... */
     float q[4] = {1, 0, 0, 1}, zd[4] = {0, 0, 0, 0}, zp[6] = {0};
     double rows[5];
-    double L = excb_loss_forward_backward(zd, zp, rows, q, 2, 1, 1, K, 0.1);
+    double L = excb_loss_forward_backward(zd, 2, zp, rows, q, 2, 1, 1, K, 0.1);
     EXPECT_NEAR(L, log(2.0), 1e-7, "loss of 8 equal terms");
     /* ... but the gradient shows it: direct row 0 (view 0) is matched by view 1's q = [0,1]:
        (p - q)/(0.1*8) = [0.5, -0.5]/0.8 = [0.625, -0.625]; direct row 1 by view 0: [-0.625, 0.625];

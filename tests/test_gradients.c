@@ -295,7 +295,7 @@ static double loss_J(void *v) {
     size_t nd = (size_t)c->Vg * c->B * c->K, np = (size_t)(c->Vg + c->Vl) * c->B * c->K;
     memcpy(c->tmp_d, c->zd, 4 * nd);
     memcpy(c->tmp_p, c->zp, 4 * np);
-    return excb_loss_forward_backward(c->tmp_d, c->tmp_p, c->rows, c->q, c->Vg, c->Vl, c->B, c->K, 0.1);
+    return excb_loss_forward_backward(c->tmp_d, c->Vg, c->tmp_p, c->rows, c->q, c->Vg, c->Vl, c->B, c->K, 0.1);
 }
 
 static void random_targets(float *q, int rows, int K, uint64_t stream) {
@@ -333,7 +333,7 @@ static double routing_J(void *v) {
     weightnorm_forward(c->c, c->inv, c->v, c->K, c->d);
     matmul_naive('N', 'T', NG, c->K, c->d, 1.0f, c->u_dir, c->d, c->c, c->d, 0.0f, c->zd, c->K);
     matmul_naive('N', 'T', NS, c->K, c->d, 1.0f, c->u_pred, c->d, c->detach ? c->c_fixed : c->c, c->d, 0.0f, c->zp, c->K);
-    return excb_loss_forward_backward(c->zd, c->zp, c->rows, c->q, c->Vg, c->Vl, c->B, c->K, 0.1);
+    return excb_loss_forward_backward(c->zd, c->Vg, c->zp, c->rows, c->q, c->Vg, c->Vl, c->B, c->K, 0.1);
 }
 
 Test(gradients, centroids_learn_only_from_direct_global_rows) {

@@ -94,7 +94,7 @@ static void run_parity(const char *config, const Fixture *fx, const Names *nm, i
         memcpy(m.teacher + T->offset, te->data, sizeof(float) * T->numel);
         memcpy(m.momentum + T->offset, mo->data, sizeof(float) * T->numel);
     }
-    memcpy(m.s, need(fx, "", "s_before")->data, sizeof(float) * cfg.K);
+    memcpy(excb_method_buffer(&m, "cluster_sizes"), need(fx, "", "s_before")->data, sizeof(float) * cfg.K);
     m.step = step;
     int B = cfg.batch, NG = cfg.n_global * B, NS = (cfg.n_global + cfg.n_local) * B, K = cfg.K, d = cfg.d;
     ExcbStepStats st;
@@ -133,9 +133,9 @@ static void run_parity(const char *config, const Fixture *fx, const Names *nm, i
     double lref = need(fx, "", "loss")->data[0];
     report("loss", fabs(loss - lref) / fabs(lref), TOL_LOSS);
     /* E2/E3: the same labels and the same float operations give the same bits: tolerance 0 */
-    excb_update_cluster_sizes(&m, &st);
+    excb_update_method(&m, &st);
     const float *s_after = need(fx, "", "s_after")->data;
-    report("cluster sizes s", rel_err(m.s, s_after, K), 0);
+    report("cluster sizes s", rel_err(excb_method_buffer(&m, "cluster_sizes"), s_after, K), 0);
     /* backward: every parameter gradient */
     excb_backward(&m);
     /* Four gradients are exactly 0 in exact arithmetic: a bias (or BN beta) whose output goes
@@ -262,7 +262,7 @@ static void run_steps(const ExcbConfig *cfg, int threads, int steps, float **par
     *s = malloc(sizeof(float) * c.K);
     memcpy(*params, m.params, sizeof(float) * m.n_params);
     memcpy(*teacher, m.teacher, sizeof(float) * m.n_params);
-    memcpy(*s, m.s, sizeof(float) * c.K);
+    memcpy(*s, excb_method_buffer(&m, "cluster_sizes"), sizeof(float) * c.K);
     excb_free(&m);
     free(device_arena);
 }
@@ -324,7 +324,7 @@ Test(training, loss_goes_down_on_a_fixed_batch, .timeout = 120) {
     cfg.total_steps = 1000;
     cfg.warmup_steps = 2;
     cfg.ema_start = 1.0;
-    cfg.m_s = 1.0;
+    cfg.excb.m_s = 1.0;
     cfg.seed = 11;
     ExcbModel m;
     cr_assert(excb_build(&m, &cfg) == 0);
@@ -357,7 +357,8 @@ Test(training, size_estimate_and_ema_follow_their_formulas, .timeout = 120) {
     ExcbStepStats st;
     cr_assert(excb_step(&m, xg, xl, &st) == 0);       /* a first step so that s is not uniform  */
     float *s0 = malloc(sizeof(float) * cfg.K), *t0 = malloc(sizeof(float) * m.n_params);
-    memcpy(s0, m.s, sizeof(float) * cfg.K);
+    const float *sizes = excb_method_buffer(&m, "cluster_sizes");
+    memcpy(s0, sizes, sizeof(float) * cfg.K);
     memcpy(t0, m.teacher, sizeof(float) * m.n_params);
     long step0 = m.step;
     cr_assert(excb_step(&m, xg, xl, &st) == 0);
@@ -367,7 +368,7 @@ Test(training, size_estimate_and_ema_follow_their_formulas, .timeout = 120) {
     for (int k = 0; k < cfg.K; k++) {
         /* E3 with the float16 term (A4): s = s*0.999f + fp16(fp16(count/NG) * fp16(0.001)) */
         float term = excb_round_fp16(excb_round_fp16((float)cnt[k] / (float)NG) * excb_round_fp16(0.001f));
-        bad += m.s[k] != s0[k] * 0.999f + term;
+        bad += sizes[k] != s0[k] * 0.999f + term;
         uniq += cnt[k] > 0;
     }
     cr_expect(bad == 0, "%d of %d cluster sizes differ from E3", bad, cfg.K);

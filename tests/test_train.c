@@ -476,7 +476,7 @@ static void filled_model(ExcbModel *m, ExcbTrainState *ts, uint64_t salt) {
     zero_padding(m, m->momentum);
     fill_normal(m->running, m->n_running, 400 + salt, 1.0f);
     fill_normal(m->teacher_running, m->n_running, 500 + salt, 1.0f);
-    fill_normal(m->s, cfg.K, 600 + salt, 1.0f);
+    fill_normal(excb_method_buffer(m, "cluster_sizes"), cfg.K, 600 + salt, 1.0f);
     m->step = 1234 + (long)salt;
     ts->n_samples = 37;
     ts->prev_labels = malloc(sizeof(int32_t) * 37);
@@ -510,7 +510,7 @@ Test(checkpoint, round_trip_is_bitwise) {
     cr_expect_eq(memcmp(a.momentum, b.momentum, sizeof(float) * a.n_params), 0, "momentum");
     cr_expect_eq(memcmp(a.running, b.running, sizeof(float) * a.n_running), 0, "BN running");
     cr_expect_eq(memcmp(a.teacher_running, b.teacher_running, sizeof(float) * a.n_running), 0, "teacher BN running");
-    cr_expect_eq(memcmp(a.s, b.s, sizeof(float) * a.cfg.K), 0, "cluster sizes");
+    cr_expect_eq(memcmp(excb_method_buffer(&a, "cluster_sizes"), excb_method_buffer(&b, "cluster_sizes"), sizeof(float) * a.cfg.K), 0, "cluster sizes");
     cr_expect_eq(b.step, a.step);
     cr_expect_eq(tb.n_samples, 37);
     cr_expect_eq(memcmp(ta.prev_labels, tb.prev_labels, sizeof(int32_t) * 37), 0, "previous labels");

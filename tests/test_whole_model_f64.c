@@ -42,7 +42,8 @@ static void whole_model(const char *config, const char *path) {
     load(&m, &fx, "param.", m.params);
     load(&m, &fx, "teacher.", m.teacher);
     const FixTensor *s = fix_get(&fx, "s_before");
-    for (int k = 0; k < cfg.K; k++) m.s[k] = s->data[k];
+    real *sizes = excb_method_buffer(&m, "cluster_sizes");
+    for (int k = 0; k < cfg.K; k++) sizes[k] = s->data[k];
     real *xg = to_real(fix_get(&fx, "x_global")), *xl = to_real(fix_get(&fx, "x_local"));
     excb_forward_loss(&m, xg, xl, NULL);
     excb_backward(&m);

@@ -133,10 +133,10 @@ test: deps-test
 excb_kernels.o: excb_kernels.cu excb.h
 	$(NVCC) $(NVCCFLAGS) -DEXCB_CUDA -c -o $@ excb_kernels.cu
 
-TESTS := tests/test_gpu tests/test_equations tests/test_gradients tests/test_whole_model_f64 tests/test_step \
+TESTS := tests/test_gpu tests/test_equations tests/test_gradients tests/test_whole_model_f64 tests/test_step tests/test_methods \
          tests/test_data tests/test_views tests/test_train tests/test_train_e2e
 
-.PHONY: all check suites test-fast test-step bench bench-compare fixture parity-peer clean data golden \
+.PHONY: all check suites test-fast test-step bench bench-compare fixture method-fixtures parity-peer clean data golden \
         fuzz fuzz-build test-asan test-tsan bench-data
 
 # The embedded default data set: Fashion-MNIST from the Debian package dataset-fashion-mnist, copied
@@ -192,8 +192,9 @@ test-fast: tests/test_equations tests/test_gradients tests/test_whole_model_f64 
 	@# the GPU suite: each test says SKIP and why when this build or machine has no GPU (--verbose shows it)
 	@bash -c 'set -o pipefail; ./tests/test_gpu --verbose 2>&1 | grep -E "SKIP|FAIL|CRASH|Synthesis|gpu-vs"'
 # the slower suites: whole training steps, and whole runs of the binary (resume, kill -9, divergence)
-test-step: tests/test_step tests/test_train_e2e excb
+test-step: tests/test_step tests/test_methods tests/test_train_e2e excb
 	./tests/test_step
+	./tests/test_methods
 	./tests/test_train_e2e
 
 bench: excb
@@ -216,6 +217,9 @@ bench-compare: excb bench/fma_peak
 fixture:
 	/usr/bin/python3 tests/reference/make_fixture.py
 	/usr/bin/python3 tests/reference/make_fixture.py --yardstick
+# the per-method fixtures of tests/test_methods.c (and their float32 yardstick, methods/YARDSTICK.txt)
+method-fixtures:
+	/usr/bin/python3 tests/reference/make_method_fixtures.py
 
 # one step against the second, independent reference: ../shared/bench/torch_excb.py --dump
 PEER ?= ../shared/bench/torch_excb.py

@@ -12,7 +12,10 @@
  * Precision: in float64 the loss (~3-7) carries ~1e-15 of rounding noise. Per entry, eps = 1e-6:
  * noise/eps ~ 1e-9, truncation eps^2 ~ 1e-12. A ReLU or max-pool switch inside +-eps would show up
  * as an error of ~1e-2: the fixture state keeps every checked entry clear of one (deterministic).
- * Tolerance: 1e-6 of the tensor's largest gradient entry; a wrong term gives 1e-2 and more. */
+ * Tolerance: 1e-6 of the tensor's largest gradient entry; a wrong term gives 1e-2 and more.
+ * The swapped pairing (DINO's and SwAV's: every crop's direct row, no predictor) is checked the same way
+ * on the method fixtures of tests/reference/methods, built from the configuration they carry; there
+ * the centroids are checked too, since every row that scores them sends them its gradient. */
 #include "testutil.h"
 
 static void load(ExcbModel *m, const Fixture *fx, const char *prefix, real *dst) {
@@ -31,19 +34,54 @@ static real *to_real(const FixTensor *f) {
     return r;
 }
 
+/* the model a method fixture describes (its config text and meta), with its state */
+static void build_from_method_fixture(ExcbModel *m, const Fixture *fx, const char *path) {
+    ExcbRunConfig rc;
+    char err[EXCB_ERR_LEN];
+    cr_assert(excb_preset(&rc, "tiny", err) == 0);
+    const FixTensor *text = fix_get(fx, "config"), *meta = fix_get(fx, "meta");
+    cr_assert(text && meta, "%s: no config or meta", path);
+    cr_assert(excb_config_parse(&rc, text->bytes, path, err) == 0, "%s: %s", path, err);
+    snprintf(rc.data, sizeof rc.data, "unused");
+    rc.kmeans_init = 0;
+    cr_assert(excb_config_validate(&rc, err) == 0, "%s: %s", path, err);
+    ExcbConfig cfg = rc.model;
+    cfg.total_steps = (long)meta->data64[1];
+    cfg.warmup_steps = (long)meta->data64[2];
+    cfg.steps_per_epoch = (long)meta->data64[3];
+    cfg.in_ch = (int)meta->data64[4];
+    cr_assert(excb_build(m, &cfg) == 0);
+    for (int i = 0; i < m->n_mbuf; i++) {
+        if (!m->mbuf_spec[i].state || !m->mbuf_spec[i].floats) continue;
+        char nm[96];
+        snprintf(nm, sizeof nm, "state.%s", m->mbuf_spec[i].name);
+        const FixTensor *st = fix_get(fx, nm);
+        cr_assert(st && st->numel == m->mbuf_spec[i].floats, "%s: %s", path, nm);
+        for (size_t j = 0; j < st->numel; j++) ((real *)m->mbuf[i])[j] = st->data[j];
+    }
+    m->step = (long)meta->data64[0];
+}
+
 static void whole_model(const char *config, const char *path) {
     cr_assert(sizeof(real) == 8, "this suite must be built with -DEXCB_REAL_DOUBLE");
     Fixture fx;
     cr_assert(fixture_load(&fx, path) == 0, "cannot read %s", path);
-    ExcbConfig cfg;
-    excb_config_named(&cfg, config);
     ExcbModel m;
-    cr_assert(excb_build(&m, &cfg) == 0);
+    if (config) {
+        ExcbConfig cfg;
+        excb_config_named(&cfg, config);
+        cr_assert(excb_build(&m, &cfg) == 0);
+        const FixTensor *s = fix_get(&fx, "s_before");
+        real *sizes = excb_method_buffer(&m, "cluster_sizes");
+        for (int k = 0; k < cfg.K; k++) sizes[k] = s->data[k];
+    } else {
+        build_from_method_fixture(&m, &fx, path);
+        cr_assert(m.method->begin_step == NULL, "%s: a method that changes the parameters before the forward pass "
+                  "cannot be differenced entry by entry", path);
+    }
     load(&m, &fx, "param.", m.params);
     load(&m, &fx, "teacher.", m.teacher);
-    const FixTensor *s = fix_get(&fx, "s_before");
-    real *sizes = excb_method_buffer(&m, "cluster_sizes");
-    for (int k = 0; k < cfg.K; k++) sizes[k] = s->data[k];
+    int check_centroids = m.pairing == EXCB_PAIRING_SWAPPED;    /* no detached scoring of them */
     real *xg = to_real(fix_get(&fx, "x_global")), *xl = to_real(fix_get(&fx, "x_local"));
     excb_forward_loss(&m, xg, xl, NULL);
     excb_backward(&m);
@@ -54,7 +92,7 @@ static void whole_model(const char *config, const char *path) {
     int checked = 0;
     for (size_t i = 0; i < m.n_params; i++) gall = fabs(g[i]) > gall ? fabs(g[i]) : gall;
     for (int t = 0; t < m.n_tensors; t++) {
-        if (t == m.centroids) continue;
+        if (t == m.centroids && !check_centroids) continue;
         const ExcbTensor *T = &m.tensors[t];
         /* judged against the tensor's largest entry, or 1e-3 of the model's for the four gradients
            that are exactly 0 (a bias feeding Linear -> BatchNorm): there both sides must be ~0 */
@@ -75,8 +113,8 @@ static void whole_model(const char *config, const char *path) {
             checked++;
         }
     }
-    printf("%s (float64): %d entries of %d tensors, worst error %.2e (%s)\n", config, checked, m.n_tensors - 1,
-           worst, worst_name);
+    printf("%s (float64): %d entries of %d tensors, worst error %.2e (%s)\n", config ? config : path, checked,
+           m.n_tensors - !check_centroids, worst, worst_name);
     cr_expect(worst <= 1e-6, "whole-model finite differences: %.3g > 1e-6 in %s", worst, worst_name);
     free(g); free(xg); free(xl);
     excb_free(&m);
@@ -85,3 +123,8 @@ static void whole_model(const char *config, const char *path) {
 
 Test(whole_model_f64, basicblock_resnet, .timeout = 300) { whole_model("tiny", "tests/reference/tiny.bin"); }
 Test(whole_model_f64, bottleneck_imagenet_stem_maxpool, .timeout = 300) { whole_model("tiny50", "tests/reference/tiny50.bin"); }
+
+/* the swapped pairing, centroids included: DINO's own (odd B, two local crops, a temperature in its
+   warm-up) and ExCB's targets with it */
+Test(whole_model_f64, swapped_pairing_dino, .timeout = 300) { whole_model(NULL, "tests/reference/methods/dino_odd.bin"); }
+Test(whole_model_f64, swapped_pairing_excb, .timeout = 300) { whole_model(NULL, "tests/reference/methods/excb_tiny_swapped.bin"); }

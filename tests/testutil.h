@@ -39,7 +39,10 @@ typedef struct {
     char name[128];
     int ndim, shape[8];
     size_t numel;
-    float *data;
+    float *data;        /* the values (rounded to float32 when stored as float64)                */
+    double *data64;     /* EXCBFIX2: the values in double (exact for either stored type)        */
+    int dtype;          /* EXCBFIX2: 0 float32, 1 float64, 2 uint8 (text: data64 NULL, bytes)    */
+    char *bytes;        /* uint8 tensors, NUL-terminated                                         */
 } FixTensor;
 
 typedef struct {
@@ -69,7 +72,43 @@ static inline int read_tensor(FILE *f, FixTensor *t, int pad4) {
     return fread(t->data, sizeof(float), t->numel, f) == t->numel ? 0 : -1;
 }
 
-/* Loads either format; returns 0 on success. */
+/* EXCBFIX2 (tests/reference/make_method_fixtures.py): each tensor carries a dtype */
+static inline int read_tensor_v2(FILE *f, FixTensor *t) {
+    uint32_t len, dt, nd;
+    if (read_u32(f, &len) || len >= sizeof t->name || fread(t->name, 1, len, f) != len) return -1;
+    t->name[len] = 0;
+    if (read_u32(f, &dt) || dt > 2 || read_u32(f, &nd) || nd > 8) return -1;
+    t->dtype = (int)dt;
+    t->ndim = (int)nd;
+    t->numel = 1;
+    for (uint32_t d = 0; d < nd; d++) {
+        uint32_t s;
+        if (read_u32(f, &s)) return -1;
+        t->shape[d] = (int)s;
+        t->numel *= s;
+    }
+    size_t n = t->numel;
+    if (dt == 2) {
+        t->bytes = malloc(n + 1);
+        if (fread(t->bytes, 1, n, f) != n) return -1;
+        t->bytes[n] = 0;
+        return 0;
+    }
+    t->data = malloc(sizeof(float) * (n ? n : 1));
+    t->data64 = malloc(sizeof(double) * (n ? n : 1));
+    for (size_t i = 0; i < n; i++) {
+        if (dt == 0) {
+            if (fread(&t->data[i], 4, 1, f) != 1) return -1;
+            t->data64[i] = t->data[i];
+        } else {
+            if (fread(&t->data64[i], 8, 1, f) != 1) return -1;
+            t->data[i] = (float)t->data64[i];
+        }
+    }
+    return 0;
+}
+
+/* Loads any of the formats; returns 0 on success. */
 static inline int fixture_load(Fixture *fx, const char *path) {
     memset(fx, 0, sizeof *fx);
     FILE *f = fopen(path, "rb");
@@ -78,7 +117,16 @@ static inline int fixture_load(Fixture *fx, const char *path) {
     int32_t h0;
     int pad4 = 0;
     uint32_t n = 0;
-    if (fread(magic, 1, 8, f) == 8 && !memcmp(magic, "EXCBFIX1", 8)) {
+    if (fread(magic, 1, 8, f) == 8 && !memcmp(magic, "EXCBFIX2", 8)) {
+        if (read_u32(f, &n)) { fclose(f); return -1; }
+        fx->t = calloc(n, sizeof(FixTensor));
+        fx->n = (int)n;
+        for (uint32_t i = 0; i < n; i++)
+            if (read_tensor_v2(f, &fx->t[i])) { fclose(f); return -1; }
+        fclose(f);
+        return 0;
+    }
+    if (!memcmp(magic, "EXCBFIX1", 8)) {
         if (read_u32(f, &n)) { fclose(f); return -1; }
     } else {                                   /* torch_excb.py: int32 header[64], magic 20251122 */
         fseek(f, 0, SEEK_SET);
@@ -103,7 +151,7 @@ static inline const FixTensor *fix_get(const Fixture *fx, const char *name) {
 }
 
 static inline void fixture_free(Fixture *fx) {
-    for (int i = 0; i < fx->n; i++) free(fx->t[i].data);
+    for (int i = 0; i < fx->n; i++) { free(fx->t[i].data); free(fx->t[i].data64); free(fx->t[i].bytes); }
     free(fx->t);
     memset(fx, 0, sizeof *fx);
 }

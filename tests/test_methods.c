@@ -1,0 +1,579 @@
+/* test_methods.c: the balancing rules of excb.c section 5 (ExCB, none, DINO, SwAV) and the pairings.
+ *  - parity: one whole step of every fixture in tests/reference/methods/ (written by the independent
+ *    float64 reference make_method_fixtures.py) against its float64 truth. Each fixture carries its
+ *    configuration (the config text, the step, the schedule's length, the input channels), so the
+ *    model is built from the fixture alone and a fixture of any shape or method is checked the same way;
+ *  - each new equation against a hand-computed case (the arithmetic is in the comments);
+ *  - a property per rule: Sinkhorn's row and column sums, the DINO centre's EMA, `none` equal to
+ *    `excb` bit for bit at a uniform s, SwAV's queue and frozen prototypes;
+ *  - the loss's term counts for either pairing.
+ *
+ * The parity rule. Every compared tensor has three versions: excb.c's float32 result c, the reference's
+ * float64 truth t, and the same reference run in float32, p (PyTorch's own float32 error on exactly this
+ * tensor, stored in the fixture). With e(x) = max_i |x_i - t_i| and S = max_i |t_i|:
+ *     e(c) <= RATIO * e(p) + FLOOR * 2^-24 * S'
+ * excb.c may be RATIO times less accurate than PyTorch's float32 on the same tensor, plus FLOOR units of
+ * float32 rounding of the tensor's scale S'. The forward values (teacher scores, targets, activations,
+ * the loss, the method's state, the teacher after its EMA): RATIO 4, FLOOR 16, S' = S. The backward
+ * values (gradients, momenta and parameters after SGD), whose rounding accumulates through the whole
+ * backward pass and whose summation order differs between any two implementations: RATIO 8, FLOOR 1024
+ * (6e-5 of the scale), S' = max(S, 1e-3 x the model's largest gradient), so that a gradient that is 0 in
+ * real arithmetic (a bias in front of a BatchNorm) is judged by the rounding of the gradients around it,
+ * not by its own noise. Measured on the 18 fixtures (2026-12-02): the worst forward tensor at 0.82 of its
+ * tolerance, the worst backward one at 0.44; a wrong formula is off by 1e-2 of S and more (dropping one
+ * Sinkhorn iteration, swapping DINO's centre momentum, or matching a local crop's direct row to one
+ * view too few each fail 4 to 7 fixtures). Labels and ExCB's cluster sizes (float32 in the official code, reproduced bit for bit) must
+ * be equal; so must the balancing factors of the jitter path (A3). The fixtures' states are drawn away
+ * from float32 ties (make_method_fixtures.py, "conditioning"): at a ReLU input within rounding of 0 a
+ * float32 run may take the other branch, and then every gradient upstream moves by O(1).
+ */
+#include "testutil.h"
+#include <criterion/parameterized.h>
+#include <dirent.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#define RATIO_FWD 4.0
+#define FLOOR_FWD 16.0
+#define RATIO_BWD 8.0
+#define FLOOR_BWD 1024.0
+#define FIXTURE_DIR "tests/reference/methods"
+
+static const FixTensor *need(const Fixture *fx, const char *fmt, const char *name) {
+    char full[200];
+    snprintf(full, sizeof full, fmt, name);
+    const FixTensor *t = fix_get(fx, full);
+    cr_assert(t != NULL, "fixture has no tensor '%s'", full);
+    return t;
+}
+
+/* --- the judge: one group of tensors at a time ------------------------------------------------------ */
+typedef struct {
+    const char *group;
+    int backward;                               /* 1: the backward rule (RATIO_BWD, FLOOR_BWD)         */
+    double worst_c, worst_p, worst_margin;     /* the tensor closest to its tolerance                 */
+    char where[96];
+    int n, failed;
+} Group;
+
+static void judge(Group *g, const char *name, const float *c, const FixTensor *truth, const FixTensor *f32,
+                  double scale_floor) {
+    cr_assert(truth->numel == f32->numel, "%s: truth and float32 copy differ in size", name);
+    double ec = 0, ep = 0, S = 0;
+    for (size_t i = 0; i < truth->numel; i++) {
+        double t = truth->data64[i], dc = fabs(c[i] - t), dp = fabs(f32->data64[i] - t);
+        ec = dc > ec || isnan(dc) ? (isnan(dc) ? INFINITY : dc) : ec;
+        ep = dp > ep ? dp : ep;
+        S = fabs(t) > S ? fabs(t) : S;
+    }
+    double Sp = S > scale_floor ? S : scale_floor;
+    double ratio = g->backward ? RATIO_BWD : RATIO_FWD, floor_ulps = g->backward ? FLOOR_BWD : FLOOR_FWD;
+    double tol = ratio * ep + floor_ulps * 0x1p-24 * Sp, margin = tol > 0 ? ec / tol : (ec > 0 ? INFINITY : 0);
+    if (getenv("EXCB_VERBOSE")) printf("    %-52s c %.3g  pytorch f32 %.3g  scale %.3g  (%.2f of tol)\n", name, ec, ep, S, margin);
+    if (margin > g->worst_margin || !g->n) {
+        g->worst_margin = margin;
+        g->worst_c = ec;
+        g->worst_p = ep;
+        snprintf(g->where, sizeof g->where, "%s", name);
+    }
+    g->n++;
+    if (!(ec <= tol)) {
+        g->failed++;
+        cr_expect(ec <= tol, "%s: excb.c error %.3g > %.0f x PyTorch float32's %.3g + %.0f ulp of %.3g", name, ec, ratio, ep,
+                  floor_ulps, Sp);
+    }
+}
+
+static void group_report(const char *fixture, const Group *g) {
+    printf("  %-22s %-20s worst %.3g (PyTorch f32 %.3g) in %s: %.2f of its tolerance\n", fixture, g->group, g->worst_c,
+           g->worst_p, g->where, g->worst_margin);
+}
+
+/* feature-major (F, ld) columns [0, N) as row-major (N, F) */
+static float *transpose_fm(const float *fm, int ld, int F, int N) {
+    float *t = malloc(sizeof(float) * ((size_t)F * N + 1));
+    for (int n = 0; n < N; n++)
+        for (int f = 0; f < F; f++) t[(size_t)n * F + f] = fm[(size_t)f * ld + n];
+    return t;
+}
+
+/* --- building the model a fixture describes ------------------------------------------------------- */
+static void model_from_fixture(const Fixture *fx, const char *path, int threads, ExcbModel *m) {
+    ExcbRunConfig rc;
+    char err[EXCB_ERR_LEN];
+    cr_assert(excb_preset(&rc, "tiny", err) == 0);
+    const FixTensor *text = need(fx, "%s", "config");
+    cr_assert(excb_config_parse(&rc, text->bytes, path, err) == 0, "%s: %s", path, err);
+    snprintf(rc.data, sizeof rc.data, "unused");
+    rc.kmeans_init = 0;                                   /* not a step setting; k-means needs K samples */
+    cr_assert(excb_config_validate(&rc, err) == 0, "%s: %s", path, err);
+    const FixTensor *meta = need(fx, "%s", "meta");      /* step, T, W, steps per epoch, input channels */
+    cr_assert(meta->numel == 5, "%s: meta has %zu values", path, meta->numel);
+    ExcbConfig cfg = rc.model;
+    snprintf(cfg.name, sizeof cfg.name, "fixture");
+    cfg.total_steps = (long)meta->data64[1];
+    cfg.warmup_steps = (long)meta->data64[2];
+    cfg.steps_per_epoch = (long)meta->data64[3];
+    cfg.in_ch = (int)meta->data64[4];
+    cfg.threads = threads;
+    cr_assert(excb_build(m, &cfg) == 0, "%s: cannot build the model", path);
+    for (int t = 0; t < m->n_tensors; t++) {              /* every model tensor comes from the fixture */
+        const ExcbTensor *T = &m->tensors[t];
+        const FixTensor *p = need(fx, "param.%s", T->name), *te = need(fx, "teacher.%s", T->name),
+                        *mo = need(fx, "momentum.%s", T->name);
+        cr_assert(p->numel == T->numel, "%s: %s has %zu values in the fixture, %zu in the model", path, T->name, p->numel,
+                  T->numel);
+        memcpy(m->params + T->offset, p->data, sizeof(float) * T->numel);
+        memcpy(m->teacher + T->offset, te->data, sizeof(float) * T->numel);
+        memcpy(m->momentum + T->offset, mo->data, sizeof(float) * T->numel);
+    }
+    for (int i = 0; i < m->n_mbuf; i++) {                 /* the method's state: state.NAME */
+        if (!m->mbuf_spec[i].state || !m->mbuf_spec[i].floats) continue;
+        const FixTensor *st = need(fx, "state.%s", m->mbuf_spec[i].name);
+        cr_assert(st->numel == m->mbuf_spec[i].floats, "%s: state.%s has %zu values, the model %zu", path,
+                  m->mbuf_spec[i].name, st->numel, m->mbuf_spec[i].floats);
+        memcpy(m->mbuf[i], st->data, sizeof(float) * st->numel);
+    }
+    m->step = (long)meta->data64[0];
+}
+
+/* --- one step of a fixture, every tensor judged ----------------------------------------------------- */
+static void method_parity(const char *path) {
+    Fixture fx;
+    cr_assert(fixture_load(&fx, path) == 0, "cannot read fixture %s (regenerate: make method-fixtures)", path);
+    const char *base = strrchr(path, '/') ? strrchr(path, '/') + 1 : path;
+    char fname[64];
+    snprintf(fname, sizeof fname, "%.*s", (int)(strcspn(base, ".")), base);
+    ExcbModel m;
+    model_from_fixture(&fx, path, 2, &m);
+    const ExcbConfig *c = &m.cfg;
+    int B = c->batch, NG = c->n_global * B, NS = (c->n_global + c->n_local) * B, K = c->K, d = c->d;
+    int n_dir = m.n_dir_crops * B;
+    ExcbStepStats st;
+    double loss = excb_forward_loss(&m, need(&fx, "%s", "x_global")->data, need(&fx, "%s", "x_local")->data, &st);
+    /* the teacher and its targets */
+    Group gt = {.group = "teacher scores"}, gq = {.group = "targets q"}, ga = {.group = "student activations"},
+          gl = {.group = "loss"};
+    judge(&gt, "teacher_sim", m.zt, need(&fx, "%s", "teacher_sim"), need(&fx, "f32.%s", "teacher_sim"), 0);
+    judge(&gq, "teacher_q", m.q, need(&fx, "%s", "teacher_q"), need(&fx, "f32.%s", "teacher_q"), 0);
+    const FixTensor *lab = need(&fx, "%s", "labels");
+    int bad = 0;
+    for (int i = 0; i < NG; i++) bad += m.labels[i] != (int)lab->data64[i];
+    cr_expect(bad == 0, "%s: %d of %d teacher labels differ", fname, bad, NG);
+    if (!strcmp(m.method->name, "excb")) {      /* A3 on the jitter path: the draws and the factors, bitwise */
+        const FixTensor *jl = need(&fx, "%s", "jitter.lower"), *jh = need(&fx, "%s", "jitter.higher");
+        const FixTensor *fl = need(&fx, "%s", "factors.lower"), *fh = need(&fx, "%s", "factors.higher");
+        const float *lo = excb_method_buffer(&m, "lower"), *hi = excb_method_buffer(&m, "higher"),
+                    *r = excb_method_buffer(&m, "r");
+        int bad_draw = 0, bad_factor = 0, jittered = 0;
+        for (int k = 0; k < K; k++) {
+            bad_draw += excb_uniform(c->seed, EXCB_RNG_JITTER, (uint64_t)m.step, 0, k) != jl->data[k];
+            bad_draw += excb_uniform(c->seed, EXCB_RNG_JITTER, (uint64_t)m.step, 1, k) != jh->data[k];
+            bad_factor += lo[k] != fl->data[k] || hi[k] != fh->data[k];
+            jittered += 1.0f - r[k] == 1.0f;          /* lower was exactly 0 before the jitter      */
+        }
+        cr_expect(bad_draw == 0, "%s: %d jitter draws differ from the fixture's", fname, bad_draw);
+        cr_expect(bad_factor == 0, "%s: %d balancing factors differ", fname, bad_factor);
+        if (jittered) printf("  %-22s %d cluster(s) on the A3 jitter path, factors bitwise equal\n", fname, jittered);
+    }
+    /* the student: features, projection, predictor, logits (recomputed from the kept u and c) */
+    float *t;
+    judge(&ga, "student_feat", t = transpose_fm(m.f, NS, m.D, NS), need(&fx, "%s", "student_feat"), need(&fx, "f32.%s", "student_feat"), 0);
+    free(t);
+    judge(&ga, "student_proj", t = transpose_fm(m.h, NS, d, NS), need(&fx, "%s", "student_proj"), need(&fx, "f32.%s", "student_proj"), 0);
+    free(t);
+    float *lg = malloc(sizeof(float) * (size_t)NS * K);
+    matmul_naive('N', 'T', n_dir, K, d, (float)(1.0 / c->tau_s), m.u_dir, d, m.c, d, 0.0f, lg, K);
+    judge(&ga, "logits_direct", lg, need(&fx, "%s", "logits_direct"), need(&fx, "f32.%s", "logits_direct"), 0);
+    if (m.pairing == EXCB_PAIRING_EXCB) {
+        judge(&ga, "student_pred", t = transpose_fm(m.p, NS, d, NS), need(&fx, "%s", "student_pred"), need(&fx, "f32.%s", "student_pred"), 0);
+        free(t);
+        matmul_naive('N', 'T', NS, K, d, (float)(1.0 / c->tau_s), m.u_pred, d, m.c, d, 0.0f, lg, K);
+        judge(&ga, "logits_pred", lg, need(&fx, "%s", "logits_pred"), need(&fx, "f32.%s", "logits_pred"), 0);
+    } else {
+        cr_expect(fix_get(&fx, "logits_pred") == NULL, "%s: a swapped pairing has no predictor rows", fname);
+    }
+    free(lg);
+    float lf = (float)loss;
+    judge(&gl, "loss", &lf, need(&fx, "%s", "loss"), need(&fx, "f32.%s", "loss"), 0);
+    /* the method's state after the loss */
+    excb_update_method(&m, &st);
+    Group gs = {.group = "method state"};
+    for (int i = 0; i < m.n_mbuf; i++) {
+        if (!m.mbuf_spec[i].state || !m.mbuf_spec[i].floats) continue;
+        const char *nm = m.mbuf_spec[i].name;
+        const FixTensor *truth = need(&fx, "state_after.%s", nm);
+        if (!strcmp(nm, "cluster_sizes")) {     /* float32 in the official code: the same bits (A4) */
+            int diff = 0;
+            for (size_t k = 0; k < truth->numel; k++) diff += ((float *)m.mbuf[i])[k] != truth->data[k];
+            cr_expect(diff == 0, "%s: %d cluster sizes differ from E3's float32 result", fname, diff);
+        }
+        char full[80];
+        snprintf(full, sizeof full, "state_after.%s", nm);
+        judge(&gs, full, m.mbuf[i], truth, need(&fx, "f32.state_after.%s", nm), 0);
+    }
+    /* backward, then SGD and the EMA */
+    excb_backward(&m);
+    double gmax = 0;
+    for (int i = 0; i < m.n_tensors; i++) {
+        const FixTensor *r = need(&fx, "grad.%s", m.tensors[i].name);
+        for (size_t j = 0; j < r->numel; j++) gmax = fabs(r->data64[j]) > gmax ? fabs(r->data64[j]) : gmax;
+    }
+    Group gg = {.group = "gradients", .backward = 1}, gm = {.group = "momentum after", .backward = 1},
+          gp = {.group = "parameters after", .backward = 1},
+          gte = {.group = "teacher after"};
+    for (int i = 0; i < m.n_tensors; i++) {
+        const ExcbTensor *T = &m.tensors[i];
+        char full[160];
+        snprintf(full, sizeof full, "grad.%s", T->name);
+        judge(&gg, full, m.grads + T->offset, need(&fx, "grad.%s", T->name), need(&fx, "f32.grad.%s", T->name), 1e-3 * gmax);
+    }
+    excb_update(&m, &st);
+    for (int i = 0; i < m.n_tensors; i++) {
+        const ExcbTensor *T = &m.tensors[i];
+        char full[160];
+        snprintf(full, sizeof full, "momentum_after.%s", T->name);
+        judge(&gm, full, m.momentum + T->offset, need(&fx, "momentum_after.%s", T->name),
+              need(&fx, "f32.momentum_after.%s", T->name), 1e-3 * gmax);
+        snprintf(full, sizeof full, "param_after.%s", T->name);
+        judge(&gp, full, m.params + T->offset, need(&fx, "param_after.%s", T->name), need(&fx, "f32.param_after.%s", T->name),
+              1e-3 * gmax);
+        snprintf(full, sizeof full, "teacher_after.%s", T->name);
+        judge(&gte, full, m.teacher + T->offset, need(&fx, "teacher_after.%s", T->name),
+              need(&fx, "f32.teacher_after.%s", T->name), 0);
+    }
+    printf("%s (%s, pairing %s, K=%d, B=%d, Vl=%d):\n", fname, m.method->name,
+           m.pairing == EXCB_PAIRING_EXCB ? "excb" : "swapped", K, B, c->n_local);
+    const Group *all[] = {&gt, &gq, &ga, &gl, &gs, &gg, &gm, &gp, &gte};
+    for (size_t i = 0; i < sizeof all / sizeof all[0]; i++)
+        if (all[i]->n) group_report(fname, all[i]);
+    excb_free(&m);
+    fixture_free(&fx);
+}
+
+/* the fixtures, found at run time: a new one is checked without editing this file */
+typedef struct { char path[200]; } FixturePath;
+
+static int list_fixtures(FixturePath *out, int cap) {
+    DIR *dir = opendir(FIXTURE_DIR);
+    int n = 0;
+    struct dirent *e;
+    while (dir && (e = readdir(dir))) {
+        size_t len = strlen(e->d_name);
+        if (len > 4 && !strcmp(e->d_name + len - 4, ".bin") && n < cap)
+            snprintf(out[n++].path, sizeof out[0].path, "%s/%s", FIXTURE_DIR, e->d_name);
+    }
+    if (dir) closedir(dir);
+    return n;
+}
+
+static void free_paths(struct criterion_test_params *p) { cr_free(p->params); }
+
+ParameterizedTestParameters(parity, method_fixture) {
+    FixturePath *paths = cr_malloc(sizeof(FixturePath) * 64);
+    int n = list_fixtures(paths, 64);
+    const char *only = getenv("EXCB_FIXTURE");           /* EXCB_FIXTURE=dino_tiny: that one alone */
+    for (int i = 0; only && i < n; i++)
+        if (strstr(paths[i].path, only)) { paths[0] = paths[i]; n = 1; break; }
+    return cr_make_param_array(FixturePath, paths, n, free_paths);
+}
+
+ParameterizedTest(FixturePath *fp, parity, method_fixture, .timeout = 120) {
+    method_parity(fp->path);
+}
+
+/* The fixtures are there, for every method, and cover what the parity rule has to hold across:
+   K not a power of two, an odd B, no local crops, a four-stage Bottleneck net, both pairings. A missing
+   directory would otherwise pass the parameterized test above with no test at all. */
+Test(parity, every_method_has_its_fixtures) {
+    FixturePath paths[64];
+    int n = list_fixtures(paths, 64);
+    cr_assert(n >= 18, "%d fixtures in %s (18 expected: make method-fixtures)", n, FIXTURE_DIR);
+    static const char *methods[] = {"excb", "none", "dino", "swav"};
+    static const char *shapes[] = {"tiny", "odd", "nolocal", "bottleneck4"};
+    for (int i = 0; i < 4; i++)
+        for (int j = 0; j < 4; j++) {
+            char want[200];
+            snprintf(want, sizeof want, "%s/%s_%s.bin", FIXTURE_DIR, methods[i], shapes[j]);
+            int found = 0;
+            for (int k = 0; k < n; k++) found |= !strcmp(paths[k].path, want);
+            cr_expect(found, "no fixture %s", want);
+        }
+}
+
+/* ------------------------------------------------------------------------------------------------ */
+/* The pairings' term counts (section 6): |M| = (global direct rows)(Vg - 1) + (local direct rows) Vg
+   + (predictor rows) Vg. ExCB's A7: 2*1 + 0 + 8*2 = 18; without local crops 2*1 + 2*2 = 6; swapped
+   (DINO, SwAV): 2*1 + 6*2 = 14; swapped without local crops: 2*1 = 2. */
+Test(pairing, term_counts) {
+    cr_expect_eq(excb_loss_terms(2, 1, 2, 6), 18);
+    cr_expect_eq(excb_loss_terms(2, 1, 2, 0), 6);
+    cr_expect_eq(excb_loss_terms(8, 0, 2, 6), 14);
+    cr_expect_eq(excb_loss_terms(2, 0, 2, 0), 2);
+}
+
+/* The swapped loss by hand: Vg = 2, Vl = 1, B = 1, K = 2, tau_s = 1, no predictor; 4 terms.
+   q_0 = (1, 0), q_1 = (0, 1). Student rows z_0 = (0, 0), z_1 = (ln 3, 0), z_2 (local) = (0, ln 3).
+   softmax: p_0 = (1/2, 1/2), p_1 = (3/4, 1/4), p_2 = (1/4, 3/4).
+   Terms: (v0, u1) -ln 3/4 = 0.287682; (v0, u2) -ln 1/4 = 1.386294; (v1, u0) -ln 1/2 = 0.693147;
+   (v1, u2) -ln 3/4 = 0.287682. Mean: 2.654806 / 4 = 0.663701.
+   dL/dz for row u = (n_u p_u - sum of the matching q) / (tau_s |M| B): row 0 is matched by v1 only:
+   (p_0 - q_1)/4 = (0.125, -0.125); row 2 by both views: (2 p_2 - q_0 - q_1)/4 = (-0.125, 0.125). */
+Test(pairing, swapped_loss_by_hand) {
+    const float l3 = logf(3.0f);
+    float z[6] = {0, 0, l3, 0, 0, l3}, q[4] = {1, 0, 0, 1};
+    double rows[6];
+    double L = excb_loss_forward_backward(z, 3, NULL, rows, q, 2, 1, 1, 2, 1.0);
+    EXPECT_NEAR(L, 0.663701, 1e-6, "swapped loss");
+    EXPECT_NEAR(z[0], 0.125, 1e-7, "dL/dz row 0");
+    EXPECT_NEAR(z[1], -0.125, 1e-7, "dL/dz row 0");
+    EXPECT_NEAR(z[4], -0.125, 1e-7, "dL/dz row 2 (local)");
+    EXPECT_NEAR(z[5], 0.125, 1e-7, "dL/dz row 2 (local)");
+}
+
+/* ------------------------------------------------------------------------------------------------ */
+/* S1 by hand, one iteration, eps = 1, N = 2 samples, K = 2 prototypes, S = [[ln 3, 0], [0, 0]]:
+   exp: [[3, 1], [1, 1]], / 6 -> [[1/2, 1/6], [1/6, 1/6]].
+   prototype masses (over samples): 2/3 and 1/3; divide, then / K: [[3/8, 1/4], [1/8, 1/4]].
+   sample masses: 5/8 and 3/8; divide, then / N: [[3/10, 1/5], [1/6, 1/3]]; times N: [[0.6, 0.4], [1/3, 2/3]]. */
+Test(sinkhorn, one_iteration_by_hand) {
+    float S[4] = {logf(3.0f), 0, 0, 0};
+    double sums[8];
+    sinkhorn_knopp(S, sums, 2, 2, 1.0, 1);
+    EXPECT_NEAR(S[0], 0.6, 1e-6, "code 0,0");
+    EXPECT_NEAR(S[1], 0.4, 1e-6, "code 0,1");
+    EXPECT_NEAR(S[2], 1.0 / 3, 1e-6, "code 1,0");
+    EXPECT_NEAR(S[3], 2.0 / 3, 1e-6, "code 1,1");
+}
+
+/* S1's property: after its iterations every sample's code sums to 1 (the last normalisation: to float32
+   rounding, 1e-6) and every prototype's mass approaches N/K; the error falls with the iterations and is
+   below 1e-6 of N/K after 300 (SwAV's eps = 0.05 on cosine scores). */
+Test(sinkhorn, rows_and_columns_sum_to_their_shares) {
+    enum { N = 37, K = 24 };
+    static float S0[N * K], S[N * K];
+    double sums[2 * (N + K)], prev = INFINITY;
+    for (int i = 0; i < N * K; i++) S0[i] = 2.0f * excb_uniform(3, EXCB_RNG_TEST, 17, 0, i) - 1.0f;
+    static const int iters[] = {3, 10, 30, 300};
+    for (int t = 0; t < 4; t++) {
+        memcpy(S, S0, sizeof S);
+        sinkhorn_knopp(S, sums, N, K, 0.05, iters[t]);
+        double worst_row = 0, worst_col = 0;
+        for (int n = 0; n < N; n++) {
+            double r = 0;
+            for (int k = 0; k < K; k++) r += S[n * K + k];
+            worst_row = fmax(worst_row, fabs(r - 1));
+        }
+        for (int k = 0; k < K; k++) {
+            double c = 0;
+            for (int n = 0; n < N; n++) c += S[n * K + k];
+            worst_col = fmax(worst_col, fabs(c - (double)N / K) / ((double)N / K));
+        }
+        printf("sinkhorn %3d iterations: |row sum - 1| <= %.2g, |prototype mass - N/K| <= %.2g of N/K\n", iters[t],
+               worst_row, worst_col);
+        cr_expect(worst_row <= 1e-6, "%d iterations: a sample's code sums to 1 + %.3g", iters[t], worst_row);
+        cr_expect(worst_col < prev, "%d iterations: the prototype masses did not get closer to N/K", iters[t]);
+        prev = worst_col;
+        if (iters[t] == 300) cr_expect(worst_col <= 1e-6, "300 iterations: prototype mass off by %.3g of N/K", worst_col);
+    }
+}
+
+/* ------------------------------------------------------------------------------------------------ */
+/* D1 by hand: z = (0.2, 0.5, 0.1), c = (0.1, 0.3, 0), tau = 0.1: (z - c)/tau = (1, 2, 1);
+   softmax = (e^-1, 1, e^-1) / (1 + 2 e^-1) = (0.211942, 0.576117, 0.211942), label 1. */
+Test(dino, targets_by_hand) {
+    float z[3] = {0.2f, 0.5f, 0.1f}, c[3] = {0.1f, 0.3f, 0.0f}, q[3];
+    int32_t lab;
+    dino_targets(q, &lab, z, c, 1, 3, 0.1);
+    EXPECT_NEAR(q[0], 0.211942, 1e-6, "q0");
+    EXPECT_NEAR(q[1], 0.576117, 1e-6, "q1");
+    EXPECT_NEAR(q[2], 0.211942, 1e-6, "q2");
+    cr_expect_eq(lab, 1);
+}
+
+/* D2 by hand: c = (0.5, -0.2), rows z = (0.1, 0.3) and (0.5, -0.1): mean (0.3, 0.1);
+   0.9 * 0.5 + 0.1 * 0.3 = 0.48, 0.9 * -0.2 + 0.1 * 0.1 = -0.17. */
+Test(dino, centre_by_hand) {
+    float c[2] = {0.5f, -0.2f}, z[4] = {0.1f, 0.3f, 0.5f, -0.1f};
+    dino_center_update(c, z, 2, 2, 0.9);
+    EXPECT_NEAR(c[0], 0.48, 1e-7, "c0");
+    EXPECT_NEAR(c[1], -0.17, 1e-7, "c1");
+}
+
+/* D3, numpy.linspace(0.02, 0.04, 5) = 0.02, 0.025, 0.03, 0.035, 0.04 for epochs 0-4, then 0.04;
+   linspace(a, b, 1) = [a]; no warm-up: 0.04 from epoch 0. 10 steps per epoch. */
+Test(dino, temperature_warmup_by_hand) {
+    ExcbConfig c;
+    excb_config_named(&c, "tiny");
+    c.steps_per_epoch = 10;
+    c.tau_t = 0.04;
+    c.dino.warmup_tau_t = 0.02;
+    c.dino.warmup_epochs = 5;
+    static const double want[7] = {0.02, 0.025, 0.03, 0.035, 0.04, 0.04, 0.04};
+    for (int e = 0; e < 7; e++) EXPECT_NEAR(dino_tau_at(&c, e * 10 + 9), want[e], 1e-15, "epoch %d", e);
+    c.dino.warmup_epochs = 1;
+    EXPECT_NEAR(dino_tau_at(&c, 3), 0.02, 0, "one warm-up epoch");
+    EXPECT_NEAR(dino_tau_at(&c, 10), 0.04, 0, "after it");
+    c.dino.warmup_epochs = 0;
+    EXPECT_NEAR(dino_tau_at(&c, 0), 0.04, 0, "no warm-up");
+}
+
+/* ------------------------------------------------------------------------------------------------ */
+/* Whole steps of a small model, for the properties that need the step's wiring. */
+static void method_model(ExcbModel *m, const char *method, int K, void (*adjust)(ExcbConfig *)) {
+    ExcbConfig c;
+    excb_config_named(&c, "tiny");
+    c.K = K;
+    c.seed = 5;
+    c.threads = 1;
+    for (int i = 0; excb_methods[i]; i++)
+        if (!strcmp(excb_methods[i]->name, method)) c.method = i;
+    cr_assert_str_eq(excb_methods[c.method]->name, method);
+    if (adjust) adjust(&c);
+    cr_assert(excb_build(m, &c) == 0);
+}
+
+static void step_inputs(const ExcbModel *m, uint64_t stream, float **xg, float **xl) {
+    const ExcbConfig *c = &m->cfg;
+    size_t ng = (size_t)c->n_global * c->batch * c->in_ch * c->global_size * c->global_size;
+    size_t nl = (size_t)c->n_local * c->batch * c->in_ch * c->local_size * c->local_size;
+    *xg = malloc(sizeof(float) * ng);
+    *xl = malloc(sizeof(float) * (nl + 1));
+    fill_normal(*xg, ng, stream, 1);
+    fill_normal(*xl, nl, stream + 1, 1);
+}
+
+/* D2 in the step: after each step the centre is 0.9 c + 0.1 (mean of that step's teacher scores zt),
+   with zt read back from the model (its values after the step are the step's); 3 steps, bitwise. */
+Test(dino, centre_follows_its_ema_in_the_step) {
+    ExcbModel m;
+    method_model(&m, "dino", 16, NULL);
+    int NG = m.cfg.n_global * m.cfg.batch, K = m.cfg.K;
+    float *ctr = excb_method_buffer(&m, "center"), before[16];
+    for (int k = 0; k < K; k++) cr_expect_eq(ctr[k], 0.0f, "DINO's centre starts at 0");
+    for (int t = 0; t < 3; t++) {
+        float *xg, *xl;
+        step_inputs(&m, 40 + 2 * t, &xg, &xl);
+        memcpy(before, ctr, sizeof before);
+        cr_assert(excb_step(&m, xg, xl, NULL) == 0);
+        int bad = 0;
+        for (int k = 0; k < K; k++) {
+            double acc = 0;
+            for (int n = 0; n < NG; n++) acc += m.zt[(size_t)n * K + k];
+            float want = before[k] * 0.9f + (float)(acc / NG) * (float)(1.0 - 0.9);
+            bad += ctr[k] != want;
+        }
+        cr_expect(bad == 0, "step %d: %d centre entries differ from D2", t, bad);
+        free(xg); free(xl);
+    }
+    excb_free(&m);
+}
+
+/* `none` is ExCB with the factors at 1. At step 0 s is uniform and K = 32 is a power of two, so ExCB's
+   r is exactly 1, its factors exactly 1, and the two methods give the same bits; at the next step s is
+   no longer uniform and they part (which shows this check can fail). */
+static void compare_bits(const ExcbModel *a, const ExcbModel *b, int *same_params, int *same_state) {
+    *same_params = !memcmp(a->params, b->params, sizeof(real) * a->n_params) &&
+                   !memcmp(a->teacher, b->teacher, sizeof(real) * a->n_params) &&
+                   !memcmp(a->momentum, b->momentum, sizeof(real) * a->n_params);
+    *same_state = !memcmp(excb_method_buffer(a, "cluster_sizes"), excb_method_buffer(b, "cluster_sizes"),
+                          sizeof(real) * a->cfg.K);
+}
+
+Test(none, equals_excb_bitwise_at_a_uniform_s) {
+    ExcbModel e, n;
+    method_model(&e, "excb", 32, NULL);
+    method_model(&n, "none", 32, NULL);
+    float *xg, *xl;
+    step_inputs(&e, 60, &xg, &xl);
+    ExcbStepStats se, sn;
+    cr_assert(excb_step(&e, xg, xl, &se) == 0 && excb_step(&n, xg, xl, &sn) == 0);
+    int same_params, same_state;
+    compare_bits(&e, &n, &same_params, &same_state);
+    cr_expect(se.loss == sn.loss && same_params && same_state, "step 0: none and excb differ at a uniform s");
+    cr_expect(!memcmp(e.q, n.q, sizeof(real) * e.cfg.n_global * e.cfg.batch * e.cfg.K), "step 0: targets differ");
+    const float *s = excb_method_buffer(&e, "cluster_sizes");
+    int uniform = 1;
+    for (int k = 1; k < 32; k++) uniform &= s[k] == s[0];
+    cr_assert(!uniform, "s is still uniform after a step: the second half of this test would prove nothing");
+    cr_assert(excb_step(&e, xg, xl, &se) == 0 && excb_step(&n, xg, xl, &sn) == 0);
+    cr_expect(memcmp(e.q, n.q, sizeof(real) * e.cfg.n_global * e.cfg.batch * e.cfg.K) != 0,
+              "step 1: with a non-uniform s ExCB's targets should differ from none's");
+    free(xg); free(xl);
+    excb_free(&e);
+    excb_free(&n);
+}
+
+/* S2: with a queue of 2B rows from epoch 0, the first step puts the teacher's normalised projections
+   of each view at the queue's top (the rest still 0, so the queue is not in use); after the second
+   it is full and the third step's Sinkhorn runs over 2B + B rows. */
+static void swav_queue_of_two_batches(ExcbConfig *c) {
+    c->swav.queue_length = 2 * c->batch;
+    c->swav.queue_start_epoch = 0;
+    c->swav.freeze_prototypes_steps = 0;
+}
+
+Test(swav, queue_fills_with_the_teacher_projections) {
+    ExcbModel m;
+    method_model(&m, "swav", 16, swav_queue_of_two_batches);
+    int B = m.cfg.batch, d = m.cfg.d, Lq = 2 * B;
+    const float *queue = excb_method_buffer(&m, "queue");
+    const char *names[4];
+    double values[4];
+    for (int t = 0; t < 3; t++) {
+        float *xg, *xl;
+        step_inputs(&m, 80 + 2 * t, &xg, &xl);
+        m.method->diagnostics(&m, names, values);
+        cr_expect_eq(values[0], t >= 2 ? 1.0 : 0.0, "step %d: queue in use %g", t, values[0]);
+        cr_assert(excb_step(&m, xg, xl, NULL) == 0);
+        for (int v = 0; v < 2; v++)
+            cr_expect(!memcmp(queue + (size_t)v * Lq * d, m.ut + (size_t)v * B * d, sizeof(float) * B * d),
+                      "step %d: view %d's newest queue rows are not this step's teacher projections", t, v);
+        float tail = 0;
+        for (int j = 0; j < B * d; j++) tail = fmaxf(tail, fabsf(queue[(size_t)B * d + j]));
+        if (t == 0) cr_expect_eq(tail, 0.0f, "after one step the older half is still empty");
+        else cr_expect(tail > 0, "step %d: the older half holds the previous batch", t);
+        free(xg); free(xl);
+    }
+    excb_free(&m);
+}
+
+/* S3: frozen for 2 steps, the prototypes are the re-normalised v (unit rows), their momentum stays 0;
+   at the third step they move. */
+static void swav_frozen_two_steps(ExcbConfig *c) { c->swav.freeze_prototypes_steps = 2; }
+
+Test(swav, prototypes_frozen_then_trained) {
+    ExcbModel m;
+    method_model(&m, "swav", 16, swav_frozen_two_steps);
+    const ExcbTensor *V = &m.tensors[m.centroids];
+    float *v0 = malloc(sizeof(float) * V->numel);
+    int K = m.cfg.K, d = m.cfg.d;
+    for (int t = 0; t < 3; t++) {
+        float *xg, *xl;
+        step_inputs(&m, 100 + 2 * t, &xg, &xl);
+        memcpy(v0, m.params + V->offset, sizeof(float) * V->numel);
+        cr_assert(excb_step(&m, xg, xl, NULL) == 0);
+        const float *v = m.params + V->offset, *mom = m.momentum + V->offset;
+        double worst_norm = 0, moved = 0, mom_max = 0;
+        for (int k = 0; k < K; k++) {
+            double ss = 0, ss0 = 0;
+            for (int j = 0; j < d; j++) ss0 += (double)v0[k * d + j] * v0[k * d + j];
+            for (int j = 0; j < d; j++) {
+                ss += (double)v[k * d + j] * v[k * d + j];
+                moved = fmax(moved, fabs(v[k * d + j] - v0[k * d + j] / sqrt(ss0)));
+                mom_max = fmax(mom_max, fabs(mom[k * d + j]));
+            }
+            worst_norm = fmax(worst_norm, fabs(sqrt(ss) - 1));
+        }
+        if (t < 2) {
+            cr_expect(worst_norm <= 1e-6, "step %d: a frozen prototype is not the unit row (| ||v|| - 1 | = %.3g)", t, worst_norm);
+            cr_expect(moved <= 1e-6 && mom_max == 0, "step %d: a frozen prototype moved by %.3g (momentum %.3g)", t, moved, mom_max);
+        } else {
+            cr_expect(moved > 1e-4 && mom_max > 0, "step %d: the prototypes did not train after the freeze", t);
+        }
+        free(xg); free(xl);
+    }
+    free(v0);
+    excb_free(&m);
+}

@@ -136,7 +136,7 @@ excb_kernels.o: excb_kernels.cu excb.h
 TESTS := tests/test_gpu tests/test_equations tests/test_gradients tests/test_whole_model_f64 tests/test_step tests/test_methods \
          tests/test_data tests/test_views tests/test_train tests/test_train_e2e
 
-.PHONY: all check suites test-fast test-step bench bench-compare fixture method-fixtures parity-peer clean data golden \
+.PHONY: all check suites test-fast test-step bench bench-methods bench-compare fixture method-fixtures parity-peer clean data golden \
         fuzz fuzz-build test-asan test-tsan bench-data
 
 # The embedded default data set: Fashion-MNIST from the Debian package dataset-fashion-mnist, copied
@@ -200,6 +200,13 @@ test-step: tests/test_step tests/test_methods tests/test_train_e2e excb
 bench: excb
 	./excb bench --config resnet20s --global-size 28 --local-size 12 --batch 256 --K 4096
 	./excb bench --config resnet18 --global-size 32 --local-size 16 --batch 64 --K 4096
+
+# the cost of each balancing rule: the whole step per method (interleaved rounds), and the rule alone
+bench/rule_cost: bench/rule_cost.c excb_test.o $(CUDA_OBJ)
+	$(CC) $(CFLAGS) -I. -o $@ $< excb_test.o $(CUDA_OBJ) $(LDLIBS)
+bench-methods: excb bench/rule_cost
+	sh bench/methods.sh 3
+	./bench/rule_cost
 
 # the machine's FMA peak, printed beside every timing (bench/compare.py, bench/recipes.sh)
 bench/fma_peak: bench/fma_peak.c

@@ -10,7 +10,8 @@
  *
  * What is here, in the method's order: the ResNet backbone (E-), projector (E0), weight-normalised
  * cosine prototypes (E1), cluster-size estimation (E2, E3, E3'), balancing (E4) with the code's
- * boost and clamp (E5), teacher targets, student predictions and the 18-term loss (E6..E8) and
+ * boost and clamp (E5), and behind the same seam the baselines' rules (none, DINO's centering, SwAV's
+ * Sinkhorn-Knopp with its queue), teacher targets, student predictions and the loss (E6..E8) and
  * its backward (E11..E13), then the teacher EMA (E9), SGD with its weight-decay groups (E14) and
  * schedules (Appendix A), one training step; then the data sets (IDX, CIFAR, STL-10, PNG/JPEG
  * folders), the multi-crop views (paper_notes.md §8b) in PIL's arithmetic, a threaded deterministic
@@ -22,7 +23,8 @@
  * excb_cpu_ops here, or excb_cuda_ops in excb_kernels.cu, whose entries take the same arguments and
  * work on device memory. The method is written once, here; the .cu file holds only the operators.
  *
- * What is not here yet: BF16 on the GPU, several GPUs, ViT, LARS and AdamW.
+ * What is not here yet: BF16 on the GPU, several GPUs, ViT, LARS and AdamW, CoKe and CARP, GPU twins of
+ * DINO and SwAV.
  *
  * Build and test:  make && make test.  Benchmarks:  ./excb bench --config resnet20s [--device cuda],
  * ./excb bench-data --data fashion-mnist
@@ -700,8 +702,8 @@ void cluster_size_update(real *s, int32_t *counts, const int32_t *labels, int N,
  * its equations and operators, its state and scratch buffers (by name), its settings (rows of the key
  * table, section 14) and the ExcbMethod that binds them. The step (section 10) calls only
  *   begin_step -> [teacher forward] -> targets -> [student, loss] -> update -> [backward, SGD, EMA].
- * paper_notes.md §4 (ExCB), §5 (the baselines) write the equations out; §5 says where each baseline
- * departs from its own official code inside this harness.
+ * paper_notes.md §4-5 (ExCB) and §5b (the seam, none, DINO, SwAV) write the equations out; §5b also
+ * says where each baseline departs from its own official code inside this harness.
  */
 #define RC(f) offsetof(ExcbRunConfig, f)                          /* a setting of the run           */
 #define MC(f) (offsetof(ExcbRunConfig, model) + offsetof(ExcbConfig, f))   /* a setting of the model */
@@ -739,7 +741,7 @@ static void row_argmax(int32_t *labels, const real *q, int N, int K) {
  * U(0,1) * 0.001. In float32, 1 - r rounds to 1 for every r <= 2^-25 (about 3e-8), so lower is exactly
  * 0 not only at r = 0 but for every cluster whose r fell that low: with m_s = 0.999 a cluster that
  * gets no label has r ~ 0.999^n, below 2^-25 after about 17,300 steps, and from then on it draws
- * the jitter (paper_notes.md §4, A3). higher is 0 only for r <= 0, which s >= 0 never gives. For
+ * the jitter (paper_notes.md §5, A3). higher is 0 only for r <= 0, which s >= 0 never gives. For
  * r = 0, 1/r = inf and 1 - relu(1 - inf) = 1: IEEE arithmetic gives the official value, no NaN.
  * `none` keeps everything but the factors, which it fixes at 1: E4 at r = 1 is the identity in exact
  * arithmetic (in float32, 1 - (1 - z) may round z by half an ulp of 1), so with a uniform s, where
@@ -875,7 +877,7 @@ static const ExcbMethod method_none = {
 };
 
 /* ------------------------------------------------------------------------------------------------
- * 5.2 DINO: centering and sharpening (paper_notes.md §5.2; facebookresearch/dino main_dino.py DINOLoss)
+ * 5.2 DINO: centering and sharpening (paper_notes.md §5b; facebookresearch/dino main_dino.py DINOLoss)
  * ------------------------------------------------------------------------------------------------
  *   D1:  q = softmax((z - c) / tau_t)          z: the teacher's scores (here E1's cosines, as DINO's
  *                                             weight-normalised last layer on a normalised input)
@@ -973,7 +975,7 @@ static const ExcbMethod method_dino = {
 };
 
 /* ------------------------------------------------------------------------------------------------
- * 5.3 SwAV: Sinkhorn-Knopp equipartition with a queue (paper_notes.md §5.3; facebookresearch/swav
+ * 5.3 SwAV: Sinkhorn-Knopp equipartition with a queue (paper_notes.md §5b; facebookresearch/swav
  *     main_swav.py train() and distributed_sinkhorn)
  * ------------------------------------------------------------------------------------------------
  *   S1:  per global view v, on the N = Lq + B score rows [queue_v c^T ; z_v]:
@@ -1007,9 +1009,9 @@ void sinkhorn_knopp(real *S, double *sums, int N, int K, double epsilon, int ite
     }
     double total = 0;
     for (int n = 0; n < N; n++) total += row[n];              /* a fixed order: any thread count     */
-    real inv_total = (real)total;
+    real total_f = (real)total;
 #pragma omp parallel for schedule(static)
-    for (size_t i = 0; i < n_all; i++) S[i] /= inv_total;
+    for (size_t i = 0; i < n_all; i++) S[i] /= total_f;                  /* Q /= sum(Q)          */
     real Kf = (real)K, Nf = (real)N;
     for (int it = 0; it < iterations; it++) {
         int tiles = (K + 63) / 64;                            /* each prototype's mass, 64 at a time */
@@ -1029,12 +1031,12 @@ void sinkhorn_knopp(real *S, double *sums, int N, int K, double epsilon, int ite
                 Sn[k] = Sn[k] / (real)col[k] / Kf;             /* Q /= sum_of_rows; Q /= K            */
                 acc += Sn[k];
             }
-            real rs = (real)acc;
-            for (int k = 0; k < K; k++) Sn[k] = Sn[k] / rs / Nf;    /* Q /= sum over K; Q /= B        */
+            real sample_mass = (real)acc;
+            for (int k = 0; k < K; k++) Sn[k] = Sn[k] / sample_mass / Nf;   /* Q /= its column sum; Q /= N */
         }
     }
 #pragma omp parallel for schedule(static)
-    for (size_t i = 0; i < n_all; i++) S[i] *= Nf;             /* Q *= B: each sample's code sums to 1 */
+    for (size_t i = 0; i < n_all; i++) S[i] *= Nf;             /* Q *= N: each sample's code sums to 1 */
 }
 
 enum { SWAV_QUEUE, SWAV_SCORES, SWAV_SUMS, SWAV_COUNTS, SWAV_N_BUFFERS };
@@ -1160,7 +1162,7 @@ void excb_method_bind_state(ExcbModel *m) {
  *   E7:  p_{u,i} = softmax(z^S_{u,i} / tau_s),   tau_s = 0.1
  *   E8:  L = (1/|M|) sum_{(v,u) in M} (1/B) sum_i sum_k -q_{v,i,k} log p_{u,i,k}
  * Every method here trains the student by this cross-entropy against its own targets q (SwAV calls it
- * swapped prediction); what differs is M, the pairing (paper_notes.md §3):
+ * swapped prediction); what differs is M, the pairing (paper_notes.md §6):
  *   EXCB (A7): the student rows are the direct similarities of the Vg global crops (E1), then the
  *     predictor's similarities (E10b) of all Vg + Vl crops. Teacher view v is matched with the direct
  *     row of every OTHER global view and with EVERY predictor row, its own view included:
@@ -1687,7 +1689,7 @@ int excb_build(ExcbModel *m, const ExcbConfig *cfg) {
     m->teacher = xmalloc(sizeof(real) * m->n_params);
     m->running = xmalloc(sizeof(real) * m->n_running);
     m->teacher_running = xmalloc(sizeof(real) * m->n_running);
-    m->mstate = xmalloc(sizeof(real) * m->mstate_floats);
+    m->mstate = xcalloc(m->mstate_floats ? m->mstate_floats : 1, sizeof(real));   /* padding too: compared, copied */
     excb_method_bind_state(m);
     Arena count = {0};
     plan_arena(m, &count);
@@ -4368,7 +4370,8 @@ static int kmeans_init_centroids(ExcbModel *m, ExcbModel *run, const ExcbRunConf
  *   data     each entry's bytes at its offset, 64-byte aligned, zero padding between
  *   trailer  u32 CRC-32 of every byte before the trailer, u32 zero, "EXCBEND\0"           (16 bytes)
  * Entries: "config" (the resolved config file, text), "train.*" (step, metrics length, time, the epoch's
- * sums and label counts, each sample's previous label), "method.cluster_sizes" (s, E3), and every
+ * sums and label counts, each sample's previous label), "method.NAME" for each state buffer of the
+ * method (ExCB: "method.cluster_sizes", s of E3; DINO: "method.center"; SwAV: "method.queue"), and every
  * parameter three times, "student.NAME", "teacher.NAME", "momentum.NAME" (PyTorch state_dict names),
  * plus both networks' BatchNorm running statistics. Everything a step reads is here; the randomness
  * needs no state (it is a function of (seed, epoch, sample, view) and (seed, step)), and the data
@@ -6171,7 +6174,7 @@ static int print_memory_plan(const ExcbConfig *cfg) {
     const char *uname = big ? "GiB" : "MiB";
     char label[9][160];
     snprintf(label[0], sizeof label[0], "parameters: 4 buffers x %zu floats (weights, gradients, momentum, teacher)", n_params);
-    snprintf(label[1], sizeof label[1], "BN running statistics (student, teacher), cluster sizes s");
+    snprintf(label[1], sizeof label[1], "BN running statistics (student, teacher), the method's state (ExCB: s)");
     snprintf(label[2], sizeof label[2], "backbone activations, %d x %d global crops of %d^2", cfg->n_global, cfg->batch, cfg->global_size);
     snprintf(label[3], sizeof label[3], "backbone activations, %d x %d local crops of %d^2", cfg->n_local, cfg->batch,
              cfg->n_local ? cfg->local_size : 0);

@@ -64,7 +64,7 @@ typedef enum { EXCB_STEM_CIFAR = 0, EXCB_STEM_IMAGENET = 1 } ExcbStem;
 typedef enum { EXCB_OPT_SGD = 0 } ExcbOptimizer;
 #define EXCB_MAX_STAGES 4
 
-/* Which student rows are scored against which teacher view (excb.c section 6, paper_notes.md §3).
+/* Which student rows are scored against which teacher view (excb.c section 6, paper_notes.md §6).
    EXCB: A7's 18 terms (the direct rows of the other global views, the predictor's rows of every crop);
    SWAPPED: DINO's and SwAV's (the direct row of every crop except the teacher's own view, no predictor). */
 typedef enum { EXCB_PAIRING_AUTO = 0, EXCB_PAIRING_EXCB = 1, EXCB_PAIRING_SWAPPED = 2 } ExcbPairing;
@@ -351,7 +351,7 @@ int  excb_build(ExcbModel *m, const ExcbConfig *cfg);        /* 0 ok; allocates 
 typedef struct {
     int threads;               /* CPU threads the im2col panels are counted for                       */
     size_t params;             /* the four parameter buffers: weights, gradients, momentum, teacher  */
-    size_t state;              /* BN running statistics (student and teacher) and the sizes s (K)    */
+    size_t state;              /* BN running statistics (student and teacher), the method's state     */
     size_t acts_global;        /* backbone activations kept for the backward pass, global crops      */
     size_t acts_local;         /* the same for the local crops                                        */
     size_t heads;              /* features, head activations, the criterion's (rows x K) matrices    */
@@ -544,10 +544,10 @@ int excb_cuda_probe(char *desc, size_t cap);
 /* handles and stream for one precision (attach calls it; the tests call it before single operators) */
 int excb_cuda_init(ExcbPrecision precision, char *err);
 /* the device twin dm of a built host model m: dm is a copy of m whose parameters, optimiser state,
-   BN statistics, cluster sizes and activation arena live on the GPU (uploaded from m) and whose ops are
-   excb_cuda_ops. 0, or an exit code with err. */
+   BN statistics, method state and activation arena live on the GPU (uploaded from m) and whose ops are
+   excb_cuda_ops. 0, or an exit code with err (EXCB_EXIT_USAGE for a method without a GPU twin). */
 int excb_cuda_attach(ExcbModel *dm, const ExcbModel *m, ExcbPrecision precision, char *err);
-/* copy the trainable state (parameters, momentum, teacher, BN statistics, cluster sizes, step) of dm into
+/* copy the trainable state (parameters, momentum, teacher, BN statistics, method state, step) of dm into
    the host model m, or of m into dm */
 int excb_cuda_download(ExcbModel *m, const ExcbModel *dm, char *err);
 int excb_cuda_upload(ExcbModel *dm, const ExcbModel *m, char *err);

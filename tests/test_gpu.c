@@ -299,6 +299,22 @@ Test(gpu, criterion) {
     EXPECT_NEAR(loss_g, loss_c, 1e-6 * fabs(loss_c), "E8 loss");
     expect_close("E11 dL/dz direct", zd_d, zd, (size_t)NG * K, 1e-5);
     expect_close("E11 dL/dz predictor", zp_d, zp, (size_t)NS * K, 1e-5);
+    /* the swapped pairing (DINO's, SwAV's): every crop's direct row, no predictor rows */
+    float *zs = rnd((size_t)NS * K, 54, 0.3f);
+    for (size_t i = 0; i < (size_t)NS * K; i++) zs[i] = tanhf(zs[i]);
+    float *zs_d = dev(zs, (size_t)NS * K);
+    double loss_sc = excb_loss_forward_backward(zs, Vg + Vl, NULL, scratch, q, Vg, Vl, B, K, 0.1);
+    double loss_sg = excb_cuda_ops.loss_forward_backward(zs_d, Vg + Vl, NULL, (double *)scratch_d, q_d, Vg, Vl, B, K, 0.1);
+    EXPECT_NEAR(loss_sg, loss_sc, 1e-6 * fabs(loss_sc), "E8 loss, swapped pairing");
+    expect_close("E11 dL/dz, swapped pairing", zs_d, zs, (size_t)NS * K, 1e-5);
+    /* `none`: the targets with the factors at 1 (NULL) */
+    balanced_targets(q, lab, NULL, zt, NULL, NULL, NG, K, 0.01, 1.0, 0.04);
+    excb_cuda_ops.balanced_targets(q_d, (int32_t *)lab_d, NULL, zt_d, NULL, NULL, NG, K, 0.01, 1.0, 0.04);
+    expect_close("E6 q, method none", q_d, q, (size_t)NG * K, 1e-5);
+    cr_expect(memcmp(back(lab_d, NG), lab, NG * 4) == 0, "labels of method none differ");
+    /* back to ExCB's targets for what follows */
+    balanced_targets(q, lab, NULL, zt, lo, hi, NG, K, 0.01, 1.0, 0.04);
+    excb_cuda_ops.balanced_targets(q_d, (int32_t *)lab_d, NULL, zt_d, lo_d, hi_d, NG, K, 0.01, 1.0, 0.04);
     /* E2, E3 with A4's float16 term: integer counts and the same roundings, so equal */
     int32_t *counts = calloc(K, 4);
     float *counts_d = dev_zero(K);

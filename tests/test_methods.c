@@ -577,3 +577,81 @@ Test(swav, prototypes_frozen_then_trained) {
     free(v0);
     excb_free(&m);
 }
+
+/* A method without a GPU twin is refused by the device twin itself, before any device work: exit 64
+   naming it (or, in a build without the CUDA path, that path's own 69). Runs with or without a GPU. */
+Test(device, cpu_only_method_is_refused_by_the_gpu_twin) {
+    ExcbModel m, dm;
+    method_model(&m, "swav", 16, NULL);
+    char err[EXCB_ERR_LEN] = "";
+    int code = excb_cuda_attach(&dm, &m, EXCB_PRECISION_FP32, err);
+    if (excb_cuda_built()) {
+        cr_expect_eq(code, EXCB_EXIT_USAGE, "attach returned %d: %s", code, err);
+        cr_expect(strstr(err, "'swav'") != NULL, "the message names the method: %s", err);
+    } else {
+        cr_expect_eq(code, EXCB_EXIT_UNAVAILABLE);
+    }
+    excb_free(&m);
+}
+
+/* Every key once: the general table and each method's rows together name no key twice (a new method's
+   rows cannot shadow another's), and every default reads back as itself through the dump. */
+Test(settings, every_key_once_and_defaults_round_trip) {
+    ExcbRunConfig rc, back;
+    char err[EXCB_ERR_LEN];
+    cr_assert(excb_preset(&rc, "fashion-mnist", err) == 0);
+    char *text = excb_config_dump(&rc, 0);
+    int n = 0, dup = 0;
+    char keys[256][64];
+    for (char *line = strtok(text, "\n"); line; line = strtok(NULL, "\n")) {
+        if (line[0] == '#') continue;
+        char k[64];
+        if (sscanf(line, "%63s", k) != 1) continue;
+        for (int i = 0; i < n; i++) dup += !strcmp(keys[i], k);
+        if (n < 256) snprintf(keys[n++], 64, "%s", k);
+    }
+    cr_expect(dup == 0, "%d keys appear twice in the resolved config", dup);
+    cr_expect(n > 60, "only %d keys", n);
+    free(text);
+    text = excb_config_dump(&rc, 0);
+    memset(&back, 0, sizeof back);
+    cr_assert(excb_config_parse(&back, text, "dump", err) == 0, "%s", err);
+    char *again = excb_config_dump(&back, 0);
+    cr_expect_str_eq(again, text, "the resolved config does not read back as itself");
+    free(text);
+    free(again);
+}
+
+/* Determinism for every method: 3 steps with 1 and with 2 threads give the same bits (parameters,
+   teacher, momentum, the method's state), with SwAV's queue in use and DINO's centre moving. */
+static int g_threads;
+static void with_threads_and_queue(ExcbConfig *c) {
+    c->threads = g_threads;
+    c->swav.queue_length = c->batch;
+    c->swav.queue_start_epoch = 0;
+    c->swav.freeze_prototypes_steps = 1;
+}
+
+Test(determinism, every_method_across_thread_counts, .timeout = 120) {
+    static const char *methods[] = {"excb", "none", "dino", "swav"};
+    for (int i = 0; i < 4; i++) {
+        ExcbModel m[2];
+        for (int t = 0; t < 2; t++) {
+            g_threads = t + 1;
+            method_model(&m[t], methods[i], 24, with_threads_and_queue);
+            for (int s = 0; s < 3; s++) {
+                float *xg, *xl;
+                step_inputs(&m[t], 120 + 2 * s, &xg, &xl);
+                cr_assert(excb_step(&m[t], xg, xl, NULL) == 0);
+                free(xg); free(xl);
+            }
+        }
+        int same = !memcmp(m[0].params, m[1].params, sizeof(real) * m[0].n_params) &&
+                   !memcmp(m[0].teacher, m[1].teacher, sizeof(real) * m[0].n_params) &&
+                   !memcmp(m[0].momentum, m[1].momentum, sizeof(real) * m[0].n_params) &&
+                   !memcmp(m[0].mstate, m[1].mstate, sizeof(real) * m[0].mstate_floats);
+        cr_expect(same, "%s: 1 and 2 threads differ", methods[i]);
+        excb_free(&m[0]);
+        excb_free(&m[1]);
+    }
+}

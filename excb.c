@@ -744,8 +744,9 @@ static void row_argmax(int32_t *labels, const real *q, int N, int K) {
  * the jitter (paper_notes.md §5, A3). higher is 0 only for r <= 0, which s >= 0 never gives. For
  * r = 0, 1/r = inf and 1 - relu(1 - inf) = 1: IEEE arithmetic gives the official value, no NaN.
  * `none` keeps everything but the factors, which it fixes at 1: E4 at r = 1 is the identity in exact
- * arithmetic (in float32, 1 - (1 - z) may round z by half an ulp of 1), so with a uniform s, where
- * ExCB's factors are exactly 1 too, the two methods compute the same bits (tests/test_methods.c).
+ * arithmetic (in float32, 1 - (1 - z) may round z by half an ulp of 1), so with a uniform s and K a
+ * power of two, where ExCB's r and factors are exactly 1 too, the two methods compute the same bits
+ * (tests/test_methods.c; for other K, s K / sum(s) can round to 1 +- 1 ulp).
  */
 void balance_factors(real *r, real *lower, real *higher, const real *s, int K, double jitter,
                      uint64_t seed, long step) {
@@ -989,19 +990,22 @@ static const ExcbMethod method_dino = {
  *        (no gradient, no weight decay, no momentum) before step freeze_prototypes_steps
  * Balance is an equipartition inside the batch plus the queue: with B << K and no queue, each sample's
  * code is spread thin (SwAV's small-batch recipe: queue 3840 from epoch 15). exp is taken after
- * subtracting the largest score, which the normalisation by sum(Q) cancels exactly in real arithmetic
- * and which keeps exp finite for any eps. Its own pairing is SWAPPED (swapped prediction, tau_s 0.1).
+ * subtracting the midpoint of the scores' range, which the normalisation by sum(Q) cancels exactly in
+ * real arithmetic: the exponents stay within +-(max - min)/(2 eps), so cosine scores keep every entry a
+ * normal float32 for eps >= 0.0125 (the key's lower bound; the official code, with no shift, overflows
+ * below about 1/88 as well). Its own pairing is SWAPPED (swapped prediction, tau_s 0.1).
  */
 void sinkhorn_knopp(real *S, double *sums, int N, int K, double epsilon, int iterations) {
-    real eps = (real)epsilon, mx = -INFINITY;
+    real eps = (real)epsilon, mx = -INFINITY, mn = INFINITY;
     size_t n_all = (size_t)N * K;
-    for (size_t i = 0; i < n_all; i++) mx = fmax(mx, S[i] / eps);
+    for (size_t i = 0; i < n_all; i++) { mx = fmax(mx, S[i] / eps); mn = fmin(mn, S[i] / eps); }
+    real shift = 0.5f * mx + 0.5f * mn;          /* exponents in +-(max - min)/2: cosines need eps > 1/88 */
     double *col = sums, *row = sums + K;                    /* per prototype (K), per sample (N)   */
 #pragma omp parallel for schedule(static)
     for (int n = 0; n < N; n++) {
         double acc = 0;
         for (int k = 0; k < K; k++) {
-            real e = exp(S[(size_t)n * K + k] / eps - mx);
+            real e = exp(S[(size_t)n * K + k] / eps - shift);
             S[(size_t)n * K + k] = e;
             acc += e;
         }
@@ -1009,9 +1013,9 @@ void sinkhorn_knopp(real *S, double *sums, int N, int K, double epsilon, int ite
     }
     double total = 0;
     for (int n = 0; n < N; n++) total += row[n];              /* a fixed order: any thread count     */
-    real total_f = (real)total;
 #pragma omp parallel for schedule(static)
-    for (size_t i = 0; i < n_all; i++) S[i] /= total_f;                  /* Q /= sum(Q)          */
+    for (size_t i = 0; i < n_all; i++) S[i] = (real)(S[i] / total);      /* Q /= sum(Q), in double: */
+                                                                         /* the sum may pass FLT_MAX */
     real Kf = (real)K, Nf = (real)N;
     for (int it = 0; it < iterations; it++) {
         int tiles = (K + 63) / 64;                            /* each prototype's mass, 64 at a time */
@@ -1120,7 +1124,7 @@ static int swav_diagnostics(const ExcbModel *m, const char **names, double *valu
 }
 
 static const ExcbSetting swav_settings[] = {
-    {"swav_epsilon", EXCB_KEY_DOUBLE, MC(swav.epsilon), 0, 0, 1, 1e-6, 1e6, "0.05", NULL, "SwAV: Sinkhorn-Knopp's epsilon (S1)"},
+    {"swav_epsilon", EXCB_KEY_DOUBLE, MC(swav.epsilon), 0, 0, 1, 0.0125, 1e6, "0.05", NULL, "SwAV: Sinkhorn-Knopp's epsilon (S1)"},
     {"swav_iterations", EXCB_KEY_INT, MC(swav.iterations), 0, 0, 1, 0, 1000, "3", NULL, "SwAV: Sinkhorn-Knopp iterations (S1)"},
     {"swav_queue_length", EXCB_KEY_INT, MC(swav.queue_length), 0, 0, 1, 0, 1 << 24, "0", NULL, "SwAV: queue rows per global view, a multiple of batch (S2; 0: none; 3840 at B = 256)"},
     {"swav_queue_start_epoch", EXCB_KEY_INT, MC(swav.queue_start_epoch), 0, 0, 1, 0, 1e9, "15", NULL, "SwAV: the epoch the queue starts filling (S2)"},
@@ -1661,6 +1665,11 @@ static int check_config(const ExcbConfig *cfg) {
         fprintf(stderr, "excb: config %s: method %d is not one of the %d methods\n", cfg->name, cfg->method, n_methods);
         return -1;
     }
+    char err[EXCB_ERR_LEN];              /* the method's own rules (SwAV: a queue of whole batches) */
+    if (excb_methods[cfg->method]->validate && excb_methods[cfg->method]->validate(cfg, err)) {
+        fprintf(stderr, "excb: config %s: %s\n", cfg->name, err);
+        return -1;
+    }
     return 0;
 }
 
@@ -2068,8 +2077,8 @@ void excb_update(ExcbModel *m, ExcbStepStats *st) {
 }
 
 /* The step, as the training loop, the benchmark and the tests run it. EXCB_EXIT_DIVERGED when the loss
-   (then nothing has changed but BN running statistics) or the gradient norm is not finite (then the
-   method's state has moved but no parameter has): st says which. */
+   (then nothing has changed but BN running statistics, and SwAV's re-normalised prototypes, S3) or the
+   gradient norm is not finite (then the method's state has moved but no parameter has): st says which. */
 int excb_step(ExcbModel *m, const real *xg, const real *xl, ExcbStepStats *st) {
     ExcbStepStats local;
     if (!st) st = &local;
@@ -6505,8 +6514,6 @@ static int cmd_train(int argc, char **argv) {
     for (int i = 0; i < n_sets; i++)
         if ((code = excb_config_set(&rc, sets[i].key, sets[i].value, err))) { fprintf(stderr, "excb train: %s\n", err); return code; }
     if ((code = excb_config_validate(&rc, err))) { fprintf(stderr, "excb train: %s\n", err); return code; }
-    /* the device is settled before anything in the run directory is touched */
-    if ((code = resolve_device("train", &device, precision, rc.model.method, quiet))) return code;
     char dir[4096];
     if (out) snprintf(dir, sizeof dir, "%s", out);
     else snprintf(dir, sizeof dir, "runs/%s", rc.preset);
@@ -6559,6 +6566,9 @@ static int cmd_train(int argc, char **argv) {
                 "or start over with --force (which deletes its checkpoints and metrics)\n", dir, steps[0]);
         return EXCB_EXIT_USAGE;
     }
+    /* the device, for the run's final config (on --resume: the checkpoint's method), settled before
+       anything in the run directory is touched */
+    if ((code = resolve_device("train", &device, precision, rc.model.method, quiet))) return code;
     /* the run goes ahead: its directory, the lock with this pid; then, under the lock, the leftover
        ckpt-*.tmp of a process that died, and with --force the old checkpoints */
     if ((code = mkdir_p(dir, err)) || (code = excb_lock_run_dir(dir, 1, &lock_fd, err))) { fprintf(stderr, "excb train: %s\n", err); return code; }

@@ -1180,7 +1180,10 @@ extern "C" int excb_cuda_attach(ExcbModel *dm, const ExcbModel *m, ExcbPrecision
         snprintf(err, EXCB_ERR_LEN, "--precision bf16 is not implemented yet (fp32 and tf32 are)");
         return EXCB_EXIT_USAGE;
     }
-    if (!m->method->cuda) {                          /* never a silent CPU run (excb.c section 5) */
+    /* never a silent CPU run (excb.c section 5). The hooks a GPU step does not honour yet (a host loop
+       over the parameters before the step; the fused update does not skip frozen centroids) keep a
+       method off the GPU even if it were marked cuda = 1. */
+    if (!m->method->cuda || m->method->begin_step || m->method->centroids_frozen) {
         snprintf(err, EXCB_ERR_LEN, "method '%s' has no GPU twin yet: run it with --device cpu", m->method->name);
         return EXCB_EXIT_USAGE;
     }

@@ -349,11 +349,14 @@ Test(gpu, update_exact) {
 }
 
 /* --- whole training steps: the same model, the same inputs, on both machines --------------------------- */
-static void step_case(const char *config, ExcbPrecision prec, int steps, double tol_loss, double tol_param,
-                      double tol_s) {
+/* method: 0 excb, 1 none (excb_methods[]); pairing: EXCB_PAIRING_AUTO or another */
+static void step_case_with(const char *config, int method, ExcbPairing pairing, ExcbPrecision prec, int steps,
+                           double tol_loss, double tol_param, double tol_s) {
     need_gpu(prec);
     ExcbConfig cfg;
     cr_assert_eq(excb_config_named(&cfg, config), 0);
+    cfg.method = method;
+    cfg.pairing = pairing;
     ExcbModel cpu, host, dm;
     cr_assert_eq(excb_build(&cpu, &cfg), 0);
     cr_assert_eq(excb_build(&host, &cfg), 0);
@@ -425,7 +428,15 @@ static void step_case(const char *config, ExcbPrecision prec, int steps, double 
 /* FP32: the loss agreed to 3e-6 over 3 steps on an H100 (tolerance 1e-5), parameters to ~1e-5 (1e-4); s moves
    by (1 - 0.999) / (Vg B) per label, so one label of difference in 3 steps is a relative change of about
    1e-3 / 16 of s's scale (tolerance 1e-3: a few labels). */
+static void step_case(const char *config, ExcbPrecision prec, int steps, double tol_loss, double tol_param,
+                      double tol_s) {
+    step_case_with(config, 0, EXCB_PAIRING_AUTO, prec, steps, tol_loss, tol_param, tol_s);
+}
+
 Test(gpu, step_tiny_fp32) { step_case("tiny", EXCB_PRECISION_FP32, 3, 1e-5, 1e-4, 1e-3); }
+/* the method `none` and the swapped pairing (every crop's direct row, no predictor) on the device */
+Test(gpu, step_tiny_none_fp32) { step_case_with("tiny", 1, EXCB_PAIRING_AUTO, EXCB_PRECISION_FP32, 3, 1e-5, 1e-4, 1e-3); }
+Test(gpu, step_tiny_swapped_fp32) { step_case_with("tiny", 0, EXCB_PAIRING_SWAPPED, EXCB_PRECISION_FP32, 3, 1e-5, 1e-4, 1e-3); }
 Test(gpu, step_tiny50_fp32) { step_case("tiny50", EXCB_PRECISION_FP32, 3, 1e-5, 1e-4, 1e-3); }
 /* TF32 rounds every convolution and GEMM input to 10 bits; over 3 steps of a 4-image BatchNorm net the
    loss moved by 1.2e-2 (relative) on an H100, the parameters by less (one SGD step each) */

@@ -377,6 +377,19 @@ Test(sinkhorn, rows_and_columns_sum_to_their_shares) {
         prev = worst_col;
         if (iters[t] == 300) cr_expect(worst_col <= 1e-6, "300 iterations: prototype mass off by %.3g of N/K", worst_col);
     }
+    /* at the smallest epsilon the key allows, exp(S/eps) spans e^+-80: every code still finite and
+       summing to 1 (a shift by the largest score alone would underflow whole prototypes to 0 here) */
+    memcpy(S, S0, sizeof S);
+    S[0] = 1.0f;
+    S[1] = -1.0f;                                /* the full cosine range */
+    sinkhorn_knopp(S, sums, N, K, 0.0125, 3);
+    int bad = 0;
+    for (int n = 0; n < N; n++) {
+        double r = 0;
+        for (int k = 0; k < K; k++) { bad += !isfinite(S[n * K + k]); r += S[n * K + k]; }
+        bad += fabs(r - 1) > 1e-5;
+    }
+    cr_expect(bad == 0, "eps = 0.0125: %d codes not finite or not summing to 1", bad);
 }
 
 /* ------------------------------------------------------------------------------------------------ */

@@ -53,13 +53,8 @@ typedef struct {
 
 static inline int read_u32(FILE *f, uint32_t *v) { return fread(v, 4, 1, f) == 1 ? 0 : -1; }
 
-static inline int read_tensor(FILE *f, FixTensor *t, int pad4) {
-    uint32_t len, nd;
-    if (read_u32(f, &len) || len >= sizeof t->name) return -1;
-    if (fread(t->name, 1, len, f) != len) return -1;
-    t->name[len] = 0;
-    if (pad4 && len % 4) fseek(f, 4 - len % 4, SEEK_CUR);
-    if (read_u32(f, &nd) || nd > 8) return -1;
+/* nd extents into t->shape, their product into t->numel */
+static inline int read_dims(FILE *f, FixTensor *t, uint32_t nd) {
     t->ndim = (int)nd;
     t->numel = 1;
     for (uint32_t d = 0; d < nd; d++) {
@@ -68,6 +63,17 @@ static inline int read_tensor(FILE *f, FixTensor *t, int pad4) {
         t->shape[d] = (int)s;
         t->numel *= s;
     }
+    return 0;
+}
+
+static inline int read_tensor(FILE *f, FixTensor *t, int pad4) {
+    uint32_t len, nd;
+    if (read_u32(f, &len) || len >= sizeof t->name) return -1;
+    if (fread(t->name, 1, len, f) != len) return -1;
+    t->name[len] = 0;
+    if (pad4 && len % 4) fseek(f, 4 - len % 4, SEEK_CUR);
+    if (read_u32(f, &nd) || nd > 8) return -1;
+    if (read_dims(f, t, nd)) return -1;
     t->data = malloc(sizeof(float) * (t->numel ? t->numel : 1));
     return fread(t->data, sizeof(float), t->numel, f) == t->numel ? 0 : -1;
 }
@@ -79,14 +85,7 @@ static inline int read_tensor_v2(FILE *f, FixTensor *t) {
     t->name[len] = 0;
     if (read_u32(f, &dt) || dt > 2 || read_u32(f, &nd) || nd > 8) return -1;
     t->dtype = (int)dt;
-    t->ndim = (int)nd;
-    t->numel = 1;
-    for (uint32_t d = 0; d < nd; d++) {
-        uint32_t s;
-        if (read_u32(f, &s)) return -1;
-        t->shape[d] = (int)s;
-        t->numel *= s;
-    }
+    if (read_dims(f, t, nd)) return -1;
     size_t n = t->numel;
     if (dt == 2) {
         t->bytes = malloc(n + 1);

@@ -1151,6 +1151,10 @@ void *excb_method_buffer(const ExcbModel *m, const char *name) {
     return NULL;
 }
 
+int excb_centroids_frozen(const ExcbModel *m) {
+    return m->method->centroids_frozen && m->method->centroids_frozen(m);
+}
+
 void excb_method_bind_state(ExcbModel *m) {
     size_t off = 0;
     for (int i = 0; i < m->n_mbuf; i++)
@@ -1281,7 +1285,7 @@ void sgd_update(ExcbModel *m, double lr, double wd, double wd_centroid) {
     real mom = (real)m->cfg.sgd_momentum, lrf = (real)lr;
     for (int t = 0; t < m->n_tensors; t++) {
         const ExcbTensor *T = &m->tensors[t];
-        if (t == m->centroids && m->frozen_centroids) continue;     /* SwAV's frozen prototypes, S3 */
+        if (t == m->centroids && excb_centroids_frozen(m)) continue;   /* SwAV's frozen prototypes, S3 */
         real wdt = T->group == EXCB_GROUP_WEIGHT ? (real)wd
                   : T->group == EXCB_GROUP_CENTROID ? (real)wd_centroid : 0.0f;
         real *p = m->params + T->offset, *g = m->grads + T->offset, *b = m->momentum + T->offset;
@@ -2055,8 +2059,7 @@ void excb_backward(ExcbModel *m) {
     if (NL > 0) backbone_backward(m, &m->act_local, df + NG, NS);
     backbone_backward(m, &m->act_global, df, NS);
     /* a frozen centroid (SwAV, S3) has no gradient, as PyTorch's p.grad = None: it is not updated */
-    m->frozen_centroids = m->method->centroids_frozen && m->method->centroids_frozen(m);
-    if (m->frozen_centroids) m->ops->zero(PT(G, m->centroids), m->tensors[m->centroids].numel);
+    if (excb_centroids_frozen(m)) m->ops->zero(PT(G, m->centroids), m->tensors[m->centroids].numel);
 }
 
 void excb_update(ExcbModel *m, ExcbStepStats *st) {
@@ -2083,8 +2086,7 @@ int excb_step(ExcbModel *m, const real *xg, const real *xl, ExcbStepStats *st) {
     ExcbStepStats local;
     if (!st) st = &local;
     st->grad_norm = NAN;
-    double loss = excb_forward_loss(m, xg, xl, st);
-    st->loss = loss;
+    double loss = excb_forward_loss(m, xg, xl, st);         /* sets st->loss */
     if (!isfinite(loss)) return EXCB_EXIT_DIVERGED;
     excb_update_method(m, st);                              /* after the loss, as the code does   */
     excb_backward(m);

@@ -244,7 +244,6 @@ typedef struct ExcbModel {
     ExcbBuffer mbuf_spec[EXCB_MAX_METHOD_BUFFERS];
     void *mbuf[EXCB_MAX_METHOD_BUFFERS];    /* where each one is (host or device memory)              */
     real *mstate; size_t mstate_floats;
-    int frozen_centroids;      /* this step's update leaves the centroids as they are (SwAV, S3)       */
     long step;                 /* optimisation steps done (0-based index of the next step)            */
     /* activation arenas, sized once in excb_build; nothing is allocated inside a step */
     real *arena; size_t arena_floats;
@@ -341,6 +340,8 @@ typedef struct ExcbMethod {
 extern const ExcbMethod *const excb_methods[];
 /* a method buffer by name (NULL: this model's method has none of that name) */
 void *excb_method_buffer(const ExcbModel *m, const char *name);
+/* 1 when this step leaves the centroids untouched (SwAV's freeze): no gradient, no SGD update */
+int excb_centroids_frozen(const ExcbModel *m);
 /* point the state buffers into m->mstate (after it moved: the GPU twin) */
 void excb_method_bind_state(ExcbModel *m);
 

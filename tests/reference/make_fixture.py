@@ -190,23 +190,32 @@ def step(cfg, prm, tea, mom, s, xg, xl, plan, stem):
     return out, grads, new_p, new_m, new_t
 
 
+def draw_parameters(P):
+    """A well-conditioned random state in float32, drawn in P's order from torch's current seed: the
+    student (biases 0.1 N(0,1), so that no gradient is trivially zero; BN gammas around 1; Kaiming-like
+    convolutions; Linear weights N(0, 1/in)), a teacher that differs from it, and a small momentum."""
+    prm, tea, mom = {}, {}, {}
+    for n, shape in P:
+        if n.endswith(".bias"):
+            t = 0.1 * torch.randn(shape)
+        elif len(shape) == 1:
+            t = 1 + 0.2 * torch.randn(shape)
+        elif len(shape) == 4:
+            t = torch.randn(shape) * math.sqrt(2.0 / (shape[0] * shape[2] * shape[3]))
+        else:
+            t = torch.randn(shape) / math.sqrt(shape[1])
+        prm[n] = t.clone()
+        tea[n] = t + 0.1 * t.std() * torch.randn(shape)
+        mom[n] = 0.01 * torch.randn(shape)
+    return prm, tea, mom
+
+
 def make(name, seed):
     cfg = CONFIGS[name]
     torch.manual_seed(seed)
     P, plan, stem = layout(cfg)
-    prm, tea, mom = {}, {}, {}
-    for n, shape in P:                                          # well-conditioned random state:
-        if n.endswith(".bias"):                                 # no gradient is trivially zero
-            t = 0.1 * torch.randn(shape)
-        elif len(shape) == 1:                                   # BN gamma around 1
-            t = 1 + 0.2 * torch.randn(shape)
-        elif len(shape) == 4:                                   # Kaiming-like
-            t = torch.randn(shape) * math.sqrt(2.0 / (shape[0] * shape[2] * shape[3]))
-        else:
-            t = torch.randn(shape) / math.sqrt(shape[1])
-        prm[n] = t.clone().requires_grad_(True)
-        tea[n] = t + 0.1 * t.std() * torch.randn(shape)         # teacher differs from the student
-        mom[n] = 0.01 * torch.randn(shape)
+    prm, tea, mom = draw_parameters(P)
+    prm = {n: t.requires_grad_(True) for n, t in prm.items()}
     B, Vg, Vl, C = cfg["B"], cfg["Vg"], cfg["Vl"], cfg["in_ch"]
     xg = torch.randn(Vg * B, C, cfg["G"], cfg["G"])
     xl = torch.randn(Vl * B, C, cfg["L"], cfg["L"])
@@ -258,19 +267,10 @@ def float32_yardstick(name, seed):
     for dt in (torch.float64, torch.float32):
         torch.manual_seed(seed)
         P, plan, stem = layout(cfg)
-        prm, tea, mom = {}, {}, {}
-        for n, shape in P:                                   # the same draws as make()
-            if n.endswith(".bias"):
-                t = 0.1 * torch.randn(shape)
-            elif len(shape) == 1:
-                t = 1 + 0.2 * torch.randn(shape)
-            elif len(shape) == 4:
-                t = torch.randn(shape) * math.sqrt(2.0 / (shape[0] * shape[2] * shape[3]))
-            else:
-                t = torch.randn(shape) / math.sqrt(shape[1])
-            prm[n] = t.to(dt).requires_grad_(True)
-            tea[n] = (t + 0.1 * t.std() * torch.randn(shape)).to(dt)
-            mom[n] = (0.01 * torch.randn(shape)).to(dt)
+        prm, tea, mom = draw_parameters(P)                  # the same draws as make()
+        prm = {n: t.to(dt).requires_grad_(True) for n, t in prm.items()}
+        tea = {n: t.to(dt) for n, t in tea.items()}
+        mom = {n: t.to(dt) for n, t in mom.items()}
         B, Vg, Vl, C = cfg["B"], cfg["Vg"], cfg["Vl"], cfg["in_ch"]
         xg = torch.randn(Vg * B, C, cfg["G"], cfg["G"]).to(dt)
         xl = torch.randn(Vl * B, C, cfg["L"], cfg["L"]).to(dt)

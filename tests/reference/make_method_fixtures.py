@@ -2,9 +2,10 @@
 """Write the per-method parity fixtures tests/reference/methods/NAME.bin (format "EXCBFIX2").
 
 An independent float64 PyTorch reference of ONE training step for four balancing methods, written
-from /work/shared/METHOD.md (section 1 ExCB, 5.4 SwAV Sinkhorn-Knopp, 5.5 DINO centering,
-Appendix A schedules) and the fixture brief; the network (layout, backbone, projector, predictor,
-BN, cosine, unit centroids) is imported from make_fixture.py, which is its spec. Every result is
+from the method descriptions that paper_notes.md gives (section 5 ExCB's E3'-E6, 5b none, DINO D1-D3
+and SwAV S1-S3, 6 the pairings, 7 the schedules) and the format below; the network (layout, backbone,
+projector, predictor, BN, cosine, unit centroids) and the random state's draws are imported from
+make_fixture.py, which is their spec. Every result is
 stored twice: the float64 truth under its own name and, as "f32.NAME", the same code run in
 float32 from the same float32 inputs and state (the yardstick for the C side's tolerances).
 
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from make_fixture import layout, backbone, projector, predictor, cosine, unit_centroids  # noqa: E402
+from make_fixture import layout, backbone, projector, predictor, cosine, unit_centroids, draw_parameters  # noqa: E402
 
 NORM_EPS = 1e-12
 VN = "classifier.centroid_layer.weight_v"
@@ -150,19 +151,7 @@ def config_text(cfg):
 # ---------------------------------------------------------------- random state (make_fixture.make's draws)
 def draw_state(cfg, extras, P):
     torch.manual_seed(cfg["seed"])
-    prm, tea, mom = {}, {}, {}
-    for n, shape in P:
-        if n.endswith(".bias"):
-            t = 0.1 * torch.randn(shape)
-        elif len(shape) == 1:
-            t = 1 + 0.2 * torch.randn(shape)
-        elif len(shape) == 4:
-            t = torch.randn(shape) * math.sqrt(2.0 / (shape[0] * shape[2] * shape[3]))
-        else:
-            t = torch.randn(shape) / math.sqrt(shape[1])
-        prm[n] = t.clone()
-        tea[n] = t + 0.1 * t.std() * torch.randn(shape)
-        mom[n] = 0.01 * torch.randn(shape)
+    prm, tea, mom = draw_parameters(P)
     B, Vl, C, K = cfg["B"], cfg["Vl"], cfg["in_ch"], cfg["K"]
     xg = torch.randn(2 * B, C, cfg["G"], cfg["G"])
     xl = torch.randn(Vl * B, C, cfg["L"], cfg["L"])

@@ -247,16 +247,28 @@ static void matmul_tiled(char ta, char tb, int M, int N, int K, real alpha, cons
  * running statistics for evaluation. The backbone runs once per crop resolution (A20).
  */
 
-/* --- convolution as im2col + GEMM ---------------------------------------------------------------
- * x is (Cin, N, H, W), w is (Cout, Cin, k, k), y is (Cout, N, Ho, Wo):
- *   y[co, n, oy, ox] = sum_{ci,i,j} w[co, ci, i, j] x[ci, n, oy*s - p + i, ox*s - p + j]
- * For a chunk of images, im2col lays the patches out as col (Cin*k*k, chunk*Ho*Wo), so that
- *   y[:, chunk] = w (Cout, Cin*k*k) . col           (one GEMM per chunk)
- * A 1x1 stride-1 convolution needs no col: x itself is the right matrix.
- * The chunk holds as many images as fit a 1 MiB panel, a function of the layer shape only.
+/* --- convolution --------------------------------------------------------------------------------
+ * On the CPU the backbone's activations are channels-last, the layout oneDNN's direct convolutions
+ * run fastest in: x is (N, H, W, Cin), y is (N, Ho, Wo, Cout). The weights stay (Cout, Cin, k, k), as
+ * PyTorch stores them (the parameter table, checkpoints):
+ *   y[n, oy, ox, co] = sum_{ci,i,j} w[co, ci, i, j] x[n, oy*s - p + i, ox*s - p + j, ci]
+ * and its backward
+ *   dx[n, iy, ix, ci] = sum w[co, ci, i, j] dy[n, oy, ox, co]  over the (oy, ox, i, j) reaching (iy, ix)
+ *   dw[co, ci, i, j] += sum_{n,oy,ox} dy[n, oy, ox, co] x[n, oy*s - p + i, ox*s - p + j, ci]
+ * The work is cut by the layer's shape alone, never by the thread count: y and dx in chunks of whole
+ * images, each chunk computed by one thread; dw in EXCB_SLOTS slots, each the sum over a fixed run of
+ * images, the slots then added in slot order. So the result is bitwise the same for any number of
+ * threads. Two engines compute a chunk or a slot:
+ *   - oneDNN's convolution primitives (forward, backward data, backward weights), when the build has
+ *     oneDNN and reals are float32: direct convolutions in blocked registers, no im2col. A layer's
+ *     primitives are made once, the first time its shape is used, for one thread each; the weights
+ *     are reordered into the primitives' blocked format once per call, dw back out of it.
+ *   - im2col + GEMM (the float64 build, a build without oneDNN, a shape oneDNN has no fast kernel for):
+ *     col (chunk*Ho*Wo, Cin*k*k) holds one patch per row, and y_chunk = col . w^T.
  */
 static int conv_out(int H, int k, int stride, int pad) { return (H + 2 * pad - k) / stride + 1; }
 
+/* im2col's chunk: as many images as fit a 1 MiB panel, a function of the layer shape only */
 static int conv_chunk_images(int Cin, int k, int HoWo, int N) {
     long per_image = (long)Cin * k * k * HoWo;
     long nc = EXCB_COL_PANEL / per_image;
@@ -265,84 +277,65 @@ static int conv_chunk_images(int Cin, int k, int HoWo, int N) {
     return (int)nc;
 }
 
-static void im2col(real *col, const real *x, int N, int n0, int nc, int Cin, int H, int W, int k,
-                   int stride, int pad, int Ho, int Wo) {
-    size_t ld = (size_t)nc * Ho * Wo;
-    for (int c = 0; c < Cin; c++)
-        for (int i = 0; i < k; i++)
-            for (int j = 0; j < k; j++) {
-                real *dst = col + (size_t)((c * k + i) * k + j) * ld;    /* row (c,i,j) of col */
-                for (int n = 0; n < nc; n++) {
-                    const real *src = x + ((size_t)c * N + n0 + n) * H * W;   /* plane (c, n0+n) */
-                    for (int oy = 0; oy < Ho; oy++, dst += Wo) {
-                        int iy = oy * stride - pad + i;
-                        if (iy < 0 || iy >= H) {
-                            memset(dst, 0, sizeof(real) * Wo);
-                            continue;
-                        }
-                        const real *row = src + (size_t)iy * W;
-                        for (int ox = 0; ox < Wo; ox++) {
-                            int ix = ox * stride - pad + j;
-                            dst[ox] = (ix >= 0 && ix < W) ? row[ix] : 0.0f;
-                        }
-                    }
-                }
-            }
-}
-
-/* col2im: the adjoint of im2col, dx[c, n, iy, ix] += dcol[(c,i,j), (n, oy, ox)] */
-static void col2im(real *dx, const real *col, int N, int n0, int nc, int Cin, int H, int W, int k,
-                   int stride, int pad, int Ho, int Wo) {
-    size_t ld = (size_t)nc * Ho * Wo;
-    for (int c = 0; c < Cin; c++)
-        for (int i = 0; i < k; i++)
-            for (int j = 0; j < k; j++) {
-                const real *src = col + (size_t)((c * k + i) * k + j) * ld;
-                for (int n = 0; n < nc; n++) {
-                    real *dst = dx + ((size_t)c * N + n0 + n) * H * W;
-                    for (int oy = 0; oy < Ho; oy++, src += Wo) {
-                        int iy = oy * stride - pad + i;
-                        if (iy < 0 || iy >= H) continue;
-                        real *row = dst + (size_t)iy * W;
-                        for (int ox = 0; ox < Wo; ox++) {
-                            int ix = ox * stride - pad + j;
-                            if (ix >= 0 && ix < W) row[ix] += src[ox];
-                        }
-                    }
-                }
-            }
-}
-
-void conv2d_forward(real *y, const real *x, const real *w, real *col, int N, int Cin, int H,
-                    int W, int Cout, int k, int stride, int pad) {
-    int Ho = conv_out(H, k, stride, pad), Wo = conv_out(W, k, stride, pad), HoWo = Ho * Wo;
+/* col[(n*Ho + oy)*Wo + ox, (c*k + i)*k + j] = x[n0 + n, oy*s - p + i, ox*s - p + j, c] (0 outside) */
+static void im2col(real *col, const real *x, int n0, int nc, int Cin, int H, int W, int k, int stride,
+                   int pad, int Ho, int Wo) {
     int CKK = Cin * k * k;
-    int direct = (k == 1 && stride == 1 && pad == 0);
+    for (int n = 0; n < nc; n++)
+        for (int oy = 0; oy < Ho; oy++)
+            for (int ox = 0; ox < Wo; ox++) {
+                real *row = col + ((size_t)(n * Ho + oy) * Wo + ox) * CKK;
+                for (int i = 0; i < k; i++)
+                    for (int j = 0; j < k; j++) {
+                        int iy = oy * stride - pad + i, ix = ox * stride - pad + j;
+                        int inside = iy >= 0 && iy < H && ix >= 0 && ix < W;
+                        const real *px = x + (((size_t)(n0 + n) * H + iy) * W + ix) * Cin;
+                        for (int c = 0; c < Cin; c++) row[(c * k + i) * k + j] = inside ? px[c] : 0.0f;
+                    }
+            }
+}
+
+/* col2im: the adjoint of im2col, dx[n0 + n, iy, ix, c] += dcol[(n, oy, ox), (c, i, j)] */
+static void col2im(real *dx, const real *col, int n0, int nc, int Cin, int H, int W, int k, int stride,
+                   int pad, int Ho, int Wo) {
+    int CKK = Cin * k * k;
+    for (int n = 0; n < nc; n++)
+        for (int oy = 0; oy < Ho; oy++)
+            for (int ox = 0; ox < Wo; ox++) {
+                const real *row = col + ((size_t)(n * Ho + oy) * Wo + ox) * CKK;
+                for (int i = 0; i < k; i++)
+                    for (int j = 0; j < k; j++) {
+                        int iy = oy * stride - pad + i, ix = ox * stride - pad + j;
+                        if (iy < 0 || iy >= H || ix < 0 || ix >= W) continue;
+                        real *px = dx + (((size_t)(n0 + n) * H + iy) * W + ix) * Cin;
+                        for (int c = 0; c < Cin; c++) px[c] += row[(c * k + i) * k + j];
+                    }
+            }
+}
+
+static void conv2d_forward_im2col(real *y, const real *x, const real *w, real *col, int N, int Cin, int H,
+                                  int W, int Cout, int k, int stride, int pad) {
+    int Ho = conv_out(H, k, stride, pad), Wo = conv_out(W, k, stride, pad), HoWo = Ho * Wo, CKK = Cin * k * k;
+    int direct = (k == 1 && stride == 1 && pad == 0);       /* 1x1/1: x itself is col          */
     int nc = conv_chunk_images(Cin, k, HoWo, N), n_chunks = (N + nc - 1) / nc;
     size_t panel = (size_t)CKK * nc * HoWo;
 #pragma omp parallel for schedule(static)
     for (int ch = 0; ch < n_chunks; ch++) {
         int n0 = ch * nc, cnt = imin(nc, N - n0);
-        const real *B = x + (size_t)n0 * HoWo;             /* 1x1/1: x's own columns            */
-        int ldb = N * HoWo;
+        const real *A = x + (size_t)n0 * HoWo * Cin;
         if (!direct) {
-            real *p = col + (size_t)thread_id() * panel;   /* this worker's panel               */
-            im2col(p, x, N, n0, cnt, Cin, H, W, k, stride, pad, Ho, Wo);
-            B = p;
-            ldb = cnt * HoWo;
+            real *p = col + (size_t)thread_id() * panel;     /* this worker's panel               */
+            im2col(p, x, n0, cnt, Cin, H, W, k, stride, pad, Ho, Wo);
+            A = p;
         }
-        matmul('N', 'N', Cout, cnt * HoWo, CKK, 1.0f, w, CKK, B, ldb, 0.0f, y + (size_t)n0 * HoWo, N * HoWo);
+        /* y_chunk (cnt*HoWo, Cout) = col (cnt*HoWo, CKK) . w^T (CKK, Cout) */
+        matmul('N', 'T', cnt * HoWo, Cout, CKK, 1.0f, A, CKK, w, CKK, 0.0f, y + (size_t)n0 * HoWo * Cout, Cout);
     }
 }
 
-/* Backward of y = w . col:  dw += dy . col^T  and  dcol = w^T . dy, then dx = col2im(dcol).
- * dw is a sum over every image: each of EXCB_SLOTS slots sums a fixed run of chunks into its own
- * buffer, then the slots are added to dw in slot order. dx may be NULL (the input image). */
-void conv2d_backward(real *dx, real *dw, const real *dy, const real *x, const real *w,
-                     real *col, real *slots, int N, int Cin, int H, int W, int Cout, int k,
-                     int stride, int pad) {
-    int Ho = conv_out(H, k, stride, pad), Wo = conv_out(W, k, stride, pad), HoWo = Ho * Wo;
-    int CKK = Cin * k * k;
+static void conv2d_backward_im2col(real *dx, real *dw, const real *dy, const real *x, const real *w, real *col,
+                                   real *slots, int N, int Cin, int H, int W, int Cout, int k, int stride, int pad) {
+    int Ho = conv_out(H, k, stride, pad), Wo = conv_out(W, k, stride, pad), HoWo = Ho * Wo, CKK = Cin * k * k;
     int direct = (k == 1 && stride == 1 && pad == 0);
     int nc = conv_chunk_images(Cin, k, HoWo, N), n_chunks = (N + nc - 1) / nc;
     size_t panel = (size_t)CKK * nc * HoWo, nw = (size_t)Cout * CKK;
@@ -352,27 +345,23 @@ void conv2d_backward(real *dx, real *dw, const real *dy, const real *x, const re
         memset(dws, 0, sizeof(real) * nw);
         real *p = col + (size_t)thread_id() * panel;
         for (int ch = s * n_chunks / EXCB_SLOTS; ch < (s + 1) * n_chunks / EXCB_SLOTS; ch++) {
-            int n0 = ch * nc, cnt = imin(nc, N - n0);
-            const real *dyc = dy + (size_t)n0 * HoWo;    /* columns of this chunk, ld N*HoWo  */
-            const real *B = x + (size_t)n0 * HoWo;
-            int ldb = N * HoWo;
+            int n0 = ch * nc, cnt = imin(nc, N - n0), P = cnt * HoWo;
+            const real *dyc = dy + (size_t)n0 * HoWo * Cout, *A = x + (size_t)n0 * HoWo * Cin;
             if (!direct) {
-                im2col(p, x, N, n0, cnt, Cin, H, W, k, stride, pad, Ho, Wo);
-                B = p;
-                ldb = cnt * HoWo;
+                im2col(p, x, n0, cnt, Cin, H, W, k, stride, pad, Ho, Wo);
+                A = p;
             }
-            /* dw_slot += dy_chunk (Cout, cnt*HoWo) . col^T (cnt*HoWo, CKK) */
-            matmul('N', 'T', Cout, CKK, cnt * HoWo, 1.0f, dyc, N * HoWo, B, ldb, 1.0f, dws, CKK);
+            /* dw_slot (Cout, CKK) += dy_chunk^T (Cout, P) . col (P, CKK) */
+            matmul('T', 'N', Cout, CKK, P, 1.0f, dyc, Cout, A, CKK, 1.0f, dws, CKK);
             if (!dx) continue;
-            if (direct) {   /* dx_chunk = w^T (Cin, Cout) . dy_chunk, straight into dx's columns */
-                matmul('T', 'N', Cin, cnt * HoWo, Cout, 1.0f, w, CKK, dyc, N * HoWo, 0.0f,
-                       dx + (size_t)n0 * HoWo, N * HoWo);
+            real *dxc = dx + (size_t)n0 * H * W * Cin;
+            if (direct) {   /* dx_chunk (P, Cin) = dy_chunk (P, Cout) . w (Cout, Cin)             */
+                matmul('N', 'N', P, Cin, Cout, 1.0f, dyc, Cout, w, CKK, 0.0f, dxc, Cin);
                 continue;
             }
-            matmul('T', 'N', CKK, cnt * HoWo, Cout, 1.0f, w, CKK, dyc, N * HoWo, 0.0f, p, cnt * HoWo);
-            for (int c = 0; c < Cin; c++)
-                memset(dx + ((size_t)c * N + n0) * H * W, 0, sizeof(real) * cnt * H * W);
-            col2im(dx, p, N, n0, cnt, Cin, H, W, k, stride, pad, Ho, Wo);
+            matmul('N', 'N', P, CKK, Cout, 1.0f, dyc, Cout, w, CKK, 0.0f, p, CKK);   /* dcol      */
+            memset(dxc, 0, sizeof(real) * cnt * H * W * Cin);
+            col2im(dx, p, n0, cnt, Cin, H, W, k, stride, pad, Ho, Wo);
         }
     }
 #pragma omp parallel for schedule(static)
@@ -383,69 +372,440 @@ void conv2d_backward(real *dx, real *dw, const real *dy, const real *x, const re
     }
 }
 
+#ifdef EXCB_USE_DNNL
+/* --- the oneDNN engine ---------------------------------------------------------------------------
+ * A layer (its shape and N) gets, once: forward and backward-data primitives for a full chunk and for
+ * the last, shorter one; backward-weights primitives for the two slot sizes (floor and ceiling of
+ * N / EXCB_SLOTS); and three reorders, w (oihw) -> the forward's and the backward-data's weight
+ * formats, and the summed slots -> oihw, added into dw (a sum post-op). Both primitives of a kind are
+ * made with the same weight format (the first one's choice), so one reordered copy serves both and the
+ * slots add element by element. A layer whose forward or backward weights have no fast kernel runs on
+ * im2col; one whose backward data has none (the stem, with 1 or 3 input channels) runs on oneDNN
+ * where no dx is asked for (the stem's input is the image).
+ * Primitives are made with one OpenMP thread and run inside our own parallel loops, where oneDNN runs
+ * them on the calling thread: the thread count cannot reach their arithmetic. Each thread keeps its
+ * own memory objects and scratchpad per primitive (made on its first use), so nothing is allocated
+ * in a step after the first. */
+#define EXCB_DNNL_THREADS 64           /* threads with memory objects of their own; more make them per use */
+#define EXCB_CONV_CHUNK (1 << 18)      /* a chunk's input + output, floats (1 MiB: one core's L2)      */
+enum { DNNL_FWD, DNNL_BWD_DATA, DNNL_BWD_WEIGHTS };
+
+typedef struct {
+    int kind, n;                       /* n images; n == 0: not needed                                 */
+    dnnl_primitive_t prim;
+    dnnl_memory_desc_t md[3], scratch_md;   /* its three arguments in conv_run's order                */
+    dnnl_memory_t mem[EXCB_DNNL_THREADS][4];
+    void *scratch[EXCB_DNNL_THREADS];
+} DnnlConv;
+
+typedef struct DnnlLayer {
+    int N, Cin, H, W, Cout, k, stride, pad;  /* the key                                              */
+    int fast, fast_dx;                 /* 0: oneDNN has no fast kernel for y, dw / dx: im2col runs it   */
+    int nc;                            /* images per chunk of y and dx                                  */
+    DnnlConv fwd[2], bwd_data[2], bwd_weights[2];     /* [0] full chunk / smaller slot, [1] the other */
+    dnnl_memory_desc_t w_md[3];        /* the weight format of each kind's primitives                   */
+    dnnl_primitive_t to_w[2], from_dw; /* w -> w_md[DNNL_FWD], w_md[DNNL_BWD_DATA]; w_md[DNNL_BWD_WEIGHTS] -> dw */
+    dnnl_memory_t to_w_mem[2][2], from_dw_mem[2];
+    struct DnnlLayer *next;
+} DnnlLayer;
+
+static struct {
+    pthread_mutex_t mu;
+    dnnl_engine_t engine;
+    dnnl_stream_t stream;
+    DnnlLayer *layers;
+    real *w_blocked, *dw_slots;        /* shared by every layer: convolutions run one at a time        */
+    size_t w_blocked_floats, dw_slot_floats;
+} dnnl_conv = {.mu = PTHREAD_MUTEX_INITIALIZER};
+
+static void dnnl_check(dnnl_status_t s, const char *what) {
+    if (s == dnnl_success) return;
+    fprintf(stderr, "excb: oneDNN failed in %s (status %d)\n", what, (int)s);
+    exit(EXCB_EXIT_SOFTWARE);
+}
+
+/* one primitive of a layer for n images; w_fixed: the weight format to use (NULL: oneDNN's choice,
+   recorded in L->w_md[kind]). Returns 0, or -1 when oneDNN offers only its reference code for it. */
+static int dnnl_conv_make(DnnlLayer *L, DnnlConv *c, int kind, int n, const dnnl_memory_desc_t *w_fixed) {
+    c->kind = kind;
+    c->n = n;
+    if (n == 0) return 0;
+    int Ho = conv_out(L->H, L->k, L->stride, L->pad), Wo = conv_out(L->W, L->k, L->stride, L->pad);
+    dnnl_dims_t xd = {n, L->Cin, L->H, L->W}, wd = {L->Cout, L->Cin, L->k, L->k}, yd = {n, L->Cout, Ho, Wo};
+    dnnl_dims_t st = {L->stride, L->stride}, pd = {L->pad, L->pad};
+    dnnl_memory_desc_t xmd, wmd, ymd;
+    dnnl_check(dnnl_memory_desc_init_by_tag(&xmd, 4, xd, dnnl_f32, dnnl_nhwc), "memory_desc");
+    dnnl_check(dnnl_memory_desc_init_by_tag(&ymd, 4, yd, dnnl_f32, dnnl_nhwc), "memory_desc");
+    if (w_fixed) wmd = *w_fixed;
+    else dnnl_check(dnnl_memory_desc_init_by_tag(&wmd, 4, wd, dnnl_f32, dnnl_format_tag_any), "memory_desc");
+    dnnl_primitive_attr_t attr;
+    dnnl_check(dnnl_primitive_attr_create(&attr), "attr");
+    dnnl_check(dnnl_primitive_attr_set_scratchpad_mode(attr, dnnl_scratchpad_mode_user), "attr");
+    dnnl_convolution_desc_t fd, bd;
+    dnnl_primitive_desc_t hint = NULL, p = NULL;
+    dnnl_check(dnnl_convolution_forward_desc_init(&fd, dnnl_forward_training, dnnl_convolution_direct, &xmd, &wmd,
+                                                  NULL, &ymd, st, pd, pd), "convolution_forward_desc");
+    dnnl_status_t s = dnnl_primitive_desc_create(&hint, &fd, attr, dnnl_conv.engine, NULL);
+    if (s == dnnl_success && kind == DNNL_BWD_DATA) {
+        dnnl_check(dnnl_convolution_backward_data_desc_init(&bd, dnnl_convolution_direct, &xmd, &wmd, &ymd, st, pd, pd),
+                   "convolution_backward_data_desc");
+        s = dnnl_primitive_desc_create(&p, &bd, attr, dnnl_conv.engine, hint);
+    } else if (s == dnnl_success && kind == DNNL_BWD_WEIGHTS) {
+        dnnl_check(dnnl_convolution_backward_weights_desc_init(&bd, dnnl_convolution_direct, &xmd, &wmd, NULL, &ymd,
+                                                               st, pd, pd), "convolution_backward_weights_desc");
+        s = dnnl_primitive_desc_create(&p, &bd, attr, dnnl_conv.engine, hint);
+    } else {
+        p = hint;
+        hint = NULL;
+    }
+    dnnl_primitive_attr_destroy(attr);
+    if (hint) dnnl_primitive_desc_destroy(hint);
+    const char *impl = "none";
+    if (s == dnnl_success) dnnl_primitive_desc_query(p, dnnl_query_impl_info_str, 0, &impl);
+    if (s != dnnl_success || !strncmp(impl, "ref", 3)) {
+        if (p) dnnl_primitive_desc_destroy(p);
+        return -1;
+    }
+    static const dnnl_query_t q[3][3] = {
+        {dnnl_query_src_md, dnnl_query_weights_md, dnnl_query_dst_md},            /* x, w, y       */
+        {dnnl_query_diff_dst_md, dnnl_query_weights_md, dnnl_query_diff_src_md},  /* dy, w, dx     */
+        {dnnl_query_src_md, dnnl_query_diff_dst_md, dnnl_query_diff_weights_md},  /* x, dy, dw     */
+    };
+    for (int i = 0; i < 3; i++) c->md[i] = *dnnl_primitive_desc_query_md(p, q[kind][i], 0);
+    c->scratch_md = *dnnl_primitive_desc_query_md(p, dnnl_query_scratchpad_md, 0);
+    if (!w_fixed) L->w_md[kind] = c->md[kind == DNNL_BWD_WEIGHTS ? 2 : 1];
+    const dnnl_memory_desc_t *w_now = &c->md[kind == DNNL_BWD_WEIGHTS ? 2 : 1];
+    int same = dnnl_memory_desc_equal(w_now, &L->w_md[kind]);
+    if (same) dnnl_check(dnnl_primitive_create(&c->prim, p), "primitive_create");
+    dnnl_primitive_desc_destroy(p);
+    return same ? 0 : -1;
+}
+
+/* the reorder from a to b (add: b += reorder(a)) and its two memory objects */
+static void dnnl_reorder_make(dnnl_primitive_t *r, dnnl_memory_t mem[2], const dnnl_memory_desc_t *a,
+                              const dnnl_memory_desc_t *b, int add) {
+    dnnl_primitive_attr_t attr;
+    dnnl_post_ops_t po;
+    dnnl_check(dnnl_primitive_attr_create(&attr), "attr");
+    if (add) {
+        dnnl_check(dnnl_post_ops_create(&po), "post_ops");
+        dnnl_check(dnnl_post_ops_append_sum(po, 1.0f), "post_ops sum");
+        dnnl_check(dnnl_primitive_attr_set_post_ops(attr, po), "attr post_ops");
+        dnnl_post_ops_destroy(po);
+    }
+    dnnl_primitive_desc_t p;
+    dnnl_check(dnnl_reorder_primitive_desc_create(&p, a, dnnl_conv.engine, b, dnnl_conv.engine, attr), "reorder");
+    dnnl_check(dnnl_primitive_create(r, p), "reorder primitive");
+    dnnl_primitive_desc_destroy(p);
+    dnnl_primitive_attr_destroy(attr);
+    dnnl_check(dnnl_memory_create(&mem[0], a, dnnl_conv.engine, DNNL_MEMORY_NONE), "memory");
+    dnnl_check(dnnl_memory_create(&mem[1], b, dnnl_conv.engine, DNNL_MEMORY_NONE), "memory");
+}
+
+static real *grow_floats(real *buf, size_t *have, size_t want) {
+    if (want <= *have) return buf;
+    free(buf);
+    *have = want;
+    return xmalloc(sizeof(real) * want);
+}
+
+static void dnnl_layer_make(DnnlLayer *L) {
+    int Ho = conv_out(L->H, L->k, L->stride, L->pad), Wo = conv_out(L->W, L->k, L->stride, L->pad);
+    long per_image = (long)L->Cin * L->H * L->W + (long)L->Cout * Ho * Wo;
+    L->nc = (int)(EXCB_CONV_CHUNK / per_image < 1 ? 1 : EXCB_CONV_CHUNK / per_image);
+    if (L->nc > L->N) L->nc = L->N;
+    int lo = L->N / EXCB_SLOTS, hi = (L->N + EXCB_SLOTS - 1) / EXCB_SLOTS;
+    /* the first of each kind with the smaller slot first: lo may be 0 (N < EXCB_SLOTS) */
+    int w0 = lo ? lo : hi, w1 = lo && hi != lo ? hi : 0;
+    int bad = dnnl_conv_make(L, &L->fwd[0], DNNL_FWD, L->nc, NULL)
+              || dnnl_conv_make(L, &L->fwd[1], DNNL_FWD, L->N % L->nc, &L->w_md[DNNL_FWD])
+              || dnnl_conv_make(L, &L->bwd_weights[0], DNNL_BWD_WEIGHTS, w0, NULL)
+              || dnnl_conv_make(L, &L->bwd_weights[1], DNNL_BWD_WEIGHTS, w1, &L->w_md[DNNL_BWD_WEIGHTS]);
+    L->fast = !bad;
+    L->fast_dx = L->fast && !dnnl_conv_make(L, &L->bwd_data[0], DNNL_BWD_DATA, L->nc, NULL)
+                 && !dnnl_conv_make(L, &L->bwd_data[1], DNNL_BWD_DATA, L->N % L->nc, &L->w_md[DNNL_BWD_DATA]);
+    if (!L->fast) return;              /* (the primitives made so far stay unused: a few per odd shape) */
+    dnnl_memory_desc_t plain;
+    dnnl_dims_t wd = {L->Cout, L->Cin, L->k, L->k};
+    dnnl_check(dnnl_memory_desc_init_by_tag(&plain, 4, wd, dnnl_f32, dnnl_oihw), "memory_desc");
+    for (int kind = DNNL_FWD; kind <= (L->fast_dx ? DNNL_BWD_DATA : DNNL_FWD); kind++) {
+        dnnl_reorder_make(&L->to_w[kind], L->to_w_mem[kind], &plain, &L->w_md[kind], 0);
+        size_t wf = dnnl_memory_desc_get_size(&L->w_md[kind]) / sizeof(real);
+        dnnl_conv.w_blocked = grow_floats(dnnl_conv.w_blocked, &dnnl_conv.w_blocked_floats, wf);
+    }
+    dnnl_reorder_make(&L->from_dw, L->from_dw_mem, &L->w_md[DNNL_BWD_WEIGHTS], &plain, 1);
+    size_t wf = dnnl_memory_desc_get_size(&L->w_md[DNNL_BWD_WEIGHTS]) / sizeof(real);
+    if (wf > dnnl_conv.dw_slot_floats) {
+        free(dnnl_conv.dw_slots);
+        dnnl_conv.dw_slot_floats = wf;
+        dnnl_conv.dw_slots = xmalloc(sizeof(real) * wf * EXCB_SLOTS);
+    }
+}
+
+/* the layer of this shape, made on first use (outside any parallel region); NULL: use im2col (for
+   the backward with dx: when its backward data has no fast kernel) */
+static DnnlLayer *dnnl_layer(int N, int Cin, int H, int W, int Cout, int k, int stride, int pad, int with_dx) {
+    pthread_mutex_lock(&dnnl_conv.mu);
+    DnnlLayer *L = dnnl_conv.layers;
+    while (L && !(L->N == N && L->Cin == Cin && L->H == H && L->W == W && L->Cout == Cout && L->k == k
+                  && L->stride == stride && L->pad == pad))
+        L = L->next;
+    if (!L) {
+        if (!dnnl_conv.engine) {
+            dnnl_check(dnnl_engine_create(&dnnl_conv.engine, dnnl_cpu, 0), "engine_create");
+            dnnl_check(dnnl_stream_create(&dnnl_conv.stream, dnnl_conv.engine, dnnl_stream_default_flags), "stream");
+        }
+        L = xcalloc(1, sizeof *L);
+        *L = (DnnlLayer){.N = N, .Cin = Cin, .H = H, .W = W, .Cout = Cout, .k = k, .stride = stride, .pad = pad};
+        int threads = max_threads();
+        omp_set_num_threads(1);        /* oneDNN sizes a primitive's work split by the threads it sees */
+        dnnl_layer_make(L);
+        omp_set_num_threads(threads);
+        L->next = dnnl_conv.layers;
+        dnnl_conv.layers = L;
+    }
+    pthread_mutex_unlock(&dnnl_conv.mu);
+    return L->fast && (!with_dx || L->fast_dx) ? L : NULL;
+}
+
+/* run c on the calling thread: a0, a1 -> a2 in the order of dnnl_conv_make's table */
+static void dnnl_conv_run(DnnlConv *c, const real *a0, const real *a1, real *a2) {
+    static const int arg[3][3] = {{DNNL_ARG_SRC, DNNL_ARG_WEIGHTS, DNNL_ARG_DST},
+                                  {DNNL_ARG_DIFF_DST, DNNL_ARG_WEIGHTS, DNNL_ARG_DIFF_SRC},
+                                  {DNNL_ARG_SRC, DNNL_ARG_DIFF_DST, DNNL_ARG_DIFF_WEIGHTS}};
+    int t = thread_id(), own = t < EXCB_DNNL_THREADS;
+    dnnl_memory_t tmp[4] = {0}, *mem = own ? c->mem[t] : tmp;
+    void *ptr[3] = {(void *)a0, (void *)a1, a2};
+    size_t sb = dnnl_memory_desc_get_size(&c->scratch_md);
+    void *scratch = own ? c->scratch[t] : NULL;
+    if (!scratch && sb) scratch = aligned_alloc(64, (sb + 63) / 64 * 64);
+    if (own) c->scratch[t] = scratch;
+    for (int i = 0; i < 3; i++) {
+        if (!mem[i]) dnnl_check(dnnl_memory_create(&mem[i], &c->md[i], dnnl_conv.engine, DNNL_MEMORY_NONE), "memory");
+        dnnl_check(dnnl_memory_set_data_handle(mem[i], ptr[i]), "set_data_handle");
+    }
+    if (!mem[3]) dnnl_check(dnnl_memory_create(&mem[3], &c->scratch_md, dnnl_conv.engine, scratch), "memory");
+    dnnl_exec_arg_t args[4] = {{arg[c->kind][0], mem[0]}, {arg[c->kind][1], mem[1]}, {arg[c->kind][2], mem[2]},
+                               {DNNL_ARG_SCRATCHPAD, mem[3]}};
+    dnnl_check(dnnl_primitive_execute(c->prim, dnnl_conv.stream, 4, args), "execute");
+    if (!own) {
+        for (int i = 0; i < 4; i++) dnnl_memory_destroy(tmp[i]);
+        free(scratch);
+    }
+}
+
+/* b = reorder(a) (or b += for from_dw), on every thread: a permutation, so any thread count agrees */
+static void dnnl_reorder_run(dnnl_primitive_t r, dnnl_memory_t mem[2], const real *a, real *b) {
+    dnnl_check(dnnl_memory_set_data_handle(mem[0], (void *)a), "set_data_handle");
+    dnnl_check(dnnl_memory_set_data_handle(mem[1], b), "set_data_handle");
+    dnnl_exec_arg_t args[2] = {{DNNL_ARG_FROM, mem[0]}, {DNNL_ARG_TO, mem[1]}};
+    dnnl_check(dnnl_primitive_execute(r, dnnl_conv.stream, 2, args), "reorder");
+    dnnl_check(dnnl_stream_wait(dnnl_conv.stream), "stream_wait");
+}
+#endif
+
+void conv2d_forward(real *y, const real *x, const real *w, real *col, int N, int Cin, int H,
+                    int W, int Cout, int k, int stride, int pad) {
+#ifdef EXCB_USE_DNNL
+    DnnlLayer *L = dnnl_layer(N, Cin, H, W, Cout, k, stride, pad, 0);
+    if (L) {
+        size_t in = (size_t)H * W * Cin, out = (size_t)conv_out(H, k, stride, pad) * conv_out(W, k, stride, pad) * Cout;
+        dnnl_reorder_run(L->to_w[DNNL_FWD], L->to_w_mem[DNNL_FWD], w, dnnl_conv.w_blocked);
+        int n_chunks = (N + L->nc - 1) / L->nc;
+#pragma omp parallel for schedule(static)
+        for (int ch = 0; ch < n_chunks; ch++) {
+            int n0 = ch * L->nc;
+            dnnl_conv_run(&L->fwd[N - n0 < L->nc], x + n0 * in, dnnl_conv.w_blocked, y + n0 * out);
+        }
+        return;
+    }
+#endif
+    conv2d_forward_im2col(y, x, w, col, N, Cin, H, W, Cout, k, stride, pad);
+}
+
+/* dw += the weight gradient; dx = the input gradient (dx may be NULL: the input image) */
+void conv2d_backward(real *dx, real *dw, const real *dy, const real *x, const real *w,
+                     real *col, real *slots, int N, int Cin, int H, int W, int Cout, int k,
+                     int stride, int pad) {
+#ifdef EXCB_USE_DNNL
+    DnnlLayer *L = dnnl_layer(N, Cin, H, W, Cout, k, stride, pad, dx != NULL);
+    if (L) {
+        size_t in = (size_t)H * W * Cin, out = (size_t)conv_out(H, k, stride, pad) * conv_out(W, k, stride, pad) * Cout;
+        size_t nw = dnnl_memory_desc_get_size(&L->w_md[DNNL_BWD_WEIGHTS]) / sizeof(real);
+        real *sl = dnnl_conv.dw_slots;
+        if (dx) dnnl_reorder_run(L->to_w[DNNL_BWD_DATA], L->to_w_mem[DNNL_BWD_DATA], w, dnnl_conv.w_blocked);
+        int n_chunks = dx ? (N + L->nc - 1) / L->nc : 0;
+        /* one loop over the dx chunks and then the dw slots: each item one thread's, in a fixed split */
+#pragma omp parallel for schedule(static)
+        for (int it = 0; it < n_chunks + EXCB_SLOTS; it++) {
+            if (it < n_chunks) {
+                int n0 = it * L->nc;
+                dnnl_conv_run(&L->bwd_data[N - n0 < L->nc], dy + n0 * out, dnnl_conv.w_blocked, dx + n0 * in);
+                continue;
+            }
+            int s = it - n_chunks, n0 = s * N / EXCB_SLOTS, n1 = (s + 1) * N / EXCB_SLOTS;
+            if (n1 == n0) memset(sl + s * nw, 0, sizeof(real) * nw);
+            else dnnl_conv_run(&L->bwd_weights[n1 - n0 != L->bwd_weights[0].n], x + n0 * in, dy + n0 * out, sl + s * nw);
+        }
+#pragma omp parallel for schedule(static)
+        for (size_t i = 0; i < nw; i++) {     /* slot 0 <- slot 0 + slot 1 + ... in slot order */
+            real acc = sl[i];
+            for (int s = 1; s < EXCB_SLOTS; s++) acc += sl[s * nw + i];
+            sl[i] = acc;
+        }
+        dnnl_reorder_run(L->from_dw, L->from_dw_mem, sl, dw);        /* dw += the sum, as oihw */
+        return;
+    }
+#endif
+    conv2d_backward_im2col(dx, dw, dy, x, w, col, slots, N, Cin, H, W, Cout, k, stride, pad);
+}
+
 /* --- BatchNorm in train mode, with the ReLU and the residual add fused in --------------------------
- * y is (C, NHW): channel c is one contiguous run of NHW values (N images times H*W, or N rows).
  *   mean_c = (1/n) sum y,   var_c = (1/n) sum (y - mean)^2  (biased),   rstd_c = 1/sqrt(var_c + eps)
  *   out = act( gamma_c (y - mean_c) rstd_c + beta_c  [+ residual] ),  act = ReLU or identity
  * computed as out = y*scale + shift with scale = gamma*rstd, shift = beta - mean*scale (as
  * PyTorch's CPU kernel does). Running statistics (evaluation only) use the unbiased variance:
  *   run_mean = (1-m) run_mean + m mean,   run_var = (1-m) run_var + m var n/(n-1)
- * Sums run in double over 8 independent lanes (vectorisable, and fixed order).
+ * Two layouts of the same NHW x C values, named by channels_last:
+ *   0: (C, NHW), channel c one contiguous run (the heads' feature-major (out, N); the GPU's backbone).
+ *      Sums run in double over 8 independent lanes per channel (vectorisable, fixed order).
+ *   1: (NHW, C), a pixel's channels contiguous (the CPU's backbone). The NHW pixels are cut into
+ *      EXCB_BN_RUNS fixed runs; each run sums every channel in double, pixel after pixel (vectorised
+ *      across channels), and the runs are added in run order. Fixed by the shape, not the threads.
  */
-void batchnorm_forward(real *out, real *mean, real *rstd, real *run_mean, real *run_var,
-                       const real *y, const real *gamma, const real *beta, const real *residual,
-                       int relu, int C, int NHW, real eps, real momentum) {
+#define EXCB_BN_RUNS 16
+
+/* the runs' partial sums: 2 doubles per (run, channel), plus scale and shift per channel. Grown on
+   first use by a shape, then reused: BatchNorm runs one layer at a time. */
+static double *bn_scratch(int C) {
+    static double *buf;
+    static size_t have;
+    size_t want = (size_t)(2 * EXCB_BN_RUNS + 2) * C;
+    if (want > have) {
+        free(buf);
+        buf = xmalloc(sizeof(double) * want);
+        have = want;
+    }
+    return buf;
+}
+
+/* sum[c] and sum2[c] over the pixels of y (NHW, C): of y and y^2 (g == NULL), or of g = dout*[out > 0]
+   (the ReLU's gate when relu) and of g * (y - mu) * rs (the backward's two sums) */
+static void bn_sums_channels_last(double *sum, double *sum2, const real *y, const real *dout, const real *out,
+                                  const real *mu, const real *rs, int relu, int C, int NHW) {
+    double *part = bn_scratch(C);
 #pragma omp parallel for schedule(static)
-    for (int c = 0; c < C; c++) {
-        const real *yc = y + (size_t)c * NHW;
-        double s[8] = {0}, ss[8] = {0};
-        int i = 0;
-        for (; i + 8 <= NHW; i += 8)
-            for (int l = 0; l < 8; l++) {
-                double v = yc[i + l];
-                s[l] += v;
-                ss[l] += v * v;
+    for (int r = 0; r < EXCB_BN_RUNS; r++) {
+        double *s = part + (size_t)2 * r * C, *s2 = s + C;
+        for (int c = 0; c < C; c++) s[c] = s2[c] = 0;
+        for (long p = (long)r * NHW / EXCB_BN_RUNS; p < (long)(r + 1) * NHW / EXCB_BN_RUNS; p++) {
+            const real *yp = y + (size_t)p * C;
+            if (!dout) {
+                for (int c = 0; c < C; c++) {
+                    double v = yp[c];
+                    s[c] += v;
+                    s2[c] += v * v;
+                }
+                continue;
             }
-        for (; i < NHW; i++) {
-            double v = yc[i];
-            s[0] += v;
-            ss[0] += v * v;
+            const real *gp = dout + (size_t)p * C, *op = out + (size_t)p * C;
+            for (int c = 0; c < C; c++) {
+                real g = (!relu || op[c] > 0.0f) ? gp[c] : 0.0f;
+                s[c] += g;
+                s2[c] += (double)g * ((yp[c] - mu[c]) * rs[c]);
+            }
         }
-        double sum = 0, sumsq = 0;
-        for (int l = 0; l < 8; l++) {
-            sum += s[l];
-            sumsq += ss[l];
+    }
+    for (int c = 0; c < C; c++) {
+        double a = 0, b = 0;
+        for (int r = 0; r < EXCB_BN_RUNS; r++) {
+            a += part[(size_t)2 * r * C + c];
+            b += part[(size_t)(2 * r + 1) * C + c];
         }
-        real scale, shift;
-        excb_bn_statistics(sum, sumsq, NHW, eps, momentum, gamma[c], beta[c], &mean[c], &rstd[c],
-                           run_mean ? &run_mean[c] : NULL, run_mean ? &run_var[c] : NULL, &scale, &shift);
-        real *oc = out + (size_t)c * NHW;
-        const real *rc = residual ? residual + (size_t)c * NHW : NULL;    /* may alias oc */
-        for (i = 0; i < NHW; i++) {
-            real v = yc[i] * scale + shift;
-            if (rc) v += rc[i];
-            if (relu) v = v < 0.0f ? 0.0f : v;          /* NaN passes through, as in PyTorch */
-            oc[i] = v;
-        }
+        sum[c] = a;
+        sum2[c] = b;
     }
 }
 
-/* BatchNorm in evaluation mode (feature extraction, excb.c section 18): out = act(gamma (y - run_mean) / sqrt(run_var + eps) + beta [+ res]) */
-static void batchnorm_inference(real *out, const real *y, const real *gamma, const real *beta,
-                                const real *run_mean, const real *run_var, const real *residual, int relu,
-                                int C, int NHW, real eps) {
+/* out = act(y*scale + shift [+ residual]) in either layout; residual may alias out */
+static void bn_apply(real *out, const real *y, const real *scale, const real *shift, const real *residual,
+                     int relu, int C, int NHW, int channels_last) {
+    if (channels_last) {
+#pragma omp parallel for schedule(static)
+        for (long p = 0; p < NHW; p++) {
+            const real *yp = y + (size_t)p * C, *rp = residual ? residual + (size_t)p * C : NULL;
+            real *op = out + (size_t)p * C;
+            for (int c = 0; c < C; c++) {
+                real v = yp[c] * scale[c] + shift[c];
+                if (rp) v += rp[c];
+                if (relu) v = v < 0.0f ? 0.0f : v;     /* NaN passes through, as in PyTorch */
+                op[c] = v;
+            }
+        }
+        return;
+    }
 #pragma omp parallel for schedule(static)
     for (int c = 0; c < C; c++) {
-        real scale = gamma[c] / sqrt(run_var[c] + eps), shift = beta[c] - run_mean[c] * scale;
         const real *yc = y + (size_t)c * NHW, *rc = residual ? residual + (size_t)c * NHW : NULL;
         real *oc = out + (size_t)c * NHW;
         for (int i = 0; i < NHW; i++) {
-            real v = yc[i] * scale + shift;
+            real v = yc[i] * scale[c] + shift[c];
             if (rc) v += rc[i];
             if (relu) v = v < 0.0f ? 0.0f : v;
             oc[i] = v;
         }
     }
+}
+
+void batchnorm_forward(real *out, real *mean, real *rstd, real *run_mean, real *run_var,
+                       const real *y, const real *gamma, const real *beta, const real *residual,
+                       int relu, int C, int NHW, real eps, real momentum, int channels_last) {
+    double *sum = bn_scratch(C) + (size_t)2 * EXCB_BN_RUNS * C, *sumsq = sum + C;
+    real scale[C], shift[C];
+    if (channels_last) {
+        bn_sums_channels_last(sum, sumsq, y, NULL, NULL, NULL, NULL, 0, C, NHW);
+    } else {
+#pragma omp parallel for schedule(static)
+        for (int c = 0; c < C; c++) {
+            const real *yc = y + (size_t)c * NHW;
+            double s[8] = {0}, ss[8] = {0};
+            int i = 0;
+            for (; i + 8 <= NHW; i += 8)
+                for (int l = 0; l < 8; l++) {
+                    double v = yc[i + l];
+                    s[l] += v;
+                    ss[l] += v * v;
+                }
+            for (; i < NHW; i++) {
+                double v = yc[i];
+                s[0] += v;
+                ss[0] += v * v;
+            }
+            double a = 0, b = 0;
+            for (int l = 0; l < 8; l++) {
+                a += s[l];
+                b += ss[l];
+            }
+            sum[c] = a;
+            sumsq[c] = b;
+        }
+    }
+    for (int c = 0; c < C; c++)
+        excb_bn_statistics(sum[c], sumsq[c], NHW, eps, momentum, gamma[c], beta[c], &mean[c], &rstd[c],
+                           run_mean ? &run_mean[c] : NULL, run_mean ? &run_var[c] : NULL, &scale[c], &shift[c]);
+    bn_apply(out, y, scale, shift, residual, relu, C, NHW, channels_last);
+}
+
+/* BatchNorm in evaluation mode (feature extraction, excb.c section 18): out = act(gamma (y - run_mean) / sqrt(run_var + eps) + beta [+ res]) */
+static void batchnorm_inference(real *out, const real *y, const real *gamma, const real *beta,
+                                const real *run_mean, const real *run_var, const real *residual, int relu,
+                                int C, int NHW, real eps, int channels_last) {
+    real scale[C], shift[C];
+    for (int c = 0; c < C; c++) {
+        scale[c] = gamma[c] / sqrt(run_var[c] + eps);
+        shift[c] = beta[c] - run_mean[c] * scale[c];
+    }
+    bn_apply(out, y, scale, shift, residual, relu, C, NHW, channels_last);
 }
 
 /* Backward of the above. With g = dout * [out > 0] (the ReLU's gate; all ones without ReLU) and
@@ -456,7 +816,28 @@ static void batchnorm_inference(real *out, const real *y, const real *gamma, con
  * BN by calling this again with the shortcut's y and statistics and the same dout and out. */
 void batchnorm_backward(real *dy, real *dgamma, real *dbeta, const real *dout, const real *out,
                         const real *y, const real *mean, const real *rstd, const real *gamma,
-                        int relu, int C, int NHW) {
+                        int relu, int C, int NHW, int channels_last) {
+    if (channels_last) {
+        double *sum_g = bn_scratch(C) + (size_t)2 * EXCB_BN_RUNS * C, *sum_gx = sum_g + C;
+        bn_sums_channels_last(sum_g, sum_gx, y, dout, out, mean, rstd, relu, C, NHW);
+        real k1[C], a[C], b[C];
+        for (int c = 0; c < C; c++) {
+            dbeta[c] += (real)sum_g[c];
+            dgamma[c] += (real)sum_gx[c];
+            k1[c] = gamma[c] * rstd[c];
+            a[c] = (real)(sum_g[c] / NHW);
+            b[c] = (real)(sum_gx[c] / NHW);
+        }
+#pragma omp parallel for schedule(static)
+        for (long p = 0; p < NHW; p++) {
+            size_t o = (size_t)p * C;
+            for (int c = 0; c < C; c++) {
+                real g = (!relu || out[o + c] > 0.0f) ? dout[o + c] : 0.0f;
+                dy[o + c] = k1[c] * (g - a[c] - (y[o + c] - mean[c]) * rstd[c] * b[c]);
+            }
+        }
+        return;
+    }
 #pragma omp parallel for schedule(static)
     for (int c = 0; c < C; c++) {
         size_t o = (size_t)c * NHW;
@@ -491,68 +872,65 @@ void batchnorm_backward(real *dy, real *dgamma, real *dbeta, const real *dout, c
     }
 }
 
-/* --- the ImageNet stem's max-pool, 3x3, stride 2, padding 1 ----------------------------------------
- * out[c,n,oy,ox] = max over the window; arg keeps the flat index (iy*W + ix) of the first maximum
+/* --- the ImageNet stem's max-pool, 3x3, stride 2, padding 1, channels-last (N, H, W, C) ------------
+ * out[n,oy,ox,c] = max over the window; arg keeps the flat index (iy*W + ix) of the first maximum
  * (PyTorch's tie rule), so the backward routes each gradient to exactly one input. */
 void maxpool_forward(real *out, int32_t *arg, const real *x, int C, int N, int H, int W) {
     int Ho = conv_out(H, 3, 2, 1), Wo = conv_out(W, 3, 2, 1);
 #pragma omp parallel for schedule(static)
-    for (long pl = 0; pl < (long)C * N; pl++) {
-        const real *xp = x + (size_t)pl * H * W;
-        real *op = out + (size_t)pl * Ho * Wo;
-        int32_t *ap = arg + (size_t)pl * Ho * Wo;
-        for (int oy = 0; oy < Ho; oy++)
-            for (int ox = 0; ox < Wo; ox++) {
-                real best = -INFINITY;
-                int32_t at = -1;
-                for (int i = 0; i < 3; i++)
-                    for (int j = 0; j < 3; j++) {
-                        int iy = oy * 2 - 1 + i, ix = ox * 2 - 1 + j;
-                        if (iy < 0 || iy >= H || ix < 0 || ix >= W) continue;
-                        real v = xp[iy * W + ix];
-                        if (v > best || isnan(v)) {
-                            best = v;
-                            at = iy * W + ix;
-                        }
+    for (long q = 0; q < (long)N * Ho * Wo; q++) {            /* output pixel q = (n, oy, ox)      */
+        int n = (int)(q / ((long)Ho * Wo)), oy = (int)(q / Wo % Ho), ox = (int)(q % Wo);
+        real *op = out + (size_t)q * C;
+        int32_t *ap = arg + (size_t)q * C;
+        for (int c = 0; c < C; c++) {
+            op[c] = -INFINITY;
+            ap[c] = -1;
+        }
+        for (int i = 0; i < 3; i++)
+            for (int j = 0; j < 3; j++) {
+                int iy = oy * 2 - 1 + i, ix = ox * 2 - 1 + j;
+                if (iy < 0 || iy >= H || ix < 0 || ix >= W) continue;
+                const real *xp = x + (((size_t)n * H + iy) * W + ix) * C;
+                for (int c = 0; c < C; c++)
+                    if (xp[c] > op[c] || isnan(xp[c])) {
+                        op[c] = xp[c];
+                        ap[c] = iy * W + ix;
                     }
-                op[oy * Wo + ox] = best;
-                ap[oy * Wo + ox] = at;
             }
     }
 }
 
-/* dx[arg] += dout, per plane (planes are disjoint, so planes run in parallel) */
+/* dx[n, arg, c] += dout, image by image (images are disjoint, so they run in parallel) */
 void maxpool_backward(real *dx, const real *dout, const int32_t *arg, int C, int N, int H, int W) {
     int Ho = conv_out(H, 3, 2, 1), Wo = conv_out(W, 3, 2, 1);
 #pragma omp parallel for schedule(static)
-    for (long pl = 0; pl < (long)C * N; pl++) {
-        real *dp = dx + (size_t)pl * H * W;
-        memset(dp, 0, sizeof(real) * H * W);
-        for (int o = 0; o < Ho * Wo; o++) dp[arg[(size_t)pl * Ho * Wo + o]] += dout[(size_t)pl * Ho * Wo + o];
+    for (int n = 0; n < N; n++) {
+        real *dp = dx + (size_t)n * H * W * C;
+        memset(dp, 0, sizeof(real) * H * W * C);
+        for (size_t o = (size_t)n * Ho * Wo * C; o < (size_t)(n + 1) * Ho * Wo * C; o++)
+            dp[(size_t)arg[o] * C + o % C] += dout[o];
     }
 }
 
-/* --- global average pool: f[c, n] = mean over H*W of x[c, n]; f has leading dimension ldf -------- */
+/* --- global average pool: f[c, n] = mean over H*W of x[n, :, :, c]; f has leading dimension ldf ---
+ * (the sum over the H*W pixels runs in double, pixel after pixel) */
 void avgpool_forward(real *f, int ldf, const real *x, int C, int N, int HW) {
 #pragma omp parallel for schedule(static)
-    for (int c = 0; c < C; c++)
-        for (int n = 0; n < N; n++) {
-            const real *xp = x + ((size_t)c * N + n) * HW;
-            double acc = 0;
-            for (int i = 0; i < HW; i++) acc += xp[i];
-            f[(size_t)c * ldf + n] = (real)(acc / HW);
-        }
+    for (int n = 0; n < N; n++) {
+        double acc[C];
+        for (int c = 0; c < C; c++) acc[c] = 0;
+        for (int p = 0; p < HW; p++)
+            for (int c = 0; c < C; c++) acc[c] += x[((size_t)n * HW + p) * C + c];
+        for (int c = 0; c < C; c++) f[(size_t)c * ldf + n] = (real)(acc[c] / HW);
+    }
 }
 
-/* dx[c, n, :] = df[c, n] / HW */
+/* dx[n, :, :, c] = df[c, n] / HW */
 void avgpool_backward(real *dx, const real *df, int ldf, int C, int N, int HW) {
 #pragma omp parallel for schedule(static)
-    for (int c = 0; c < C; c++)
-        for (int n = 0; n < N; n++) {
-            real g = df[(size_t)c * ldf + n] / (real)HW;
-            real *dp = dx + ((size_t)c * N + n) * HW;
-            for (int i = 0; i < HW; i++) dp[i] = g;
-        }
+    for (int n = 0; n < N; n++)
+        for (int p = 0; p < HW; p++)
+            for (int c = 0; c < C; c++) dx[((size_t)n * HW + p) * C + c] = df[(size_t)c * ldf + n] / (real)HW;
 }
 
 /* ================================================================================================
@@ -1768,12 +2146,12 @@ static void unit_forward(ExcbModel *m, const real *P, real *run, ExcbUnitActs *u
     m->ops->conv2d_forward(ua->y, x, PT(P, u->w), m->col, ua->N, u->cin, H, W, u->cout, u->k, u->stride, u->pad);
     if (m->eval_bn) {                        /* feature extraction: CPU only (section 18) */
         batchnorm_inference(ua->a, ua->y, PT(P, u->gamma), PT(P, u->beta), run + u->stats, run + u->stats + u->cout,
-                            residual, relu, u->cout, ua->N * ua->H * ua->W, (real)m->cfg.bn_eps);
+                            residual, relu, u->cout, ua->N * ua->H * ua->W, (real)m->cfg.bn_eps, m->ops->channels_last);
         return;
     }
     m->ops->batchnorm_forward(ua->a, ua->mean, ua->rstd, run + u->stats, run + u->stats + u->cout, ua->y,
                               PT(P, u->gamma), PT(P, u->beta), residual, relu, u->cout, ua->N * ua->H * ua->W,
-                              (real)m->cfg.bn_eps, (real)m->cfg.bn_momentum);
+                              (real)m->cfg.bn_eps, (real)m->cfg.bn_momentum, m->ops->channels_last);
 }
 
 /* x_nchw (N, C, H, H) -> features f[:, col0 .. col0+N) of a (D, ldf) matrix. P: the parameters to
@@ -1781,7 +2159,7 @@ static void unit_forward(ExcbModel *m, const real *P, real *run, ExcbUnitActs *u
 static void backbone_forward(ExcbModel *m, const real *P, real *run, ExcbBackboneActs *A,
                              const real *x_nchw, real *f, int ldf) {
     int N = A->N, H = A->H;
-    m->ops->images_to_features(A->x, x_nchw, N, m->cfg.in_ch, H * H);     /* (N,C,H,W) -> (C,N,H,W) */
+    m->ops->images_to_features(A->x, x_nchw, N, m->cfg.in_ch, H * H);     /* to the backbone's layout */
     unit_forward(m, P, run, &A->stem, &m->stem, A->x, H, H, NULL, 1);
     const real *cur = A->stem.a;
     int h = A->stem.H;
@@ -1839,7 +2217,7 @@ static void backbone_backward(ExcbModel *m, ExcbBackboneActs *A, const real *df,
             const ExcbUnitActs *ua = &A->main[b][j];
             const real *dout = j == blk->n_main - 1 ? dcur : dx;
             m->ops->batchnorm_backward(dy, PT(G, u->gamma), PT(G, u->beta), dout, ua->a, ua->y, ua->mean, ua->rstd,
-                                       PT(P, u->gamma), 1, u->cout, N * ua->H * ua->W);
+                                       PT(P, u->gamma), 1, u->cout, N * ua->H * ua->W, m->ops->channels_last);
             const real *xin = j > 0 ? A->main[b][j - 1].a : block_in;
             int h = j > 0 ? A->main[b][j - 1].H : hin;
             m->ops->conv2d_backward(dx, PT(G, u->w), dy, xin, PT(P, u->w), m->col, m->slots, N, u->cin, h, h,
@@ -1851,7 +2229,7 @@ static void backbone_backward(ExcbModel *m, ExcbBackboneActs *A, const real *df,
             const ExcbConvBN *u = &blk->down;
             const ExcbUnitActs *ua = &A->down[b];
             m->ops->batchnorm_backward(dy, PT(G, u->gamma), PT(G, u->beta), dcur, ua_last->a, ua->y, ua->mean,
-                                       ua->rstd, PT(P, u->gamma), 1, u->cout, N * ua->H * ua->W);
+                                       ua->rstd, PT(P, u->gamma), 1, u->cout, N * ua->H * ua->W, m->ops->channels_last);
             m->ops->conv2d_backward(dcur, PT(G, u->w), dy, block_in, PT(P, u->w), m->col, m->slots, N, u->cin,
                                     hin, hin, u->cout, u->k, u->stride, u->pad);
             m->ops->add(dx, dcur, n_in);
@@ -1870,7 +2248,7 @@ static void backbone_backward(ExcbModel *m, ExcbBackboneActs *A, const real *df,
     real *dys = dy;                         /* dy is free here in both cases                     */
     m->ops->batchnorm_backward(dys, PT(G, m->stem.gamma), PT(G, m->stem.beta), dstem, A->stem.a, A->stem.y,
                                A->stem.mean, A->stem.rstd, PT(P, m->stem.gamma), 1, m->stem.cout,
-                               N * A->stem.H * A->stem.W);
+                               N * A->stem.H * A->stem.W, m->ops->channels_last);
     m->ops->conv2d_backward(NULL, PT(G, m->stem.w), dys, A->x, PT(P, m->stem.w), m->col, m->slots, N,
                             m->cfg.in_ch, A->H, A->H, m->stem.cout, m->stem.k, m->stem.stride, m->stem.pad);
 }
@@ -1885,11 +2263,11 @@ static void head_layer_forward(ExcbModel *m, const real *P, real *run, const Exc
     m->ops->linear_forward(y, x, PT(P, L->w), PT(P, L->b), L->in, L->out, N);
     if (m->eval_bn) {
         batchnorm_inference(a, y, PT(P, L->gamma), PT(P, L->beta), run + L->stats, run + L->stats + L->out, NULL, 1,
-                            L->out, N, (real)m->cfg.bn_eps);
+                            L->out, N, (real)m->cfg.bn_eps, 0);
         return;
     }
     m->ops->batchnorm_forward(a, mean, rstd, run + L->stats, run + L->stats + L->out, y, PT(P, L->gamma),
-                              PT(P, L->beta), NULL, 1, L->out, N, (real)m->cfg.bn_eps, (real)m->cfg.bn_momentum);
+                              PT(P, L->beta), NULL, 1, L->out, N, (real)m->cfg.bn_eps, (real)m->cfg.bn_momentum, 0);
 }
 
 static void head_layer_backward(ExcbModel *m, const ExcbLinear *L, real *dx, real *da, real *tmp,
@@ -1900,7 +2278,7 @@ static void head_layer_backward(ExcbModel *m, const ExcbLinear *L, real *dx, rea
     const real *dy = da;
     if (L->has_bn) {
         m->ops->batchnorm_backward(tmp, PT(G, L->gamma), PT(G, L->beta), da, a, y, mean, rstd, PT(P, L->gamma), 1,
-                                   L->out, N);
+                                   L->out, N, 0);
         dy = tmp;
     }
     m->ops->linear_backward(dx, PT(G, L->w), PT(G, L->b), dy, x, PT(P, L->w), L->in, L->out, N);
@@ -1994,7 +2372,7 @@ double excb_forward_loss(ExcbModel *m, const real *xg, const real *xl, ExcbStepS
     if (pred) {           /* predictor E10a: BN(d) without ReLU, Linear-BN-ReLU, Linear */
         m->ops->batchnorm_forward(m->pre_y, m->pre_mean, m->pre_rstd, m->running + m->pred_bn_stats,
                                   m->running + m->pred_bn_stats + d, m->h, PT(m->params, m->pred_bn_gamma),
-                                  PT(m->params, m->pred_bn_beta), NULL, 0, d, NS, (real)c->bn_eps, (real)c->bn_momentum);
+                                  PT(m->params, m->pred_bn_beta), NULL, 0, d, NS, (real)c->bn_eps, (real)c->bn_momentum, 0);
         head_layer_forward(m, m->params, m->running, &m->pred[0], m->pre_y, m->pred_y, m->pred_a, m->pred_mean,
                            m->pred_rstd, NS);
         head_layer_forward(m, m->params, m->running, &m->pred[1], m->pred_a, NULL, m->p, NULL, NULL, NS);
@@ -2046,7 +2424,7 @@ void excb_backward(ExcbModel *m) {
         head_layer_backward(m, &m->pred[0], s2, s0, s3, m->pre_y, m->pred_y, m->pred_a, m->pred_mean,
                             m->pred_rstd, NS);                                                /* s2 = d BN(h) */
         m->ops->batchnorm_backward(s3, PT(G, m->pred_bn_gamma), PT(G, m->pred_bn_beta), s2, m->pre_y, m->h,
-                                   m->pre_mean, m->pre_rstd, PT(P, m->pred_bn_gamma), 0, d, NS);  /* s3 = dh_pred */
+                                   m->pre_mean, m->pre_rstd, PT(P, m->pred_bn_gamma), 0, d, NS, 0);  /* s3 = dh_pred */
         m->ops->add(dh, s3, (size_t)d * NS);
     }
     /* projector E0, last layer to first: df (D, NS) */
@@ -2099,10 +2477,16 @@ int excb_step(ExcbModel *m, const real *xg, const real *xl, ExcbStepStats *st) {
 /* --- the CPU operator table ------------------------------------------------------------------------
  * The operators of sections 1-7 as they are, plus the step's few plain loops under names, so that
  * excb_kernels.cu can give each a GPU twin (excb.h, "The operator table"). */
+/* (N, C, H*W) images -> the backbone's channels-last (N, H*W, C) */
 static void cpu_images_to_features(real *dst, const real *src, int N, int C, int HW) {
+    if (C == 1) {
+        memcpy(dst, src, sizeof(real) * N * HW);
+        return;
+    }
+#pragma omp parallel for schedule(static)
     for (int n = 0; n < N; n++)
-        for (int c = 0; c < C; c++)
-            memcpy(dst + ((size_t)c * N + n) * HW, src + ((size_t)n * C + c) * HW, sizeof(real) * HW);
+        for (int p = 0; p < HW; p++)
+            for (int c = 0; c < C; c++) dst[((size_t)n * HW + p) * C + c] = src[((size_t)n * C + c) * HW + p];
 }
 
 static int cpu_cluster_size_update(real *s, int32_t *counts, const int32_t *labels, int N, int K, double m_s,
@@ -2144,6 +2528,7 @@ static void cpu_to_host(void *dst, const void *src, size_t bytes) { memcpy(dst, 
 
 const ExcbOps excb_cpu_ops = {
     .name = "cpu",
+    .channels_last = 1,
     .images_to_features = cpu_images_to_features,
     .conv2d_forward = conv2d_forward,
     .conv2d_backward = conv2d_backward,

@@ -386,6 +386,9 @@ void matmul(char ta, char tb, int M, int N, int K, real alpha, const real *A, in
 void matmul_naive(char ta, char tb, int M, int N, int K, real alpha, const real *A, int lda,
                   const real *B, int ldb, real beta, real *C, int ldc);
 
+/* The backbone's operators on the CPU take channels-last activations, (N, H, W, C); the weights are
+   (Cout, Cin, k, k). BatchNorm takes either layout (channels_last 1, or 0 for (C, N*H*W), the heads'
+   feature-major (out, N)). */
 void conv2d_forward(real *y, const real *x, const real *w, real *col, int N, int Cin, int H,
                     int W, int Cout, int k, int stride, int pad);
 void conv2d_backward(real *dx, real *dw, const real *dy, const real *x, const real *w,
@@ -420,10 +423,10 @@ EXCB_HOST_DEVICE static inline void excb_bn_statistics(double sum, double sumsq,
 }
 void batchnorm_forward(real *out, real *mean, real *rstd, real *run_mean, real *run_var,
                        const real *y, const real *gamma, const real *beta, const real *residual,
-                       int relu, int C, int NHW, real eps, real momentum);
+                       int relu, int C, int NHW, real eps, real momentum, int channels_last);
 void batchnorm_backward(real *dy, real *dgamma, real *dbeta, const real *dout, const real *out,
                         const real *y, const real *mean, const real *rstd, const real *gamma,
-                        int relu, int C, int NHW);
+                        int relu, int C, int NHW, int channels_last);
 
 void maxpool_forward(real *out, int32_t *arg, const real *x, int C, int N, int H, int W);
 void maxpool_backward(real *dx, const real *dout, const int32_t *arg, int C, int N, int H, int W);
@@ -478,7 +481,10 @@ void sinkhorn_knopp(real *S, double *sums, int N, int K, double epsilon, int ite
    few entries that are not plain operators above say what they do. */
 typedef struct ExcbOps {
     const char *name;                                           /* "cpu" or "cuda"                  */
-    /* (N, C, H*W) images -> (C, N, H*W) features; src may be a host pointer for the GPU twin      */
+    /* the backbone's activation layout: 1 channels-last (N, H, W, C), the CPU's; 0 (C, N, H, W), the
+       GPU twin's for now. The backbone's BatchNorm calls pass it on; the heads' pass 0. */
+    int channels_last;
+    /* (N, C, H*W) images -> the backbone's layout; src may be a host pointer for the GPU twin       */
     void (*images_to_features)(real *dst, const real *src, int N, int C, int HW);
     void (*conv2d_forward)(real *y, const real *x, const real *w, real *col, int N, int Cin, int H, int W,
                            int Cout, int k, int stride, int pad);
@@ -486,10 +492,10 @@ typedef struct ExcbOps {
                             real *slots, int N, int Cin, int H, int W, int Cout, int k, int stride, int pad);
     void (*batchnorm_forward)(real *out, real *mean, real *rstd, real *run_mean, real *run_var, const real *y,
                               const real *gamma, const real *beta, const real *residual, int relu, int C, int NHW,
-                              real eps, real momentum);
+                              real eps, real momentum, int channels_last);
     void (*batchnorm_backward)(real *dy, real *dgamma, real *dbeta, const real *dout, const real *out,
                                const real *y, const real *mean, const real *rstd, const real *gamma, int relu,
-                               int C, int NHW);
+                               int C, int NHW, int channels_last);
     void (*maxpool_forward)(real *out, int32_t *arg, const real *x, int C, int N, int H, int W);
     void (*maxpool_backward)(real *dx, const real *dout, const int32_t *arg, int C, int N, int H, int W);
     void (*avgpool_forward)(real *f, int ldf, const real *x, int C, int N, int HW);

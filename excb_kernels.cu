@@ -504,7 +504,8 @@ static float *bn_scratch(int C, int n_chunks, double **part) {
 
 static void cuda_batchnorm_forward(real *out, real *mean, real *rstd, real *run_mean, real *run_var, const real *y,
                                    const real *gamma, const real *beta, const real *residual, int relu, int C,
-                                   int NHW, real eps, real momentum) {
+                                   int NHW, real eps, real momentum, int channels_last) {
+    (void)channels_last;               /* always 0 here: this table's backbone layout is (C, N, H, W) */
     int n_chunks = (NHW + BN_CHUNK - 1) / BN_CHUNK;
     double *part;
     float *scale = bn_scratch(C, n_chunks, &part), *shift = scale + C;
@@ -568,7 +569,8 @@ __global__ void bn_back_apply_kernel(float *dy, const float *dout, const float *
 
 static void cuda_batchnorm_backward(real *dy, real *dgamma, real *dbeta, const real *dout, const real *out,
                                     const real *y, const real *mean, const real *rstd, const real *gamma, int relu,
-                                    int C, int NHW) {
+                                    int C, int NHW, int channels_last) {
+    (void)channels_last;               /* always 0 here, as above */
     int n_chunks = (NHW + BN_CHUNK - 1) / BN_CHUNK;
     double *part;
     float *a = bn_scratch(C, n_chunks, &part), *b = a + C;
@@ -1085,6 +1087,7 @@ static void cuda_to_host(void *dst, const void *src, size_t bytes) {
  * ================================================================================================ */
 extern "C" const ExcbOps excb_cuda_ops = {
     "cuda",
+    0,                                 /* channels_last: the backbone is (C, N, H, W) on the device for now */
     cuda_images_to_features,
     cuda_conv2d_forward,
     cuda_conv2d_backward,

@@ -221,7 +221,7 @@ Test(backbone, batchnorm_train_mode_hand_case) {
        out = (y - 2.5) rstd = [-1.3416354, -0.4472118, 0.4472118, 1.3416354]
        running: mean 0.9*0 + 0.1*2.5 = 0.25; var 0.9*1 + 0.1*(1.25*4/3) = 0.9 + 0.1666667 = 1.0666667 */
     float y[4] = {1, 2, 3, 4}, out[4], mean, rstd, rm = 0, rv = 1, g = 1, b = 0;
-    batchnorm_forward(out, &mean, &rstd, &rm, &rv, y, &g, &b, NULL, 0, 1, 4, 1e-5f, 0.1f);
+    batchnorm_forward(out, &mean, &rstd, &rm, &rv, y, &g, &b, NULL, 0, 1, 4, 1e-5f, 0.1f, 0);
     const double want[4] = {-1.3416354, -0.4472118, 0.4472118, 1.3416354};
     for (int i = 0; i < 4; i++) EXPECT_NEAR(out[i], want[i], 3e-7, "out[%d]", i);
     EXPECT_NEAR(mean, 2.5, 0, "mean");
@@ -229,9 +229,24 @@ Test(backbone, batchnorm_train_mode_hand_case) {
     EXPECT_NEAR(rv, 1.0666667, 1.2e-7, "running var (unbiased)");
     /* with ReLU and a residual r = [1,1,1,1]: relu(out + 1) = [0, 0.5527882, 1.4472118, 2.3416354] */
     float res[4] = {1, 1, 1, 1};
-    batchnorm_forward(out, &mean, &rstd, NULL, NULL, y, &g, &b, res, 1, 1, 4, 1e-5f, 0.1f);
+    batchnorm_forward(out, &mean, &rstd, NULL, NULL, y, &g, &b, res, 1, 1, 4, 1e-5f, 0.1f, 0);
     const double want2[4] = {0, 0.5527882, 1.4472118, 2.3416354};
     for (int i = 0; i < 4; i++) EXPECT_NEAR(out[i], want2[i], 3e-7, "out+res, relu [%d]", i);
+    /* channels-last, 2 channels interleaved: channel 0 is y, channel 1 is 10 y: mean 25, var 125,
+       out = (10y - 25)/sqrt(125 + 1e-5) = (y - 2.5)/sqrt(1.25 + 1e-7) = [-1.3416407, -0.4472136, ...] */
+    const double want10[4] = {-1.3416407, -0.4472136, 0.4472136, 1.3416407};
+    float y2[8], out2[8], mean2[2], rstd2[2], g2[2] = {1, 1}, b2[2] = {0, 0};
+    for (int i = 0; i < 4; i++) {
+        y2[2 * i] = y[i];
+        y2[2 * i + 1] = 10 * y[i];
+    }
+    batchnorm_forward(out2, mean2, rstd2, NULL, NULL, y2, g2, b2, NULL, 0, 2, 4, 1e-5f, 0.1f, 1);
+    EXPECT_NEAR(mean2[0], 2.5, 0, "channels-last mean 0");
+    EXPECT_NEAR(mean2[1], 25, 0, "channels-last mean 1");
+    for (int i = 0; i < 4; i++) {
+        EXPECT_NEAR(out2[2 * i], want[i], 3e-7, "channels-last out[%d], channel 0", i);
+        EXPECT_NEAR(out2[2 * i + 1], want10[i], 3e-7, "channels-last out[%d], channel 1", i);
+    }
 }
 
 Test(backbone, maxpool_and_avgpool_hand_case) {
@@ -250,6 +265,26 @@ Test(backbone, maxpool_and_avgpool_hand_case) {
     /* mean of 0..15 = 7.5 */
     avgpool_forward(f, 1, x, 1, 1, 16);
     EXPECT_NEAR(f[0], 7.5, 0, "avgpool");
+    /* channels-last, 2 channels: channel 1 = 100 - x, so its maxima sit at the windows' smallest x:
+       window (0,0) covers x 0,1,4,5 -> 0; (0,1) rows 0..1 cols 1..3 -> 1; (1,0) rows 1..3 cols 0..1 -> 4;
+       (1,1) -> 5. So 100, 99, 96, 95 at pixels 0, 1, 4, 5; its mean is 100 - 7.5 = 92.5 */
+    float x2[32], out2[8], f2[2];
+    int32_t arg2[8];
+    for (int i = 0; i < 16; i++) {
+        x2[2 * i] = i;
+        x2[2 * i + 1] = 100 - i;
+    }
+    maxpool_forward(out2, arg2, x2, 2, 1, 4, 4);
+    const float want1[4] = {100, 99, 96, 95};
+    const int32_t at1[4] = {0, 1, 4, 5};
+    for (int i = 0; i < 4; i++) {
+        EXPECT_NEAR(out2[2 * i], want[i], 0, "channels-last maxpool[%d], channel 0", i);
+        EXPECT_NEAR(out2[2 * i + 1], want1[i], 0, "channels-last maxpool[%d], channel 1", i);
+        cr_expect(arg2[2 * i + 1] == at1[i], "channels-last argmax[%d] %d, want %d", i, arg2[2 * i + 1], at1[i]);
+    }
+    avgpool_forward(f2, 1, x2, 2, 1, 16);
+    EXPECT_NEAR(f2[0], 7.5, 0, "channels-last avgpool, channel 0");
+    EXPECT_NEAR(f2[1], 92.5, 0, "channels-last avgpool, channel 1");
 }
 
 Test(heads, linear_hand_case) {

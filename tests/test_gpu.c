@@ -123,6 +123,19 @@ Test(gpu, gemm_tf32) {
     gemm_case('T', 'N', 100, 32, 512, 4e-3);
 }
 
+/* --- layouts: the CPU's backbone is channels-last (N, H*W, C), the GPU twin's (C, N, H*W) ---------------- */
+/* a new (N, HW, C) copy of x (C, N, HW), or back (to_cnhw) */
+static float *relayout(const float *x, int C, int N, int HW, int to_cnhw) {
+    float *y = malloc(sizeof(float) * (size_t)C * N * HW);
+    for (int c = 0; c < C; c++)
+        for (size_t p = 0; p < (size_t)N * HW; p++) {
+            size_t cn = (size_t)c * N * HW + p, nc = p * C + c;
+            if (to_cnhw) y[cn] = x[nc];
+            else y[nc] = x[cn];
+        }
+    return y;
+}
+
 /* --- convolution ---------------------------------------------------------------------------------------- */
 static void conv_case(int N, int Cin, int H, int Cout, int k, int stride, int pad, double tol) {
     int Ho = (H + 2 * pad - k) / stride + 1;
@@ -133,8 +146,14 @@ static void conv_case(int N, int Cin, int H, int Cout, int k, int stride, int pa
     float *x_d = dev(x, nx), *w_d = dev(w, nw), *dy_d = dev(dy, ny);
     size_t col = (size_t)Cin * k * k * N * Ho * Ho * 64, slots = nw * 8;    /* a panel per CPU thread, up to 64 */
     float *colb = malloc(sizeof(float) * col), *slb = malloc(sizeof(float) * slots);
-    conv2d_forward(y, x, w, colb, N, Cin, H, H, Cout, k, stride, pad);
-    conv2d_backward(dx, dw, dy, x, w, colb, slb, N, Cin, H, H, Cout, k, stride, pad);   /* dw += */
+    float *x_c = relayout(x, Cin, N, H * H, 0), *dy_c = relayout(dy, Cout, N, Ho * Ho, 0);   /* the CPU's layout */
+    float *y_c = calloc(ny, 4), *dx_c = calloc(nx, 4);
+    conv2d_forward(y_c, x_c, w, colb, N, Cin, H, H, Cout, k, stride, pad);
+    conv2d_backward(dx_c, dw, dy_c, x_c, w, colb, slb, N, Cin, H, H, Cout, k, stride, pad);   /* dw += */
+    free(y); free(dx);
+    y = relayout(y_c, Cout, N, Ho * Ho, 1);
+    dx = relayout(dx_c, Cin, N, H * H, 1);
+    free(x_c); free(dy_c); free(y_c); free(dx_c);
     excb_cuda_ops.conv2d_forward(y_d, x_d, w_d, NULL, N, Cin, H, H, Cout, k, stride, pad);
     excb_cuda_ops.conv2d_backward(dx_d, dw_d, dy_d, x_d, w_d, NULL, NULL, N, Cin, H, H, Cout, k, stride, pad);
     char what[80];
@@ -175,10 +194,17 @@ Test(gpu, batchnorm) {
     float *y_d = dev(y, n), *res_d = dev(res, n), *gam_d = dev(gam, C), *bet_d = dev(bet, C), *dout_d = dev(dout, n);
     float *rm_d = dev(rm, C), *rv_d = dev(rv, C), *out_d = dev_zero(n), *mean_d = dev_zero(C), *rstd_d = dev_zero(C);
     float *dy_d = dev_zero(n), *dg_d = dev(dg, C), *db_d = dev(db, C);
-    batchnorm_forward(out, mean, rstd, rm, rv, y, gam, bet, res, 1, C, NHW, 1e-5f, 0.1f);
-    batchnorm_backward(dy, dg, db, dout, out, y, mean, rstd, gam, 1, C, NHW);
-    excb_cuda_ops.batchnorm_forward(out_d, mean_d, rstd_d, rm_d, rv_d, y_d, gam_d, bet_d, res_d, 1, C, NHW, 1e-5f, 0.1f);
-    excb_cuda_ops.batchnorm_backward(dy_d, dg_d, db_d, dout_d, out_d, y_d, mean_d, rstd_d, gam_d, 1, C, NHW);
+    /* the CPU in its backbone layout (channels-last), compared after relayout with the GPU's (C, NHW) */
+    float *y_c = relayout(y, C, 1, NHW, 0), *res_c = relayout(res, C, 1, NHW, 0), *dout_c = relayout(dout, C, 1, NHW, 0);
+    float *out_c = calloc(n, 4), *dy_c = calloc(n, 4);
+    batchnorm_forward(out_c, mean, rstd, rm, rv, y_c, gam, bet, res_c, 1, C, NHW, 1e-5f, 0.1f, 1);
+    batchnorm_backward(dy_c, dg, db, dout_c, out_c, y_c, mean, rstd, gam, 1, C, NHW, 1);
+    free(out); free(dy);
+    out = relayout(out_c, C, 1, NHW, 1);
+    dy = relayout(dy_c, C, 1, NHW, 1);
+    free(y_c); free(res_c); free(dout_c); free(out_c); free(dy_c);
+    excb_cuda_ops.batchnorm_forward(out_d, mean_d, rstd_d, rm_d, rv_d, y_d, gam_d, bet_d, res_d, 1, C, NHW, 1e-5f, 0.1f, 0);
+    excb_cuda_ops.batchnorm_backward(dy_d, dg_d, db_d, dout_d, out_d, y_d, mean_d, rstd_d, gam_d, 1, C, NHW, 0);
     expect_close("bn mean", mean_d, mean, C, 1e-6);
     expect_close("bn rstd", rstd_d, rstd, C, 1e-6);
     expect_close("bn running mean", rm_d, rm, C, 1e-6);
@@ -197,8 +223,17 @@ Test(gpu, pooling_exact) {
     float *x = rnd(nx, 30, 1), *dout = rnd(no, 31, 1), *out = calloc(no, 4), *dx = calloc(nx, 4);
     int32_t *arg = calloc(no, 4);
     float *x_d = dev(x, nx), *dout_d = dev(dout, no), *out_d = dev_zero(no), *dx_d = dev_zero(nx), *arg_d = dev_zero(no);
-    maxpool_forward(out, arg, x, C, N, H, W);
-    maxpool_backward(dx, dout, arg, C, N, H, W);
+    /* the CPU pools channels-last: relayout in and out (arg is a pixel index in both layouts) */
+    float *x_c = relayout(x, C, N, H * W, 0), *dout_c = relayout(dout, C, N, Ho * Ho, 0);
+    float *out_c = calloc(no, 4), *dx_c = calloc(nx, 4);
+    int32_t *arg_c = calloc(no, 4);
+    maxpool_forward(out_c, arg_c, x_c, C, N, H, W);
+    maxpool_backward(dx_c, dout_c, arg_c, C, N, H, W);
+    free(out); free(dx);
+    out = relayout(out_c, C, N, Ho * Ho, 1);
+    dx = relayout(dx_c, C, N, H * W, 1);
+    for (int c = 0; c < C; c++)
+        for (size_t p = 0; p < (size_t)N * Ho * Ho; p++) arg[(size_t)c * N * Ho * Ho + p] = arg_c[p * C + c];
     excb_cuda_ops.maxpool_forward(out_d, (int32_t *)arg_d, x_d, C, N, H, W);
     excb_cuda_ops.maxpool_backward(dx_d, dout_d, (int32_t *)arg_d, C, N, H, W);
     expect_close("maxpool out", out_d, out, no, 0);
@@ -208,10 +243,13 @@ Test(gpu, pooling_exact) {
     /* average pool into columns 2.. of a (C, ldf) matrix */
     int ldf = N + 4;
     float *f = calloc((size_t)C * ldf, 4), *f_d = dev_zero((size_t)C * ldf);
-    avgpool_forward(f, ldf, x, C, N, H * W);
+    avgpool_forward(f, ldf, x_c, C, N, H * W);
     excb_cuda_ops.avgpool_forward(f_d, ldf, x_d, C, N, H * W);
     expect_close("avgpool f", f_d, f, (size_t)C * ldf, 0);
-    avgpool_backward(dx, f, ldf, C, N, H * W);
+    avgpool_backward(dx_c, f, ldf, C, N, H * W);
+    free(dx);
+    dx = relayout(dx_c, C, N, H * W, 1);
+    free(x_c); free(dout_c); free(out_c); free(dx_c); free(arg_c);
     excb_cuda_ops.avgpool_backward(dx_d, f_d, ldf, C, N, H * W);
     expect_close("avgpool dx", dx_d, dx, nx, 0);
 }

@@ -15,18 +15,23 @@
  * step, measured with the same metric (`make_fixture.py --yardstick`; worst of the two fixtures):
  *   teacher similarity 3.9e-6 -> 1e-5     targets q 1.1e-6 -> 3e-6 (but 1e-5: q magnifies zh 25x)
  *   student activations 1.2e-5 -> 3e-5    loss 3.8e-7 -> 1e-6
- *   gradients 2.1e-4 -> 4e-4 (the 2-channel stem BN gamma of tiny50: a sum with cancellation)
- *   momentum after SGD 2.0e-4 -> 4e-4     parameters after SGD 5.6e-5 -> 1e-4
+ *   gradients 2.1e-4 -> 6e-4 (3x, see below)
+ *   momentum after SGD 2.0e-4 -> 6e-4     parameters after SGD 5.6e-5 -> 1.5e-4 (3x, the same tensor)
  *   teacher after EMA 4.2e-7 -> 1e-6
+ * The gradient groups' worst entry is the 2-channel stem BN gamma of tiny50, a sum with cancellation
+ * whose error depends on the rounding order upstream more than on any formula: excb.c measured 1.05e-4
+ * with its im2col convolutions and 3.79e-4 (momentum 3.65e-4, parameters 1.0e-4) with oneDNN's direct
+ * convolutions, the default, whose every layer agrees with a float64 convolution to 5e-7
+ * (test_gradients conv2d_many_chunks_vs_direct, tiny50's layers included). Hence 3x there.
  * excb.c's own measured errors are in the closing note of issue 2 (all below PyTorch's). A wrong
  * formula gives errors of 1e-2 and up. */
 #define TOL_SIM 1e-5
 #define TOL_Q 1e-5
 #define TOL_ACT 3e-5
 #define TOL_LOSS 1e-6
-#define TOL_GRAD 4e-4
-#define TOL_MOM 4e-4
-#define TOL_PARAM 1e-4
+#define TOL_GRAD 6e-4
+#define TOL_MOM 6e-4
+#define TOL_PARAM 1.5e-4
 #define TOL_TEACHER 1e-6
 
 typedef struct {

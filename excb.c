@@ -395,7 +395,6 @@ typedef struct {
     dnnl_primitive_t prim;
     dnnl_memory_desc_t md[3], scratch_md;   /* its three arguments in conv_run's order                */
     dnnl_memory_t mem[EXCB_DNNL_THREADS][4];
-    void *scratch[EXCB_DNNL_THREADS];
 } DnnlConv;
 
 typedef struct DnnlLayer {
@@ -416,6 +415,8 @@ static struct {
     DnnlLayer *layers;
     real *w_blocked, *dw_slots;        /* shared by every layer: convolutions run one at a time        */
     size_t w_blocked_floats, dw_slot_floats;
+    void *scratch[EXCB_DNNL_THREADS];  /* each thread's scratchpad, shared by its primitives          */
+    size_t scratch_bytes[EXCB_DNNL_THREADS];
 } dnnl_conv = {.mu = PTHREAD_MUTEX_INITIALIZER};
 
 static void dnnl_check(dnnl_status_t s, const char *what) {
@@ -576,15 +577,21 @@ static void dnnl_conv_run(DnnlConv *c, const real *a0, const real *a1, real *a2)
     int t = thread_id(), own = t < EXCB_DNNL_THREADS;
     dnnl_memory_t tmp[4] = {0}, *mem = own ? c->mem[t] : tmp;
     void *ptr[3] = {(void *)a0, (void *)a1, a2};
-    size_t sb = dnnl_memory_desc_get_size(&c->scratch_md);
-    void *scratch = own ? c->scratch[t] : NULL;
-    if (!scratch && sb) scratch = aligned_alloc(64, (sb + 63) / 64 * 64);
-    if (own) c->scratch[t] = scratch;
+    size_t sb = (dnnl_memory_desc_get_size(&c->scratch_md) + 63) / 64 * 64;
+    void *scratch = NULL;
+    if (own && sb > dnnl_conv.scratch_bytes[t]) {     /* this thread's, grown in the first steps only */
+        free(dnnl_conv.scratch[t]);
+        dnnl_conv.scratch[t] = aligned_alloc(64, sb);
+        dnnl_conv.scratch_bytes[t] = sb;
+    }
+    if (own) scratch = dnnl_conv.scratch[t];
+    else if (sb) scratch = aligned_alloc(64, sb);
     for (int i = 0; i < 3; i++) {
         if (!mem[i]) dnnl_check(dnnl_memory_create(&mem[i], &c->md[i], dnnl_conv.engine, DNNL_MEMORY_NONE), "memory");
         dnnl_check(dnnl_memory_set_data_handle(mem[i], ptr[i]), "set_data_handle");
     }
-    if (!mem[3]) dnnl_check(dnnl_memory_create(&mem[3], &c->scratch_md, dnnl_conv.engine, scratch), "memory");
+    if (!mem[3]) dnnl_check(dnnl_memory_create(&mem[3], &c->scratch_md, dnnl_conv.engine, DNNL_MEMORY_NONE), "memory");
+    dnnl_check(dnnl_memory_set_data_handle(mem[3], scratch), "set_data_handle");
     dnnl_exec_arg_t args[4] = {{arg[c->kind][0], mem[0]}, {arg[c->kind][1], mem[1]}, {arg[c->kind][2], mem[2]},
                                {DNNL_ARG_SCRATCHPAD, mem[3]}};
     dnnl_check(dnnl_primitive_execute(c->prim, dnnl_conv.stream, 4, args), "execute");
@@ -635,15 +642,17 @@ void conv2d_backward(real *dx, real *dw, const real *dy, const real *x, const re
         real *sl = dnnl_conv.dw_slots;
         if (dx) dnnl_reorder_run(L->to_w[DNNL_BWD_DATA], L->to_w_mem[DNNL_BWD_DATA], w, dnnl_conv.w_blocked);
         int n_chunks = dx ? (N + L->nc - 1) / L->nc : 0;
-        /* one loop over the dx chunks and then the dw slots: each item one thread's, in a fixed split */
-#pragma omp parallel for schedule(static)
-        for (int it = 0; it < n_chunks + EXCB_SLOTS; it++) {
-            if (it < n_chunks) {
-                int n0 = it * L->nc;
+        /* one loop over the dw slots and the dx chunks, each item one thread's: which thread takes an item
+           (dynamic: the slots, N / EXCB_SLOTS images each, go first, then the chunks fill in) cannot
+           change what it computes or where it goes */
+#pragma omp parallel for schedule(dynamic, 1)
+        for (int it = 0; it < EXCB_SLOTS + n_chunks; it++) {
+            if (it >= EXCB_SLOTS) {
+                int n0 = (it - EXCB_SLOTS) * L->nc;
                 dnnl_conv_run(&L->bwd_data[N - n0 < L->nc], dy + n0 * out, dnnl_conv.w_blocked, dx + n0 * in);
                 continue;
             }
-            int s = it - n_chunks, n0 = s * N / EXCB_SLOTS, n1 = (s + 1) * N / EXCB_SLOTS;
+            int s = it, n0 = s * N / EXCB_SLOTS, n1 = (s + 1) * N / EXCB_SLOTS;
             if (n1 == n0) memset(sl + s * nw, 0, sizeof(real) * nw);
             else dnnl_conv_run(&L->bwd_weights[n1 - n0 != L->bwd_weights[0].n], x + n0 * in, dy + n0 * out, sl + s * nw);
         }

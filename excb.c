@@ -414,7 +414,7 @@ static struct {
     dnnl_stream_t stream;
     DnnlLayer *layers;
     real *w_blocked, *dw_slots;        /* shared by every layer: convolutions run one at a time        */
-    size_t w_blocked_floats, dw_slot_floats;
+    size_t w_blocked_floats, dw_slots_floats;
     void *scratch[EXCB_DNNL_THREADS];  /* each thread's scratchpad, shared by its primitives          */
     size_t scratch_bytes[EXCB_DNNL_THREADS];
 } dnnl_conv = {.mu = PTHREAD_MUTEX_INITIALIZER};
@@ -536,11 +536,7 @@ static void dnnl_layer_make(DnnlLayer *L) {
     }
     dnnl_reorder_make(&L->from_dw, L->from_dw_mem, &L->w_md[DNNL_BWD_WEIGHTS], &plain, 1);
     size_t wf = dnnl_memory_desc_get_size(&L->w_md[DNNL_BWD_WEIGHTS]) / sizeof(real);
-    if (wf > dnnl_conv.dw_slot_floats) {
-        free(dnnl_conv.dw_slots);
-        dnnl_conv.dw_slot_floats = wf;
-        dnnl_conv.dw_slots = xmalloc(sizeof(real) * wf * EXCB_SLOTS);
-    }
+    dnnl_conv.dw_slots = grow_floats(dnnl_conv.dw_slots, &dnnl_conv.dw_slots_floats, wf * EXCB_SLOTS);
 }
 
 /* the layer of this shape, made on first use (outside any parallel region); NULL: use im2col (for
@@ -701,17 +697,13 @@ static double *bn_scratch(int C) {
 /* The two sums of pixels [p0, p1) of (NHW, C) into s[c], s2[c]: of y and y^2 (dout == NULL), or of
    g = dout*[out > 0] (the ReLU's gate when relu) and g * (y - mu) * rs (the backward's two sums). Eight
    channels at a time, over four accumulators each (pixel p into accumulator (p - p0) % 4: vectorised
-   across the channels, and no single long dependency chain), added as (a0 + a1) + (a2 + a3). */
-#define BN_TERMS(i, l)                                                                     \
-    double t1, t2;                                                                         \
-    if (!dout) {                                                                           \
-        t1 = y[i];                                                                         \
-        t2 = t1 * t1;                                                                      \
-    } else {                                                                               \
-        real g_ = (!relu || out[i] > 0.0f) ? dout[i] : 0.0f;                               \
-        t1 = g_;                                                                           \
-        t2 = (double)g_ * ((y[i] - m8[l]) * r8[l]);                                        \
-    }
+   across the channels, and no single long dependency chain), added as (a0 + a1) + (a2 + a3). Whole
+   groups of four pixels of eight channels run in GCC's portable vector types (written plainly, GCC
+   leaves the backward's select scalar); the rest, with the same operations, lane by lane. */
+typedef float v8f __attribute__((vector_size(32)));
+typedef int v8i __attribute__((vector_size(32)));
+typedef double v8d __attribute__((vector_size(64)));
+
 static void bn_run_sums(double *s, double *s2, const real *y, const real *dout, const real *out, const real *mu,
                         const real *rs, int relu, int C, long p0, long p1) {
     for (int c0 = 0; c0 < C; c0 += 8) {
@@ -723,27 +715,7 @@ static void bn_run_sums(double *s, double *s2, const real *y, const real *dout, 
             r8[l] = rs[c0 + l];
         }
         long p = p0;
-        /* eight channels of whole groups of four pixels: the general loop's arithmetic, spelled in GCC's
-           portable vector types (written plainly, GCC leaves the backward's select scalar) */
-        typedef float v8f __attribute__((vector_size(32)));
-        typedef int v8i __attribute__((vector_size(32)));
-        typedef double v8d __attribute__((vector_size(64)));
-        if (cw == 8 && sizeof(real) == 4 && !dout) {
-            v8d A[4] = {{0}}, Bv[4] = {{0}};
-            for (; p + 4 <= p1; p += 4)
-                for (int u = 0; u < 4; u++) {
-                    v8f yv;
-                    memcpy(&yv, y + (size_t)(p + u) * C + c0, sizeof yv);
-                    v8d v = __builtin_convertvector(yv, v8d);
-                    A[u] += v;
-                    Bv[u] += v * v;
-                }
-            for (int u = 0; u < 4; u++)
-                for (int l = 0; l < 8; l++) {
-                    a[u][l] = A[u][l];
-                    b[u][l] = Bv[u][l];
-                }
-        } else if (cw == 8 && sizeof(real) == 4) {
+        if (cw == 8 && sizeof(real) == 4) {
             v8f m, r;
             memcpy(&m, m8, sizeof m);
             memcpy(&r, r8, sizeof r);
@@ -752,15 +724,22 @@ static void bn_run_sums(double *s, double *s2, const real *y, const real *dout, 
             for (; p + 4 <= p1; p += 4)
                 for (int u = 0; u < 4; u++) {
                     size_t i = (size_t)(p + u) * C + c0;
-                    v8f d, o, yv;
-                    memcpy(&d, dout + i, sizeof d);
-                    memcpy(&o, out + i, sizeof o);
+                    v8f yv;
                     memcpy(&yv, y + i, sizeof yv);
-                    v8i keep = (o > (v8f){0}) | keep_all;                 /* -1 where the gate is open */
-                    v8f g = (v8f)((v8i)d & keep);
-                    v8d gd = __builtin_convertvector(g, v8d), xd = __builtin_convertvector((yv - m) * r, v8d);
-                    A[u] += gd;
-                    Bv[u] += gd * xd;
+                    v8d t1, t2;
+                    if (!dout) {
+                        t1 = __builtin_convertvector(yv, v8d);
+                        t2 = t1 * t1;
+                    } else {
+                        v8f d, o;
+                        memcpy(&d, dout + i, sizeof d);
+                        memcpy(&o, out + i, sizeof o);
+                        v8i keep = (o > (v8f){0}) | keep_all;             /* -1 where the gate is open */
+                        t1 = __builtin_convertvector((v8f)((v8i)d & keep), v8d);
+                        t2 = t1 * __builtin_convertvector((yv - m) * r, v8d);
+                    }
+                    A[u] += t1;
+                    Bv[u] += t2;
                 }
             for (int u = 0; u < 4; u++)
                 for (int l = 0; l < 8; l++) {
@@ -771,7 +750,12 @@ static void bn_run_sums(double *s, double *s2, const real *y, const real *dout, 
         for (; p < p1; p++)
             for (int l = 0; l < cw; l++) {
                 size_t i = (size_t)p * C + c0 + l;
-                BN_TERMS(i, l)
+                double t1 = y[i], t2 = t1 * t1;
+                if (dout) {
+                    real g = (!relu || out[i] > 0.0f) ? dout[i] : 0.0f;
+                    t1 = g;
+                    t2 = (double)g * ((y[i] - m8[l]) * r8[l]);
+                }
                 a[(p - p0) % 4][l] += t1;
                 b[(p - p0) % 4][l] += t2;
             }
@@ -781,7 +765,6 @@ static void bn_run_sums(double *s, double *s2, const real *y, const real *dout, 
         }
     }
 }
-#undef BN_TERMS
 
 /* sum[c] and sum2[c] over all NHW pixels: the fixed runs in parallel, then added in run order */
 static void bn_sums_channels_last(double *sum, double *sum2, const real *y, const real *dout, const real *out,

@@ -227,6 +227,7 @@ fixture:
 # the per-method fixtures of tests/test_methods.c (and their float32 yardstick, methods/YARDSTICK.txt)
 method-fixtures:
 	/usr/bin/python3 tests/reference/make_method_fixtures.py
+	/usr/bin/python3 tests/reference/make_more_method_fixtures.py
 
 # one step against the second, independent reference: ../shared/bench/torch_excb.py --dump
 PEER ?= ../shared/bench/torch_excb.py

@@ -36,6 +36,7 @@
 #define _DEFAULT_SOURCE  /* M_PI, clock_gettime and getrusage under -std=c11                   */
 #include "excb.h"        /* ExcbConfig, ExcbModel, the operator declarations, exit codes        */
 #include <tgmath.h>      /* sqrt, exp, log, cos, fabs, fmax: type-generic, real for real args  */
+#include <float.h>       /* FLT_EPSILON: CARP clamps at float32's machine epsilon               */
 #include <stdarg.h>      /* va_list, for the parameter table's names                            */
 #include <stdio.h>       /* fprintf, printf                                                     */
 #include <stdlib.h>      /* aligned_alloc, free, strtol                                         */
@@ -1077,6 +1078,20 @@ void l2norm_rows_backward(real *dx, int ldx, const real *du, const real *u, cons
     }
 }
 
+/* A method whose rows are the projection as it is (CARP's head, mvbt): u (N, d) = x^T, no norm; its
+   backward is the transpose back, dx = du^T. */
+void rows_forward(real *u, const real *x, int ldx, int d, int N) {
+#pragma omp parallel for schedule(static)
+    for (int n = 0; n < N; n++)
+        for (int j = 0; j < d; j++) u[(size_t)n * d + j] = x[(size_t)j * ldx + n];
+}
+
+void rows_backward(real *dx, int ldx, const real *du, int d, int N) {
+#pragma omp parallel for schedule(static)
+    for (int j = 0; j < d; j++)
+        for (int n = 0; n < N; n++) dx[(size_t)j * ldx + n] = du[(size_t)n * d + j];
+}
+
 /* c_k = v_k * (1/||v_k||) (torch._weight_norm with g = 1 multiplies by g/||v||); inv[k] = 1/||v_k|| */
 void weightnorm_forward(real *c, real *inv, const real *v, int K, int d) {
 #pragma omp parallel for schedule(static)
@@ -1141,6 +1156,7 @@ void cluster_size_update(real *s, int32_t *counts, const int32_t *labels, int N,
  * paper_notes.md §4-5 (ExCB) and §5b (the seam, none, DINO, SwAV) write the equations out; §5b also
  * says where each baseline departs from its own official code inside this harness.
  */
+static int fail(char *err, int code, const char *fmt, ...);     /* section 11: err, and the code  */
 #define RC(f) offsetof(ExcbRunConfig, f)                          /* a setting of the run           */
 #define MC(f) (offsetof(ExcbRunConfig, model) + offsetof(ExcbConfig, f))   /* a setting of the model */
 
@@ -1244,11 +1260,11 @@ void balanced_targets(real *q, int32_t *labels, real *zhat, const real *z, const
 /* ExCB's buffers: s is its whole state (K floats, O(K) memory whatever the data set's size) */
 enum { EXCB_S, EXCB_R, EXCB_LOWER, EXCB_HIGHER, EXCB_COUNTS, EXCB_N_BUFFERS };
 static int excb_rule_buffers(const ExcbConfig *c, ExcbBuffer *b) {
-    b[EXCB_S] = (ExcbBuffer){"cluster_sizes", (size_t)c->K, 1};          /* s, E3                     */
-    b[EXCB_R] = (ExcbBuffer){"r", (size_t)c->K, 0};                      /* r, E3'                    */
-    b[EXCB_LOWER] = (ExcbBuffer){"lower", (size_t)c->K, 0};              /* E4's factors              */
-    b[EXCB_HIGHER] = (ExcbBuffer){"higher", (size_t)c->K, 0};
-    b[EXCB_COUNTS] = (ExcbBuffer){"counts", (size_t)c->K, 0};            /* E2's counts (int32)       */
+    b[EXCB_S] = (ExcbBuffer){"cluster_sizes", (size_t)c->K, 1, 0};          /* s, E3                     */
+    b[EXCB_R] = (ExcbBuffer){"r", (size_t)c->K, 0, 0};                      /* r, E3'                    */
+    b[EXCB_LOWER] = (ExcbBuffer){"lower", (size_t)c->K, 0, 0};              /* E4's factors              */
+    b[EXCB_HIGHER] = (ExcbBuffer){"higher", (size_t)c->K, 0, 0};
+    b[EXCB_COUNTS] = (ExcbBuffer){"counts", (size_t)c->K, 0, 0};            /* E2's counts (int32)       */
     return EXCB_N_BUFFERS;
 }
 
@@ -1368,8 +1384,8 @@ void dino_center_update(real *center, const real *z, int N, int K, double moment
 
 enum { DINO_CENTER, DINO_COUNTS, DINO_N_BUFFERS };
 static int dino_buffers(const ExcbConfig *c, ExcbBuffer *b) {
-    b[DINO_CENTER] = (ExcbBuffer){"center", (size_t)c->K, 1};
-    b[DINO_COUNTS] = (ExcbBuffer){"counts", (size_t)c->K, 0};
+    b[DINO_CENTER] = (ExcbBuffer){"center", (size_t)c->K, 1, 0};
+    b[DINO_COUNTS] = (ExcbBuffer){"counts", (size_t)c->K, 0, 0};
     return DINO_N_BUFFERS;
 }
 
@@ -1482,10 +1498,10 @@ void sinkhorn_knopp(real *S, double *sums, int N, int K, double epsilon, int ite
 enum { SWAV_QUEUE, SWAV_SCORES, SWAV_SUMS, SWAV_COUNTS, SWAV_N_BUFFERS };
 static int swav_buffers(const ExcbConfig *c, ExcbBuffer *b) {
     size_t Lq = (size_t)c->swav.queue_length, rows = Lq + (size_t)c->batch;
-    b[SWAV_QUEUE] = (ExcbBuffer){"queue", (size_t)c->n_global * Lq * c->d, 1};   /* (Vg, Lq, d), S2 */
-    b[SWAV_SCORES] = (ExcbBuffer){"scores", rows * c->K, 0};                     /* (Lq + B, K), S1 */
-    b[SWAV_SUMS] = (ExcbBuffer){"sums", 2 * (rows + c->K), 0};                   /* doubles         */
-    b[SWAV_COUNTS] = (ExcbBuffer){"counts", (size_t)c->K, 0};
+    b[SWAV_QUEUE] = (ExcbBuffer){"queue", (size_t)c->n_global * Lq * c->d, 1, 0};   /* (Vg, Lq, d), S2 */
+    b[SWAV_SCORES] = (ExcbBuffer){"scores", rows * c->K, 0, 0};                     /* (Lq + B, K), S1 */
+    b[SWAV_SUMS] = (ExcbBuffer){"sums", 2 * (rows + c->K), 0, 0};                   /* doubles         */
+    b[SWAV_COUNTS] = (ExcbBuffer){"counts", (size_t)c->K, 0, 0};
     return SWAV_N_BUFFERS;
 }
 
@@ -1577,9 +1593,563 @@ static const ExcbMethod method_swav = {
 };
 
 /* ------------------------------------------------------------------------------------------------
- * 5.4 The list of methods: a new rule is a subsection above and one line here
+ * 5.4 CoKe: online constrained k-means (paper_notes.md §5c; arXiv 2105.11527, idstcv/CoKe
+ *     builder_single_view.py and builder_multi_view.py, the first stage, without label smoothing)
+ * ------------------------------------------------------------------------------------------------
+ *   K1: x_i = (1/Vg) sum_v u_{v,i}      image i's mean global row, u = h / ||h|| of the STUDENT (CoKe
+ *                                       has no teacher network), detached, not re-normalised
+ *   per head (K clusters, its own state):
+ *   K2: y_i = argmax_k (<x_i, c_k> + rho_k)             c: the running centres of this epoch
+ *   K3: rho_k <- max(0, rho_k - eta n_k / B + eta gamma / K),    n_k = #{i : y_i = k}
+ *       (rho rises for a cluster that got fewer than gamma B / K of the batch: the lower bound)
+ *   K4: for every k with n_k > 0:  c_k <- normalize((N_k c_k + sum_{y_i = k} x_i) / (N_k + n_k)),
+ *       N_k <- N_k + n_k     (the mean of the epoch's assigned features, re-normalised)
+ *   K5: at the first step of an epoch: C_prev <- c, N <- 0    (the classifier is last epoch's centres)
+ *   K6: t_i = the label image i got when last seen (one int per image and head), in epoch 0 y_i itself;
+ *       then the label of image i becomes y_i
+ *   K7: L = (1/H) sum_heads [ beta CE(up) + (1 - beta) CE(u) ],  CE(r) = mean over crops and images of
+ *       -log softmax(<r_{crop,i}, C_prev> / T)[t_i];  up: the predictor's rows (E10), u: the projection's
+ * C_prev is state, not a parameter: the gradient reaches u and up only (du = dCE/dlogits C_prev / T),
+ * so the model has no learned prototype layer. The state is O(K d) per head plus O(H N) labels: the
+ * part that grows with the data set (4 bytes per image and head here; the official code keeps int64
+ * labels with room for 5 smoothed labels per image: paper_notes.md §5c has both at N = 60,000 and
+ * 1,281,167).
+ */
+enum { COKE_PREV, COKE_CUR, COKE_DUALS, COKE_COUNTERS, COKE_LABELS, COKE_X, COKE_ASSIGN, COKE_TARGETS,
+       COKE_LOGITS, COKE_COUNTS, COKE_N_BUFFERS };
+
+static long coke_n_images(const ExcbConfig *c) { return c->n_images > 0 ? c->n_images : (long)c->batch * c->steps_per_epoch; }
+
+/* the clusters of every head together (KS), the widest head, and head j's first row in the state */
+static int coke_total_k(const ExcbConfig *c, int *widest) {
+    int ks = 0, w = 0;
+    for (int j = 0; j < c->coke.n_heads; j++) { ks += c->coke.k[j]; w = c->coke.k[j] > w ? c->coke.k[j] : w; }
+    if (widest) *widest = w;
+    return ks;
+}
+
+static int coke_head_offset(const ExcbConfig *c, int head) {
+    int off = 0;
+    for (int j = 0; j < head; j++) off += c->coke.k[j];
+    return off;
+}
+
+static int coke_buffers(const ExcbConfig *c, ExcbBuffer *b) {
+    int widest, KS = coke_total_k(c, &widest), H = c->coke.n_heads, B = c->batch, d = c->d;
+    size_t rows = (size_t)(c->n_global + c->n_local) * B;
+    b[COKE_PREV] = (ExcbBuffer){"centers_prev", (size_t)KS * d, 1, 0};              /* C_prev (KS, d), K5 */
+    b[COKE_CUR] = (ExcbBuffer){"centers_cur", (size_t)KS * d, 1, 0};                /* c (KS, d), K4     */
+    b[COKE_DUALS] = (ExcbBuffer){"duals", (size_t)KS, 1, 0};                        /* rho, K3           */
+    b[COKE_COUNTERS] = (ExcbBuffer){"counters", (size_t)KS, 1, 0};                  /* N_k, K4           */
+    b[COKE_LABELS] = (ExcbBuffer){"labels", (size_t)H * coke_n_images(c), 1, 1};   /* (H, N) int32, K6  */
+    b[COKE_X] = (ExcbBuffer){"mean_rows", (size_t)B * d, 0, 0};                     /* x (B, d), K1      */
+    b[COKE_ASSIGN] = (ExcbBuffer){"assign", (size_t)H * B, 0, 1};                   /* y (H, B), K2      */
+    b[COKE_TARGETS] = (ExcbBuffer){"targets", (size_t)H * B, 0, 1};                 /* t (H, B), K6      */
+    b[COKE_LOGITS] = (ExcbBuffer){"logits", rows * (widest > B ? widest : B), 0, 0};   /* (rows, K_j)    */
+    b[COKE_COUNTS] = (ExcbBuffer){"counts", (size_t)KS, 0, 1};                      /* n_k, K3           */
+    return COKE_N_BUFFERS;
+}
+
+static int coke_label_range(const ExcbConfig *c) { return c->coke.k[0]; }    /* A21: head 0's labels */
+
+static int coke_validate(const ExcbConfig *c, char *err) {
+    if (c->coke.n_heads < 1)
+        return fail(err, EXCB_EXIT_CONFIG, "key 'coke_k' needs at least one head's K");
+    for (int j = 0; j < c->coke.n_heads; j++)
+        if (c->coke.k[j] < 2) return fail(err, EXCB_EXIT_CONFIG, "key 'coke_k': head %d has K = %d, below 2", j, c->coke.k[j]);
+    if (coke_n_images(c) < c->batch)
+        return fail(err, EXCB_EXIT_CONFIG, "CoKe keeps a label per training image: the data set's %ld images are fewer "
+                    "than batch = %d", coke_n_images(c), c->batch);
+    return 0;
+}
+
+/* C_prev = c = unit rows of normal draws (torch.randn(dim, K) normalised, as builder_single_view.py) */
+static void coke_init(ExcbModel *m) {
+    const ExcbConfig *c = &m->cfg;
+    int KS = coke_total_k(c, NULL), d = c->d;
+    real *prev = m->mbuf[COKE_PREV], *cur = m->mbuf[COKE_CUR];
+    for (int k = 0; k < KS; k++) {
+        double ss = 0;
+        for (int j = 0; j < d; j++) {
+            real v = excb_normal(c->seed, EXCB_RNG_COKE, (uint64_t)k, 0, (uint64_t)j);
+            cur[(size_t)k * d + j] = v;
+            ss += (double)v * v;
+        }
+        real inv = (real)(1.0 / sqrt(ss));
+        for (int j = 0; j < d; j++) prev[(size_t)k * d + j] = cur[(size_t)k * d + j] *= inv;
+    }
+    memset(m->mbuf[COKE_DUALS], 0, sizeof(real) * KS);
+    memset(m->mbuf[COKE_COUNTERS], 0, sizeof(real) * KS);
+    memset(m->mbuf[COKE_LABELS], 0, sizeof(int32_t) * m->mbuf_spec[COKE_LABELS].floats);
+}
+
+/* K5 at the first step of an epoch (update_center, run after each epoch by main_*.py) */
+static void coke_begin_step(ExcbModel *m) {
+    const ExcbConfig *c = &m->cfg;
+    if (m->step == 0 || m->step % c->steps_per_epoch) return;
+    int KS = coke_total_k(c, NULL);
+    memcpy(m->mbuf[COKE_PREV], m->mbuf[COKE_CUR], sizeof(real) * KS * c->d);
+    memset(m->mbuf[COKE_COUNTERS], 0, sizeof(real) * KS);
+}
+
+static long coke_image(const ExcbModel *m, int i) {
+    long N = coke_n_images(&m->cfg);
+    return m->batch_index ? (long)m->batch_index[i] : (m->step * m->cfg.batch + i) % N;
+}
+
+/* one row's hard-label cross-entropy at 1/T: returns -log softmax(z / T)[t]; z becomes
+   d(scale * CE)/dz = scale (softmax - onehot) / T */
+static double ce_hard_row(real *z, int K, int t, double inv_tau, double scale) {
+    real it = (real)inv_tau, mx = -INFINITY;
+    for (int k = 0; k < K; k++) mx = fmax(mx, z[k] * it);
+    double se = 0, lt = (double)z[t] * it;
+    for (int k = 0; k < K; k++) {
+        real e = exp(z[k] * it - mx);
+        z[k] = e;
+        se += e;
+    }
+    real g = (real)(scale * inv_tau / se), g1 = (real)(scale * inv_tau);
+    for (int k = 0; k < K; k++) z[k] = z[k] * g - (k == t ? g1 : 0.0f);
+    return mx + log(se) - lt;
+}
+
+/* K7 for one head and one branch: rows (n, d) against C (K, d); adds weight * mean CE to the loss and
+   weight * dCE/du into du (accumulate: 0 for the first head) */
+static double coke_branch(ExcbModel *m, const real *rows, int n_crops, const real *C, int K, const int32_t *t,
+                          double weight, real *du, int accumulate) {
+    const ExcbConfig *c = &m->cfg;
+    int B = c->batch, n = n_crops * B, d = c->d;
+    real *z = m->mbuf[COKE_LOGITS];
+    double scale = weight / n, *row_loss = m->row_loss;
+    m->ops->gemm('N', 'T', n, K, d, 1.0f, rows, d, C, d, 0.0f, z, K);
+#pragma omp parallel for schedule(static)
+    for (int r = 0; r < n; r++) row_loss[r] = ce_hard_row(z + (size_t)r * K, K, t[r % B], 1.0 / c->coke.tau, scale);
+    double total = 0;
+    for (int r = 0; r < n; r++) total += row_loss[r];        /* a fixed order: any thread count */
+    m->ops->gemm('N', 'N', n, d, K, 1.0f, z, K, C, d, accumulate ? 1.0f : 0.0f, du, d);
+    return total * scale;
+}
+
+static double coke_loss(ExcbModel *m) {
+    const ExcbConfig *c = &m->cfg;
+    const ExcbCokeConfig *k = &c->coke;
+    int B = c->batch, d = c->d, Vg = c->n_global, H = k->n_heads;
+    int n_pred_crops = c->n_global + c->n_local;
+    long N = coke_n_images(c);
+    real *x = m->mbuf[COKE_X];
+    int32_t *y = m->mbuf[COKE_ASSIGN], *t = m->mbuf[COKE_TARGETS], *labels = m->mbuf[COKE_LABELS];
+    for (int i = 0; i < B; i++)                                                             /* K1 */
+        for (int j = 0; j < d; j++) {
+            real acc = 0.0f;
+            for (int v = 0; v < Vg; v++) acc += m->u_dir[((size_t)v * B + i) * d + j];
+            x[(size_t)i * d + j] = acc / (real)Vg;
+        }
+    long epoch = m->step / c->steps_per_epoch;
+    double loss = 0;
+    for (int h = 0; h < H; h++) {
+        int K = k->k[h], off = coke_head_offset(c, h);
+        const real *cur = (const real *)m->mbuf[COKE_CUR] + (size_t)off * d;
+        const real *rho = (const real *)m->mbuf[COKE_DUALS] + off;
+        real *score = m->mbuf[COKE_LOGITS];
+        m->ops->gemm('N', 'T', B, K, d, 1.0f, x, d, cur, d, 0.0f, score, K);
+        for (int i = 0; i < B; i++) {                                                       /* K2 */
+            const real *si = score + (size_t)i * K;
+            int best = 0;
+            for (int j = 1; j < K; j++)
+                if (si[j] + rho[j] > si[best] + rho[best]) best = j;
+            y[h * B + i] = best;
+            t[h * B + i] = epoch == 0 ? best : labels[(size_t)h * N + coke_image(m, i)];    /* K6 */
+        }
+    }
+    for (int h = 0; h < H; h++) {                                                           /* K7 */
+        const real *C = (const real *)m->mbuf[COKE_PREV] + (size_t)coke_head_offset(c, h) * d;
+        loss += coke_branch(m, m->u_dir, m->n_dir_crops, C, k->k[h], t + h * B, (1 - k->beta) / H, m->du_dir, h > 0);
+        loss += coke_branch(m, m->u_pred, n_pred_crops, C, k->k[h], t + h * B, k->beta / H, m->du_pred, h > 0);
+    }
+    for (int v = 0; v < Vg; v++)                        /* A21's monitors: head 0's new labels */
+        for (int i = 0; i < B; i++) m->labels[v * B + i] = y[i];
+    return loss;
+}
+
+/* K3, K4 and the labels' write (K6), after the loss */
+static int coke_update(ExcbModel *m) {
+    const ExcbConfig *c = &m->cfg;
+    const ExcbCokeConfig *k = &c->coke;
+    int B = c->batch, d = c->d, used = 0;
+    long N = coke_n_images(c);
+    const real *x = m->mbuf[COKE_X];
+    const int32_t *y = m->mbuf[COKE_ASSIGN];
+    int32_t *labels = m->mbuf[COKE_LABELS], *counts = m->mbuf[COKE_COUNTS];
+    for (int h = 0; h < k->n_heads; h++) {
+        int K = k->k[h], off = coke_head_offset(c, h);
+        real *rho = (real *)m->mbuf[COKE_DUALS] + off, *Nk = (real *)m->mbuf[COKE_COUNTERS] + off;
+        real *cur = (real *)m->mbuf[COKE_CUR] + (size_t)off * d;
+        int32_t *n = counts + off;
+        int distinct = distinct_labels(n, y + h * B, B, K);
+        if (h == 0) used = distinct;
+        real eta = (real)k->eta, lb = (real)(k->gamma / K);
+        for (int j = 0; j < K; j++) {                                                       /* K3 */
+            if (n[j]) rho[j] -= eta / (real)B * (real)n[j];
+            rho[j] += eta * lb;
+            if (k->gamma < 1 && rho[j] < 0) rho[j] = 0;
+        }
+        for (int j = 0; j < K; j++) {                                                       /* K4 */
+            if (!n[j]) continue;
+            real alpha = Nk[j] / (Nk[j] + (real)n[j]);
+            Nk[j] += (real)n[j];
+            real *cj = cur + (size_t)j * d;
+            for (int e = 0; e < d; e++) cj[e] *= alpha;
+        }
+        for (int i = 0; i < B; i++) {          /* index_add_ of x_i / N_k, in the batch's order */
+            int j = y[h * B + i];
+            real inv = 1.0f / Nk[j];
+            for (int e = 0; e < d; e++) cur[(size_t)j * d + e] += x[(size_t)i * d + e] * inv;
+        }
+        for (int j = 0; j < K; j++) {
+            if (!n[j]) continue;
+            real *cj = cur + (size_t)j * d;
+            double ss = 0;
+            for (int e = 0; e < d; e++) ss += (double)cj[e] * cj[e];
+            real nrm = (real)sqrt(ss), den = nrm > 1e-12f ? nrm : 1e-12f;
+            for (int e = 0; e < d; e++) cj[e] /= den;
+        }
+        for (int i = 0; i < B; i++) labels[(size_t)h * N + coke_image(m, i)] = y[h * B + i];   /* K6 */
+    }
+    return used;
+}
+
+static int coke_diagnostics(const ExcbModel *m, const char **names, double *values) {
+    const ExcbConfig *c = &m->cfg;
+    const real *rho = m->mbuf[COKE_DUALS];
+    int K = c->coke.k[0], raised = 0;
+    double mx = 0;
+    for (int j = 0; j < K; j++) { raised += rho[j] > 0; mx = fmax(mx, rho[j]); }
+    names[0] = "coke_dual_max"; values[0] = mx;                  /* head 0 */
+    names[1] = "coke_dual_positive_frac"; values[1] = (double)raised / K;
+    names[2] = "coke_label_mib"; values[2] = 4.0 * c->coke.n_heads * coke_n_images(c) / (1 << 20);
+    return 3;
+}
+
+static const ExcbSetting coke_settings[] = {
+    {"coke_k", EXCB_KEY_INTLIST, MC(coke.k), EXCB_MAX_HEADS, MC(coke.n_heads), 1, 0, 0, "3000,4000,5000", NULL, "CoKe: K of each clustering head (K7; the key K is not used)"},
+    {"coke_tau", EXCB_KEY_DOUBLE, MC(coke.tau), 0, 0, 1, 1e-6, 1e6, "0.05", NULL, "CoKe: temperature T of the cross-entropy (K7; 0.1 with a single view)"},
+    {"coke_beta", EXCB_KEY_DOUBLE, MC(coke.beta), 0, 0, 1, 0, 1, "0.5", NULL, "CoKe: weight of the predictor branch, 1 - beta the projection's (K7)"},
+    {"coke_gamma", EXCB_KEY_DOUBLE, MC(coke.gamma), 0, 0, 1, 0, 1, "0.4", NULL, "CoKe: a cluster's lower bound, gamma / K of the data (K3)"},
+    {"coke_eta", EXCB_KEY_DOUBLE, MC(coke.eta), 0, 0, 1, 0, 1e6, "20", NULL, "CoKe: step of the dual variables (K3)"},
+};
+
+static const ExcbMethod method_coke = {
+    .name = "coke", .summary = "CoKe: online constrained k-means, dual variables and a label per image (K1-K7)",
+    .pairing = EXCB_PAIRING_SWAPPED, .cuda = 0, .no_prototypes = 1, .student_only = 1, .predictor = 1,
+    .settings = coke_settings, .n_settings = sizeof coke_settings / sizeof coke_settings[0],
+    .buffers = coke_buffers, .validate = coke_validate, .init = coke_init, .begin_step = coke_begin_step,
+    .loss = coke_loss, .update = coke_update, .label_range = coke_label_range, .diagnostics = coke_diagnostics,
+};
+
+/* ------------------------------------------------------------------------------------------------
+ * 5.5 CARP: consistent assignment over random partitions (paper_notes.md §5c; arXiv 2310.12692,
+ *     sthalles/carp modules/random_partition.py and carp_loss.py)
+ * ------------------------------------------------------------------------------------------------
+ *   R1: z = h c^T            the projection as it is (CARP's head: no L2-normalised input), c = v/||v||;
+ *                            the teacher's zt the same from its own h and c
+ *   R2: a permutation pi of the K prototypes per step, a pure function of (seed, step); block b holds
+ *       pi[b N_B .. (b+1) N_B)  (the official code draws it on rank 0 and broadcasts it)
+ *   R3: p_{u,i}^b = softmax over block b of z_{u,i} (student crop u), q_{v,i}^b the same for teacher
+ *       view v, detached; no temperature
+ *   R4: L_c = -(1/|M|) sum_{(u,v) in M} mean_{b,i} log clamp(<p_{u,i}^b, q_{v,i}^b>, eps, 1 - eps),
+ *       M: every student crop u with every teacher view v != u; eps = FLT_EPSILON
+ *   R5: L_h = mean_b [ log N_B + sum_c pbar_c^b log clamp(pbar_c^b, eps, 1 - eps) ] = KL(pbar^b || uniform),
+ *       pbar^b the mean of the block distributions over every student row and every teacher row
+ *   L = L_c + L_h.  Backward, per row and block: g = dL/dp (R4's -q/<p,q> where unclamped, plus R5's
+ *   (log pbar + 1) / (N_P rows)), then dz = p (g - <p, g>) (the softmax's Jacobian).
+ * Balance comes from R5 alone, per block of N_B: a batch needs to cover a block (N_B = 512), not all K.
+ */
+enum { CARP_PERM, CARP_GRAD, CARP_PBAR, CARP_COUNTS, CARP_N_BUFFERS };
+
+static int carp_buffers(const ExcbConfig *c, ExcbBuffer *b) {
+    size_t rows = (size_t)(c->n_global + c->n_local) * c->batch;
+    b[CARP_PERM] = (ExcbBuffer){"partition", (size_t)c->K, 0, 1};                    /* pi, R2        */
+    b[CARP_GRAD] = (ExcbBuffer){"grad_p", rows * c->K, 0, 0};                        /* dL/dp, R4, R5 */
+    b[CARP_PBAR] = (ExcbBuffer){"pbar", 2 * (size_t)c->K, 0, 0};                     /* K doubles     */
+    b[CARP_COUNTS] = (ExcbBuffer){"counts", (size_t)c->K, 0, 1};
+    return CARP_N_BUFFERS;
+}
+
+static int carp_validate(const ExcbConfig *c, char *err) {
+    if (c->K % c->carp.block)
+        return fail(err, EXCB_EXIT_CONFIG, "CARP splits the K = %d prototypes into blocks of carp_block = %d: K must be a "
+                    "multiple of it", c->K, c->carp.block);
+    if (c->pairing == EXCB_PAIRING_EXCB)
+        return fail(err, EXCB_EXIT_CONFIG, "CARP pairs every crop with the other views (pairing = swapped or auto), "
+                    "not pairing = excb");
+    if (c->n_global + c->n_local < 2)
+        return fail(err, EXCB_EXIT_CONFIG, "CARP needs two views at least (n_global + n_local = %d)", c->n_global + c->n_local);
+    return 0;
+}
+
+/* R2: Fisher-Yates, the swap of position i drawn from (seed, PARTITION, step, i) */
+void carp_partition(int32_t *perm, int K, uint64_t seed, long step) {
+    for (int k = 0; k < K; k++) perm[k] = k;
+    for (int i = K - 1; i > 0; i--) {
+        int j = (int)(excb_hash(seed, EXCB_RNG_PARTITION, (uint64_t)step, (uint64_t)i, 0) % (uint64_t)(i + 1));
+        int32_t t = perm[i];
+        perm[i] = perm[j];
+        perm[j] = t;
+    }
+}
+
+/* R3 on N rows of K in place: each block's scores become its softmax */
+static void block_softmax(real *z, int N, int K, const int32_t *perm, int nb) {
+#pragma omp parallel for schedule(static)
+    for (int r = 0; r < N; r++) {
+        real *zr = z + (size_t)r * K;
+        for (int b0 = 0; b0 < K; b0 += nb) {
+            const int32_t *blk = perm + b0;
+            real mx = -INFINITY;
+            for (int c = 0; c < nb; c++) mx = fmax(mx, zr[blk[c]]);
+            double se = 0;
+            for (int c = 0; c < nb; c++) {
+                real e = exp(zr[blk[c]] - mx);
+                zr[blk[c]] = e;
+                se += e;
+            }
+            real inv = (real)(1.0 / se);
+            for (int c = 0; c < nb; c++) zr[blk[c]] *= inv;
+        }
+    }
+}
+
+static double carp_loss(ExcbModel *m) {
+    const ExcbConfig *c = &m->cfg;
+    int B = c->batch, K = c->K, nb = c->carp.block, NP = K / nb, Vg = c->n_global, U = m->n_dir_crops;
+    int n_dir = U * B, NG = Vg * B, n_all = n_dir + NG;
+    const real eps = FLT_EPSILON, one = 1.0f - FLT_EPSILON;
+    int32_t *perm = m->mbuf[CARP_PERM];
+    real *p = m->z_dir, *q = m->q, *g = m->mbuf[CARP_GRAD];
+    double *pbar = m->mbuf[CARP_PBAR];
+    carp_partition(perm, K, c->seed, m->step);                                               /* R2 */
+    memcpy(q, m->zt, sizeof(real) * (size_t)NG * K);           /* zt stays: the teacher's scores  */
+    block_softmax(p, n_dir, K, perm, nb);                                                    /* R3 */
+    block_softmax(q, NG, K, perm, nb);
+    int pairs = 0;
+    for (int u = 0; u < U; u++)
+        for (int v = 0; v < Vg; v++) pairs += u != v;
+    double scale_c = 1.0 / ((double)pairs * NP * B);
+#pragma omp parallel for schedule(static)
+    for (int r = 0; r < n_dir; r++) {                                                        /* R4 */
+        int u = r / B, i = r % B;
+        real *gr = g + (size_t)r * K;
+        const real *pr = p + (size_t)r * K;
+        memset(gr, 0, sizeof(real) * K);
+        double lr = 0;
+        for (int v = 0; v < Vg; v++) {
+            if (v == u) continue;
+            const real *qv = q + ((size_t)v * B + i) * K;
+            for (int b0 = 0; b0 < K; b0 += nb) {
+                const int32_t *blk = perm + b0;
+                double s = 0;
+                for (int cc = 0; cc < nb; cc++) s += (double)pr[blk[cc]] * qv[blk[cc]];
+                real sf = (real)s, cl = fmin(fmax(sf, eps), one);
+                lr -= log(cl);
+                if (sf >= eps && sf <= one) {
+                    real w = (real)(-scale_c / s);
+                    for (int cc = 0; cc < nb; cc++) gr[blk[cc]] += w * qv[blk[cc]];
+                }
+            }
+        }
+        m->row_loss[r] = lr;
+    }
+    double lc = 0;
+    for (int r = 0; r < n_dir; r++) lc += m->row_loss[r];
+    lc *= scale_c;
+#pragma omp parallel for schedule(static)
+    for (int k = 0; k < K; k++) {                                                            /* R5 */
+        double acc = 0;
+        for (int r = 0; r < n_dir; r++) acc += p[(size_t)r * K + k];
+        for (int r = 0; r < NG; r++) acc += q[(size_t)r * K + k];
+        pbar[k] = acc / n_all;
+    }
+    double lh = 0;
+    for (int k = 0; k < K; k++) {
+        real pk = (real)pbar[k], cl = fmin(fmax(pk, eps), one);
+        lh += (double)pk * log(cl);
+        /* pbar's gradient, kept in pbar: d/dpbar of pbar log clamp(pbar) */
+        pbar[k] = (log(cl) + (pk >= eps && pk <= one ? 1.0 : 0.0)) / ((double)NP * n_all);
+    }
+    lh = lh / NP + log((double)nb);
+#pragma omp parallel for schedule(static)
+    for (int r = 0; r < n_dir; r++) {                  /* the softmax's backward, block by block */
+        real *pr = p + (size_t)r * K, *gr = g + (size_t)r * K;
+        for (int b0 = 0; b0 < K; b0 += nb) {
+            const int32_t *blk = perm + b0;
+            double dot = 0;
+            for (int cc = 0; cc < nb; cc++) {
+                gr[blk[cc]] += (real)pbar[blk[cc]];
+                dot += (double)pr[blk[cc]] * gr[blk[cc]];
+            }
+            real dotf = (real)dot;
+            for (int cc = 0; cc < nb; cc++) pr[blk[cc]] = pr[blk[cc]] * (gr[blk[cc]] - dotf);   /* dL/dz */
+        }
+    }
+    return lc + lh;
+}
+
+/* no state; A21's labels: the teacher's argmax over all K raw scores */
+static int carp_update(ExcbModel *m) {
+    int NG = m->cfg.n_global * m->cfg.batch;
+    row_argmax(m->labels, m->zt, NG, m->cfg.K);
+    return distinct_labels(m->mbuf[CARP_COUNTS], m->labels, NG, m->cfg.K);
+}
+
+static const ExcbSetting carp_settings[] = {
+    {"carp_block", EXCB_KEY_INT, MC(carp.block), 0, 0, 1, 1, 1 << 24, "512", NULL, "CARP: prototypes per block of the random partition N_B; K must be a multiple (R2)"},
+};
+
+static const ExcbMethod method_carp = {
+    .name = "carp", .summary = "CARP: random partitions of the prototypes, per-block consistency and uniformity (R1-R5)",
+    .pairing = EXCB_PAIRING_SWAPPED, .cuda = 0, .raw_rows = 1,
+    .settings = carp_settings, .n_settings = sizeof carp_settings / sizeof carp_settings[0],
+    .buffers = carp_buffers, .validate = carp_validate, .loss = carp_loss, .update = carp_update,
+};
+
+/* ------------------------------------------------------------------------------------------------
+ * 5.6 mvbt: multi-view Barlow Twins, a method without prototypes (paper_notes.md §5c; arXiv 2312.10725,
+ *     kumarkrishna/fastssl fastssl/models/barlow_twins.py BarlowTwinLoss)
+ * ------------------------------------------------------------------------------------------------
+ *   T1: zn = (z - mean) / std over all A B rows together, per feature (torch.std: divisor A B - 1);
+ *       z: the projection of every crop as it is, A = Vg + Vl views, zn_a its view a (B, d)
+ *   T2 (A = 2): C = zn_0^T zn_1 / B;  L = sum_k (C_kk - 1)^2 + lambda sum_{k != l} C_kl^2
+ *   T3 (A > 2): zbar = (1/A) sum_a zn_a;  on_{a,k} = (1/B) sum_i zn_{a,i,k} zbar_{i,k};
+ *       L = (1/A) sum_{a,k} (on_{a,k} - 1)^2 + lambda sum_{k != l} (zbar^T zbar / B)_{kl}^2
+ *   lambda = mvbt_lambda_d / d (1/d, the repository's recommendation for d = 128).
+ *   Backward: T2: dzn_0 = zn_1 G^T / B, dzn_1 = zn_0 G / B, G = dL/dC (2 (C_kk - 1) on the diagonal,
+ *   2 lambda C_kl off it). T3: dzn_a = (2 / (A B)) (on_a - 1) zbar + (1/A) dzbar, with dzbar =
+ *   sum_a (2 / (A B)) (on_a - 1) zn_a + (4 lambda / B) zbar Coff. T1: dz = (dzn - mean(dzn) -
+ *   zn <dzn, zn> / (A B - 1)) / std, per feature.
+ * No teacher, no prototypes, no state: the harness's teacher is only the EMA, used for evaluation.
+ */
+enum { MVBT_ZN, MVBT_DZN, MVBT_ZBAR, MVBT_DZBAR, MVBT_CC, MVBT_STATS, MVBT_N_BUFFERS };
+
+static int mvbt_buffers(const ExcbConfig *c, ExcbBuffer *b) {
+    int A = c->n_global + c->n_local, d = c->d;
+    size_t rows = (size_t)A * c->batch;
+    b[MVBT_ZN] = (ExcbBuffer){"standardised", rows * d, 0, 0};                       /* zn, T1        */
+    b[MVBT_DZN] = (ExcbBuffer){"grad_standardised", rows * d, 0, 0};
+    b[MVBT_ZBAR] = (ExcbBuffer){"mean_view", (size_t)c->batch * d, 0, 0};            /* zbar, T3      */
+    b[MVBT_DZBAR] = (ExcbBuffer){"grad_mean_view", (size_t)c->batch * d, 0, 0};
+    b[MVBT_CC] = (ExcbBuffer){"correlation", 2 * (size_t)d * d, 0, 0};               /* C, then G     */
+    b[MVBT_STATS] = (ExcbBuffer){"statistics", 2 * (2 * (size_t)d + (size_t)A * d), 0, 0};   /* doubles */
+    return MVBT_N_BUFFERS;
+}
+
+static int mvbt_validate(const ExcbConfig *c, char *err) {
+    if (c->pairing == EXCB_PAIRING_EXCB)
+        return fail(err, EXCB_EXIT_CONFIG, "mvbt compares every view with the others (pairing = swapped or auto), not "
+                    "pairing = excb");
+    if (c->n_global + c->n_local < 2)
+        return fail(err, EXCB_EXIT_CONFIG, "mvbt needs two views at least (n_global + n_local = %d)", c->n_global + c->n_local);
+    return 0;
+}
+
+static int mvbt_label_range(const ExcbConfig *c) { (void)c; return 0; }      /* no clusters, no labels */
+
+static double mvbt_loss(ExcbModel *m) {
+    const ExcbConfig *c = &m->cfg;
+    int B = c->batch, d = c->d, A = m->n_dir_crops, M = A * B;
+    double lambda = c->mvbt.lambda_d / d, loss = 0;
+    const real *z = m->u_dir;                                    /* raw rows (M, d), view-major   */
+    real *zn = m->mbuf[MVBT_ZN], *dzn = m->mbuf[MVBT_DZN], *Cm = m->mbuf[MVBT_CC];
+    double *mean = m->mbuf[MVBT_STATS], *sd = mean + d, *on = sd + d;
+#pragma omp parallel for schedule(static)
+    for (int k = 0; k < d; k++) {                                                            /* T1 */
+        double s = 0, ss = 0;
+        for (int r = 0; r < M; r++) s += z[(size_t)r * d + k];
+        double mu = s / M;
+        for (int r = 0; r < M; r++) { double e = z[(size_t)r * d + k] - mu; ss += e * e; }
+        mean[k] = mu;
+        sd[k] = sqrt(ss / (M - 1));
+        real muf = (real)mu, sdf = (real)sd[k];
+        for (int r = 0; r < M; r++) zn[(size_t)r * d + k] = (z[(size_t)r * d + k] - muf) / sdf;
+    }
+    real inv_b = 1.0f / (real)B;
+    if (A == 2) {                                                                            /* T2 */
+        const real *z0 = zn, *z1 = zn + (size_t)B * d;
+        m->ops->gemm('T', 'N', d, d, B, inv_b, z0, d, z1, d, 0.0f, Cm, d);
+        for (int k = 0; k < d; k++)
+            for (int l = 0; l < d; l++) {
+                double ckl = Cm[(size_t)k * d + l];
+                if (k == l) { loss += (ckl - 1) * (ckl - 1); Cm[(size_t)k * d + l] = (real)(2 * (ckl - 1)); }
+                else { loss += lambda * ckl * ckl; Cm[(size_t)k * d + l] = (real)(2 * lambda * ckl); }
+            }
+        m->ops->gemm('N', 'T', B, d, d, inv_b, z1, d, Cm, d, 0.0f, dzn, d);               /* zn_1 G^T / B */
+        m->ops->gemm('N', 'N', B, d, d, inv_b, z0, d, Cm, d, 0.0f, dzn + (size_t)B * d, d);   /* zn_0 G / B */
+    } else {                                                                                 /* T3 */
+        real *zbar = m->mbuf[MVBT_ZBAR], *dzbar = m->mbuf[MVBT_DZBAR];
+        for (size_t e = 0; e < (size_t)B * d; e++) {
+            real acc = 0.0f;
+            for (int a = 0; a < A; a++) acc += zn[(size_t)a * B * d + e];
+            zbar[e] = acc / (real)A;
+        }
+        for (int a = 0; a < A; a++)
+            for (int k = 0; k < d; k++) {
+                double acc = 0;
+                for (int i = 0; i < B; i++) acc += (double)zn[((size_t)a * B + i) * d + k] * zbar[(size_t)i * d + k];
+                on[a * d + k] = acc / B;
+                loss += (on[a * d + k] - 1) * (on[a * d + k] - 1) / A;
+            }
+        m->ops->gemm('T', 'N', d, d, B, inv_b, zbar, d, zbar, d, 0.0f, Cm, d);
+        for (int k = 0; k < d; k++)
+            for (int l = 0; l < d; l++) {
+                double ckl = Cm[(size_t)k * d + l];
+                if (k != l) loss += lambda * ckl * ckl;
+                Cm[(size_t)k * d + l] = k == l ? 0.0f : (real)(4 * lambda / B * ckl);      /* 4 lambda Coff / B */
+            }
+        m->ops->gemm('N', 'N', B, d, d, 1.0f, zbar, d, Cm, d, 0.0f, dzbar, d);             /* L2's dzbar    */
+        for (int i = 0; i < B; i++)
+            for (int k = 0; k < d; k++) {
+                real acc = dzbar[(size_t)i * d + k];
+                for (int a = 0; a < A; a++)
+                    acc += (real)(2.0 / ((double)A * B) * (on[a * d + k] - 1)) * zn[((size_t)a * B + i) * d + k];
+                dzbar[(size_t)i * d + k] = acc;
+            }
+        for (int a = 0; a < A; a++)
+            for (int i = 0; i < B; i++)
+                for (int k = 0; k < d; k++) {
+                    size_t e = ((size_t)a * B + i) * d + k;
+                    dzn[e] = (real)(2.0 / ((double)A * B) * (on[a * d + k] - 1)) * zbar[(size_t)i * d + k]
+                           + dzbar[(size_t)i * d + k] / (real)A;
+                }
+    }
+#pragma omp parallel for schedule(static)
+    for (int k = 0; k < d; k++) {                                          /* T1's backward, into du */
+        double s = 0, sz = 0;
+        for (int r = 0; r < M; r++) { s += dzn[(size_t)r * d + k]; sz += (double)dzn[(size_t)r * d + k] * zn[(size_t)r * d + k]; }
+        real mu = (real)(s / M), proj = (real)(sz / (M - 1)), sdf = (real)sd[k];
+        for (int r = 0; r < M; r++)
+            m->du_dir[(size_t)r * d + k] = (dzn[(size_t)r * d + k] - mu - zn[(size_t)r * d + k] * proj) / sdf;
+    }
+    return loss;
+}
+
+static int mvbt_update(ExcbModel *m) { (void)m; return 0; }
+
+static const ExcbSetting mvbt_settings[] = {
+    {"mvbt_lambda_d", EXCB_KEY_DOUBLE, MC(mvbt.lambda_d), 0, 0, 1, 0, 1e6, "1", NULL, "mvbt: lambda times d, the off-diagonal weight (T2, T3; 1: lambda = 1/d)"},
+};
+
+static const ExcbMethod method_mvbt = {
+    .name = "mvbt", .summary = "multi-view Barlow Twins (2312.10725): standardised views against their mean, no prototypes (T1-T3)",
+    .pairing = EXCB_PAIRING_SWAPPED, .cuda = 0, .no_prototypes = 1, .raw_rows = 1, .student_only = 1,
+    .settings = mvbt_settings, .n_settings = sizeof mvbt_settings / sizeof mvbt_settings[0],
+    .buffers = mvbt_buffers, .validate = mvbt_validate, .loss = mvbt_loss, .update = mvbt_update,
+    .label_range = mvbt_label_range,
+};
+
+/* ------------------------------------------------------------------------------------------------
+ * 5.7 The list of methods: a new rule is a subsection above and one line here
  * ------------------------------------------------------------------------------------------------ */
-const ExcbMethod *const excb_methods[] = {&method_excb, &method_none, &method_dino, &method_swav, NULL};
+const ExcbMethod *const excb_methods[] = {&method_excb, &method_none, &method_dino, &method_swav, &method_coke,
+                                          &method_carp, &method_mvbt, NULL};
 
 void *excb_method_buffer(const ExcbModel *m, const char *name) {
     for (int i = 0; i < m->n_mbuf; i++)
@@ -1897,7 +2467,8 @@ static void build_structure(ExcbModel *m) {
     m->proj[2] = add_linear(m, "classifier.projector", 6, c->hidden, c->d, 0);
     m->pred[0] = add_linear(m, "classifier.predictor", 0, c->d, c->hidden, 1);
     m->pred[1] = add_linear(m, "classifier.predictor", 3, c->hidden, c->d, 0);
-    m->centroids = add_tensor(m, EXCB_GROUP_CENTROID, 2, c->K, c->d, 0, 0, "classifier.centroid_layer.weight_v");
+    m->centroids = m->n_protos ? add_tensor(m, EXCB_GROUP_CENTROID, 2, c->K, c->d, 0, 0, "classifier.centroid_layer.weight_v")
+                               : -1;                      /* a method without prototypes (CoKe, mvbt)   */
     m->pred_bn_gamma = add_tensor(m, EXCB_GROUP_NO_DECAY, 1, c->d, 0, 0, 0, "classifier.predictor_activation.weight");
     m->pred_bn_beta = add_tensor(m, EXCB_GROUP_NO_DECAY, 1, c->d, 0, 0, 0, "classifier.predictor_activation.bias");
     m->pred_bn_stats = add_bn_stats(m, c->d);
@@ -1958,7 +2529,7 @@ static void init_params(ExcbModel *m) {
     memcpy(m->teacher_running, m->running, sizeof(real) * m->n_running);
     memset(m->momentum, 0, sizeof(real) * m->n_params);
     memset(m->grads, 0, sizeof(real) * m->n_params);
-    m->method->init(m);                                          /* the method's state at step 0 */
+    if (m->method->init) m->method->init(m);                                         /* the method's state at step 0 */
     m->step = 0;
 }
 
@@ -2026,14 +2597,14 @@ static void plan_backbone(const ExcbModel *m, Arena *ar, ExcbBackboneActs *A, in
 /* Lays out every buffer of a step; with ar->base == NULL it only counts. */
 static void plan_arena(ExcbModel *m, Arena *ar) {
     const ExcbConfig *c = &m->cfg;
-    int B = c->batch, NG = c->n_global * B, NS = (c->n_global + c->n_local) * B, K = c->K, d = c->d;
+    int B = c->batch, NG = c->n_global * B, NS = (c->n_global + c->n_local) * B, K = m->n_protos, d = c->d;
     int Hd = c->hidden, D = m->D;
     size_t max_act = 0, max_col = 0, max_w = 0;
     plan_backbone(m, ar, &m->act_global, NG, c->global_size, &max_act, &max_col, &max_w);
     ar->end_global = ar->used;
     if (c->n_local > 0) plan_backbone(m, ar, &m->act_local, c->n_local * B, c->local_size, &max_act, &max_col, &max_w);
     ar->end_local = ar->used;
-    int n_dir = m->n_dir_crops * B, pred = m->pairing == EXCB_PAIRING_EXCB;
+    int n_dir = m->n_dir_crops * B, pred = m->with_pred;
     m->f = take(ar, (size_t)D * NS);
     for (int l = 0; l < 3; l++) {
         int out = m->proj[l].out;
@@ -2043,7 +2614,7 @@ static void plan_arena(ExcbModel *m, Arena *ar) {
         m->proj_act.rstd[l] = l < 2 ? take(ar, out) : NULL;
     }
     m->h = m->proj_act.a[2];
-    if (pred) {                                 /* the predictor (E10) runs in the EXCB pairing only */
+    if (pred) {                    /* the predictor (E10) runs in the EXCB pairing (and for CoKe) only */
         m->pre_y = take(ar, (size_t)d * NS);
         m->pre_mean = take(ar, d);
         m->pre_rstd = take(ar, d);
@@ -2065,6 +2636,10 @@ static void plan_arena(ExcbModel *m, Arena *ar) {
     m->z_dir = take(ar, (size_t)n_dir * K);
     m->q = take(ar, (size_t)NG * K);
     m->zt = take(ar, (size_t)NG * K);
+    if (!K) {                                   /* no prototypes: the method's loss gives dL/du    */
+        m->du_dir = take(ar, (size_t)n_dir * d);
+        m->du_pred = pred ? take(ar, (size_t)NS * d) : NULL;
+    }
     m->labels = (int32_t *)take(ar, NG);
     m->row_loss = (double *)take(ar, 2 * (size_t)(NG + NS));
     m->qbar = (double *)take(ar, 2 * (size_t)K);      /* K doubles */
@@ -2092,10 +2667,23 @@ static void plan_arena(ExcbModel *m, Arena *ar) {
     ar->max_act = max_act;
 }
 
+/* the views a method's loss needs: section 6's cross-entropy has no term for the excb pairing below two
+   global views, or for the swapped one below two views (a method with its own loss checks its own) */
+static int excb_view_counts_check(const ExcbConfig *c, char *err) {
+    const ExcbMethod *me = excb_methods[c->method];
+    ExcbPairing pairing = c->pairing != EXCB_PAIRING_AUTO ? c->pairing : me->pairing;
+    int Vg = c->n_global, Vl = c->n_local;
+    if (!me->loss && (pairing == EXCB_PAIRING_EXCB ? Vg < 2 : Vg + Vl < 2))
+        return fail(err, EXCB_EXIT_CONFIG, "method %s with the %s pairing has no loss term for n_global = %d and n_local = "
+                    "%d: it needs %s", me->name, pairing == EXCB_PAIRING_EXCB ? "excb" : "swapped", Vg, Vl,
+                    pairing == EXCB_PAIRING_EXCB ? "two global views" : "two views");
+    return 0;
+}
+
 static int check_config(const ExcbConfig *cfg) {
-    if (cfg->n_global < 2 || cfg->batch < 2 || cfg->K < 2 || cfg->n_stages < 1 || cfg->n_stages > EXCB_MAX_STAGES
+    if (cfg->n_global < 1 || cfg->batch < 2 || cfg->K < 2 || cfg->n_stages < 1 || cfg->n_stages > EXCB_MAX_STAGES
         || cfg->steps_per_epoch < 1) {
-        fprintf(stderr, "excb: config %s: need n_global >= 2, batch >= 2, K >= 2, 1..4 stages, steps_per_epoch >= 1\n",
+        fprintf(stderr, "excb: config %s: need n_global >= 1, batch >= 2, K >= 2, 1..4 stages, steps_per_epoch >= 1\n",
                 cfg->name);
         return -1;
     }
@@ -2106,7 +2694,7 @@ static int check_config(const ExcbConfig *cfg) {
         return -1;
     }
     char err[EXCB_ERR_LEN];              /* the method's own rules (SwAV: a queue of whole batches) */
-    if (excb_methods[cfg->method]->validate && excb_methods[cfg->method]->validate(cfg, err)) {
+    if (excb_view_counts_check(cfg, err) || (excb_methods[cfg->method]->validate && excb_methods[cfg->method]->validate(cfg, err))) {
         fprintf(stderr, "excb: config %s: %s\n", cfg->name, err);
         return -1;
     }
@@ -2118,6 +2706,9 @@ static void bind_method(ExcbModel *m) {
     m->method = excb_methods[m->cfg.method];
     m->pairing = m->cfg.pairing != EXCB_PAIRING_AUTO ? m->cfg.pairing : m->method->pairing;
     m->n_dir_crops = m->pairing == EXCB_PAIRING_EXCB ? m->cfg.n_global : m->cfg.n_global + m->cfg.n_local;
+    m->with_pred = m->pairing == EXCB_PAIRING_EXCB || m->method->predictor;
+    m->n_protos = m->method->no_prototypes ? 0 : m->cfg.K;
+    m->n_labels = m->method->label_range ? m->method->label_range(&m->cfg) : m->cfg.K;
     m->n_mbuf = m->method->buffers(&m->cfg, m->mbuf_spec);
     m->mstate_floats = 0;
     for (int i = 0; i < m->n_mbuf; i++)
@@ -2130,8 +2721,8 @@ int excb_build(ExcbModel *m, const ExcbConfig *cfg) {
     if (check_config(cfg)) return -1;
     excb_set_threads(cfg->threads);
     m->max_threads = max_threads();
+    bind_method(m);                           /* first: a method may have no prototype tensor     */
     build_structure(m);
-    bind_method(m);
     m->params = xmalloc(sizeof(real) * m->n_params);
     m->grads = xmalloc(sizeof(real) * m->n_params);
     m->momentum = xmalloc(sizeof(real) * m->n_params);
@@ -2167,8 +2758,8 @@ int excb_memory_plan(const ExcbConfig *cfg, ExcbMemoryPlan *mp) {
     m->cfg = *cfg;
     excb_set_threads(cfg->threads);
     m->max_threads = max_threads();
-    build_structure(m);
     bind_method(m);
+    build_structure(m);
     Arena a = {0}, dev = {.share_shortcuts = 1};
     plan_arena(m, &a);
     plan_arena(m, &dev);
@@ -2399,6 +2990,10 @@ static void cpu_step_diagnostics(const real *q, const real *z, double *per_row, 
 }
 
 static void step_diagnostics(ExcbModel *m, ExcbStepStats *st) {
+    if (!m->method->targets) {        /* a method with its own loss has no targets q: no such monitors */
+        st->teacher_conf = st->student_conf = st->assign_entropy = NAN;
+        return;
+    }
     double out[3];        /* row_loss is free until the loss: it holds the per-row maxima meanwhile */
     m->ops->step_diagnostics(m->q, m->z_dir, m->row_loss, m->qbar, m->cfg.n_global * m->cfg.batch, m->cfg.K,
                              m->cfg.tau_s, out);
@@ -2407,26 +3002,43 @@ static void step_diagnostics(ExcbModel *m, ExcbStepStats *st) {
     st->assign_entropy = out[2];
 }
 
+/* The rows a prototype layer (or a method's own loss) reads: u = h / max(||h||, eps) (E1's input), or
+   the projection as it is for a method with raw rows (CARP's head, mvbt). x is (d, ldx), u (N, d). */
+static void head_rows_forward(ExcbModel *m, real *u, real *den, const real *x, int ldx, int N) {
+    if (m->method->raw_rows) m->ops->rows_forward(u, x, ldx, m->cfg.d, N);
+    else m->ops->l2norm_rows_forward(u, den, x, ldx, m->cfg.d, N, (real)m->cfg.norm_eps);
+}
+
+static void head_rows_backward(ExcbModel *m, real *dx, int ldx, const real *du, const real *u, const real *den, int N) {
+    if (m->method->raw_rows) m->ops->rows_backward(dx, ldx, du, m->cfg.d, N);
+    else m->ops->l2norm_rows_backward(dx, ldx, du, u, den, m->cfg.d, N, (real)m->cfg.norm_eps, 0);
+}
+
 double excb_forward_loss(ExcbModel *m, const real *xg, const real *xl, ExcbStepStats *st) {
     const ExcbConfig *c = &m->cfg;
-    int B = c->batch, NG = c->n_global * B, NL = c->n_local * B, NS = NG + NL, K = c->K, d = c->d;
-    int n_dir = m->n_dir_crops * B, pred = m->pairing == EXCB_PAIRING_EXCB;
-    real eps = (real)c->norm_eps;
+    int B = c->batch, NG = c->n_global * B, NL = c->n_local * B, NS = NG + NL, K = m->n_protos, d = c->d;
+    int n_dir = m->n_dir_crops * B, pred = m->with_pred;
     if (m->method->begin_step) m->method->begin_step(m);
     /* --- teacher: global crops only, its own parameters and BN statistics, no gradient ----------- */
-    backbone_forward(m, m->teacher, m->teacher_running, &m->act_global, xg, m->f, NG);
-    projector_forward(m, m->teacher, m->teacher_running, m->f, NG);
-    centroids_forward(m, m->teacher);
-    m->ops->l2norm_rows_forward(m->ut, m->ut_den, m->h, NG, d, NG, eps);
-    m->ops->gemm('N', 'T', NG, K, d, 1.0f, m->ut, d, m->c, d, 0.0f, m->zt, K);      /* E1 */
-    m->method->targets(m);                                 /* q and labels for the whole batch   */
+    if (!m->method->student_only) {
+        backbone_forward(m, m->teacher, m->teacher_running, &m->act_global, xg, m->f, NG);
+        projector_forward(m, m->teacher, m->teacher_running, m->f, NG);
+        head_rows_forward(m, m->ut, m->ut_den, m->h, NG, NG);
+        if (K) {
+            centroids_forward(m, m->teacher);
+            m->ops->gemm('N', 'T', NG, K, d, 1.0f, m->ut, d, m->c, d, 0.0f, m->zt, K);      /* E1 */
+        }
+        if (m->method->targets) m->method->targets(m);     /* q and labels for the whole batch   */
+    }
     /* --- student: backbone once per resolution (A20), heads over all crops ------------------------- */
     backbone_forward(m, m->params, m->running, &m->act_global, xg, m->f, NS);
     if (NL > 0) backbone_forward(m, m->params, m->running, &m->act_local, xl, m->f + NG, NS);
     projector_forward(m, m->params, m->running, m->f, NS);
-    centroids_forward(m, m->params);
-    m->ops->l2norm_rows_forward(m->u_dir, m->u_dir_den, m->h, NS, d, n_dir, eps);   /* direct rows */
-    m->ops->gemm('N', 'T', n_dir, K, d, 1.0f, m->u_dir, d, m->c, d, 0.0f, m->z_dir, K);
+    head_rows_forward(m, m->u_dir, m->u_dir_den, m->h, NS, n_dir);                    /* direct rows */
+    if (K) {
+        centroids_forward(m, m->params);
+        m->ops->gemm('N', 'T', n_dir, K, d, 1.0f, m->u_dir, d, m->c, d, 0.0f, m->z_dir, K);
+    }
     if (pred) {           /* predictor E10a: BN(d) without ReLU, Linear-BN-ReLU, Linear */
         m->ops->batchnorm_forward(m->pre_y, m->pre_mean, m->pre_rstd, m->running + m->pred_bn_stats,
                                   m->running + m->pred_bn_stats + d, m->h, PT(m->params, m->pred_bn_gamma),
@@ -2434,12 +3046,13 @@ double excb_forward_loss(ExcbModel *m, const real *xg, const real *xl, ExcbStepS
         head_layer_forward(m, m->params, m->running, &m->pred[0], m->pre_y, m->pred_y, m->pred_a, m->pred_mean,
                            m->pred_rstd, NS);
         head_layer_forward(m, m->params, m->running, &m->pred[1], m->pred_a, NULL, m->p, NULL, NULL, NS);
-        m->ops->l2norm_rows_forward(m->u_pred, m->u_pred_den, m->p, NS, d, NS, eps);   /* E10b       */
-        m->ops->gemm('N', 'T', NS, K, d, 1.0f, m->u_pred, d, m->c, d, 0.0f, m->z_pred, K);
+        head_rows_forward(m, m->u_pred, m->u_pred_den, m->p, NS, NS);                  /* E10b       */
+        if (K) m->ops->gemm('N', 'T', NS, K, d, 1.0f, m->u_pred, d, m->c, d, 0.0f, m->z_pred, K);
     }
     if (st) step_diagnostics(m, st);
-    /* --- the loss; z_dir and z_pred become dL/dz ------------------------------------------------- */
-    double loss = m->ops->loss_forward_backward(m->z_dir, m->n_dir_crops, pred ? m->z_pred : NULL, m->row_loss, m->q,
+    /* --- the loss; z_dir and z_pred become dL/dz (or, without prototypes, du_dir and du_pred dL/du) - */
+    double loss = m->method->loss ? m->method->loss(m)
+                : m->ops->loss_forward_backward(m->z_dir, m->n_dir_crops, pred ? m->z_pred : NULL, m->row_loss, m->q,
                                                 c->n_global, c->n_local, B, K, c->tau_s);
     if (st) st->loss = loss;
     return loss;
@@ -2455,9 +3068,8 @@ void excb_update_method(ExcbModel *m, ExcbStepStats *st) {
 
 void excb_backward(ExcbModel *m) {
     const ExcbConfig *c = &m->cfg;
-    int B = c->batch, NG = c->n_global * B, NL = c->n_local * B, NS = NG + NL, K = c->K, d = c->d;
+    int B = c->batch, NG = c->n_global * B, NL = c->n_local * B, NS = NG + NL, K = m->n_protos, d = c->d;
     int n_dir = m->n_dir_crops * B;
-    real eps = (real)c->norm_eps;
     const real *P = m->params;
     real *G = m->grads;
     m->ops->zero(G, m->n_params);                          /* the one place gradients are zeroed */
@@ -2465,18 +3077,26 @@ void excb_backward(ExcbModel *m) {
        reused as soon as the gradient it holds has been consumed; the comments say what is where. */
     real *s0 = m->dhead[0], *s1 = m->dhead[1], *s2 = m->dhead[2], *s3 = m->dhead[3];
     real *dh = s1;                                         /* dL/dh (d, NS): both branches add here */
-    /* E13: only the direct rows reach the centroids (ExCB: the global ones, A8, A9; DINO and SwAV:
-       every crop's): dc = dz_dir^T u_dir, then weight norm */
-    m->ops->gemm('T', 'N', K, d, n_dir, 1.0f, m->z_dir, K, m->u_dir, d, 0.0f, s3, d);         /* s3 = dc */
-    m->ops->weightnorm_backward(PT(G, m->centroids), s3, m->c, m->c_inv_norm, K, d);
-    /* E12, direct rows: du = dz_dir c, dh[:, direct] = (I - u u^T) du / ||h||; the other columns 0 */
-    m->ops->gemm('N', 'N', n_dir, d, K, 1.0f, m->z_dir, K, m->c, d, 0.0f, s0, d);            /* s0 = du */
-    m->ops->l2norm_rows_backward(dh, NS, s0, m->u_dir, m->u_dir_den, d, n_dir, eps, 0);
+    const real *du = m->du_dir;                            /* no prototypes: the loss gave dL/du   */
+    if (K) {
+        /* E13: only the direct rows reach the centroids (ExCB: the global ones, A8, A9; DINO, SwAV and
+           CARP: every crop's): dc = dz_dir^T u_dir, then weight norm */
+        m->ops->gemm('T', 'N', K, d, n_dir, 1.0f, m->z_dir, K, m->u_dir, d, 0.0f, s3, d);         /* s3 = dc */
+        m->ops->weightnorm_backward(PT(G, m->centroids), s3, m->c, m->c_inv_norm, K, d);
+        m->ops->gemm('N', 'N', n_dir, d, K, 1.0f, m->z_dir, K, m->c, d, 0.0f, s0, d);            /* s0 = du */
+        du = s0;
+    }
+    /* E12, direct rows: dh[:, direct] = (I - u u^T) du / ||h|| (raw rows: du^T); the other columns 0 */
+    head_rows_backward(m, dh, NS, du, m->u_dir, m->u_dir_den, n_dir);
     if (n_dir < NS) m->ops->zero_columns(dh, d, NS, n_dir, NS - n_dir);
-    if (m->pairing == EXCB_PAIRING_EXCB) {
+    if (m->with_pred) {
         /* E12, predictor rows (c is a constant here): du = dz_pred c, dp = (I - u u^T) du / ||p|| */
-        m->ops->gemm('N', 'N', NS, d, K, 1.0f, m->z_pred, K, m->c, d, 0.0f, s0, d);          /* s0 = du */
-        m->ops->l2norm_rows_backward(s2, NS, s0, m->u_pred, m->u_pred_den, d, NS, eps, 0);   /* s2 = dp */
+        du = m->du_pred;
+        if (K) {
+            m->ops->gemm('N', 'N', NS, d, K, 1.0f, m->z_pred, K, m->c, d, 0.0f, s0, d);      /* s0 = du */
+            du = s0;
+        }
+        head_rows_backward(m, s2, NS, du, m->u_pred, m->u_pred_den, NS);                     /* s2 = dp */
         /* predictor E10a, last layer to first, then its input BN(d); the result adds into dh */
         head_layer_backward(m, &m->pred[1], s0, s2, NULL, m->pred_a, NULL, m->p, NULL, NULL, NS);  /* s0 = d pred_a */
         head_layer_backward(m, &m->pred[0], s2, s0, s3, m->pre_y, m->pred_y, m->pred_a, m->pred_mean,
@@ -2495,7 +3115,7 @@ void excb_backward(ExcbModel *m) {
     if (NL > 0) backbone_backward(m, &m->act_local, df + NG, NS);
     backbone_backward(m, &m->act_global, df, NS);
     /* a frozen centroid (SwAV, S3) has no gradient, as PyTorch's p.grad = None: it is not updated */
-    if (excb_centroids_frozen(m)) m->ops->zero(PT(G, m->centroids), m->tensors[m->centroids].numel);
+    if (K && excb_centroids_frozen(m)) m->ops->zero(PT(G, m->centroids), m->tensors[m->centroids].numel);
 }
 
 void excb_update(ExcbModel *m, ExcbStepStats *st) {
@@ -2601,6 +3221,8 @@ const ExcbOps excb_cpu_ops = {
     .gemm = matmul_tiled,
     .l2norm_rows_forward = l2norm_rows_forward,
     .l2norm_rows_backward = l2norm_rows_backward,
+    .rows_forward = rows_forward,
+    .rows_backward = rows_backward,
     .weightnorm_forward = weightnorm_forward,
     .weightnorm_backward = weightnorm_backward,
     .balance_factors = balance_factors,
@@ -4189,6 +4811,7 @@ static const ConfigKey config_keys[] = {
     {"hidden", EXCB_KEY_INT, MC(hidden), 0, 0, 1, 1, 1 << 16, NULL, NULL, "projector and predictor hidden width (2048)"},
     {"d", EXCB_KEY_INT, MC(d), 0, 0, 1, 1, 1 << 16, "256", NULL, "projection width d (256)"},
     {"K", EXCB_KEY_INT, MC(K), 0, 0, 1, 2, 1 << 24, "4096", NULL, "clusters (65536 in the paper)"},
+    {"n_global", EXCB_KEY_INT, MC(n_global), 0, 0, 1, 1, 64, "2", NULL, "global crops per image (2; the pairing or method says how few it takes)"},
     {"n_local", EXCB_KEY_INT, MC(n_local), 0, 0, 1, 0, 64, "6", NULL, "local crops per image (6)"},
     {"global_size", EXCB_KEY_INT, MC(global_size), 0, 0, 1, 4, 4096, NULL, NULL, "global crop side (224)"},
     {"local_size", EXCB_KEY_INT, MC(local_size), 0, 0, 1, 0, 4096, NULL, NULL, "local crop side (96)"},
@@ -4203,7 +4826,7 @@ static const ConfigKey config_keys[] = {
     {"ema_start", EXCB_KEY_DOUBLE, MC(ema_start), 0, 0, 1, 0, 1, "0.996", NULL, "teacher momentum at step 0, cosine to 1 (0.996)"},
     {"tau_s", EXCB_KEY_DOUBLE, MC(tau_s), 0, 0, 1, 1e-6, 1e6, "0.1", NULL, "student temperature (0.1)"},
     {"tau_t", EXCB_KEY_DOUBLE, MC(tau_t), 0, 0, 1, 1e-6, 1e6, "0.04", NULL, "teacher temperature (0.04)"},
-    {"method", EXCB_KEY_METHOD, MC(method), 0, 0, 1, 0, 0, "excb", NULL, "the balancing rule: excb, none, dino, swav (section 5)"},
+    {"method", EXCB_KEY_METHOD, MC(method), 0, 0, 1, 0, 0, "excb", NULL, "the method: excb, none, dino, swav, coke, carp, mvbt (section 5)"},
     {"pairing", EXCB_KEY_ENUM, MC(pairing), 0, 0, 1, 0, 0, "auto", pairing_names, "student rows per teacher view: auto (the method's own), excb (A7), swapped"},
     {"seed", EXCB_KEY_U64, MC(seed), 0, 0, 1, 0, 0, "0", NULL, "the root seed"},
     {"blur", EXCB_KEY_ENUM, RC(blur), 0, 0, 1, 0, 0, "as-run", blur_names, "as-run (the official code's blur, A14), as-configured, or none"},
@@ -4673,6 +5296,7 @@ int excb_config_validate(ExcbRunConfig *rc, char *err) {
                     rc->kmeans_samples, c->K);
     if (!rc->data[0]) return fail(err, EXCB_EXIT_CONFIG, "no data set: --data SPEC or --set data=SPEC");
     const ExcbMethod *method = excb_methods[c->method];
+    if (excb_view_counts_check(c, err)) return EXCB_EXIT_CONFIG;
     if (method->validate && method->validate(c, err)) return EXCB_EXIT_CONFIG;
     return 0;
 }
@@ -4907,7 +5531,7 @@ static void ck_describe(CkList *l, const ExcbModel *m, const ExcbTrainState *ts,
     ck_add1(l, "train.metrics_bytes", CK_I64, 1, scalars_i + 1);
     ck_add1(l, "train.seconds", CK_F64, 1, scalars_f);
     ck_add1(l, "train.epoch_sums", CK_F64, EXCB_ACC_N, ts->acc);
-    ck_add1(l, "train.epoch_label_counts", CK_I64, m->cfg.K, ts->epoch_counts);
+    ck_add1(l, "train.epoch_label_counts", CK_I64, m->n_labels, ts->epoch_counts);
     ck_add1(l, "train.previous_labels", CK_I32, ts->n_samples, ts->prev_labels);
     for (int i = 0; i < m->n_mbuf; i++)              /* the method's state: ExCB's s, DINO's centre, ... */
         if (m->mbuf_spec[i].state) {
@@ -5144,7 +5768,7 @@ int excb_checkpoint_load(const char *path, ExcbModel *m, ExcbTrainState *ts, cha
     if (n_samples < 0) { ck_close(&ck); return fail(err, EXCB_EXIT_DATA, "checkpoint %s: no train.previous_labels entry", path); }
     ExcbTrainState fresh = {.n_samples = n_samples};
     fresh.prev_labels = xmalloc(sizeof(int32_t) * (n_samples + 1));
-    fresh.epoch_counts = xmalloc(sizeof(int64_t) * m->cfg.K);
+    fresh.epoch_counts = xmalloc(sizeof(int64_t) * (m->n_labels + 1));
     CkList want = {0};
     ck_describe(&want, m, &fresh, "", si, sf);
     for (int w = 0; w < want.n && !code; w++) {
@@ -5520,7 +6144,7 @@ static int evaluate(ExcbModel *m, const ExcbRunConfig *rc, EvalSets *es, long ba
     int C = es->bank.n_classes > es->query.n_classes ? es->bank.n_classes : es->query.n_classes;
     real *fb = xmalloc(sizeof(real) * nb * D), *fq = xmalloc(sizeof(real) * nq * D);
     int32_t *yb = xmalloc(sizeof(int32_t) * nb), *yq = xmalloc(sizeof(int32_t) * nq);
-    int32_t *aq = full && m ? xmalloc(sizeof(int32_t) * nq) : NULL;
+    int32_t *aq = full && m && m->n_protos ? xmalloc(sizeof(int32_t) * nq) : NULL;   /* clusters: of the prototypes */
     int code;
     if (m) {
         code = excb_extract_features(m, teacher, &es->bank, &vc, ib, nb, fb, NULL, err);
@@ -5672,7 +6296,7 @@ static int save_checkpoint(Run *r, const ExcbModel *m, ExcbTrainState *ts, const
 static void epoch_record(Run *r, const ExcbModel *m, const ExcbTrainState *ts, long epoch, const EvalResult *knn,
                          const ExcbRunConfig *rc, double epoch_seconds) {
     const double *a = ts->acc;
-    int K = m->cfg.K;
+    int K = m->n_labels;                       /* the labels' range (K; CoKe: head 0's; mvbt: none) */
     double n = a[EXCB_ACC_STEPS] > 0 ? a[EXCB_ACC_STEPS] : 1, total = 0, h = 0;
     long empty = 0, cmin = -1, cmax = 0;
     for (int k = 0; k < K; k++) total += ts->epoch_counts[k];
@@ -5736,8 +6360,13 @@ int excb_train(ExcbRunConfig *rc_in, const char *out_dir, const char *resume_fro
     rc.model.total_steps = rc.epochs * bpe;
     rc.model.warmup_steps = (long)nearbyint(rc.warmup_epochs * bpe);
     rc.model.steps_per_epoch = bpe;                     /* DINO's warm-up and SwAV's queue count epochs */
+    rc.model.n_images = ds.n;                           /* CoKe's label per image                    */
     ExcbModel m, dm, *run = &m;        /* run: the model that steps, m itself or its GPU twin dm */
     if (excb_build(&m, &rc.model)) { excb_data_close(&ds); return fail(err, EXCB_EXIT_CONFIG, "cannot build the model"); }
+    /* what is evaluated: the teacher, but for a student-only method (CoKe, mvbt), whose teacher never
+       runs a forward pass (its BatchNorm statistics stay at their start) */
+    int eval_teacher = !m.method->student_only;
+    const char *eval_net = eval_teacher ? "teacher" : "student";
     if (rc.device == EXCB_DEVICE_CUDA) {
         if ((code = excb_cuda_attach(&dm, &m, (ExcbPrecision)rc.precision, err))) {
             excb_free(&m);
@@ -5797,7 +6426,7 @@ int excb_train(ExcbRunConfig *rc_in, const char *out_dir, const char *resume_fro
         ts.n_samples = ds.n;
         ts.prev_labels = xmalloc(sizeof(int32_t) * (ds.n + 1));
         for (long i = 0; i < ds.n; i++) ts.prev_labels[i] = -1;
-        ts.epoch_counts = xcalloc(rc.model.K, sizeof(int64_t));
+        ts.epoch_counts = xcalloc(m.n_labels + 1, sizeof(int64_t));
         path_in(path, sizeof path, r.dir, "config.txt");
         if ((code = write_text_atomic(path, config_text, err))) goto done_model;
         path_in(path, sizeof path, r.dir, "metrics.jsonl");
@@ -5809,7 +6438,7 @@ int excb_train(ExcbRunConfig *rc_in, const char *out_dir, const char *resume_fro
                 EXCB_VERSION, (unsigned long long)rc.model.seed, data_json, ds.n, bpe, rc.model.total_steps, m.n_params,
                 run->ops->name, precision_names[rc.precision], config_json);
         metrics_end(&r, 0, 0);
-        if (rc.kmeans_init) {                   /* paper_notes.md §9, on the loader's first batches */
+        if (rc.kmeans_init && m.n_protos) {     /* paper_notes.md §9, on the loader's first batches */
             if ((code = excb_loader_open(&L, &ds, &vc, rc.model.batch, rc.workers, 0, err))) goto done_model;
             code = kmeans_init_centroids(&m, run, &rc, &L, !quiet, err);
             excb_loader_close(&L);
@@ -5835,6 +6464,7 @@ int excb_train(ExcbRunConfig *rc_in, const char *out_dir, const char *resume_fro
         long epoch = m.step / bpe;
         if (m.step == rc.debug_nan_step) bt->xg[0] = NAN;   /* tests: a poisoned input, as a bad batch would be */
         ExcbStepStats st = {0};
+        run->batch_index = bt->index;                       /* CoKe's labels are per image          */
         if (excb_step(run, bt->xg, bt->xl, &st)) {         /* the one step (section 10) */
             code = diverged(&r, &m, bt, epoch, st.loss, st.grad_norm, isfinite(st.loss) ? "non-finite gradient norm"
                             : "non-finite loss", last_ckpt, err);
@@ -5844,12 +6474,12 @@ int excb_train(ExcbRunConfig *rc_in, const char *out_dir, const char *resume_fro
         if (run != &m) run->ops->to_host(m.labels, run->labels, sizeof(int32_t) * NG);   /* the labels, for A21 */
         /* A21's changed labels: view 1's teacher label against the one this image had when last seen */
         long changed = 0, seen = 0;
-        for (int i = 0; i < B; i++) {
+        for (int i = 0; i < B && m.n_labels; i++) {          /* mvbt has no labels */
             int64_t idx = bt->index[i];
             if (ts.prev_labels[idx] >= 0) { seen++; changed += ts.prev_labels[idx] != m.labels[i]; }
             ts.prev_labels[idx] = m.labels[i];
         }
-        for (int i = 0; i < NG; i++) ts.epoch_counts[m.labels[i]]++;
+        for (int i = 0; i < NG && m.n_labels; i++) ts.epoch_counts[m.labels[i]]++;
         m.step = run->step;
         ts.acc[EXCB_ACC_STEPS] += 1;
         ts.acc[EXCB_ACC_LOSS] += loss;
@@ -5884,10 +6514,10 @@ int excb_train(ExcbRunConfig *rc_in, const char *out_dir, const char *resume_fro
         if (epoch_end) {
             EvalResult knn;
             int do_knn = have_eval && ((rc.knn_every > 0 && (epoch + 1) % rc.knn_every == 0) || m.step == rc.model.total_steps);
-            if (do_knn && (code = evaluate(&m, &rc, &es, rc.knn_bank_max, rc.knn_query_max, 0, 1, &knn, err))) break;
+            if (do_knn && (code = evaluate(&m, &rc, &es, rc.knn_bank_max, rc.knn_query_max, 0, eval_teacher, &knn, err))) break;
             epoch_record(&r, &m, &ts, epoch, do_knn ? &knn : NULL, &rc, now_seconds() - epoch_t0);
             memset(ts.acc, 0, sizeof ts.acc);
-            memset(ts.epoch_counts, 0, sizeof(int64_t) * rc.model.K);
+            memset(ts.epoch_counts, 0, sizeof(int64_t) * m.n_labels);
             epoch_t0 = now_seconds();
         }
         if (epoch_end || (rc.ckpt_every && m.step % rc.ckpt_every == 0) || m.step == rc.stop_after) {
@@ -5903,23 +6533,23 @@ int excb_train(ExcbRunConfig *rc_in, const char *out_dir, const char *resume_fro
         /* the final evaluation on the whole bank and query splits */
         EvalResult res;
         if (!quiet) fprintf(stderr, "excb train: final evaluation (k-NN, linear probe, clusters) ...\n");
-        code = evaluate(&m, &rc, &es, 0, 0, 1, 1, &res, err);
+        code = evaluate(&m, &rc, &es, 0, 0, 1, eval_teacher, &res, err);
         if (stop_signal && code == EXCB_EXIT_SIGNAL + stop_signal) { interrupted = stop_signal; code = 0; }  /* cut short */
         else if (!code) {
-            fprintf(r.metrics, "{\"type\":\"eval\",\"step\":%ld,\"features\":\"teacher\",", m.step);
+            fprintf(r.metrics, "{\"type\":\"eval\",\"step\":%ld,\"features\":\"%s\",", m.step, eval_net);
             eval_json(r.metrics, &rc, &res);
             metrics_end(&r, res.seconds, 0);
             char *text = NULL;
             size_t len = 0;
             FILE *f = open_memstream(&text, &len);
-            fprintf(f, "{\"step\":%ld,\"features\":\"teacher\",", m.step);
+            fprintf(f, "{\"step\":%ld,\"features\":\"%s\",", m.step, eval_net);
             eval_json(f, &rc, &res);
             fprintf(f, ",\"config\":%s}\n", config_json);
             fclose(f);
             path_in(path, sizeof path, r.dir, "eval.json");
             if (!(code = metrics_check(&r, err)) && !(code = write_text_atomic(path, text, err))) {
                 printf("excb train: finished %ld steps in %s\n", m.step, r.dir);
-                print_eval(stdout, &m, &rc, &es, &res, 1);
+                print_eval(stdout, &m, &rc, &es, &res, eval_teacher);
             }
             free(text);
         }
@@ -7122,11 +7752,12 @@ static int cmd_eval(int argc, char **argv) {
     }
     excb_train_state_free(&ts);
     fprintf(stderr, "excb eval: %s (step %ld)\n", path, m.step);
-    code = evaluate(&m, &rc, &es, 0, 0, 1, !student, &res, err);
+    int teacher = !student && !m.method->student_only;   /* a student-only method's teacher never ran */
+    code = evaluate(&m, &rc, &es, 0, 0, 1, teacher, &res, err);
     if (code) fprintf(stderr, "excb eval: %s\n", err);
     else {
         printf("excb eval %s\n", path);
-        print_eval(stdout, &m, &rc, &es, &res, !student);
+        print_eval(stdout, &m, &rc, &es, &res, teacher);
     }
     excb_free(&m);
     close_eval_sets(&es);

@@ -90,6 +90,23 @@ typedef struct {
     long freeze_prototypes_steps;  /* S3: the prototypes get no update before this step (313)         */
 } ExcbSwavConfig;
 
+/* CoKe (excb.c section 5.5): online constrained k-means with dual variables, per-image labels */
+#define EXCB_MAX_HEADS 8
+typedef struct {
+    int n_heads;               /* clustering heads, the length of k[] (3 in the official runs)         */
+    int k[EXCB_MAX_HEADS];     /* clusters of each head (3000, 4000, 5000)                             */
+    double tau;                 /* T of the cross-entropy (0.1 single view, 0.05 two or more views)    */
+    double beta;                /* weight of the predictor branch, 1 - beta for the projection's (0.5)  */
+    double gamma;               /* lower bound on a cluster's share, gamma / K ("coke-ratio", 0.4)     */
+    double eta;                 /* step of the dual variables ("dual-lr", 20)                           */
+} ExcbCokeConfig;
+typedef struct {
+    int block;                 /* N_B, prototypes per block of the random partition (512)              */
+} ExcbCarpConfig;
+typedef struct {
+    double lambda_d;            /* lambda * d: the off-diagonal weight is lambda_d / d (1: lambda = 1/d) */
+} ExcbMvbtConfig;
+
 typedef struct {
     char name[32];             /* config name, e.g. "resnet20s"                                       */
     /* backbone (paper_notes.md §1) */
@@ -108,13 +125,16 @@ typedef struct {
     int global_size, local_size;   /* crop sides, e.g. 28/12 (Fashion-MNIST), 32/16, 224/96            */
     int batch;                 /* B, images per step (each with all its views)                         */
     /* the criterion: the method, its pairing, and the settings each method reads (excb.c section 5) */
-    int method;                /* index into excb_methods[]: excb, none, dino, swav                    */
+    int method;                /* index into excb_methods[]: excb, none, dino, swav, coke, carp, mvbt  */
     ExcbPairing pairing;       /* which student rows meet which teacher views; auto: the method's own */
     double tau_s;               /* student temperature, 0.1                                             */
     double tau_t;               /* teacher temperature, 0.04, constant (A18); ExCB, none and DINO      */
     ExcbBalancingConfig excb;  /* ExCB and none: E2..E5                                                */
     ExcbDinoConfig dino;       /* DINO: centering and its temperature warm-up                         */
     ExcbSwavConfig swav;       /* SwAV: Sinkhorn-Knopp, the queue, the frozen prototypes              */
+    ExcbCokeConfig coke;       /* CoKe: heads, T, the constraint's gamma and eta, beta                */
+    ExcbCarpConfig carp;       /* CARP: the partition's block size                                     */
+    ExcbMvbtConfig mvbt;       /* multi-view Barlow Twins: lambda                                      */
     /* normalisation */
     double bn_eps;              /* 1e-5, every BatchNorm                                               */
     double bn_momentum;         /* 0.1, running statistics for evaluation                              */
@@ -129,7 +149,8 @@ typedef struct {
     double ema_start;           /* teacher momentum 0.996 -> 1.0 by cosine (E9)                         */
     long total_steps;          /* T: all optimisation steps of the run                                 */
     long warmup_steps;         /* W: linear lr warm-up (10 epochs in the official config)             */
-    long steps_per_epoch;      /* what a method's per-epoch schedule counts in (DINO, SwAV)           */
+    long steps_per_epoch;      /* what a method's per-epoch schedule counts in (DINO, SwAV, CoKe)     */
+    long n_images;             /* the training set's size N: CoKe keeps a label per image (0: B x steps_per_epoch) */
     /* reproducibility and speed */
     uint64_t seed;             /* the one root seed                                                    */
     int threads;               /* worker threads; results do not depend on it                          */
@@ -204,11 +225,12 @@ typedef struct {
 
 /* ------------------------------------------------------------------------------------------------ */
 /* A method's named buffers (excb.c section 5): `floats` 4-byte values (real or int32).              */
-#define EXCB_MAX_METHOD_BUFFERS 8
+#define EXCB_MAX_METHOD_BUFFERS 12
 typedef struct {
     const char *name;          /* "cluster_sizes"; a state buffer is saved as "method.cluster_sizes"   */
     size_t floats;
     int state;                 /* 1: kept across steps (saved, copied to the GPU); 0: one step's scratch */
+    int integer;               /* 1: int32 values (CoKe's labels), 0: real                              */
 } ExcbBuffer;
 
 /* ------------------------------------------------------------------------------------------------ */
@@ -240,6 +262,11 @@ typedef struct ExcbModel {
     const struct ExcbMethod *method;
     ExcbPairing pairing;       /* resolved: EXCB or SWAPPED                                          */
     int n_dir_crops;           /* crops with a direct student row: Vg (EXCB pairing) or Vg + Vl       */
+    int with_pred;             /* 1: the predictor runs (EXCB pairing, or a method that asks for it)  */
+    int n_protos;              /* rows of the learned prototype layer: K, or 0 (a method without one) */
+    int n_labels;              /* values a label of m->labels takes (A21's monitors), 0: no labels    */
+    const int64_t *batch_index;    /* the data set index of each of the step's B images (CoKe's labels);
+                                  NULL: step * B + i modulo n_images (random inputs: bench, tests)    */
     int n_mbuf;
     ExcbBuffer mbuf_spec[EXCB_MAX_METHOD_BUFFERS];
     void *mbuf[EXCB_MAX_METHOD_BUFFERS];    /* where each one is (host or device memory)              */
@@ -257,6 +284,7 @@ typedef struct ExcbModel {
     real *c, *c_inv_norm;      /* unit centroids (K, d) and 1/||v_k|| (K)                              */
     real *u_dir, *u_dir_den;   /* normalised projections of the direct rows (n_dir_crops*B, d), max(||h||, eps) */
     real *u_pred, *u_pred_den;     /* normalised predictor outputs (NS, d) and max(||p||, eps)        */
+    real *du_dir, *du_pred;    /* a method without prototypes: its loss's dL/du of those rows (rows, d) */
     real *ut, *ut_den;         /* the teacher's normalised projections (Vg*B, d)                       */
     double *row_loss;          /* loss of each student row, summed in a fixed order                    */
     real *z_dir;               /* direct similarities (n_dir_crops*B, K): global crops first; then dL/dz */
@@ -322,7 +350,7 @@ typedef struct ExcbMethod {
     int (*buffers)(const ExcbConfig *c, ExcbBuffer *out);
     /* cross-key rules on its settings (may be NULL): 0, or EXCB_EXIT_CONFIG with err */
     int (*validate)(const ExcbConfig *c, char *err);
-    /* the state at step 0 (host memory) */
+    /* the state at step 0 (host memory; may be NULL: no state) */
     void (*init)(struct ExcbModel *m);
     /* before the step's forward pass (may be NULL): SwAV re-normalises the prototypes (S3) */
     void (*begin_step)(struct ExcbModel *m);
@@ -331,6 +359,17 @@ typedef struct ExcbMethod {
     void (*targets)(struct ExcbModel *m);
     /* the state update after the loss; returns the number of distinct teacher labels (A21) */
     int (*update)(struct ExcbModel *m);
+    /* its own loss (may be NULL: section 6's cross-entropy against m->q). It reads the step's student
+       rows and returns the loss, leaving dL/dz in m->z_dir (and m->z_pred) where the method has
+       prototypes, or dL/du in m->du_dir (and m->du_pred) where it has none. */
+    double (*loss)(struct ExcbModel *m);
+    /* the shape of its heads: 0 is ExCB's (a learned cosine layer on L2-normalised rows, a teacher) */
+    int no_prototypes;         /* 1: no learned prototype layer (CoKe's centres are state, mvbt has none) */
+    int raw_rows;              /* 1: its rows are the projection as it is, not L2-normalised (CARP, mvbt) */
+    int student_only;          /* 1: no teacher forward pass (the teacher is still the EMA: evaluation) */
+    int predictor;             /* 1: the predictor's rows of every crop, whatever the pairing (CoKe)   */
+    /* the number of values its labels take (may be NULL: K); 0: it has none */
+    int (*label_range)(const ExcbConfig *c);
     /* 1 when this step must leave the centroids untouched (may be NULL: never) */
     int (*centroids_frozen)(const struct ExcbModel *m);
     /* extra fields of the epoch record (host memory): names[i] = values[i]; returns how many (at most 4) */
@@ -439,6 +478,8 @@ void linear_backward(real *dx, real *dw, real *db, const real *dy, const real *x
 
 /* E1: rows of u = x / max(||x||, eps), from a feature-major x (d, N) with leading dim ldx. */
 void l2norm_rows_forward(real *u, real *den, const real *x, int ldx, int d, int N, real eps);
+void rows_forward(real *u, const real *x, int ldx, int d, int N);
+void rows_backward(real *dx, int ldx, const real *du, int d, int N);
 void l2norm_rows_backward(real *dx, int ldx, const real *du, const real *u, const real *den,
                           int d, int N, real eps, int accumulate);
 /* weight norm with gain 1: c_k = v_k / ||v_k|| (E1), and dv = (I - c c^T) dc / ||v|| (E13). */
@@ -508,6 +549,9 @@ typedef struct ExcbOps {
     void (*l2norm_rows_forward)(real *u, real *den, const real *x, int ldx, int d, int N, real eps);
     void (*l2norm_rows_backward)(real *dx, int ldx, const real *du, const real *u, const real *den, int d, int N,
                                  real eps, int accumulate);
+    /* the raw rows (CARP, mvbt): x (d, ldx) feature-major as u (N, d) row-major; and back, written */
+    void (*rows_forward)(real *u, const real *x, int ldx, int d, int N);
+    void (*rows_backward)(real *dx, int ldx, const real *du, int d, int N);
     void (*weightnorm_forward)(real *c, real *inv, const real *v, int K, int d);
     void (*weightnorm_backward)(real *dv, const real *dc, const real *c, const real *inv, int K, int d);
     void (*balance_factors)(real *r, real *lower, real *higher, const real *s, int K, double jitter, uint64_t seed,
@@ -595,7 +639,8 @@ uint64_t excb_hash(uint64_t seed, uint64_t purpose, uint64_t a, uint64_t b, uint
 float excb_uniform(uint64_t seed, uint64_t purpose, uint64_t a, uint64_t b, uint64_t counter);
 float excb_normal(uint64_t seed, uint64_t purpose, uint64_t a, uint64_t b, uint64_t counter);
 enum { EXCB_RNG_INIT = 1, EXCB_RNG_BENCH = 2, EXCB_RNG_TEST = 3, EXCB_RNG_VIEW = 4, EXCB_RNG_JITTER = 5,
-       EXCB_RNG_PERM = 6, EXCB_RNG_KMEANS = 7, EXCB_RNG_PROBE = 8, EXCB_RNG_KILL = 9 };
+       EXCB_RNG_PERM = 6, EXCB_RNG_KMEANS = 7, EXCB_RNG_PROBE = 8, EXCB_RNG_KILL = 9,
+       EXCB_RNG_COKE = 10, EXCB_RNG_PARTITION = 11 };
 
 /* float -> IEEE binary16 -> float, round to nearest even (A4's rounding). */
 float excb_round_fp16(float x);

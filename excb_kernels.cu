@@ -752,6 +752,33 @@ static void cuda_l2norm_rows_backward(real *dx, int ldx, const real *du, const r
     KERNEL_CHECK();
 }
 
+/* the raw rows (CARP, mvbt): u (N, d) = x^T of a (d, ldx) matrix, and back; one thread per value */
+__global__ void rows_forward_kernel(float *u, const float *x, int ldx, int d, int N) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (size_t)N * d) return;
+    int n = (int)(i / d), j = (int)(i % d);
+    u[i] = x[(size_t)j * ldx + n];
+}
+
+static void cuda_rows_forward(real *u, const real *x, int ldx, int d, int N) {
+    size_t n = (size_t)N * d;
+    rows_forward_kernel<<<(unsigned)((n + 255) / 256), 256, 0, g.stream>>>(u, x, ldx, d, N);
+    KERNEL_CHECK();
+}
+
+__global__ void rows_backward_kernel(float *dx, int ldx, const float *du, int d, int N) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (size_t)N * d) return;
+    int j = (int)(i / N), n = (int)(i % N);
+    dx[(size_t)j * ldx + n] = du[(size_t)n * d + j];
+}
+
+static void cuda_rows_backward(real *dx, int ldx, const real *du, int d, int N) {
+    size_t n = (size_t)N * d;
+    rows_backward_kernel<<<(unsigned)((n + 255) / 256), 256, 0, g.stream>>>(dx, ldx, du, d, N);
+    KERNEL_CHECK();
+}
+
 /* one warp per centroid row k */
 __global__ void weightnorm_forward_kernel(float *c, float *inv, const float *v, int K, int d) {
     int k = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x & 31;
@@ -1102,6 +1129,8 @@ extern "C" const ExcbOps excb_cuda_ops = {
     cuda_gemm,
     cuda_l2norm_rows_forward,
     cuda_l2norm_rows_backward,
+    cuda_rows_forward,
+    cuda_rows_backward,
     cuda_weightnorm_forward,
     cuda_weightnorm_backward,
     cuda_balance_factors,

@@ -109,13 +109,14 @@ static void model_from_fixture(const Fixture *fx, const char *path, int threads,
     rc.kmeans_init = 0;                                   /* not a step setting; k-means needs K samples */
     cr_assert(excb_config_validate(&rc, err) == 0, "%s: %s", path, err);
     const FixTensor *meta = need(fx, "%s", "meta");      /* step, T, W, steps per epoch, input channels */
-    cr_assert(meta->numel == 5, "%s: meta has %zu values", path, meta->numel);
+    cr_assert(meta->numel == 5 || meta->numel == 6, "%s: meta has %zu values", path, meta->numel);
     ExcbConfig cfg = rc.model;
     snprintf(cfg.name, sizeof cfg.name, "fixture");
     cfg.total_steps = (long)meta->data64[1];
     cfg.warmup_steps = (long)meta->data64[2];
     cfg.steps_per_epoch = (long)meta->data64[3];
     cfg.in_ch = (int)meta->data64[4];
+    cfg.n_images = meta->numel > 5 ? (long)meta->data64[5] : 0;   /* CoKe: the data set's size N */
     cfg.threads = threads;
     cr_assert(excb_build(m, &cfg) == 0, "%s: cannot build the model", path);
     for (int t = 0; t < m->n_tensors; t++) {              /* every model tensor comes from the fixture */
@@ -133,9 +134,29 @@ static void model_from_fixture(const Fixture *fx, const char *path, int threads,
         const FixTensor *st = need(fx, "state.%s", m->mbuf_spec[i].name);
         cr_assert(st->numel == m->mbuf_spec[i].floats, "%s: state.%s has %zu values, the model %zu", path,
                   m->mbuf_spec[i].name, st->numel, m->mbuf_spec[i].floats);
-        memcpy(m->mbuf[i], st->data, sizeof(float) * st->numel);
+        if (m->mbuf_spec[i].integer)                      /* CoKe's labels: integers, stored in double */
+            for (size_t j = 0; j < st->numel; j++) ((int32_t *)m->mbuf[i])[j] = (int32_t)st->data64[j];
+        else
+            memcpy(m->mbuf[i], st->data, sizeof(float) * st->numel);
     }
     m->step = (long)meta->data64[0];
+}
+
+/* the batch's data set indices (CoKe), when the fixture has them */
+static int64_t *batch_index_of(const Fixture *fx, int B) {
+    const FixTensor *t = fix_get(fx, "batch_index");
+    if (!t) return NULL;
+    cr_assert(t->numel == (size_t)B, "batch_index has %zu values for B = %d", t->numel, B);
+    int64_t *idx = malloc(sizeof(int64_t) * B);
+    for (int i = 0; i < B; i++) idx[i] = (int64_t)t->data64[i];
+    return idx;
+}
+
+/* an integer-valued tensor (labels, targets, the partition) equal to the fixture's, value for value */
+static void expect_ints(const char *fname, const char *what, const int32_t *c, const FixTensor *truth) {
+    int bad = 0;
+    for (size_t i = 0; i < truth->numel; i++) bad += c[i] != (int32_t)truth->data64[i];
+    cr_expect(bad == 0, "%s: %d of %zu values of %s differ", fname, bad, truth->numel, what);
 }
 
 /* --- one step of a fixture, every tensor judged ----------------------------------------------------- */
@@ -148,19 +169,27 @@ static void method_parity(const char *path) {
     ExcbModel m;
     model_from_fixture(&fx, path, 2, &m);
     const ExcbConfig *c = &m.cfg;
-    int B = c->batch, NG = c->n_global * B, NS = (c->n_global + c->n_local) * B, K = c->K, d = c->d;
+    int B = c->batch, NS = (c->n_global + c->n_local) * B, K = m.n_protos, d = c->d;
     int n_dir = m.n_dir_crops * B;
+    int64_t *batch_index = batch_index_of(&fx, B);
+    m.batch_index = batch_index;
     ExcbStepStats st;
     double loss = excb_forward_loss(&m, need(&fx, "%s", "x_global")->data, need(&fx, "%s", "x_local")->data, &st);
-    /* the teacher and its targets */
+    /* the teacher and its targets: what the fixture's method has (a student-only method: none) */
     Group gt = {.group = "teacher scores"}, gq = {.group = "targets q"}, ga = {.group = "student activations"},
           gl = {.group = "loss"};
-    judge(&gt, "teacher_sim", m.zt, need(&fx, "%s", "teacher_sim"), need(&fx, "f32.%s", "teacher_sim"), 0);
-    judge(&gq, "teacher_q", m.q, need(&fx, "%s", "teacher_q"), need(&fx, "f32.%s", "teacher_q"), 0);
-    const FixTensor *lab = need(&fx, "%s", "labels");
-    int bad = 0;
-    for (int i = 0; i < NG; i++) bad += m.labels[i] != (int)lab->data64[i];
-    cr_expect(bad == 0, "%s: %d of %d teacher labels differ", fname, bad, NG);
+    if (!m.method->student_only)
+        judge(&gt, "teacher_sim", m.zt, need(&fx, "%s", "teacher_sim"), need(&fx, "f32.%s", "teacher_sim"), 0);
+    if (m.method->targets) {
+        judge(&gq, "teacher_q", m.q, need(&fx, "%s", "teacher_q"), need(&fx, "f32.%s", "teacher_q"), 0);
+        expect_ints(fname, "the teacher labels", m.labels, need(&fx, "%s", "labels"));
+    } else {
+        cr_expect(fix_get(&fx, "teacher_q") == NULL, "%s: a method with its own loss has no targets q", fname);
+    }
+    if (fix_get(&fx, "partition"))                         /* CARP's R2, from (seed, step) */
+        expect_ints(fname, "the partition", excb_method_buffer(&m, "partition"), fix_get(&fx, "partition"));
+    if (fix_get(&fx, "targets"))                           /* CoKe's K6: last epoch's labels */
+        expect_ints(fname, "the targets", excb_method_buffer(&m, "targets"), fix_get(&fx, "targets"));
     if (!strcmp(m.method->name, "excb")) {      /* A3 on the jitter path: the draws and the factors, bitwise */
         const FixTensor *jl = need(&fx, "%s", "jitter.lower"), *jh = need(&fx, "%s", "jitter.higher");
         const FixTensor *fl = need(&fx, "%s", "factors.lower"), *fh = need(&fx, "%s", "factors.higher");
@@ -183,16 +212,24 @@ static void method_parity(const char *path) {
     free(t);
     judge(&ga, "student_proj", t = transpose_fm(m.h, NS, d, NS), need(&fx, "%s", "student_proj"), need(&fx, "f32.%s", "student_proj"), 0);
     free(t);
-    float *lg = malloc(sizeof(float) * (size_t)NS * K);
-    matmul_naive('N', 'T', n_dir, K, d, (float)(1.0 / c->tau_s), m.u_dir, d, m.c, d, 0.0f, lg, K);
-    judge(&ga, "logits_direct", lg, need(&fx, "%s", "logits_direct"), need(&fx, "f32.%s", "logits_direct"), 0);
-    if (m.pairing == EXCB_PAIRING_EXCB) {
+    /* the logits, recomputed from the kept rows and c: scaled by 1/tau_s for the cross-entropy methods,
+       CARP's raw scores (no temperature) for a method with its own loss */
+    float *lg = malloc(sizeof(float) * ((size_t)NS * K + 1));
+    float scale = m.method->loss ? 1.0f : (float)(1.0 / c->tau_s);
+    if (K) {
+        matmul_naive('N', 'T', n_dir, K, d, scale, m.u_dir, d, m.c, d, 0.0f, lg, K);
+        judge(&ga, "logits_direct", lg, need(&fx, "%s", "logits_direct"), need(&fx, "f32.%s", "logits_direct"), 0);
+    }
+    if (m.with_pred) {
         judge(&ga, "student_pred", t = transpose_fm(m.p, NS, d, NS), need(&fx, "%s", "student_pred"), need(&fx, "f32.%s", "student_pred"), 0);
         free(t);
-        matmul_naive('N', 'T', NS, K, d, (float)(1.0 / c->tau_s), m.u_pred, d, m.c, d, 0.0f, lg, K);
-        judge(&ga, "logits_pred", lg, need(&fx, "%s", "logits_pred"), need(&fx, "f32.%s", "logits_pred"), 0);
+        if (K) {
+            matmul_naive('N', 'T', NS, K, d, scale, m.u_pred, d, m.c, d, 0.0f, lg, K);
+            judge(&ga, "logits_pred", lg, need(&fx, "%s", "logits_pred"), need(&fx, "f32.%s", "logits_pred"), 0);
+        }
     } else {
-        cr_expect(fix_get(&fx, "logits_pred") == NULL, "%s: a swapped pairing has no predictor rows", fname);
+        cr_expect(fix_get(&fx, "logits_pred") == NULL && fix_get(&fx, "student_pred") == NULL,
+                  "%s: without the predictor there are no predictor rows", fname);
     }
     free(lg);
     float lf = (float)loss;
@@ -211,7 +248,8 @@ static void method_parity(const char *path) {
         }
         char full[80];
         snprintf(full, sizeof full, "state_after.%s", nm);
-        judge(&gs, full, m.mbuf[i], truth, need(&fx, "f32.state_after.%s", nm), 0);
+        if (m.mbuf_spec[i].integer) expect_ints(fname, full, m.mbuf[i], truth);   /* labels: equal */
+        else judge(&gs, full, m.mbuf[i], truth, need(&fx, "f32.state_after.%s", nm), 0);
     }
     /* backward, then SGD and the EMA */
     excb_backward(&m);
@@ -243,13 +281,14 @@ static void method_parity(const char *path) {
         judge(&gte, full, m.teacher + T->offset, need(&fx, "teacher_after.%s", T->name),
               need(&fx, "f32.teacher_after.%s", T->name), 0);
     }
-    printf("%s (%s, pairing %s, K=%d, B=%d, Vl=%d):\n", fname, m.method->name,
-           m.pairing == EXCB_PAIRING_EXCB ? "excb" : "swapped", K, B, c->n_local);
+    printf("%s (%s, pairing %s, K=%d, B=%d, Vg=%d, Vl=%d):\n", fname, m.method->name,
+           m.pairing == EXCB_PAIRING_EXCB ? "excb" : "swapped", K, B, c->n_global, c->n_local);
     const Group *all[] = {&gt, &gq, &ga, &gl, &gs, &gg, &gm, &gp, &gte};
     for (size_t i = 0; i < sizeof all / sizeof all[0]; i++)
         if (all[i]->n) group_report(fname, all[i]);
     excb_free(&m);
     fixture_free(&fx);
+    free(batch_index);
 }
 
 /* the fixtures, found at run time: a new one is checked without editing this file */

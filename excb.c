@@ -1771,49 +1771,55 @@ static double coke_loss(ExcbModel *m) {
     return loss;
 }
 
+/* K3 for one head: n (K) the batch's counts */
+void coke_dual_update(real *rho, const int32_t *n, int K, int B, double eta, double gamma) {
+    real e = (real)eta, lb = (real)(gamma / K);
+    for (int j = 0; j < K; j++) {
+        if (n[j]) rho[j] -= e / (real)B * (real)n[j];
+        rho[j] += e * lb;
+        if (gamma < 1 && rho[j] < 0) rho[j] = 0;      /* the bound is a lower one only: rho >= 0 */
+    }
+}
+
+/* K4 for one head: cur (K, d) and its counters Nk, from the batch's labels y and rows x (B, d) */
+void coke_centre_update(real *cur, real *Nk, const int32_t *n, const int32_t *y, const real *x, int B, int K, int d) {
+    for (int j = 0; j < K; j++) {
+        if (!n[j]) continue;
+        real alpha = Nk[j] / (Nk[j] + (real)n[j]);       /* the old mean's share of the new one */
+        Nk[j] += (real)n[j];
+        for (int e = 0; e < d; e++) cur[(size_t)j * d + e] *= alpha;
+    }
+    for (int i = 0; i < B; i++) {                        /* index_add_ of x_i / N_k, in the batch's order */
+        real inv = 1.0f / Nk[y[i]];
+        for (int e = 0; e < d; e++) cur[(size_t)y[i] * d + e] += x[(size_t)i * d + e] * inv;
+    }
+    for (int j = 0; j < K; j++) {                        /* re-normalised, the assigned ones only */
+        if (!n[j]) continue;
+        real *cj = cur + (size_t)j * d;
+        double ss = 0;
+        for (int e = 0; e < d; e++) ss += (double)cj[e] * cj[e];
+        real nrm = (real)sqrt(ss), den = nrm > 1e-12f ? nrm : 1e-12f;
+        for (int e = 0; e < d; e++) cj[e] /= den;
+    }
+}
+
 /* K3, K4 and the labels' write (K6), after the loss */
 static int coke_update(ExcbModel *m) {
     const ExcbConfig *c = &m->cfg;
     const ExcbCokeConfig *k = &c->coke;
     int B = c->batch, d = c->d, used = 0;
     long N = coke_n_images(c);
-    const real *x = m->mbuf[COKE_X];
     const int32_t *y = m->mbuf[COKE_ASSIGN];
     int32_t *labels = m->mbuf[COKE_LABELS], *counts = m->mbuf[COKE_COUNTS];
     for (int h = 0; h < k->n_heads; h++) {
         int K = k->k[h], off = coke_head_offset(c, h);
-        real *rho = (real *)m->mbuf[COKE_DUALS] + off, *Nk = (real *)m->mbuf[COKE_COUNTERS] + off;
-        real *cur = (real *)m->mbuf[COKE_CUR] + (size_t)off * d;
         int32_t *n = counts + off;
         int distinct = distinct_labels(n, y + h * B, B, K);
         if (h == 0) used = distinct;
-        real eta = (real)k->eta, lb = (real)(k->gamma / K);
-        for (int j = 0; j < K; j++) {                                                       /* K3 */
-            if (n[j]) rho[j] -= eta / (real)B * (real)n[j];
-            rho[j] += eta * lb;
-            if (k->gamma < 1 && rho[j] < 0) rho[j] = 0;
-        }
-        for (int j = 0; j < K; j++) {                                                       /* K4 */
-            if (!n[j]) continue;
-            real alpha = Nk[j] / (Nk[j] + (real)n[j]);
-            Nk[j] += (real)n[j];
-            real *cj = cur + (size_t)j * d;
-            for (int e = 0; e < d; e++) cj[e] *= alpha;
-        }
-        for (int i = 0; i < B; i++) {          /* index_add_ of x_i / N_k, in the batch's order */
-            int j = y[h * B + i];
-            real inv = 1.0f / Nk[j];
-            for (int e = 0; e < d; e++) cur[(size_t)j * d + e] += x[(size_t)i * d + e] * inv;
-        }
-        for (int j = 0; j < K; j++) {
-            if (!n[j]) continue;
-            real *cj = cur + (size_t)j * d;
-            double ss = 0;
-            for (int e = 0; e < d; e++) ss += (double)cj[e] * cj[e];
-            real nrm = (real)sqrt(ss), den = nrm > 1e-12f ? nrm : 1e-12f;
-            for (int e = 0; e < d; e++) cj[e] /= den;
-        }
-        for (int i = 0; i < B; i++) labels[(size_t)h * N + coke_image(m, i)] = y[h * B + i];   /* K6 */
+        coke_dual_update((real *)m->mbuf[COKE_DUALS] + off, n, K, B, k->eta, k->gamma);
+        coke_centre_update((real *)m->mbuf[COKE_CUR] + (size_t)off * d, (real *)m->mbuf[COKE_COUNTERS] + off, n,
+                           y + h * B, m->mbuf[COKE_X], B, K, d);
+        for (int i = 0; i < B; i++) labels[(size_t)h * N + coke_image(m, i)] = y[h * B + i];    /* K6 */
     }
     return used;
 }
@@ -1835,6 +1841,7 @@ static const ExcbSetting coke_settings[] = {
     {"coke_tau", EXCB_KEY_DOUBLE, MC(coke.tau), 0, 0, 1, 1e-6, 1e6, "0.05", NULL, "CoKe: temperature T of the cross-entropy (K7; 0.1 with a single view)"},
     {"coke_beta", EXCB_KEY_DOUBLE, MC(coke.beta), 0, 0, 1, 0, 1, "0.5", NULL, "CoKe: weight of the predictor branch, 1 - beta the projection's (K7)"},
     {"coke_gamma", EXCB_KEY_DOUBLE, MC(coke.gamma), 0, 0, 1, 0, 1, "0.4", NULL, "CoKe: a cluster's lower bound, gamma / K of the data (K3)"},
+    {"coke_num_images", EXCB_KEY_LONG, MC(n_images), 0, 0, 1, 0, 1e12, "0", NULL, "CoKe: images that keep a label, N (0: the training set's size, which the run writes here)"},
     {"coke_eta", EXCB_KEY_DOUBLE, MC(coke.eta), 0, 0, 1, 0, 1e6, "20", NULL, "CoKe: step of the dual variables (K3)"},
 };
 
@@ -1919,16 +1926,15 @@ static void block_softmax(real *z, int N, int K, const int32_t *perm, int nb) {
     }
 }
 
-static double carp_loss(ExcbModel *m) {
-    const ExcbConfig *c = &m->cfg;
-    int B = c->batch, K = c->K, nb = c->carp.block, NP = K / nb, Vg = c->n_global, U = m->n_dir_crops;
-    int n_dir = U * B, NG = Vg * B, n_all = n_dir + NG;
+/* R3-R5 and the backward. z: the U*B student rows (U crops, view-major), overwritten with dL/dz; q: the
+   Vg*B teacher rows' block distributions, made here from zt; g (U*B, K) and pbar (K doubles), row_loss
+   (U*B doubles): scratch. The partition perm holds K / nb blocks of nb. Returns L_c + L_h. */
+double carp_loss_forward_backward(real *z, real *q, const real *zt, real *g, double *pbar, double *row_loss,
+                                  const int32_t *perm, int U, int Vg, int B, int K, int nb) {
+    int NP = K / nb, n_dir = U * B, NG = Vg * B, n_all = n_dir + NG;
     const real eps = FLT_EPSILON, one = 1.0f - FLT_EPSILON;
-    int32_t *perm = m->mbuf[CARP_PERM];
-    real *p = m->z_dir, *q = m->q, *g = m->mbuf[CARP_GRAD];
-    double *pbar = m->mbuf[CARP_PBAR];
-    carp_partition(perm, K, c->seed, m->step);                                               /* R2 */
-    memcpy(q, m->zt, sizeof(real) * (size_t)NG * K);           /* zt stays: the teacher's scores  */
+    real *p = z;
+    memcpy(q, zt, sizeof(real) * (size_t)NG * K);
     block_softmax(p, n_dir, K, perm, nb);                                                    /* R3 */
     block_softmax(q, NG, K, perm, nb);
     int pairs = 0;
@@ -1951,16 +1957,16 @@ static double carp_loss(ExcbModel *m) {
                 for (int cc = 0; cc < nb; cc++) s += (double)pr[blk[cc]] * qv[blk[cc]];
                 real sf = (real)s, cl = fmin(fmax(sf, eps), one);
                 lr -= log(cl);
-                if (sf >= eps && sf <= one) {
+                if (sf >= eps && sf <= one) {                   /* the clamp passes its gradient */
                     real w = (real)(-scale_c / s);
                     for (int cc = 0; cc < nb; cc++) gr[blk[cc]] += w * qv[blk[cc]];
                 }
             }
         }
-        m->row_loss[r] = lr;
+        row_loss[r] = lr;
     }
     double lc = 0;
-    for (int r = 0; r < n_dir; r++) lc += m->row_loss[r];
+    for (int r = 0; r < n_dir; r++) lc += row_loss[r];        /* a fixed order: any thread count */
     lc *= scale_c;
 #pragma omp parallel for schedule(static)
     for (int k = 0; k < K; k++) {                                                            /* R5 */
@@ -1973,7 +1979,7 @@ static double carp_loss(ExcbModel *m) {
     for (int k = 0; k < K; k++) {
         real pk = (real)pbar[k], cl = fmin(fmax(pk, eps), one);
         lh += (double)pk * log(cl);
-        /* pbar's gradient, kept in pbar: d/dpbar of pbar log clamp(pbar) */
+        /* from here pbar holds R5's gradient per student value: d/dpbar (pbar log clamp(pbar)) / (N_P rows) */
         pbar[k] = (log(cl) + (pk >= eps && pk <= one ? 1.0 : 0.0)) / ((double)NP * n_all);
     }
     lh = lh / NP + log((double)nb);
@@ -1992,6 +1998,13 @@ static double carp_loss(ExcbModel *m) {
         }
     }
     return lc + lh;
+}
+
+static double carp_loss(ExcbModel *m) {
+    const ExcbConfig *c = &m->cfg;
+    carp_partition(m->mbuf[CARP_PERM], c->K, c->seed, m->step);                             /* R2 */
+    return carp_loss_forward_backward(m->z_dir, m->q, m->zt, m->mbuf[CARP_GRAD], m->mbuf[CARP_PBAR], m->row_loss,
+                                      m->mbuf[CARP_PERM], m->n_dir_crops, c->n_global, c->batch, c->K, c->carp.block);
 }
 
 /* no state; A21's labels: the teacher's argmax over all K raw scores */
@@ -2038,7 +2051,7 @@ static int mvbt_buffers(const ExcbConfig *c, ExcbBuffer *b) {
     b[MVBT_ZBAR] = (ExcbBuffer){"mean_view", (size_t)c->batch * d, 0, 0};            /* zbar, T3      */
     b[MVBT_DZBAR] = (ExcbBuffer){"grad_mean_view", (size_t)c->batch * d, 0, 0};
     b[MVBT_CC] = (ExcbBuffer){"correlation", 2 * (size_t)d * d, 0, 0};               /* C, then G     */
-    b[MVBT_STATS] = (ExcbBuffer){"statistics", 2 * (2 * (size_t)d + (size_t)A * d), 0, 0};   /* doubles */
+    b[MVBT_STATS] = (ExcbBuffer){"statistics", 2 * ((size_t)d + (size_t)A * d), 0, 0};   /* doubles */
     return MVBT_N_BUFFERS;
 }
 
@@ -2053,81 +2066,96 @@ static int mvbt_validate(const ExcbConfig *c, char *err) {
 
 static int mvbt_label_range(const ExcbConfig *c) { (void)c; return 0; }      /* no clusters, no labels */
 
-static double mvbt_loss(ExcbModel *m) {
-    const ExcbConfig *c = &m->cfg;
-    int B = c->batch, d = c->d, A = m->n_dir_crops, M = A * B;
-    double lambda = c->mvbt.lambda_d / d, loss = 0;
-    const real *z = m->u_dir;                                    /* raw rows (M, d), view-major   */
-    real *zn = m->mbuf[MVBT_ZN], *dzn = m->mbuf[MVBT_DZN], *Cm = m->mbuf[MVBT_CC];
-    double *mean = m->mbuf[MVBT_STATS], *sd = mean + d, *on = sd + d;
+/* T1: z (M, d) -> zn, per feature over all M rows; sd (d doubles) kept for the backward */
+void mvbt_standardise(real *zn, double *sd, const real *z, int M, int d) {
 #pragma omp parallel for schedule(static)
-    for (int k = 0; k < d; k++) {                                                            /* T1 */
+    for (int k = 0; k < d; k++) {
         double s = 0, ss = 0;
         for (int r = 0; r < M; r++) s += z[(size_t)r * d + k];
         double mu = s / M;
         for (int r = 0; r < M; r++) { double e = z[(size_t)r * d + k] - mu; ss += e * e; }
-        mean[k] = mu;
-        sd[k] = sqrt(ss / (M - 1));
+        sd[k] = sqrt(ss / (M - 1));                   /* torch.std: unbiased */
         real muf = (real)mu, sdf = (real)sd[k];
         for (int r = 0; r < M; r++) zn[(size_t)r * d + k] = (z[(size_t)r * d + k] - muf) / sdf;
     }
-    real inv_b = 1.0f / (real)B;
-    if (A == 2) {                                                                            /* T2 */
-        const real *z0 = zn, *z1 = zn + (size_t)B * d;
-        m->ops->gemm('T', 'N', d, d, B, inv_b, z0, d, z1, d, 0.0f, Cm, d);
-        for (int k = 0; k < d; k++)
-            for (int l = 0; l < d; l++) {
-                double ckl = Cm[(size_t)k * d + l];
-                if (k == l) { loss += (ckl - 1) * (ckl - 1); Cm[(size_t)k * d + l] = (real)(2 * (ckl - 1)); }
-                else { loss += lambda * ckl * ckl; Cm[(size_t)k * d + l] = (real)(2 * lambda * ckl); }
-            }
-        m->ops->gemm('N', 'T', B, d, d, inv_b, z1, d, Cm, d, 0.0f, dzn, d);               /* zn_1 G^T / B */
-        m->ops->gemm('N', 'N', B, d, d, inv_b, z0, d, Cm, d, 0.0f, dzn + (size_t)B * d, d);   /* zn_0 G / B */
-    } else {                                                                                 /* T3 */
-        real *zbar = m->mbuf[MVBT_ZBAR], *dzbar = m->mbuf[MVBT_DZBAR];
-        for (size_t e = 0; e < (size_t)B * d; e++) {
-            real acc = 0.0f;
-            for (int a = 0; a < A; a++) acc += zn[(size_t)a * B * d + e];
-            zbar[e] = acc / (real)A;
-        }
-        for (int a = 0; a < A; a++)
-            for (int k = 0; k < d; k++) {
-                double acc = 0;
-                for (int i = 0; i < B; i++) acc += (double)zn[((size_t)a * B + i) * d + k] * zbar[(size_t)i * d + k];
-                on[a * d + k] = acc / B;
-                loss += (on[a * d + k] - 1) * (on[a * d + k] - 1) / A;
-            }
-        m->ops->gemm('T', 'N', d, d, B, inv_b, zbar, d, zbar, d, 0.0f, Cm, d);
-        for (int k = 0; k < d; k++)
-            for (int l = 0; l < d; l++) {
-                double ckl = Cm[(size_t)k * d + l];
-                if (k != l) loss += lambda * ckl * ckl;
-                Cm[(size_t)k * d + l] = k == l ? 0.0f : (real)(4 * lambda / B * ckl);      /* 4 lambda Coff / B */
-            }
-        m->ops->gemm('N', 'N', B, d, d, 1.0f, zbar, d, Cm, d, 0.0f, dzbar, d);             /* L2's dzbar    */
-        for (int i = 0; i < B; i++)
-            for (int k = 0; k < d; k++) {
-                real acc = dzbar[(size_t)i * d + k];
-                for (int a = 0; a < A; a++)
-                    acc += (real)(2.0 / ((double)A * B) * (on[a * d + k] - 1)) * zn[((size_t)a * B + i) * d + k];
-                dzbar[(size_t)i * d + k] = acc;
-            }
-        for (int a = 0; a < A; a++)
-            for (int i = 0; i < B; i++)
-                for (int k = 0; k < d; k++) {
-                    size_t e = ((size_t)a * B + i) * d + k;
-                    dzn[e] = (real)(2.0 / ((double)A * B) * (on[a * d + k] - 1)) * zbar[(size_t)i * d + k]
-                           + dzbar[(size_t)i * d + k] / (real)A;
-                }
-    }
+}
+
+/* T1's backward: dz = (dzn - mean(dzn) - zn <dzn, zn> / (M - 1)) / sd, per feature */
+void mvbt_standardise_backward(real *dz, const real *dzn, const real *zn, const double *sd, int M, int d) {
 #pragma omp parallel for schedule(static)
-    for (int k = 0; k < d; k++) {                                          /* T1's backward, into du */
+    for (int k = 0; k < d; k++) {
         double s = 0, sz = 0;
         for (int r = 0; r < M; r++) { s += dzn[(size_t)r * d + k]; sz += (double)dzn[(size_t)r * d + k] * zn[(size_t)r * d + k]; }
         real mu = (real)(s / M), proj = (real)(sz / (M - 1)), sdf = (real)sd[k];
-        for (int r = 0; r < M; r++)
-            m->du_dir[(size_t)r * d + k] = (dzn[(size_t)r * d + k] - mu - zn[(size_t)r * d + k] * proj) / sdf;
+        for (int r = 0; r < M; r++) dz[(size_t)r * d + k] = (dzn[(size_t)r * d + k] - mu - zn[(size_t)r * d + k] * proj) / sdf;
     }
+}
+
+/* T2 (A = 2) or T3 on the standardised views zn (A*B, d): the loss, and dzn. Scratch: zbar and dzbar
+   (B, d), cc (d, d), on (A*d doubles). */
+double mvbt_views_loss(real *dzn, const real *zn, real *zbar, real *dzbar, real *cc, double *on, int A, int B, int d,
+                       double lambda) {
+    double loss = 0;
+    real inv_b = 1.0f / (real)B;
+    if (A == 2) {                                                                            /* T2 */
+        const real *z0 = zn, *z1 = zn + (size_t)B * d;
+        matmul_tiled('T', 'N', d, d, B, inv_b, z0, d, z1, d, 0.0f, cc, d);                        /* C         */
+        for (int k = 0; k < d; k++)
+            for (int l = 0; l < d; l++) {                                                    /* C -> G    */
+                double ckl = cc[(size_t)k * d + l];
+                if (k == l) { loss += (ckl - 1) * (ckl - 1); cc[(size_t)k * d + l] = (real)(2 * (ckl - 1)); }
+                else { loss += lambda * ckl * ckl; cc[(size_t)k * d + l] = (real)(2 * lambda * ckl); }
+            }
+        matmul_tiled('N', 'T', B, d, d, inv_b, z1, d, cc, d, 0.0f, dzn, d);                        /* zn_1 G^T / B */
+        matmul_tiled('N', 'N', B, d, d, inv_b, z0, d, cc, d, 0.0f, dzn + (size_t)B * d, d);        /* zn_0 G / B   */
+        return loss;
+    }
+    for (size_t e = 0; e < (size_t)B * d; e++) {                                             /* T3 */
+        real acc = 0.0f;
+        for (int a = 0; a < A; a++) acc += zn[(size_t)a * B * d + e];
+        zbar[e] = acc / (real)A;
+    }
+    for (int a = 0; a < A; a++)
+        for (int k = 0; k < d; k++) {
+            double acc = 0;
+            for (int i = 0; i < B; i++) acc += (double)zn[((size_t)a * B + i) * d + k] * zbar[(size_t)i * d + k];
+            on[a * d + k] = acc / B;
+            loss += (on[a * d + k] - 1) * (on[a * d + k] - 1) / A;
+        }
+    matmul_tiled('T', 'N', d, d, B, inv_b, zbar, d, zbar, d, 0.0f, cc, d);                        /* zbar^T zbar / B */
+    for (int k = 0; k < d; k++)
+        for (int l = 0; l < d; l++) {
+            double ckl = cc[(size_t)k * d + l];
+            if (k != l) loss += lambda * ckl * ckl;
+            cc[(size_t)k * d + l] = k == l ? 0.0f : (real)(4 * lambda / B * ckl);           /* 4 lambda Coff / B */
+        }
+    matmul_tiled('N', 'N', B, d, d, 1.0f, zbar, d, cc, d, 0.0f, dzbar, d);                       /* the redundancy's dzbar */
+    for (int i = 0; i < B; i++)
+        for (int k = 0; k < d; k++) {
+            real acc = dzbar[(size_t)i * d + k];
+            for (int a = 0; a < A; a++)
+                acc += (real)(2.0 / ((double)A * B) * (on[a * d + k] - 1)) * zn[((size_t)a * B + i) * d + k];
+            dzbar[(size_t)i * d + k] = acc;
+        }
+    for (int a = 0; a < A; a++)
+        for (int i = 0; i < B; i++)
+            for (int k = 0; k < d; k++) {
+                size_t e = ((size_t)a * B + i) * d + k;
+                dzn[e] = (real)(2.0 / ((double)A * B) * (on[a * d + k] - 1)) * zbar[(size_t)i * d + k]
+                       + dzbar[(size_t)i * d + k] / (real)A;
+            }
+    return loss;
+}
+
+static double mvbt_loss(ExcbModel *m) {
+    const ExcbConfig *c = &m->cfg;
+    int B = c->batch, d = c->d, A = m->n_dir_crops, M = A * B;
+    real *zn = m->mbuf[MVBT_ZN], *dzn = m->mbuf[MVBT_DZN];
+    double *sd = m->mbuf[MVBT_STATS], *on = sd + d;
+    mvbt_standardise(zn, sd, m->u_dir, M, d);                      /* u_dir: the raw rows (M, d) */
+    double loss = mvbt_views_loss(dzn, zn, m->mbuf[MVBT_ZBAR], m->mbuf[MVBT_DZBAR], m->mbuf[MVBT_CC], on, A, B, d,
+                                  c->mvbt.lambda_d / d);
+    mvbt_standardise_backward(m->du_dir, dzn, zn, sd, M, d);
     return loss;
 }
 
@@ -6360,7 +6388,13 @@ int excb_train(ExcbRunConfig *rc_in, const char *out_dir, const char *resume_fro
     rc.model.total_steps = rc.epochs * bpe;
     rc.model.warmup_steps = (long)nearbyint(rc.warmup_epochs * bpe);
     rc.model.steps_per_epoch = bpe;                     /* DINO's warm-up and SwAV's queue count epochs */
-    rc.model.n_images = ds.n;                           /* CoKe's label per image                    */
+    if (!rc.model.n_images) rc.model.n_images = ds.n;   /* CoKe's label per image (config.txt keeps N) */
+    if (rc.model.n_images < ds.n) {
+        code = fail(err, EXCB_EXIT_CONFIG, "key 'coke_num_images' = %ld is below the %ld images of %s (%s split): CoKe "
+                    "keeps a label for every one", rc.model.n_images, ds.n, ds.path, ds.split);
+        excb_data_close(&ds);
+        return code;
+    }
     ExcbModel m, dm, *run = &m;        /* run: the model that steps, m itself or its GPU twin dm */
     if (excb_build(&m, &rc.model)) { excb_data_close(&ds); return fail(err, EXCB_EXIT_CONFIG, "cannot build the model"); }
     /* what is evaluated: the teacher, but for a student-only method (CoKe, mvbt), whose teacher never

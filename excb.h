@@ -150,7 +150,8 @@ typedef struct {
     long total_steps;          /* T: all optimisation steps of the run                                 */
     long warmup_steps;         /* W: linear lr warm-up (10 epochs in the official config)             */
     long steps_per_epoch;      /* what a method's per-epoch schedule counts in (DINO, SwAV, CoKe)     */
-    long n_images;             /* the training set's size N: CoKe keeps a label per image (0: B x steps_per_epoch) */
+    long n_images;             /* CoKe: images that keep a label, the training set's size N (key coke_num_images;
+                                  0 outside a run: B x steps_per_epoch)                                 */
     /* reproducibility and speed */
     uint64_t seed;             /* the one root seed                                                    */
     int threads;               /* worker threads; results do not depend on it                          */
@@ -375,6 +376,18 @@ typedef struct ExcbMethod {
     /* extra fields of the epoch record (host memory): names[i] = values[i]; returns how many (at most 4) */
     int (*diagnostics)(const struct ExcbModel *m, const char **names, double *values);
 } ExcbMethod;
+/* The new methods' operators (excb.c sections 5.4-5.6), on plain arrays. CoKe: K3 and K4 of one head. */
+void coke_dual_update(real *rho, const int32_t *n, int K, int B, double eta, double gamma);
+void coke_centre_update(real *cur, real *Nk, const int32_t *n, const int32_t *y, const real *x, int B, int K, int d);
+/* CARP: R2's partition of K prototypes from (seed, step); R3-R5 and their backward (z becomes dL/dz) */
+void carp_partition(int32_t *perm, int K, uint64_t seed, long step);
+double carp_loss_forward_backward(real *z, real *q, const real *zt, real *g, double *pbar, double *row_loss,
+                                  const int32_t *perm, int U, int Vg, int B, int K, int nb);
+/* mvbt: T1 and its backward; T2/T3 on standardised views (A*B, d), writing dL/dzn */
+void mvbt_standardise(real *zn, double *sd, const real *z, int M, int d);
+void mvbt_standardise_backward(real *dz, const real *dzn, const real *zn, const double *sd, int M, int d);
+double mvbt_views_loss(real *dzn, const real *zn, real *zbar, real *dzbar, real *cc, double *on, int A, int B, int d,
+                       double lambda);
 /* the methods, NULL-terminated; ExcbConfig.method indexes it */
 extern const ExcbMethod *const excb_methods[];
 /* a method buffer by name (NULL: this model's method has none of that name) */

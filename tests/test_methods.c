@@ -328,17 +328,21 @@ ParameterizedTest(FixturePath *fp, parity, method_fixture, .timeout = 120) {
 Test(parity, every_method_has_its_fixtures) {
     FixturePath paths[64];
     int n = list_fixtures(paths, 64);
-    cr_assert(n >= 18, "%d fixtures in %s (18 expected: make method-fixtures)", n, FIXTURE_DIR);
-    static const char *methods[] = {"excb", "none", "dino", "swav"};
-    static const char *shapes[] = {"tiny", "odd", "nolocal", "bottleneck4"};
-    for (int i = 0; i < 4; i++)
-        for (int j = 0; j < 4; j++) {
-            char want[200];
-            snprintf(want, sizeof want, "%s/%s_%s.bin", FIXTURE_DIR, methods[i], shapes[j]);
-            int found = 0;
-            for (int k = 0; k < n; k++) found |= !strcmp(paths[k].path, want);
-            cr_expect(found, "no fixture %s", want);
-        }
+    cr_assert(n >= 29, "%d fixtures in %s (29 expected: make method-fixtures)", n, FIXTURE_DIR);
+    static const char *want[] = {
+        "excb_tiny", "excb_odd", "excb_nolocal", "excb_bottleneck4", "none_tiny", "none_odd", "none_nolocal",
+        "none_bottleneck4", "dino_tiny", "dino_odd", "dino_nolocal", "dino_bottleneck4", "swav_tiny", "swav_odd",
+        "swav_nolocal", "swav_bottleneck4",
+        /* make_more_method_fixtures.py: three global views, a single view, an epoch's start */
+        "carp_tiny", "carp_odd", "carp_nolocal", "carp_vg3", "coke_tiny", "coke_boundary", "coke_later", "coke_single",
+        "mvbt_tiny", "mvbt_two", "mvbt_vg3"};
+    for (size_t i = 0; i < sizeof want / sizeof want[0]; i++) {
+        char path[200];
+        snprintf(path, sizeof path, "%s/%s.bin", FIXTURE_DIR, want[i]);
+        int found = 0;
+        for (int k = 0; k < n; k++) found |= !strcmp(paths[k].path, path);
+        cr_expect(found, "no fixture %s", path);
+    }
 }
 
 /* ------------------------------------------------------------------------------------------------ */
@@ -632,18 +636,23 @@ Test(swav, prototypes_frozen_then_trained) {
 
 /* A method without a GPU twin is refused by the device twin itself, before any device work: exit 64
    naming it (or, in a build without the CUDA path, that path's own 69). Runs with or without a GPU. */
+static void with_threads_and_queue(ExcbConfig *c);
 Test(device, cpu_only_method_is_refused_by_the_gpu_twin) {
-    ExcbModel m, dm;
-    method_model(&m, "swav", 16, NULL);
-    char err[EXCB_ERR_LEN] = "";
-    int code = excb_cuda_attach(&dm, &m, EXCB_PRECISION_FP32, err);
-    if (excb_cuda_built()) {
-        cr_expect_eq(code, EXCB_EXIT_USAGE, "attach returned %d: %s", code, err);
-        cr_expect(strstr(err, "'swav'") != NULL, "the message names the method: %s", err);
-    } else {
-        cr_expect_eq(code, EXCB_EXIT_UNAVAILABLE);
+    for (int i = 0; excb_methods[i]; i++) {
+        if (excb_methods[i]->cuda) continue;          /* dino, swav, coke, carp, mvbt */
+        ExcbModel m, dm;
+        method_model(&m, excb_methods[i]->name, 24, with_threads_and_queue);
+        char err[EXCB_ERR_LEN] = "", want[64];
+        int code = excb_cuda_attach(&dm, &m, EXCB_PRECISION_FP32, err);
+        snprintf(want, sizeof want, "'%s'", excb_methods[i]->name);
+        if (excb_cuda_built()) {
+            cr_expect_eq(code, EXCB_EXIT_USAGE, "%s: attach returned %d: %s", want, code, err);
+            cr_expect(strstr(err, want) != NULL, "the message names the method: %s", err);
+        } else {
+            cr_expect_eq(code, EXCB_EXIT_UNAVAILABLE);
+        }
+        excb_free(&m);
     }
-    excb_free(&m);
 }
 
 /* Every key once: the general table and each method's rows together name no key twice (a new method's
@@ -676,17 +685,22 @@ Test(settings, every_key_once_and_defaults_round_trip) {
 
 /* Determinism for every method: 3 steps with 1 and with 2 threads give the same bits (parameters,
    teacher, momentum, the method's state), with SwAV's queue in use and DINO's centre moving. */
-static int g_threads;
+static int g_threads = 1;
 static void with_threads_and_queue(ExcbConfig *c) {
     c->threads = g_threads;
     c->swav.queue_length = c->batch;
     c->swav.queue_start_epoch = 0;
     c->swav.freeze_prototypes_steps = 1;
+    c->carp.block = 8;                                 /* K = 24: three blocks                     */
+    c->coke.n_heads = 2;                               /* two heads, and an epoch's start (step 2) */
+    c->coke.k[0] = 24;
+    c->coke.k[1] = 10;
+    c->steps_per_epoch = 2;
 }
 
 Test(determinism, every_method_across_thread_counts, .timeout = 120) {
-    static const char *methods[] = {"excb", "none", "dino", "swav"};
-    for (int i = 0; i < 4; i++) {
+    static const char *methods[] = {"excb", "none", "dino", "swav", "coke", "carp", "mvbt"};
+    for (int i = 0; i < 7; i++) {
         ExcbModel m[2];
         for (int t = 0; t < 2; t++) {
             g_threads = t + 1;
@@ -706,4 +720,222 @@ Test(determinism, every_method_across_thread_counts, .timeout = 120) {
         excb_free(&m[0]);
         excb_free(&m[1]);
     }
+}
+
+/* ------------------------------------------------------------------------------------------------ */
+/* CoKe (excb.c 5.4). K3 by hand: K = 4, B = 4, eta = 20, gamma = 0.4, labels y = (0, 0, 0, 1), so
+   n = (3, 1, 0, 0). rho -= eta n / B = 5 n: (0, 0.5, 0.1, 0) -> (-15, -4.5, 0.1, 0); += eta gamma / K
+   = 2: (-13, -2.5, 2.1, 2); clamped at 0: (0, 0, 2.1, 2). The two clusters that got fewer than
+   gamma B / K = 0.4 of the batch (none) rose by 2. */
+Test(coke, dual_update_by_hand) {
+    real rho[4] = {0, 0.5f, 0.1f, 0};
+    int32_t n[4] = {3, 1, 0, 0};
+    coke_dual_update(rho, n, 4, 4, 20, 0.4);
+    cr_expect_eq(rho[0], 0.0f);
+    cr_expect_eq(rho[1], 0.0f);
+    cr_expect_float_eq(rho[2], 2.1f, 1e-6);
+    cr_expect_float_eq(rho[3], 2.0f, 1e-6);
+}
+
+/* K4 by hand, d = 2. Cluster 0 had N = 1 and c = (0, 1); x_0..x_2 = (1, 0), (0, 1), (1, 1) join it:
+   alpha = 1/4, c = (0, 0.25) + (2, 2)/4 = (0.5, 0.75), normalised /sqrt(0.8125): (0.5547002, 0.8320503).
+   Cluster 1 had N = 0: alpha = 0, c = x_3 / 1 = (3, 4) -> (0.6, 0.8). Clusters 2, 3 get nothing and keep
+   their centres and counters (N_2 = 5). */
+Test(coke, centre_update_by_hand) {
+    real cur[8] = {0, 1, 1, 0, 0.3f, 0.4f, -1, 0}, Nk[4] = {1, 0, 5, 0};
+    int32_t n[4] = {3, 1, 0, 0}, y[4] = {0, 0, 0, 1};
+    real x[8] = {1, 0, 0, 1, 1, 1, 3, 4};
+    coke_centre_update(cur, Nk, n, y, x, 4, 4, 2);
+    cr_expect_float_eq(cur[0], 0.5547002f, 1e-6);
+    cr_expect_float_eq(cur[1], 0.8320503f, 1e-6);
+    cr_expect_float_eq(cur[2], 0.6f, 1e-6);
+    cr_expect_float_eq(cur[3], 0.8f, 1e-6);
+    cr_expect(cur[4] == 0.3f && cur[5] == 0.4f && cur[6] == -1 && cur[7] == 0, "unassigned centres change");
+    cr_expect(Nk[0] == 4 && Nk[1] == 1 && Nk[2] == 5 && Nk[3] == 0, "counters %g %g %g %g", Nk[0], Nk[1], Nk[2], Nk[3]);
+}
+
+static void coke_two_heads(ExcbConfig *c) {
+    c->coke.n_heads = 2;
+    c->coke.k[0] = 16;
+    c->coke.k[1] = 8;
+}
+
+/* K3 in the step: over 6 steps rho stays >= 0 everywhere and rises, by exactly eta gamma / K in float32
+   arithmetic, for every cluster that got no label of the batch (below the bound gamma B / K); a cluster
+   that got one falls or stays at 0. The labels of the batch's images are written (K6). */
+Test(coke, duals_stay_nonnegative_and_rise_below_the_bound) {
+    ExcbModel m;
+    method_model(&m, "coke", 16, coke_two_heads);
+    const ExcbCokeConfig *k = &m.cfg.coke;
+    int KS = k->k[0] + k->k[1], B = m.cfg.batch;
+    real *rho = excb_method_buffer(&m, "duals"), before[24];
+    const int32_t *n = excb_method_buffer(&m, "counts"), *labels = excb_method_buffer(&m, "labels"),
+                  *y = excb_method_buffer(&m, "assign");
+    int rose = 0;
+    for (int s = 0; s < 6; s++) {
+        memcpy(before, rho, sizeof(real) * KS);
+        long step = m.step;
+        float *xg, *xl;
+        step_inputs(&m, 300 + 2 * s, &xg, &xl);
+        cr_assert(excb_step(&m, xg, xl, NULL) == 0);
+        free(xg); free(xl);
+        for (int h = 0, off = 0; h < 2; off += k->k[h], h++)
+            for (int j = 0; j < k->k[h]; j++) {
+                real r = rho[off + j], b = before[off + j];
+                cr_expect(r >= 0, "step %ld head %d: rho_%d = %g < 0", step, h, j, r);
+                if (n[off + j] == 0) {          /* below the bound: rho + eta gamma / K, never clamped */
+                    real up = b + (real)k->eta * (real)(k->gamma / k->k[h]);
+                    cr_expect(r == up, "step %ld head %d: rho_%d %g -> %g, not %g", step, h, j, b, r, up);
+                    rose++;
+                } else {
+                    cr_expect(r <= b, "step %ld head %d: rho_%d rose from %g to %g with %d labels", step, h, j, b, r, n[off + j]);
+                }
+            }
+        long N = m.cfg.n_images > 0 ? m.cfg.n_images : (long)B * m.cfg.steps_per_epoch;
+        for (int i = 0; i < B; i++)
+            cr_expect_eq(labels[(step * B + i) % N], y[i], "image %ld keeps its new label", (step * B + i) % N);
+    }
+    cr_expect(rose > 0, "no cluster was below the bound");
+    excb_free(&m);
+}
+
+/* ------------------------------------------------------------------------------------------------ */
+/* CARP (excb.c 5.5). R2: a permutation (every prototype in exactly one block), a pure function of
+   (seed, step): the same pair gives the same partition, another step another one; the step uses it. */
+Test(carp, partition_is_a_permutation_fixed_by_seed_and_step) {
+    enum { K = 512 };
+    int32_t a[K], b[K], c2[K];
+    for (long step = 0; step < 20; step++) {
+        carp_partition(a, K, 7, step);
+        carp_partition(b, K, 7, step);
+        carp_partition(c2, K, 7, step + 1);
+        int seen[K] = {0}, moved = 0;
+        for (int k = 0; k < K; k++) { cr_assert(a[k] >= 0 && a[k] < K); seen[a[k]]++; moved += a[k] != k; }
+        for (int k = 0; k < K; k++) cr_expect_eq(seen[k], 1, "step %ld: prototype %d in %d blocks", step, k, seen[k]);
+        cr_expect(!memcmp(a, b, sizeof a), "step %ld: the same (seed, step), another partition", step);
+        cr_expect(memcmp(a, c2, sizeof a), "steps %ld and %ld: the same partition", step, step + 1);
+        cr_expect(moved > K / 2, "step %ld: only %d prototypes moved", step, moved);
+    }
+}
+
+static void carp_blocks_of_8(ExcbConfig *c) { c->carp.block = 8; }
+
+Test(carp, the_step_uses_the_partition_of_its_step) {
+    ExcbModel m;
+    method_model(&m, "carp", 24, carp_blocks_of_8);
+    float *xg, *xl;
+    step_inputs(&m, 400, &xg, &xl);
+    m.step = 17;
+    cr_assert(excb_step(&m, xg, xl, NULL) == 0);
+    int32_t want[24];
+    carp_partition(want, 24, m.cfg.seed, 17);
+    cr_expect(!memcmp(want, excb_method_buffer(&m, "partition"), sizeof want), "step 17 used another partition");
+    free(xg); free(xl);
+    excb_free(&m);
+}
+
+/* R3-R5 by hand: K = 2 in one block, B = 1, two crops (the two global views, no local ones).
+   Student rows z = (0, 0): p = (1/2, 1/2); teacher rows (ln 3, 0): q = (3/4, 1/4).
+   R4: the pairs (crop 0, view 1) and (crop 1, view 0) both give <p, q> = 1/2: L_c = ln 2.
+   R5: pbar over the 4 rows = (0.625, 0.375): L_h = ln 2 + 0.625 ln 0.625 + 0.375 ln 0.375 = 0.0315839424.
+   dL/dz of crop 0: g = -q / <p,q> / (pairs N_P B = 2) + (ln pbar + 1) / (N_P * 4 rows)
+                      = (-0.75 + 0.1324991, -0.25 + 0.0047927) = (-0.6175009, -0.2452073),
+   dz = p (g - <p, g>) = (-0.0930734, +0.0930734); crop 1 the same. */
+Test(carp, loss_and_gradient_by_hand) {
+    real z[4] = {0, 0, 0, 0}, zt[4] = {(real)log(3.0), 0, (real)log(3.0), 0}, q[4], g[4];
+    double pbar[2], row_loss[2];
+    int32_t perm[2] = {0, 1};
+    double L = carp_loss_forward_backward(z, q, zt, g, pbar, row_loss, perm, 2, 2, 1, 2, 2);
+    cr_expect(fabs(L - (log(2.0) + 0.031583942401963216)) < 1e-6, "L = %.9g", L);
+    for (int r = 0; r < 2; r++) {
+        cr_expect_float_eq(z[2 * r], -0.0930734f, 1e-6);
+        cr_expect_float_eq(z[2 * r + 1], 0.0930734f, 1e-6);
+    }
+    cr_expect_float_eq(q[0], 0.75f, 1e-7);
+}
+
+/* the blocks are the partition's: with K = 4 in blocks {3, 0} and {1, 2}, raising the score of
+   prototype 1 moves probability from 2 only, never from 0 or 3 (their block's softmax is apart) */
+Test(carp, each_block_is_its_own_softmax) {
+    real z[4 * 2] = {0}, zt[4 * 2] = {0}, q[8], g[8];
+    double pbar[4], row_loss[2];
+    int32_t perm[4] = {3, 0, 1, 2};
+    z[1] = 2.0f;                                 /* crop 0, prototype 1 */
+    carp_loss_forward_backward(z, q, zt, g, pbar, row_loss, perm, 2, 2, 1, 4, 2);
+    /* dL/dz sums to 0 inside each block (a softmax's Jacobian), for every row */
+    for (int r = 0; r < 2; r++) {
+        cr_expect(fabs(z[4 * r + 3] + z[4 * r + 0]) < 1e-7, "row %d block {3,0}: %g + %g", r, z[4 * r + 3], z[4 * r]);
+        cr_expect(fabs(z[4 * r + 1] + z[4 * r + 2]) < 1e-7, "row %d block {1,2}: %g + %g", r, z[4 * r + 1], z[4 * r + 2]);
+    }
+    cr_expect(z[0] == 0 && z[3] == 0, "block {3, 0} of crop 0 is uniform and matched by a uniform teacher: no gradient");
+}
+
+/* ------------------------------------------------------------------------------------------------ */
+/* mvbt (excb.c 5.6). T1 + T2 by hand: A = 2, B = 2, d = 1, z = (1, -1 | 1, -1): mean 0, unbiased
+   variance 4/3, zn = +-sqrt(3)/2; C = (3/4 + 3/4) / 2 = 0.75; L = (0.75 - 1)^2 = 0.0625. */
+Test(mvbt, two_views_by_hand) {
+    real z[4] = {1, -1, 1, -1}, zn[4], dzn[4], zbar[2], dzbar[2], cc[1];
+    double sd[1], on[2];
+    mvbt_standardise(zn, sd, z, 4, 1);
+    cr_expect_float_eq(zn[0], 0.8660254f, 1e-6);
+    cr_expect(fabs(sd[0] - sqrt(4.0 / 3)) < 1e-12);
+    double L = mvbt_views_loss(dzn, zn, zbar, dzbar, cc, on, 2, 2, 1, 0.5);
+    cr_expect(fabs(L - 0.0625) < 1e-6, "L = %.9g", L);
+    /* dzn_0 = zn_1 G / B, G = 2 (0.75 - 1) = -0.5: (-0.2165064, +0.2165064) */
+    cr_expect_float_eq(dzn[0], -0.2165064f, 1e-6);
+    cr_expect_float_eq(dzn[1], 0.2165064f, 1e-6);
+}
+
+/* T3 with three views by hand, d = 2, B = 2, lambda = 1: views zn_a = rows (1, 0), (0, 1) for a = 0, 1 and
+   (0, 1), (1, 0) for a = 2. zbar = ((2/3, 1/3), (1/3, 2/3)). on_{a,k} = (1/B) sum_i zn_{a,i,k} zbar_{i,k}:
+   views 0, 1: (1 * 2/3) / 2 = 1/3 for both k; view 2: (1 * 1/3) / 2 = 1/6. Invariance:
+   (1/3) [4 (1/3 - 1)^2 + 2 (1/6 - 1)^2] = (1/3) (16/9 + 25/18) = 57/54. zbar^T zbar / 2 has the
+   off-diagonal (2/9 + 2/9) / 2 = 2/9, twice: 2 (2/9)^2 = 8/81. L = 57/54 + 8/81 = 187/162 = 1.1543210. */
+Test(mvbt, three_views_by_hand) {
+    real zn[12] = {1, 0, 0, 1, 1, 0, 0, 1, 0, 1, 1, 0}, dzn[12], zbar[4], dzbar[4], cc[4];
+    double on[6];
+    double L = mvbt_views_loss(dzn, zn, zbar, dzbar, cc, on, 3, 2, 2, 1.0);
+    cr_expect(fabs(L - 187.0 / 162) < 1e-6, "L = %.9g, want 187/162", L);
+    cr_expect(fabs(on[0] - 1.0 / 3) < 1e-7 && fabs(on[4] - 1.0 / 6) < 1e-7, "on = %g, %g", on[0], on[4]);
+}
+
+/* the property: identical standardised views whose cross-correlation is the identity give L = 0 and no
+   gradient, in both forms (A = 2 and A = 3). zn rows (+-1, +-1), B = 4: zn^T zn / 4 = I. */
+Test(mvbt, identical_views_with_identity_correlation_cost_nothing) {
+    static const real rows[8] = {1, 1, 1, -1, -1, 1, -1, -1};
+    for (int A = 2; A <= 3; A++) {
+        real zn[24], dzn[24], zbar[8], dzbar[8], cc[4];
+        double on[6];
+        for (int a = 0; a < A; a++) memcpy(zn + a * 8, rows, sizeof rows);
+        double L = mvbt_views_loss(dzn, zn, zbar, dzbar, cc, on, A, 4, 2, 0.5);
+        cr_expect(L == 0, "A = %d: L = %g", A, L);
+        for (int i = 0; i < A * 8; i++) cr_expect(dzn[i] == 0, "A = %d: dzn[%d] = %g", A, i, dzn[i]);
+    }
+}
+
+/* T1's backward against central differences of a weighted sum (float64 accumulation of a float32 op:
+   eps = 1e-2 on values of order 1; tolerance 2e-3 of the largest entry, a wrong term is O(1)) */
+Test(mvbt, standardise_backward_matches_finite_differences) {
+    enum { M = 7, D = 3 };
+    real z[M * D], zn[M * D], w[M * D], dz[M * D];
+    double sd[D];
+    fill_normal(z, M * D, 501, 1);
+    fill_normal(w, M * D, 502, 1);
+    mvbt_standardise(zn, sd, z, M, D);
+    mvbt_standardise_backward(dz, w, zn, sd, M, D);
+    double worst = 0, gmax = 0;
+    for (int i = 0; i < M * D; i++) gmax = fmax(gmax, fabs(dz[i]));
+    for (int i = 0; i < M * D; i++) {
+        real z0 = z[i];
+        double f[2];
+        for (int s = 0; s < 2; s++) {
+            z[i] = z0 + (s ? -1e-2f : 1e-2f);
+            mvbt_standardise(zn, sd, z, M, D);
+            f[s] = 0;
+            for (int j = 0; j < M * D; j++) f[s] += (double)w[j] * zn[j];
+        }
+        z[i] = z0;
+        worst = fmax(worst, fabs((f[0] - f[1]) / 2e-2 - dz[i]) / gmax);
+    }
+    cr_expect(worst < 2e-3, "worst %.3g of the largest entry", worst);
 }

@@ -50,6 +50,7 @@ static void build_from_method_fixture(ExcbModel *m, const Fixture *fx, const cha
     cfg.warmup_steps = (long)meta->data64[2];
     cfg.steps_per_epoch = (long)meta->data64[3];
     cfg.in_ch = (int)meta->data64[4];
+    cfg.n_images = meta->numel > 5 ? (long)meta->data64[5] : 0;     /* CoKe's labels */
     cr_assert(excb_build(m, &cfg) == 0);
     for (int i = 0; i < m->n_mbuf; i++) {
         if (!m->mbuf_spec[i].state || !m->mbuf_spec[i].floats) continue;
@@ -57,9 +58,18 @@ static void build_from_method_fixture(ExcbModel *m, const Fixture *fx, const cha
         snprintf(nm, sizeof nm, "state.%s", m->mbuf_spec[i].name);
         const FixTensor *st = fix_get(fx, nm);
         cr_assert(st && st->numel == m->mbuf_spec[i].floats, "%s: %s", path, nm);
-        for (size_t j = 0; j < st->numel; j++) ((real *)m->mbuf[i])[j] = st->data[j];
+        for (size_t j = 0; j < st->numel; j++)
+            if (m->mbuf_spec[i].integer) ((int32_t *)m->mbuf[i])[j] = (int32_t)st->data64[j];
+            else ((real *)m->mbuf[i])[j] = st->data[j];
     }
     m->step = (long)meta->data64[0];
+    const FixTensor *bi = fix_get(fx, "batch_index");          /* CoKe: the batch's images */
+    if (bi) {
+        static int64_t idx[64];
+        cr_assert(bi->numel <= 64);
+        for (size_t i = 0; i < bi->numel; i++) idx[i] = (int64_t)bi->data64[i];
+        m->batch_index = idx;
+    }
 }
 
 static void whole_model(const char *config, const char *path) {
@@ -76,14 +86,19 @@ static void whole_model(const char *config, const char *path) {
         for (int k = 0; k < cfg.K; k++) sizes[k] = s->data[k];
     } else {
         build_from_method_fixture(&m, &fx, path);
-        cr_assert(m.method->begin_step == NULL, "%s: a method that changes the parameters before the forward pass "
-                  "cannot be differenced entry by entry", path);
     }
     load(&m, &fx, "param.", m.params);
     load(&m, &fx, "teacher.", m.teacher);
+    real *before = malloc(sizeof(real) * m.n_params);
+    memcpy(before, m.params, sizeof(real) * m.n_params);
     int check_centroids = m.pairing == EXCB_PAIRING_SWAPPED;    /* no detached scoring of them */
     real *xg = to_real(fix_get(&fx, "x_global")), *xl = to_real(fix_get(&fx, "x_local"));
     excb_forward_loss(&m, xg, xl, NULL);
+    /* the loss must be a plain function of the parameters: a method whose forward changes them (SwAV's
+       re-normalised prototypes) cannot be differenced entry by entry; CoKe's epoch-start copy of its
+       centres changes state only, the same way at every call */
+    cr_assert(!memcmp(before, m.params, sizeof(real) * m.n_params), "%s: the forward pass changed the parameters", path);
+    free(before);
     excb_backward(&m);
     real *g = malloc(sizeof(real) * m.n_params);
     memcpy(g, m.grads, sizeof(real) * m.n_params);
@@ -128,3 +143,13 @@ Test(whole_model_f64, bottleneck_imagenet_stem_maxpool, .timeout = 300) { whole_
    warm-up) and ExCB's targets with it */
 Test(whole_model_f64, swapped_pairing_dino, .timeout = 300) { whole_model(NULL, "tests/reference/methods/dino_odd.bin"); }
 Test(whole_model_f64, swapped_pairing_excb, .timeout = 300) { whole_model(NULL, "tests/reference/methods/excb_tiny_swapped.bin"); }
+
+/* the methods with their own loss (excb.c 5.4-5.6): CARP's block softmaxes, consistency and uniformity
+   with its raw rows and learned prototypes; CoKe's two branches against its state's centres (no
+   prototype parameters), at an epoch's start and later; mvbt's standardisation and both of its forms
+   (two views, T2; five, T3) */
+Test(whole_model_f64, carp, .timeout = 300) { whole_model(NULL, "tests/reference/methods/carp_odd.bin"); }
+Test(whole_model_f64, coke_epoch_start, .timeout = 300) { whole_model(NULL, "tests/reference/methods/coke_boundary.bin"); }
+Test(whole_model_f64, coke_two_heads_single_view, .timeout = 300) { whole_model(NULL, "tests/reference/methods/coke_single.bin"); }
+Test(whole_model_f64, mvbt_two_views, .timeout = 300) { whole_model(NULL, "tests/reference/methods/mvbt_two.bin"); }
+Test(whole_model_f64, mvbt_five_views, .timeout = 300) { whole_model(NULL, "tests/reference/methods/mvbt_vg3.bin"); }

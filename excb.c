@@ -1596,8 +1596,10 @@ static const ExcbMethod method_swav = {
  * 5.4 CoKe: online constrained k-means (paper_notes.md §5c; arXiv 2105.11527, idstcv/CoKe
  *     builder_single_view.py and builder_multi_view.py, the first stage, without label smoothing)
  * ------------------------------------------------------------------------------------------------
- *   K1: x_i = (1/Vg) sum_v u_{v,i}      image i's mean global row, u = h / ||h|| of the STUDENT (CoKe
- *                                       has no teacher network), detached, not re-normalised
+ *   K0: u = BN(h) / ||BN(h)||             CoKe's projector ends with a BatchNorm (builder_*_view.py):
+ *                                       here the predictor's input BN(d), which its predictor shares
+ *   K1: x_i = (1/Vg) sum_v u_{v,i}      image i's mean global row of the STUDENT (CoKe has no teacher
+ *                                       network), detached, not re-normalised
  *   per head (K clusters, its own state):
  *   K2: y_i = argmax_k (<x_i, c_k> + rho_k)             c: the running centres of this epoch
  *   K3: rho_k <- max(0, rho_k - eta n_k / B + eta gamma / K),    n_k = #{i : y_i = k}
@@ -1847,7 +1849,7 @@ static const ExcbSetting coke_settings[] = {
 
 static const ExcbMethod method_coke = {
     .name = "coke", .summary = "CoKe: online constrained k-means, dual variables and a label per image (K1-K7)",
-    .pairing = EXCB_PAIRING_SWAPPED, .cuda = 0, .no_prototypes = 1, .student_only = 1, .predictor = 1,
+    .pairing = EXCB_PAIRING_SWAPPED, .cuda = 0, .no_prototypes = 1, .student_only = 1, .predictor = 1, .bn_rows = 1,
     .settings = coke_settings, .n_settings = sizeof coke_settings / sizeof coke_settings[0],
     .buffers = coke_buffers, .validate = coke_validate, .init = coke_init, .begin_step = coke_begin_step,
     .loss = coke_loss, .update = coke_update, .label_range = coke_label_range, .diagnostics = coke_diagnostics,
@@ -2734,7 +2736,7 @@ static void bind_method(ExcbModel *m) {
     m->method = excb_methods[m->cfg.method];
     m->pairing = m->cfg.pairing != EXCB_PAIRING_AUTO ? m->cfg.pairing : m->method->pairing;
     m->n_dir_crops = m->pairing == EXCB_PAIRING_EXCB ? m->cfg.n_global : m->cfg.n_global + m->cfg.n_local;
-    m->with_pred = m->pairing == EXCB_PAIRING_EXCB || m->method->predictor;
+    m->with_pred = m->pairing == EXCB_PAIRING_EXCB || m->method->predictor || m->method->bn_rows;
     m->n_protos = m->method->no_prototypes ? 0 : m->cfg.K;
     m->n_labels = m->method->label_range ? m->method->label_range(&m->cfg) : m->cfg.K;
     m->n_mbuf = m->method->buffers(&m->cfg, m->mbuf_spec);
@@ -2982,6 +2984,10 @@ static void projector_forward(ExcbModel *m, const real *P, real *run, const real
  *  loss and dL/dz:     E7, E8, E11 over the pairing's terms
  *  the method's state: ExCB E2, E3 from argmax q; DINO's centre D2; SwAV's queue S2
  *  backward:           E12, E13 and the network; SGD (E14); teacher EMA (E9)
+ * A method with its own loss (section 5.4-5.6) changes three things: its loss replaces E7-E11 (CARP's
+ * R3-R5 leave dL/dz; CoKe's K7 and mvbt's T1-T3, which have no prototype layer, leave dL/du of the
+ * rows); its rows may be the projection as it is (raw_rows: CARP, mvbt, no E1 normalisation); and a
+ * student-only one (CoKe, mvbt) skips the teacher's forward pass.
  */
 static void centroids_forward(ExcbModel *m, const real *P) {
     m->ops->weightnorm_forward(m->c, m->c_inv_norm, PT(P, m->centroids), m->cfg.K, m->cfg.d);
@@ -3062,11 +3068,7 @@ double excb_forward_loss(ExcbModel *m, const real *xg, const real *xl, ExcbStepS
     backbone_forward(m, m->params, m->running, &m->act_global, xg, m->f, NS);
     if (NL > 0) backbone_forward(m, m->params, m->running, &m->act_local, xl, m->f + NG, NS);
     projector_forward(m, m->params, m->running, m->f, NS);
-    head_rows_forward(m, m->u_dir, m->u_dir_den, m->h, NS, n_dir);                    /* direct rows */
-    if (K) {
-        centroids_forward(m, m->params);
-        m->ops->gemm('N', 'T', n_dir, K, d, 1.0f, m->u_dir, d, m->c, d, 0.0f, m->z_dir, K);
-    }
+    if (K) centroids_forward(m, m->params);
     if (pred) {           /* predictor E10a: BN(d) without ReLU, Linear-BN-ReLU, Linear */
         m->ops->batchnorm_forward(m->pre_y, m->pre_mean, m->pre_rstd, m->running + m->pred_bn_stats,
                                   m->running + m->pred_bn_stats + d, m->h, PT(m->params, m->pred_bn_gamma),
@@ -3077,6 +3079,10 @@ double excb_forward_loss(ExcbModel *m, const real *xg, const real *xl, ExcbStepS
         head_rows_forward(m, m->u_pred, m->u_pred_den, m->p, NS, NS);                  /* E10b       */
         if (K) m->ops->gemm('N', 'T', NS, K, d, 1.0f, m->u_pred, d, m->c, d, 0.0f, m->z_pred, K);
     }
+    /* the direct rows: of h, or (bn_rows, CoKe) of BN(h), its projector's last BatchNorm, which is the
+       predictor's input BatchNorm here */
+    head_rows_forward(m, m->u_dir, m->u_dir_den, m->method->bn_rows ? m->pre_y : m->h, NS, n_dir);
+    if (K) m->ops->gemm('N', 'T', n_dir, K, d, 1.0f, m->u_dir, d, m->c, d, 0.0f, m->z_dir, K);
     if (st) step_diagnostics(m, st);
     /* --- the loss; z_dir and z_pred become dL/dz (or, without prototypes, du_dir and du_pred dL/du) - */
     double loss = m->method->loss ? m->method->loss(m)
@@ -3114,7 +3120,8 @@ void excb_backward(ExcbModel *m) {
         m->ops->gemm('N', 'N', n_dir, d, K, 1.0f, m->z_dir, K, m->c, d, 0.0f, s0, d);            /* s0 = du */
         du = s0;
     }
-    /* E12, direct rows: dh[:, direct] = (I - u u^T) du / ||h|| (raw rows: du^T); the other columns 0 */
+    /* E12, direct rows: dh[:, direct] = (I - u u^T) du / ||h|| (raw rows: du^T); the other columns 0.
+       With bn_rows (CoKe) this is the gradient w.r.t. BN(h), which joins the predictor's below. */
     head_rows_backward(m, dh, NS, du, m->u_dir, m->u_dir_den, n_dir);
     if (n_dir < NS) m->ops->zero_columns(dh, d, NS, n_dir, NS - n_dir);
     if (m->with_pred) {
@@ -3129,9 +3136,11 @@ void excb_backward(ExcbModel *m) {
         head_layer_backward(m, &m->pred[1], s0, s2, NULL, m->pred_a, NULL, m->p, NULL, NULL, NS);  /* s0 = d pred_a */
         head_layer_backward(m, &m->pred[0], s2, s0, s3, m->pre_y, m->pred_y, m->pred_a, m->pred_mean,
                             m->pred_rstd, NS);                                                /* s2 = d BN(h) */
+        if (m->method->bn_rows) m->ops->add(s2, dh, (size_t)d * NS);    /* the direct rows read BN(h) too */
         m->ops->batchnorm_backward(s3, PT(G, m->pred_bn_gamma), PT(G, m->pred_bn_beta), s2, m->pre_y, m->h,
                                    m->pre_mean, m->pre_rstd, PT(P, m->pred_bn_gamma), 0, d, NS, 0);  /* s3 = dh_pred */
-        m->ops->add(dh, s3, (size_t)d * NS);
+        if (m->method->bn_rows) dh = s3;              /* all of dL/dh came through BN(h): s3 holds it */
+        else m->ops->add(dh, s3, (size_t)d * NS);
     }
     /* projector E0, last layer to first: df (D, NS) */
     ExcbMLPActs *A = &m->proj_act;
@@ -7044,15 +7053,18 @@ static double backbone_macs(const ExcbModel *m, int H) {
     return s;
 }
 
-/* MACs of what this code computes per sample (the unused direct local rows are not computed) */
+/* MACs of what this code computes per sample (the unused direct local rows are not computed): the
+   networks and the prototype layer's scores; a method's own loss (CoKe's scores against its centres,
+   CARP's blocks, mvbt's d x d products) is not counted */
 void excb_count_macs(const ExcbModel *m, double *teacher_fwd, double *student_fwd) {
     const ExcbConfig *c = &m->cfg;
-    double Hd = c->hidden, d = c->d, D = m->D, K = c->K;
-    double proj = D * Hd + Hd * Hd + Hd * d, pred = d * Hd + Hd * d, cos = K * d;
+    double Hd = c->hidden, d = c->d, D = m->D, cos = (double)m->n_protos * d;
+    double proj = D * Hd + Hd * Hd + Hd * d, pred = d * Hd + Hd * d;
     double bg = backbone_macs(m, c->global_size), bl = backbone_macs(m, c->local_size);
-    *teacher_fwd = c->n_global * (bg + proj + cos);
-    *student_fwd = c->n_global * bg + c->n_local * bl + (c->n_global + c->n_local) * (proj + pred + cos)
-                 + c->n_global * cos;
+    int views = c->n_global + c->n_local;
+    *teacher_fwd = m->method->student_only ? 0 : c->n_global * (bg + proj + cos);
+    *student_fwd = c->n_global * bg + c->n_local * bl + views * proj + m->n_dir_crops * cos
+                 + (m->with_pred ? views * (pred + cos) : 0);
 }
 
 #ifndef TESTING
@@ -7070,7 +7082,7 @@ static void usage(FILE *f) {
         "usage: excb <command> [options]\n"
         "\n"
         "commands:\n"
-        "  train       pre-train with ExCB (or a baseline: --set method=none|dino|swav) into a run directory,\n"
+        "  train       pre-train with ExCB (or another method: --set method=none|dino|swav|coke|carp|mvbt) into a run directory,\n"
         "              then evaluate (k-NN, linear probe, clusters)\n"
         "              --preset NAME   fashion-mnist (default), fashion-mnist-long, cifar10-r18, stl10-r18,\n"
         "                              imagenet-r50, tiny\n"
@@ -7102,7 +7114,7 @@ static void usage(FILE *f) {
         "              --reps R (3)  --min-seconds S (4): each repetition runs >= S seconds\n"
         "              --data SPEC: alternate random and loaded repetitions and print their ratio\n"
         "              --device cpu|cuda|auto (cpu) --precision fp32|tf32: the GPU step, inputs on the GPU\n"
-        "              --method excb|none|dino|swav (excb): the balancing rule (each at its default settings)\n"
+        "              --method excb|none|dino|swav|coke|carp|mvbt (excb): the method (each at its default settings)\n"
         "              --memory: print what the model takes, part by part, without allocating it, and stop\n"
         "  bench-data  time the loader alone (decode + views), in views per second\n"
         "              --config NAME (sizes and views as above) --batch B --seconds S (10) --reps R (3)\n"

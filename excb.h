@@ -336,10 +336,11 @@ typedef struct {
     const char *help;
 } ExcbSetting;
 
-/* A balancing rule: how the teacher's scores become targets, and the state that carries over between
-   steps. Everything else (the networks, the loss of section 6, the optimiser) is shared. excb.c section 5
-   has one subsection per method; adding one is a subsection there, a line in excb_methods[], a sub-config
-   in ExcbConfig, its tests and its section of paper_notes.md. */
+/* A method: a balancing rule (how the teacher's scores become targets, and the state that carries over
+   between steps; the networks, the loss of section 6 and the optimiser are shared), or a method with its
+   own loss and head shape (CoKe, CARP, mvbt). excb.c section 5 has one subsection per method; adding one
+   is a subsection there, a line in excb_methods[], a sub-config in ExcbConfig, its tests and its section
+   of paper_notes.md. */
 typedef struct ExcbMethod {
     const char *name;          /* the value of the config key `method`                                */
     const char *summary;       /* one line for --help-config                                          */
@@ -356,7 +357,8 @@ typedef struct ExcbMethod {
     /* before the step's forward pass (may be NULL): SwAV re-normalises the prototypes (S3) */
     void (*begin_step)(struct ExcbModel *m);
     /* the teacher's targets for the whole batch: from m->zt (Vg*B, K) and m->ut (Vg*B, d), with m->c
-       holding the teacher's unit centroids, into m->q and m->labels. Changes no state. */
+       holding the teacher's unit centroids, into m->q and m->labels. Changes no state. NULL for a
+       method with its own loss, which makes whatever it needs from the teacher there. */
     void (*targets)(struct ExcbModel *m);
     /* the state update after the loss; returns the number of distinct teacher labels (A21) */
     int (*update)(struct ExcbModel *m);
@@ -369,6 +371,8 @@ typedef struct ExcbMethod {
     int raw_rows;              /* 1: its rows are the projection as it is, not L2-normalised (CARP, mvbt) */
     int student_only;          /* 1: no teacher forward pass (the teacher is still the EMA: evaluation) */
     int predictor;             /* 1: the predictor's rows of every crop, whatever the pairing (CoKe)   */
+    int bn_rows;               /* 1: its direct rows are of BN(h), the predictor's input BatchNorm: a
+                                  projector that ends with a BatchNorm (CoKe); needs the predictor     */
     /* the number of values its labels take (may be NULL: K); 0: it has none */
     int (*label_range)(const ExcbConfig *c);
     /* 1 when this step must leave the centroids untouched (may be NULL: never) */

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from make_fixture import layout, backbone, projector, predictor, unit_centroids, draw_parameters  # noqa: E402
+from make_fixture import layout, backbone, bn, projector, predictor, unit_centroids, draw_parameters  # noqa: E402
 from make_method_fixtures import (NORM_EPS, VN, RELU_MARGIN, Q_MARGIN, _relu_margin, hash5,  # noqa: E402
                                   DEFAULTS, SHAPES, config_text, write_fixture, DT_CODE, GROUPS)
 
@@ -269,7 +269,9 @@ def forward(cfg, dt, plan, stem, st, prm, tea, state, info):
     elif method == "coke":
         p = predictor(prm, h)
         out["student_pred"] = p
-        u = F.normalize(h, dim=1, eps=NORM_EPS)
+        # CoKe's projector ends with a BatchNorm (builder_*_view.py): the harness's is the predictor's
+        # input BatchNorm, classifier.predictor_activation, which the predictor reads as well
+        u = F.normalize(bn(h, prm, "classifier.predictor_activation"), dim=1, eps=NORM_EPS)
         up = F.normalize(p, dim=1, eps=NORM_EPS)
         with torch.no_grad():
             ud = u.detach()
@@ -460,7 +462,7 @@ FD_PARAMS = {
 STRUCTURAL_ZERO = {
     "carp": ["classifier.projector.mlp.0.bias", "classifier.projector.mlp.3.bias"],
     "coke": ["classifier.projector.mlp.0.bias", "classifier.predictor.mlp.0.bias",
-             "classifier.predictor_activation.bias"],
+             "classifier.projector.mlp.6.bias"],   # the last one feeds CoKe's final BatchNorm
     "mvbt": ["classifier.projector.mlp.0.bias", "classifier.projector.mlp.6.bias"],
 }
 

@@ -213,6 +213,32 @@ def ce(q, z, tau_s):
     return -(q * F.log_softmax(z / tau_s, dim=1)).sum(1).mean()
 
 
+def sgd_and_ema(cfg, names, prm, tea, mom, grads, frozen=False):
+    """E14 (SGD with coupled weight decay, the centroid wd schedule) then E9 (the teacher's EMA) at the
+    fixture's step; frozen: SwAV's prototypes get no update. Returns ((lr, wd_centroid, ema), params,
+    momenta, teacher)."""
+    step, T, W = cfg["step"], cfg["T"], cfg["W"]
+    t1 = step + 1
+    lrp = cfg["lr"]
+    lrm = lrp * cfg["lr_min_factor"]
+    lr = lrp * t1 / W if t1 < W else lrm + 0.5 * (lrp - lrm) * (1 + math.cos(math.pi * (t1 - W) / (T - W)))
+    wdc = cfg["wd"] * (1 + cfg["centroid_wd_boost"] * 0.5 * (1 + math.cos(math.pi * t1 / T)))
+    em = 1 - (1 - cfg["ema_start"]) * 0.5 * (1 + math.cos(math.pi * step / T))
+    new_p, new_m, new_t = {}, {}, {}
+    with torch.no_grad():
+        for n in names:
+            t = prm[n].detach()
+            if frozen and n == VN:
+                new_p[n], new_m[n] = t.clone(), mom[n].clone()
+            else:
+                wd = wdc if "centroid_layer" in n else (0.0 if t.dim() == 1 else cfg["wd"])
+                g = grads[n] + wd * t
+                new_m[n] = cfg["sgd_momentum"] * mom[n] + g
+                new_p[n] = t - lr * new_m[n]
+            new_t[n] = tea[n] * em + new_p[n] * (1 - em)
+    return (lr, wdc, em), new_p, new_m, new_t
+
+
 # ---------------------------------------------------------------- one step, in dtype dt
 def run_step(cfg, dt, P, plan, stem, st, factors):
     B, Vl, K = cfg["B"], cfg["Vl"], cfg["K"]
@@ -332,24 +358,7 @@ def run_step(cfg, dt, P, plan, stem, st, factors):
         state_after["cluster_sizes"] = (s32.float() * cfg["m_s"] + term).to(dt)
 
     # ---- SGD (coupled wd, centroid wd schedule), teacher EMA (E9, E14, Appendix A)
-    t1 = step + 1
-    lrp = cfg["lr"]
-    lrm = lrp * cfg["lr_min_factor"]
-    lr = lrp * t1 / W if t1 < W else lrm + 0.5 * (lrp - lrm) * (1 + math.cos(math.pi * (t1 - W) / (T - W)))
-    wdc = cfg["wd"] * (1 + cfg["centroid_wd_boost"] * 0.5 * (1 + math.cos(math.pi * t1 / T)))
-    em = 1 - (1 - cfg["ema_start"]) * 0.5 * (1 + math.cos(math.pi * step / T))
-    new_p, new_m, new_t = {}, {}, {}
-    with torch.no_grad():
-        for n in names:
-            t = prm[n].detach()
-            if frozen and n == VN:
-                new_p[n], new_m[n] = t.clone(), mom[n].clone()
-            else:
-                wd = wdc if "centroid_layer" in n else (0.0 if t.dim() == 1 else cfg["wd"])
-                g = grads[n] + wd * t
-                new_m[n] = cfg["sgd_momentum"] * mom[n] + g
-                new_p[n] = t - lr * new_m[n]
-            new_t[n] = tea[n] * em + new_p[n] * (1 - em)
+    (lr, wdc, em), new_p, new_m, new_t = sgd_and_ema(cfg, names, prm, tea, mom, grads, frozen)
     out["_hyper"] = (lr, wdc, em)
     res = {k: v.detach() for k, v in out.items() if not k.startswith("_")}
     for k, v in state_after.items():

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from make_fixture import layout, backbone, bn, projector, predictor, unit_centroids, draw_parameters  # noqa: E402
-from make_method_fixtures import (NORM_EPS, VN, RELU_MARGIN, Q_MARGIN, _relu_margin, hash5,  # noqa: E402
+from make_method_fixtures import (NORM_EPS, VN, RELU_MARGIN, Q_MARGIN, _relu_margin, hash5, sgd_and_ema,  # noqa: E402
                                   DEFAULTS, SHAPES, config_text, write_fixture, DT_CODE, GROUPS)
 
 # ---------------------------------------------------------------- configurations
@@ -319,23 +319,8 @@ def run_step(cfg, dt, P, plan, stem, st):
             if n.startswith("classifier.predictor"):
                 assert float(grads[n].abs().max()) == 0.0, n
 
-    # ---- SGD (coupled wd, centroid wd schedule), teacher EMA: as make_method_fixtures.run_step
-    step, T, W = cfg["step"], cfg["T"], cfg["W"]
-    t1 = step + 1
-    lrp = cfg["lr"]
-    lrm = lrp * cfg["lr_min_factor"]
-    lr = lrp * t1 / W if t1 < W else lrm + 0.5 * (lrp - lrm) * (1 + math.cos(math.pi * (t1 - W) / (T - W)))
-    wdc = cfg["wd"] * (1 + cfg["centroid_wd_boost"] * 0.5 * (1 + math.cos(math.pi * t1 / T)))
-    em = 1 - (1 - cfg["ema_start"]) * 0.5 * (1 + math.cos(math.pi * step / T))
-    new_p, new_m, new_t = {}, {}, {}
-    with torch.no_grad():
-        for n in names:
-            t = prm[n].detach()
-            wd = wdc if "centroid_layer" in n else (0.0 if t.dim() == 1 else cfg["wd"])
-            g = grads[n] + wd * t
-            new_m[n] = cfg["sgd_momentum"] * mom[n] + g
-            new_p[n] = t - lr * new_m[n]
-            new_t[n] = tea[n] * em + new_p[n] * (1 - em)
+    # ---- SGD (coupled wd, centroid wd schedule), teacher EMA: make_method_fixtures.run_step's
+    (lr, wdc, em), new_p, new_m, new_t = sgd_and_ema(cfg, names, prm, tea, mom, grads)
     info["_hyper"] = (lr, wdc, em)
     res = {k: v.detach() for k, v in out.items()}
     for k, v in state_after.items():

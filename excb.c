@@ -1264,7 +1264,7 @@ static int excb_rule_buffers(const ExcbConfig *c, ExcbBuffer *b) {
     b[EXCB_R] = (ExcbBuffer){"r", (size_t)c->K, 0, 0};                      /* r, E3'                    */
     b[EXCB_LOWER] = (ExcbBuffer){"lower", (size_t)c->K, 0, 0};              /* E4's factors              */
     b[EXCB_HIGHER] = (ExcbBuffer){"higher", (size_t)c->K, 0, 0};
-    b[EXCB_COUNTS] = (ExcbBuffer){"counts", (size_t)c->K, 0, 0};            /* E2's counts (int32)       */
+    b[EXCB_COUNTS] = (ExcbBuffer){"counts", (size_t)c->K, 0, 1};            /* E2's counts (int32)       */
     return EXCB_N_BUFFERS;
 }
 
@@ -1385,7 +1385,7 @@ void dino_center_update(real *center, const real *z, int N, int K, double moment
 enum { DINO_CENTER, DINO_COUNTS, DINO_N_BUFFERS };
 static int dino_buffers(const ExcbConfig *c, ExcbBuffer *b) {
     b[DINO_CENTER] = (ExcbBuffer){"center", (size_t)c->K, 1, 0};
-    b[DINO_COUNTS] = (ExcbBuffer){"counts", (size_t)c->K, 0, 0};
+    b[DINO_COUNTS] = (ExcbBuffer){"counts", (size_t)c->K, 0, 1};
     return DINO_N_BUFFERS;
 }
 
@@ -1501,7 +1501,7 @@ static int swav_buffers(const ExcbConfig *c, ExcbBuffer *b) {
     b[SWAV_QUEUE] = (ExcbBuffer){"queue", (size_t)c->n_global * Lq * c->d, 1, 0};   /* (Vg, Lq, d), S2 */
     b[SWAV_SCORES] = (ExcbBuffer){"scores", rows * c->K, 0, 0};                     /* (Lq + B, K), S1 */
     b[SWAV_SUMS] = (ExcbBuffer){"sums", 2 * (rows + c->K), 0, 0};                   /* doubles         */
-    b[SWAV_COUNTS] = (ExcbBuffer){"counts", (size_t)c->K, 0, 0};
+    b[SWAV_COUNTS] = (ExcbBuffer){"counts", (size_t)c->K, 0, 1};
     return SWAV_N_BUFFERS;
 }
 
@@ -1647,7 +1647,7 @@ static int coke_buffers(const ExcbConfig *c, ExcbBuffer *b) {
     b[COKE_X] = (ExcbBuffer){"mean_rows", (size_t)B * d, 0, 0};                     /* x (B, d), K1      */
     b[COKE_ASSIGN] = (ExcbBuffer){"assign", (size_t)H * B, 0, 1};                   /* y (H, B), K2      */
     b[COKE_TARGETS] = (ExcbBuffer){"targets", (size_t)H * B, 0, 1};                 /* t (H, B), K6      */
-    b[COKE_LOGITS] = (ExcbBuffer){"logits", rows * (widest > B ? widest : B), 0, 0};   /* (rows, K_j)    */
+    b[COKE_LOGITS] = (ExcbBuffer){"logits", rows * widest, 0, 0};      /* K2 (B, K_j), K7 (rows, K_j) */
     b[COKE_COUNTS] = (ExcbBuffer){"counts", (size_t)KS, 0, 1};                      /* n_k, K3           */
     return COKE_N_BUFFERS;
 }

@@ -231,7 +231,7 @@ typedef struct {
     const char *name;          /* "cluster_sizes"; a state buffer is saved as "method.cluster_sizes"   */
     size_t floats;
     int state;                 /* 1: kept across steps (saved, copied to the GPU); 0: one step's scratch */
-    int integer;               /* 1: int32 values (CoKe's labels), 0: real                              */
+    int integer;               /* 1: int32 values (counts, labels, CARP's partition), 0: real           */
 } ExcbBuffer;
 
 /* ------------------------------------------------------------------------------------------------ */

@@ -3096,7 +3096,7 @@ void excb_update_method(ExcbModel *m, ExcbStepStats *st) {
     int used = m->method->update(m);
     if (st) {                                              /* A21 collapse monitors             */
         st->unique_labels = used;
-        st->empty_clusters = m->cfg.K - used;
+        st->empty_clusters = m->n_labels - used;         /* K; CoKe: head 0's; mvbt: 0 */
     }
 }
 
@@ -6351,8 +6351,10 @@ static void epoch_record(Run *r, const ExcbModel *m, const ExcbTrainState *ts, l
     jnum(r->metrics, "distinct_per_batch", a[EXCB_ACC_UNIQUE] / n);
     jnum(r->metrics, "changed_labels", a[EXCB_ACC_SEEN] > 0 ? a[EXCB_ACC_CHANGED] / a[EXCB_ACC_SEEN] : NAN);
     jnum(r->metrics, "assign_entropy", a[EXCB_ACC_ENTROPY] / n);
-    fprintf(r->metrics, ",\"empty_clusters\":%ld,\"cluster_size_min\":%ld,\"cluster_size_max\":%ld", empty, cmin, cmax);
-    jnum(r->metrics, "label_entropy_norm", h / log(K));
+    if (K) {                                   /* a method without labels (mvbt) has no clusters */
+        fprintf(r->metrics, ",\"empty_clusters\":%ld,\"cluster_size_min\":%ld,\"cluster_size_max\":%ld", empty, cmin, cmax);
+        jnum(r->metrics, "label_entropy_norm", h / log(K));
+    }
     const char *extra_names[4];                     /* the method's own monitors (ExCB: s min and max) */
     double extra[4];
     int n_extra = m->method->diagnostics ? m->method->diagnostics(m, extra_names, extra) : 0;
@@ -6363,8 +6365,9 @@ static void epoch_record(Run *r, const ExcbModel *m, const ExcbTrainState *ts, l
     }
     metrics_end(r, epoch_seconds, elapsed_img_per_s(r, m->step, m->cfg.batch));
     if (!r->quiet) {
-        fprintf(stderr, "excb train: epoch %ld done: loss %.4f, empty clusters %ld of %d, cluster sizes %ld..%ld, "
-                "label entropy %.4f of log K", epoch + 1, a[EXCB_ACC_LOSS] / n, empty, K, cmin, cmax, h / log(K));
+        fprintf(stderr, "excb train: epoch %ld done: loss %.4f", epoch + 1, a[EXCB_ACC_LOSS] / n);
+        if (K) fprintf(stderr, ", empty clusters %ld of %d, cluster sizes %ld..%ld, label entropy %.4f of log K", empty, K,
+                       cmin, cmax, h / log(K));
         for (int j = 0; knn && j < knn->n_ks; j++) fprintf(stderr, "%s k=%d %.2f %%", j ? "," : "; k-NN top-1", rc->knn_ks[j], knn->top1[j]);
         if (knn) fprintf(stderr, " (%ld bank / %ld queries)", knn->n_bank, knn->n_query);
         fprintf(stderr, "\n");

@@ -1144,12 +1144,13 @@ void cluster_size_update(real *s, int32_t *counts, const int32_t *labels, int N,
 }
 
 /* ================================================================================================
- * 5. Balancing rules: how the teacher's scores become targets (ExCB, none, DINO, SwAV)
+ * 5. Methods: balancing rules (ExCB, none, DINO, SwAV) and methods with their own loss (CoKe, CARP, mvbt)
  * ================================================================================================
  * A method (excb.h, ExcbMethod) is everything that differs between ExCB and the baselines it is
  * compared with: the targets q the teacher gives for a whole batch, and the state that carries over
  * from one step to the next. The networks, the cross-entropy of section 6 and the optimiser are shared,
- * so a comparison changes the balancing rule and nothing else. Each subsection below holds one rule:
+ * so a comparison changes the balancing rule and nothing else; a method with its own loss (5.4-5.6)
+ * replaces section 6 through its `loss` and says its head's shape. Each subsection below holds one:
  * its equations and operators, its state and scratch buffers (by name), its settings (rows of the key
  * table, section 14) and the ExcbMethod that binds them. The step (section 10) calls only
  *   begin_step -> [teacher forward] -> targets -> [student, loss] -> update -> [backward, SGD, EMA].
@@ -1603,7 +1604,8 @@ static const ExcbMethod method_swav = {
  *   per head (K clusters, its own state):
  *   K2: y_i = argmax_k (<x_i, c_k> + rho_k)             c: the running centres of this epoch
  *   K3: rho_k <- max(0, rho_k - eta n_k / B + eta gamma / K),    n_k = #{i : y_i = k}
- *       (rho rises for a cluster that got fewer than gamma B / K of the batch: the lower bound)
+ *       (rho rises for a cluster that got fewer than gamma B / K of the batch: the lower bound; with
+ *       gamma = 1, equal sizes, the official code does not clamp, and neither does this)
  *   K4: for every k with n_k > 0:  c_k <- normalize((N_k c_k + sum_{y_i = k} x_i) / (N_k + n_k)),
  *       N_k <- N_k + n_k     (the mean of the epoch's assigned features, re-normalised)
  *   K5: at the first step of an epoch: C_prev <- c, N <- 0    (the classifier is last epoch's centres)
@@ -1659,6 +1661,9 @@ static int coke_validate(const ExcbConfig *c, char *err) {
         return fail(err, EXCB_EXIT_CONFIG, "key 'coke_k' needs at least one head's K");
     for (int j = 0; j < c->coke.n_heads; j++)
         if (c->coke.k[j] < 2) return fail(err, EXCB_EXIT_CONFIG, "key 'coke_k': head %d has K = %d, below 2", j, c->coke.k[j]);
+    if (c->pairing == EXCB_PAIRING_EXCB)
+        return fail(err, EXCB_EXIT_CONFIG, "CoKe trains every crop's projection and predictor rows (pairing = swapped or "
+                    "auto), not pairing = excb");
     if (coke_n_images(c) < c->batch)
         return fail(err, EXCB_EXIT_CONFIG, "CoKe keeps a label per training image: the data set's %ld images are fewer "
                     "than batch = %d", coke_n_images(c), c->batch);
@@ -1682,8 +1687,9 @@ static void coke_init(ExcbModel *m) {
     }
     memset(m->mbuf[COKE_DUALS], 0, sizeof(real) * KS);
     memset(m->mbuf[COKE_COUNTERS], 0, sizeof(real) * KS);
-    memset(m->mbuf[COKE_LABELS], 0, sizeof(int32_t) * m->mbuf_spec[COKE_LABELS].floats);
-}
+    int32_t *labels = m->mbuf[COKE_LABELS];          /* torch.ones, as the official buffer: an image   */
+    for (size_t i = 0; i < m->mbuf_spec[COKE_LABELS].floats; i++) labels[i] = 1;   /* first seen after */
+}                                                    /* epoch 0 (drop_last) trains towards cluster 1    */
 
 /* K5 at the first step of an epoch (update_center, run after each epoch by main_*.py) */
 static void coke_begin_step(ExcbModel *m) {
@@ -1850,6 +1856,7 @@ static const ExcbSetting coke_settings[] = {
 static const ExcbMethod method_coke = {
     .name = "coke", .summary = "CoKe: online constrained k-means, dual variables and a label per image (K1-K7)",
     .pairing = EXCB_PAIRING_SWAPPED, .cuda = 0, .no_prototypes = 1, .student_only = 1, .predictor = 1, .bn_rows = 1,
+    .per_image = 1,
     .settings = coke_settings, .n_settings = sizeof coke_settings / sizeof coke_settings[0],
     .buffers = coke_buffers, .validate = coke_validate, .init = coke_init, .begin_step = coke_begin_step,
     .loss = coke_loss, .update = coke_update, .label_range = coke_label_range, .diagnostics = coke_diagnostics,
@@ -2205,8 +2212,9 @@ void excb_method_bind_state(ExcbModel *m) {
  * ================================================================================================
  *   E7:  p_{u,i} = softmax(z^S_{u,i} / tau_s),   tau_s = 0.1
  *   E8:  L = (1/|M|) sum_{(v,u) in M} (1/B) sum_i sum_k -q_{v,i,k} log p_{u,i,k}
- * Every method here trains the student by this cross-entropy against its own targets q (SwAV calls it
- * swapped prediction); what differs is M, the pairing (paper_notes.md §6):
+ * Every balancing rule here trains the student by this cross-entropy against its own targets q (SwAV
+ * calls it swapped prediction; CoKe, CARP and mvbt bring their own loss); what differs is M, the
+ * pairing (paper_notes.md §6):
  *   EXCB (A7): the student rows are the direct similarities of the Vg global crops (E1), then the
  *     predictor's similarities (E10b) of all Vg + Vl crops. Teacher view v is matched with the direct
  *     row of every OTHER global view and with EVERY predictor row, its own view included:
@@ -3173,7 +3181,8 @@ void excb_update(ExcbModel *m, ExcbStepStats *st) {
 }
 
 /* The step, as the training loop, the benchmark and the tests run it. EXCB_EXIT_DIVERGED when the loss
-   (then nothing has changed but BN running statistics, and SwAV's re-normalised prototypes, S3) or the
+   (then nothing has changed but BN running statistics, SwAV's re-normalised prototypes, S3, and CoKe's
+   epoch-start copy of its centres, K5, which a rerun of the step repeats the same way) or the
    gradient norm is not finite (then the method's state has moved but no parameter has): st says which. */
 int excb_step(ExcbModel *m, const real *xg, const real *xl, ExcbStepStats *st) {
     ExcbStepStats local;
@@ -5449,7 +5458,7 @@ static int kmeans_init_centroids(ExcbModel *m, ExcbModel *run, const ExcbRunConf
         int code = excb_loader_next(L, &bt, err);
         if (code) { free(x); free(cu); free(cm); free(assign); return code; }
         teacher_projections(run, bt->xg);
-        int view = (int)(b % 2);
+        int view = c->n_global > 1 ? (int)(b % 2) : 0;          /* one global view: always it */
         long take = n - have < B ? n - have : B;
         run->ops->to_host(x + (size_t)have * d, run->ut + (size_t)view * B * d, sizeof(real) * take * d);
         have += take;
@@ -5574,7 +5583,7 @@ static void ck_describe(CkList *l, const ExcbModel *m, const ExcbTrainState *ts,
         if (m->mbuf_spec[i].state) {
             char name[CK_NAME];
             snprintf(name, sizeof name, "method.%s", m->mbuf_spec[i].name);
-            ck_add1(l, name, CK_F32, m->mbuf_spec[i].floats, m->mbuf[i]);
+            ck_add1(l, name, m->mbuf_spec[i].integer ? CK_I32 : CK_F32, m->mbuf_spec[i].floats, m->mbuf[i]);
         }
     static const char *prefix[3] = {"student.", "teacher.", "momentum."};
     const real *buf[3] = {m->params, m->teacher, m->momentum};
@@ -6400,8 +6409,9 @@ int excb_train(ExcbRunConfig *rc_in, const char *out_dir, const char *resume_fro
     rc.model.total_steps = rc.epochs * bpe;
     rc.model.warmup_steps = (long)nearbyint(rc.warmup_epochs * bpe);
     rc.model.steps_per_epoch = bpe;                     /* DINO's warm-up and SwAV's queue count epochs */
-    if (!rc.model.n_images) rc.model.n_images = ds.n;   /* CoKe's label per image (config.txt keeps N) */
-    if (rc.model.n_images < ds.n) {
+    if (excb_methods[rc.model.method]->per_image && !rc.model.n_images)
+        rc.model.n_images = ds.n;                       /* CoKe's label per image (config.txt keeps N) */
+    if (excb_methods[rc.model.method]->per_image && rc.model.n_images < ds.n) {
         code = fail(err, EXCB_EXIT_CONFIG, "key 'coke_num_images' = %ld is below the %ld images of %s (%s split): CoKe "
                     "keeps a label for every one", rc.model.n_images, ds.n, ds.path, ds.split);
         excb_data_close(&ds);
@@ -6518,7 +6528,8 @@ int excb_train(ExcbRunConfig *rc_in, const char *out_dir, const char *resume_fro
         }
         double loss = st.loss, gnorm = st.grad_norm;
         if (run != &m) run->ops->to_host(m.labels, run->labels, sizeof(int32_t) * NG);   /* the labels, for A21 */
-        /* A21's changed labels: view 1's teacher label against the one this image had when last seen */
+        /* A21's changed labels: view 1's label (the teacher's; CoKe: head 0's new assignment) against the
+           one this image had when last seen */
         long changed = 0, seen = 0;
         for (int i = 0; i < B && m.n_labels; i++) {          /* mvbt has no labels */
             int64_t idx = bt->index[i];

@@ -1661,9 +1661,6 @@ static int coke_validate(const ExcbConfig *c, char *err) {
         return fail(err, EXCB_EXIT_CONFIG, "key 'coke_k' needs at least one head's K");
     for (int j = 0; j < c->coke.n_heads; j++)
         if (c->coke.k[j] < 2) return fail(err, EXCB_EXIT_CONFIG, "key 'coke_k': head %d has K = %d, below 2", j, c->coke.k[j]);
-    if (c->pairing == EXCB_PAIRING_EXCB)
-        return fail(err, EXCB_EXIT_CONFIG, "CoKe trains every crop's projection and predictor rows (pairing = swapped or "
-                    "auto), not pairing = excb");
     if (coke_n_images(c) < c->batch)
         return fail(err, EXCB_EXIT_CONFIG, "CoKe keeps a label per training image: the data set's %ld images are fewer "
                     "than batch = %d", coke_n_images(c), c->batch);
@@ -1895,11 +1892,6 @@ static int carp_validate(const ExcbConfig *c, char *err) {
     if (c->K % c->carp.block)
         return fail(err, EXCB_EXIT_CONFIG, "CARP splits the K = %d prototypes into blocks of carp_block = %d: K must be a "
                     "multiple of it", c->K, c->carp.block);
-    if (c->pairing == EXCB_PAIRING_EXCB)
-        return fail(err, EXCB_EXIT_CONFIG, "CARP pairs every crop with the other views (pairing = swapped or auto), "
-                    "not pairing = excb");
-    if (c->n_global + c->n_local < 2)
-        return fail(err, EXCB_EXIT_CONFIG, "CARP needs two views at least (n_global + n_local = %d)", c->n_global + c->n_local);
     return 0;
 }
 
@@ -2031,7 +2023,7 @@ static const ExcbMethod method_carp = {
     .name = "carp", .summary = "CARP: random partitions of the prototypes, per-block consistency and uniformity (R1-R5)",
     .pairing = EXCB_PAIRING_SWAPPED, .cuda = 0, .raw_rows = 1,
     .settings = carp_settings, .n_settings = sizeof carp_settings / sizeof carp_settings[0],
-    .buffers = carp_buffers, .validate = carp_validate, .loss = carp_loss, .update = carp_update,
+    .buffers = carp_buffers, .validate = carp_validate, .loss = carp_loss, .min_views = 2, .update = carp_update,
 };
 
 /* ------------------------------------------------------------------------------------------------
@@ -2062,15 +2054,6 @@ static int mvbt_buffers(const ExcbConfig *c, ExcbBuffer *b) {
     b[MVBT_CC] = (ExcbBuffer){"correlation", 2 * (size_t)d * d, 0, 0};               /* C, then G     */
     b[MVBT_STATS] = (ExcbBuffer){"statistics", 2 * ((size_t)d + (size_t)A * d), 0, 0};   /* doubles */
     return MVBT_N_BUFFERS;
-}
-
-static int mvbt_validate(const ExcbConfig *c, char *err) {
-    if (c->pairing == EXCB_PAIRING_EXCB)
-        return fail(err, EXCB_EXIT_CONFIG, "mvbt compares every view with the others (pairing = swapped or auto), not "
-                    "pairing = excb");
-    if (c->n_global + c->n_local < 2)
-        return fail(err, EXCB_EXIT_CONFIG, "mvbt needs two views at least (n_global + n_local = %d)", c->n_global + c->n_local);
-    return 0;
 }
 
 static int mvbt_label_range(const ExcbConfig *c) { (void)c; return 0; }      /* no clusters, no labels */
@@ -2178,7 +2161,7 @@ static const ExcbMethod method_mvbt = {
     .name = "mvbt", .summary = "multi-view Barlow Twins (2312.10725): standardised views against their mean, no prototypes (T1-T3)",
     .pairing = EXCB_PAIRING_SWAPPED, .cuda = 0, .no_prototypes = 1, .raw_rows = 1, .student_only = 1,
     .settings = mvbt_settings, .n_settings = sizeof mvbt_settings / sizeof mvbt_settings[0],
-    .buffers = mvbt_buffers, .validate = mvbt_validate, .loss = mvbt_loss, .update = mvbt_update,
+    .buffers = mvbt_buffers, .loss = mvbt_loss, .min_views = 2, .update = mvbt_update,
     .label_range = mvbt_label_range,
 };
 
@@ -2705,12 +2688,19 @@ static void plan_arena(ExcbModel *m, Arena *ar) {
     ar->max_act = max_act;
 }
 
-/* the views a method's loss needs: section 6's cross-entropy has no term for the excb pairing below two
-   global views, or for the swapped one below two views (a method with its own loss checks its own) */
+/* the views and rows a method's loss needs: section 6's cross-entropy has no term for the excb pairing
+   below two global views, or for the swapped one below two views; a method with its own loss reads
+   every crop's rows (the swapped pairing's) and needs min_views views (CARP, mvbt: 2; CoKe: 1) */
 static int excb_view_counts_check(const ExcbConfig *c, char *err) {
     const ExcbMethod *me = excb_methods[c->method];
     ExcbPairing pairing = c->pairing != EXCB_PAIRING_AUTO ? c->pairing : me->pairing;
     int Vg = c->n_global, Vl = c->n_local;
+    if (me->loss && pairing == EXCB_PAIRING_EXCB)
+        return fail(err, EXCB_EXIT_CONFIG, "method %s reads every crop's rows with its own loss: pairing = swapped or "
+                    "auto, not pairing = excb", me->name);
+    if (me->loss && Vg + Vl < (me->min_views > 1 ? me->min_views : 1))
+        return fail(err, EXCB_EXIT_CONFIG, "method %s needs %d views at least (n_global + n_local = %d)", me->name,
+                    me->min_views, Vg + Vl);
     if (!me->loss && (pairing == EXCB_PAIRING_EXCB ? Vg < 2 : Vg + Vl < 2))
         return fail(err, EXCB_EXIT_CONFIG, "method %s with the %s pairing has no loss term for n_global = %d and n_local = "
                     "%d: it needs %s", me->name, pairing == EXCB_PAIRING_EXCB ? "excb" : "swapped", Vg, Vl,

@@ -371,6 +371,7 @@ typedef struct ExcbMethod {
     int raw_rows;              /* 1: its rows are the projection as it is, not L2-normalised (CARP, mvbt) */
     int student_only;          /* 1: no teacher forward pass (the teacher is still the EMA: evaluation) */
     int predictor;             /* 1: the predictor's rows of every crop, whatever the pairing (CoKe)   */
+    int min_views;             /* a method with its own loss: the views it needs at least (0 or 1: one) */
     int per_image;             /* 1: its state holds a value per training image (CoKe's labels): the run
                                   sets n_images (coke_num_images) to the training set's size           */
     int bn_rows;               /* 1: its direct rows are of BN(h), the predictor's input BatchNorm: a

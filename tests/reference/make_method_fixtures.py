@@ -239,6 +239,19 @@ def sgd_and_ema(cfg, names, prm, tea, mom, grads, frozen=False):
     return (lr, wdc, em), new_p, new_m, new_t
 
 
+def step_results(out, state_after, names, grads, new_m, new_p, new_t):
+    """A step's stored results by fixture name (out's '_' entries are notes, not results)."""
+    res = {k: v.detach() for k, v in out.items() if not k.startswith("_")}
+    for k, v in state_after.items():
+        res["state_after." + k] = v.detach()
+    for n in names:
+        res["grad." + n] = grads[n]
+        res["momentum_after." + n] = new_m[n]
+        res["param_after." + n] = new_p[n]
+        res["teacher_after." + n] = new_t[n]
+    return res
+
+
 # ---------------------------------------------------------------- one step, in dtype dt
 def run_step(cfg, dt, P, plan, stem, st, factors):
     B, Vl, K = cfg["B"], cfg["Vl"], cfg["K"]
@@ -360,14 +373,7 @@ def run_step(cfg, dt, P, plan, stem, st, factors):
     # ---- SGD (coupled wd, centroid wd schedule), teacher EMA (E9, E14, Appendix A)
     (lr, wdc, em), new_p, new_m, new_t = sgd_and_ema(cfg, names, prm, tea, mom, grads, frozen)
     out["_hyper"] = (lr, wdc, em)
-    res = {k: v.detach() for k, v in out.items() if not k.startswith("_")}
-    for k, v in state_after.items():
-        res["state_after." + k] = v.detach()
-    for n in names:
-        res["grad." + n] = grads[n]
-        res["momentum_after." + n] = new_m[n]
-        res["param_after." + n] = new_p[n]
-        res["teacher_after." + n] = new_t[n]
+    res = step_results(out, state_after, names, grads, new_m, new_p, new_t)
     info = {k: v for k, v in out.items() if k.startswith("_")}
     return res, info
 

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from make_fixture import layout, backbone, bn, projector, predictor, unit_centroids, draw_parameters  # noqa: E402
-from make_method_fixtures import (NORM_EPS, VN, RELU_MARGIN, Q_MARGIN, _relu_margin, hash5, sgd_and_ema,  # noqa: E402
+from make_method_fixtures import (NORM_EPS, VN, RELU_MARGIN, Q_MARGIN, _relu_margin, hash5, sgd_and_ema, step_results,  # noqa: E402
                                   DEFAULTS, SHAPES, config_text, write_fixture, DT_CODE, GROUPS)
 
 # ---------------------------------------------------------------- configurations
@@ -322,15 +322,7 @@ def run_step(cfg, dt, P, plan, stem, st):
     # ---- SGD (coupled wd, centroid wd schedule), teacher EMA: make_method_fixtures.run_step's
     (lr, wdc, em), new_p, new_m, new_t = sgd_and_ema(cfg, names, prm, tea, mom, grads)
     info["_hyper"] = (lr, wdc, em)
-    res = {k: v.detach() for k, v in out.items()}
-    for k, v in state_after.items():
-        res["state_after." + k] = v.detach()
-    for n in names:
-        res["grad." + n] = grads[n]
-        res["momentum_after." + n] = new_m[n]
-        res["param_after." + n] = new_p[n]
-        res["teacher_after." + n] = new_t[n]
-    return res, info
+    return step_results(out, state_after, names, grads, new_m, new_p, new_t), info
 
 
 # ---------------------------------------------------------------- writing

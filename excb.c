@@ -1129,18 +1129,65 @@ void weightnorm_backward(real *dv, const real *dc, const real *c, const real *in
  * rounded to binary16, multiplied (exact in float32), rounded to binary16 again; fp16_term = 1
  * reproduces that bit for bit, fp16_term = 0 is the plain float32 formula.
  */
-void cluster_size_update(real *s, int32_t *counts, const int32_t *labels, int N, int K, double m_s,
-                         int fp16_term) {
-    memset(counts, 0, sizeof(int32_t) * K);
-    for (int n = 0; n < N; n++) counts[labels[n]]++;
+static void row_argmax(int32_t *labels, const real *q, int N, int K);   /* section 5 */
+
+/* E3 from the batch's fractions s_hat (K) */
+void cluster_size_ema(real *s, const real *frac, int K, double m_s, int fp16_term) {
     real m = (real)m_s;                                  /* s * m_s: the scalar cast to float32 */
     real one_minus_m = (real)(1.0 - m_s);                /* (1 - m_s) formed in double, as Python */
     real one_minus_m16 = excb_round_fp16(one_minus_m);   /* torch.tensor(1 - m_s).half()        */
     for (int k = 0; k < K; k++) {
-        real frac = (real)counts[k] / (real)N;           /* s_hat_k, E2                          */
-        real term = fp16_term ? excb_round_fp16(excb_round_fp16(frac) * one_minus_m16) : frac * one_minus_m;
+        real term = fp16_term ? excb_round_fp16(excb_round_fp16(frac[k]) * one_minus_m16) : frac[k] * one_minus_m;
         s[k] = s[k] * m + term;                          /* E3                                   */
     }
+}
+
+void cluster_size_update(real *s, int32_t *counts, const int32_t *labels, int N, int K, double m_s,
+                         int fp16_term) {
+    memset(counts, 0, sizeof(int32_t) * K);
+    for (int n = 0; n < N; n++) counts[labels[n]]++;
+    real frac[256];                                      /* s_hat, E2, a block of K at a time    */
+    for (int k0 = 0; k0 < K; k0 += 256) {
+        int kn = imin(256, K - k0);
+        for (int k = 0; k < kn; k++) frac[k] = (real)counts[k0 + k] / (real)N;
+        cluster_size_ema(s + k0, frac, kn, m_s, fp16_term);
+    }
+}
+
+/* The audit's variants of E2 (A4; paper_notes.md §10): which teacher output is counted and how.
+ *   source balanced (the code): the balanced targets q (E6);  raw: softmax(z / tau_t), before E4-E5
+ *   kind hard (the code): s_hat_k = the share of rows whose argmax is k;  soft: s_hat_k = mean_n p_nk
+ * frac (K) gets s_hat; raw_labels (N) is scratch for raw hard counts. Rows are summed in order. */
+void cluster_size_fractions(real *frac, int32_t *raw_labels, const real *q, const real *z, int N, int K, double tau_t,
+                            int raw, int soft) {
+    if (!soft) {
+        const int32_t *lab = raw_labels;
+        if (raw) row_argmax(raw_labels, z, N, K);        /* argmax softmax(z / tau) = argmax z   */
+        else for (int n = 0; n < N; n++) {
+            const real *qn = q + (size_t)n * K;
+            int best = 0;
+            for (int k = 1; k < K; k++)
+                if (qn[k] > qn[best]) best = k;
+            raw_labels[n] = best;
+        }
+        for (int k = 0; k < K; k++) frac[k] = 0;
+        for (int n = 0; n < N; n++) frac[lab[n]] += 1;   /* exact: counts below 2^24            */
+        for (int k = 0; k < K; k++) frac[k] = frac[k] / (real)N;
+        return;
+    }
+    double *acc = xcalloc(K, sizeof(double));
+    real tau = (real)tau_t;
+    for (int n = 0; n < N; n++) {
+        const real *row = raw ? z + (size_t)n * K : q + (size_t)n * K;
+        if (!raw) { for (int k = 0; k < K; k++) acc[k] += row[k]; continue; }
+        real mx = -INFINITY;
+        for (int k = 0; k < K; k++) mx = fmax(mx, row[k] / tau);
+        double se = 0;
+        for (int k = 0; k < K; k++) se += exp(row[k] / tau - mx);
+        for (int k = 0; k < K; k++) acc[k] += exp(row[k] / tau - mx) / se;
+    }
+    for (int k = 0; k < K; k++) frac[k] = (real)(acc[k] / N);
+    free(acc);
 }
 
 /* ================================================================================================
@@ -1259,13 +1306,16 @@ void balanced_targets(real *q, int32_t *labels, real *zhat, const real *z, const
 
 
 /* ExCB's buffers: s is its whole state (K floats, O(K) memory whatever the data set's size) */
-enum { EXCB_S, EXCB_R, EXCB_LOWER, EXCB_HIGHER, EXCB_COUNTS, EXCB_N_BUFFERS };
+enum { EXCB_S, EXCB_R, EXCB_LOWER, EXCB_HIGHER, EXCB_COUNTS, EXCB_FRAC, EXCB_RAW_LABELS, EXCB_N_BUFFERS };
 static int excb_rule_buffers(const ExcbConfig *c, ExcbBuffer *b) {
     b[EXCB_S] = (ExcbBuffer){"cluster_sizes", (size_t)c->K, 1, 0};          /* s, E3                     */
     b[EXCB_R] = (ExcbBuffer){"r", (size_t)c->K, 0, 0};                      /* r, E3'                    */
     b[EXCB_LOWER] = (ExcbBuffer){"lower", (size_t)c->K, 0, 0};              /* E4's factors              */
     b[EXCB_HIGHER] = (ExcbBuffer){"higher", (size_t)c->K, 0, 0};
     b[EXCB_COUNTS] = (ExcbBuffer){"counts", (size_t)c->K, 0, 1};            /* E2's counts (int32)       */
+    int variant = c->excb.count_source || c->excb.count_kind;              /* A4's audit switches        */
+    b[EXCB_FRAC] = (ExcbBuffer){"count_fractions", variant ? (size_t)c->K : 0, 0, 0};
+    b[EXCB_RAW_LABELS] = (ExcbBuffer){"count_labels", variant ? (size_t)c->n_global * c->batch : 0, 0, 1};
     return EXCB_N_BUFFERS;
 }
 
@@ -1281,20 +1331,29 @@ static void excb_rule_targets(ExcbModel *m) {
     m->ops->balance_factors(m->mbuf[EXCB_R], m->mbuf[EXCB_LOWER], m->mbuf[EXCB_HIGHER], m->mbuf[EXCB_S], c->K,
                             e->zero_jitter, c->seed, m->step);                                  /* E3', E4 */
     m->ops->balanced_targets(m->q, m->labels, NULL, m->zt, m->mbuf[EXCB_LOWER], m->mbuf[EXCB_HIGHER], NG, c->K,
-                             e->boost, e->clamp, c->tau_t);                                     /* E4-E6  */
+                             e->boost, e->clamp, teacher_tau_at(c, m->step));                   /* E4-E6  */
 }
 
 static void none_targets(ExcbModel *m) {
     const ExcbConfig *c = &m->cfg;
     m->ops->balanced_targets(m->q, m->labels, NULL, m->zt, NULL, NULL, c->n_global * c->batch, c->K, c->excb.boost,
-                             c->excb.clamp, c->tau_t);                                          /* E5, E6 */
+                             c->excb.clamp, teacher_tau_at(c, m->step));                        /* E5, E6 */
 }
 
-/* E2, E3 after the loss, as the official code (criterion.py L83); `none` keeps s too, as a monitor */
+/* E2, E3 after the loss, as the official code (criterion.py L83); `none` keeps s too, as a monitor.
+   The audit's other counts (A4: count_source, count_kind; CPU only) feed the same E3; the step's
+   distinct labels (A21) stay those of the targets. */
 static int excb_rule_update(ExcbModel *m) {
     const ExcbConfig *c = &m->cfg;
-    return m->ops->cluster_size_update(m->mbuf[EXCB_S], m->mbuf[EXCB_COUNTS], m->labels, c->n_global * c->batch, c->K,
-                                       c->excb.m_s, c->excb.fp16_count_term);
+    const ExcbBalancingConfig *e = &c->excb;
+    int NG = c->n_global * c->batch;
+    if (!e->count_source && !e->count_kind)
+        return m->ops->cluster_size_update(m->mbuf[EXCB_S], m->mbuf[EXCB_COUNTS], m->labels, NG, c->K, e->m_s,
+                                           e->fp16_count_term);
+    cluster_size_fractions(m->mbuf[EXCB_FRAC], m->mbuf[EXCB_RAW_LABELS], m->q, m->zt, NG, c->K, teacher_tau_at(c, m->step),
+                           e->count_source == EXCB_COUNT_RAW, e->count_kind == EXCB_COUNT_SOFT);
+    cluster_size_ema(m->mbuf[EXCB_S], m->mbuf[EXCB_FRAC], c->K, e->m_s, e->fp16_count_term);
+    return distinct_labels(m->mbuf[EXCB_COUNTS], m->labels, NG, c->K);
 }
 
 static int excb_rule_diagnostics(const ExcbModel *m, const char **names, double *values) {
@@ -1306,17 +1365,25 @@ static int excb_rule_diagnostics(const ExcbModel *m, const char **names, double 
     return 2;
 }
 
+static const char *const count_source_names[] = {"balanced", "raw", NULL}, *const count_kind_names[] = {"hard", "soft", NULL};
 static const ExcbSetting excb_rule_settings[] = {
     {"m_s", EXCB_KEY_DOUBLE, MC(excb.m_s), 0, 0, 1, 0, 1, "0.999", NULL, "cluster-size EMA momentum (E3, A5)"},
     {"boost", EXCB_KEY_DOUBLE, MC(excb.boost), 0, 0, 1, 0, 1e3, "0.01", NULL, "argmax boost of E5 (A1)"},
     {"clamp", EXCB_KEY_DOUBLE, MC(excb.clamp), 0, 0, 1, 1e-6, 1e6, "1", NULL, "clamp of the balanced similarity (E5, A2)"},
     {"zero_jitter", EXCB_KEY_DOUBLE, MC(excb.zero_jitter), 0, 0, 1, 0, 1, "0.001", NULL, "jitter where a balancing factor is 0 (A3)"},
     {"fp16_count_term", EXCB_KEY_INT, MC(excb.fp16_count_term), 0, 0, 1, 0, 1, "1", NULL, "1: round the E3 term through float16 (A4)"},
+    {"count_source", EXCB_KEY_ENUM, MC(excb.count_source), 0, 0, 1, 0, 0, "balanced", count_source_names, "E2 counts the balanced targets (A4, the code) or the raw teacher softmax (CPU only)"},
+    {"count_kind", EXCB_KEY_ENUM, MC(excb.count_kind), 0, 0, 1, 0, 0, "hard", count_kind_names, "E2 counts argmaxes (A4, the code) or sums probabilities, soft (CPU only)"},
 };
+
+static const char *excb_rule_cpu_only(const ExcbConfig *c) {
+    return c->excb.count_source || c->excb.count_kind ? "count_source and count_kind other than balanced and hard (A4's "
+           "audit switches)" : NULL;
+}
 
 static const ExcbMethod method_excb = {
     .name = "excb", .summary = "ExCB: cluster sizes across batches (E2, E3) rescale the teacher's similarities (E4, E5)",
-    .pairing = EXCB_PAIRING_EXCB, .cuda = 1,
+    .pairing = EXCB_PAIRING_EXCB, .cuda = 1, .cpu_only = excb_rule_cpu_only,
     .settings = excb_rule_settings, .n_settings = sizeof excb_rule_settings / sizeof excb_rule_settings[0],
     .buffers = excb_rule_buffers, .init = excb_rule_init, .targets = excb_rule_targets, .update = excb_rule_update,
     .diagnostics = excb_rule_diagnostics,
@@ -1325,7 +1392,7 @@ static const ExcbMethod method_excb = {
 /* `none` reads ExCB's settings (boost, clamp, m_s), which excb's rows declare */
 static const ExcbMethod method_none = {
     .name = "none", .summary = "ExCB without balancing: E4 at r = 1 (the identity), the collapse control",
-    .pairing = EXCB_PAIRING_EXCB, .cuda = 1,
+    .pairing = EXCB_PAIRING_EXCB, .cuda = 1, .cpu_only = excb_rule_cpu_only,
     .buffers = excb_rule_buffers, .init = excb_rule_init, .targets = none_targets, .update = excb_rule_update,
     .diagnostics = excb_rule_diagnostics,
 };
@@ -1336,21 +1403,13 @@ static const ExcbMethod method_none = {
  *   D1:  q = softmax((z - c) / tau_t)          z: the teacher's scores (here E1's cosines, as DINO's
  *                                             weight-normalised last layer on a normalised input)
  *   D2:  c <- 0.9 c + 0.1 mean_i z_i           after the loss, over both global views' rows; c starts at 0
- *   D3:  tau_t(e) = linspace(tau_warm, tau_t, W)[e] for epochs e < W, then tau_t (W = 0: no warm-up)
+ *   D3:  tau_t(e) = linspace(tau_warm, tau_t, W)[e] for epochs e < W, then tau_t (W = 0: no warm-up);
+ *        the schedule is section 7's teacher_tau_at, which ExCB and none read too (A18's switch)
  * Centering keeps one cluster from taking every sample; the low temperature keeps the targets from
  * going uniform. Balance is a soft running mean of logits, not counts: the monitors show how well it
  * holds at small batches. Its own pairing is SWAPPED (every crop's direct row except the teacher's view,
  * no predictor); pairing = excb gives it ExCB's 18 terms, so that the rule alone differs.
  */
-double dino_tau_at(const ExcbConfig *c, long step) {
-    const ExcbDinoConfig *d = &c->dino;
-    long epoch = step / c->steps_per_epoch;
-    if (epoch >= d->warmup_epochs) return c->tau_t;
-    if (d->warmup_epochs == 1) return d->warmup_tau_t;             /* numpy.linspace(a, b, 1) = [a]  */
-    if (epoch == d->warmup_epochs - 1) return c->tau_t;            /* and its last value is exactly b */
-    return epoch * ((c->tau_t - d->warmup_tau_t) / (d->warmup_epochs - 1)) + d->warmup_tau_t;
-}
-
 void dino_targets(real *q, int32_t *labels, const real *z, const real *center, int N, int K, double tau) {
     real t = (real)tau;
 #pragma omp parallel for schedule(static)
@@ -1394,7 +1453,7 @@ static void dino_init(ExcbModel *m) { memset(m->mbuf[DINO_CENTER], 0, sizeof(rea
 
 static void dino_method_targets(ExcbModel *m) {
     const ExcbConfig *c = &m->cfg;
-    dino_targets(m->q, m->labels, m->zt, m->mbuf[DINO_CENTER], c->n_global * c->batch, c->K, dino_tau_at(c, m->step));
+    dino_targets(m->q, m->labels, m->zt, m->mbuf[DINO_CENTER], c->n_global * c->batch, c->K, teacher_tau_at(c, m->step));
 }
 
 static int dino_update(ExcbModel *m) {
@@ -1410,14 +1469,12 @@ static int dino_diagnostics(const ExcbModel *m, const char **names, double *valu
     for (int k = 1; k < m->cfg.K; k++) { lo = fmin(lo, ctr[k]); hi = fmax(hi, ctr[k]); }
     names[0] = "center_min"; values[0] = lo;
     names[1] = "center_max"; values[1] = hi;
-    names[2] = "dino_tau_t"; values[2] = dino_tau_at(&m->cfg, m->step > 0 ? m->step - 1 : 0);
+    names[2] = "dino_tau_t"; values[2] = teacher_tau_at(&m->cfg, m->step > 0 ? m->step - 1 : 0);
     return 3;
 }
 
 static const ExcbSetting dino_settings[] = {
     {"dino_center_momentum", EXCB_KEY_DOUBLE, MC(dino.center_momentum), 0, 0, 1, 0, 1, "0.9", NULL, "DINO: centre EMA momentum (D2)"},
-    {"dino_warmup_tau_t", EXCB_KEY_DOUBLE, MC(dino.warmup_tau_t), 0, 0, 1, 1e-6, 1e6, "0.04", NULL, "DINO: teacher temperature at epoch 0 of the warm-up (D3)"},
-    {"dino_warmup_epochs", EXCB_KEY_INT, MC(dino.warmup_epochs), 0, 0, 1, 0, 1e6, "0", NULL, "DINO: epochs of linear temperature warm-up (D3; 0: none)"},
 };
 
 static const ExcbMethod method_dino = {
@@ -2270,7 +2327,9 @@ double excb_loss_forward_backward(real *z_dir, int n_dir_crops, real *z_pred, do
  * ================================================================================================
  * cosine(max, min, t, T) = min + (max - min)(1 + cos(pi t/T))/2.
  *   lr(t), t = 1, 2, ... (the scheduler counts before use): lr_peak t/W while t < W, then
- *          cosine(lr_peak, lr_peak 1e-4, t - W, T - W). Not scaled by the batch size (A19).
+ *          cosine(lr_peak, lr_peak 1e-4, t - W, T - W). Not scaled by the batch size (A19; the switch
+ *          lr_scaling scales lr_peak by B / lr_base_batch or its square root, lr_peak_for)
+ *   teacher temperature tau_t, constant (A18); tau_t_warmup_epochs > 0: DINO's linear warm-up
  *   centroid wd(t) = wd (1 + 9 (1 + cos(pi t/T))/2): 10x -> 1x, "wdx10c1" (A10)
  *   teacher momentum(step) = 1 - (1 - 0.996)(1 + cos(pi step/T))/2, step counted from 0
  *   crop scale s_min(e) = 0.14 + 0.06 (1 + cos(pi e/E)), once per epoch (A11)
@@ -2287,6 +2346,24 @@ double centroid_wd_at(long t, long T, double wd, double boost) {
 
 double ema_momentum_at(long step, long T, double start) {
     return 1.0 + 0.5 * (start - 1.0) * (1 + cos(M_PI * step / T));
+}
+
+/* A18 / DINO's D3: the teacher temperature of step `step`, linspace(tau_t_warmup, tau_t, W)[e] in epoch
+   e < W (numpy's values: the last is exactly tau_t), then tau_t. W = 0 (ExCB's code): constant tau_t. */
+double teacher_tau_at(const ExcbConfig *c, long step) {
+    long epoch = step / c->steps_per_epoch;
+    int W = c->tau_t_warmup_epochs;
+    if (epoch >= W) return c->tau_t;
+    if (W == 1) return c->tau_t_warmup;                            /* numpy.linspace(a, b, 1) = [a]  */
+    if (epoch == W - 1) return c->tau_t;                           /* and its last value is exactly b */
+    return epoch * ((c->tau_t - c->tau_t_warmup) / (W - 1)) + c->tau_t_warmup;
+}
+
+/* A19's switch: the peak lr for batch B, lr (none: the code), lr B / B0 (linear), lr sqrt(B / B0) */
+double lr_peak_for(const ExcbConfig *c) {
+    double ratio = (double)c->batch / c->lr_base_batch;
+    return c->lr_scaling == EXCB_LR_LINEAR ? c->lr_peak * ratio : c->lr_scaling == EXCB_LR_SQRT ? c->lr_peak * sqrt(ratio)
+         : c->lr_peak;
 }
 
 double crop_scale_min_at(long epoch, long epochs) {
@@ -2701,6 +2778,9 @@ static int excb_view_counts_check(const ExcbConfig *c, char *err) {
     if (me->loss && Vg + Vl < (me->min_views > 1 ? me->min_views : 1))
         return fail(err, EXCB_EXIT_CONFIG, "method %s needs %d views at least (n_global + n_local = %d)", me->name,
                     me->min_views, Vg + Vl);
+    if (!c->predictor && (me->predictor || me->bn_rows))
+        return fail(err, EXCB_EXIT_CONFIG, "method %s reads its predictor's rows: predictor = 0 (A8/A9's switch) is for "
+                    "the excb pairing's predictor terms", me->name);
     if (!me->loss && (pairing == EXCB_PAIRING_EXCB ? Vg < 2 : Vg + Vl < 2))
         return fail(err, EXCB_EXIT_CONFIG, "method %s with the %s pairing has no loss term for n_global = %d and n_local = "
                     "%d: it needs %s", me->name, pairing == EXCB_PAIRING_EXCB ? "excb" : "swapped", Vg, Vl,
@@ -3067,7 +3147,10 @@ double excb_forward_loss(ExcbModel *m, const real *xg, const real *xl, ExcbStepS
     if (NL > 0) backbone_forward(m, m->params, m->running, &m->act_local, xl, m->f + NG, NS);
     projector_forward(m, m->params, m->running, m->f, NS);
     if (K) centroids_forward(m, m->params);
-    if (pred) {           /* predictor E10a: BN(d) without ReLU, Linear-BN-ReLU, Linear */
+    if (pred && !c->predictor) {        /* A8/A9's switch: the identity in the predictor's place */
+        head_rows_forward(m, m->u_pred, m->u_pred_den, m->h, NS, NS);
+        if (K) m->ops->gemm('N', 'T', NS, K, d, 1.0f, m->u_pred, d, m->c, d, 0.0f, m->z_pred, K);
+    } else if (pred) {    /* predictor E10a: BN(d) without ReLU, Linear-BN-ReLU, Linear */
         m->ops->batchnorm_forward(m->pre_y, m->pre_mean, m->pre_rstd, m->running + m->pred_bn_stats,
                                   m->running + m->pred_bn_stats + d, m->h, PT(m->params, m->pred_bn_gamma),
                                   PT(m->params, m->pred_bn_beta), NULL, 0, d, NS, (real)c->bn_eps, (real)c->bn_momentum, 0);
@@ -3114,6 +3197,8 @@ void excb_backward(ExcbModel *m) {
         /* E13: only the direct rows reach the centroids (ExCB: the global ones, A8, A9; DINO, SwAV and
            CARP: every crop's): dc = dz_dir^T u_dir, then weight norm */
         m->ops->gemm('T', 'N', K, d, n_dir, 1.0f, m->z_dir, K, m->u_dir, d, 0.0f, s3, d);         /* s3 = dc */
+        if (m->with_pred && c->predictor_centroid_grad)  /* A9's switch: the predictor rows' share too */
+            m->ops->gemm('T', 'N', K, d, NS, 1.0f, m->z_pred, K, m->u_pred, d, 1.0f, s3, d);
         m->ops->weightnorm_backward(PT(G, m->centroids), s3, m->c, m->c_inv_norm, K, d);
         m->ops->gemm('N', 'N', n_dir, d, K, 1.0f, m->z_dir, K, m->c, d, 0.0f, s0, d);            /* s0 = du */
         du = s0;
@@ -3129,16 +3214,21 @@ void excb_backward(ExcbModel *m) {
             m->ops->gemm('N', 'N', NS, d, K, 1.0f, m->z_pred, K, m->c, d, 0.0f, s0, d);      /* s0 = du */
             du = s0;
         }
-        head_rows_backward(m, s2, NS, du, m->u_pred, m->u_pred_den, NS);                     /* s2 = dp */
-        /* predictor E10a, last layer to first, then its input BN(d); the result adds into dh */
-        head_layer_backward(m, &m->pred[1], s0, s2, NULL, m->pred_a, NULL, m->p, NULL, NULL, NS);  /* s0 = d pred_a */
-        head_layer_backward(m, &m->pred[0], s2, s0, s3, m->pre_y, m->pred_y, m->pred_a, m->pred_mean,
-                            m->pred_rstd, NS);                                                /* s2 = d BN(h) */
-        if (m->method->bn_rows) m->ops->add(s2, dh, (size_t)d * NS);    /* the direct rows read BN(h) too */
-        m->ops->batchnorm_backward(s3, PT(G, m->pred_bn_gamma), PT(G, m->pred_bn_beta), s2, m->pre_y, m->h,
-                                   m->pre_mean, m->pre_rstd, PT(P, m->pred_bn_gamma), 0, d, NS, 0);  /* s3 = dh_pred */
-        if (m->method->bn_rows) dh = s3;              /* all of dL/dh came through BN(h): s3 holds it */
-        else m->ops->add(dh, s3, (size_t)d * NS);
+        if (!c->predictor) {                   /* A8/A9's switch: p = h, so dL/dh gets dL/dp as it is */
+            head_rows_backward(m, s3, NS, du, m->u_pred, m->u_pred_den, NS);                 /* s3 = dh_pred */
+            m->ops->add(dh, s3, (size_t)d * NS);
+        } else {
+            head_rows_backward(m, s2, NS, du, m->u_pred, m->u_pred_den, NS);                     /* s2 = dp */
+            /* predictor E10a, last layer to first, then its input BN(d); the result adds into dh */
+            head_layer_backward(m, &m->pred[1], s0, s2, NULL, m->pred_a, NULL, m->p, NULL, NULL, NS);  /* s0 = d pred_a */
+            head_layer_backward(m, &m->pred[0], s2, s0, s3, m->pre_y, m->pred_y, m->pred_a, m->pred_mean,
+                                m->pred_rstd, NS);                                                /* s2 = d BN(h) */
+            if (m->method->bn_rows) m->ops->add(s2, dh, (size_t)d * NS);    /* the direct rows read BN(h) too */
+            m->ops->batchnorm_backward(s3, PT(G, m->pred_bn_gamma), PT(G, m->pred_bn_beta), s2, m->pre_y, m->h,
+                                       m->pre_mean, m->pre_rstd, PT(P, m->pred_bn_gamma), 0, d, NS, 0);  /* s3 = dh_pred */
+            if (m->method->bn_rows) dh = s3;              /* all of dL/dh came through BN(h): s3 holds it */
+            else m->ops->add(dh, s3, (size_t)d * NS);
+        }
     }
     /* projector E0, last layer to first: df (D, NS) */
     ExcbMLPActs *A = &m->proj_act;
@@ -3156,7 +3246,7 @@ void excb_backward(ExcbModel *m) {
 void excb_update(ExcbModel *m, ExcbStepStats *st) {
     const ExcbConfig *c = &m->cfg;
     long t = m->step + 1;                                   /* the scheduler counts from 1        */
-    double lr = lr_at(t, c->total_steps, c->warmup_steps, c->lr_peak, c->lr_min_factor);
+    double lr = lr_at(t, c->total_steps, c->warmup_steps, lr_peak_for(c), c->lr_min_factor);
     double wdc = centroid_wd_at(t, c->total_steps, c->weight_decay, c->centroid_wd_boost);
     double mom = ema_momentum_at(m->step, c->total_steps, c->ema_start);
     switch (c->optimizer) {                 /* LARS and AdamW (ViT) would be further cases        */
@@ -3946,7 +4036,24 @@ void excb_data_close(ExcbDataset *ds) {
     free(ds->file_names);
     free(ds->class_names);
     free(ds->bad);
+    free(ds->keep);
     memset(ds, 0, sizeof *ds);
+}
+
+/* evenly spaced subset i * n / max (all when max is 0 or >= n) */
+static long *subset(long n, long max, long *count) {
+    long c = max > 0 && max < n ? max : n;
+    long *idx = xmalloc(sizeof(long) * c);
+    for (long i = 0; i < c; i++) idx[i] = c == n ? i : (long)((double)i * n / c);
+    *count = c;
+    return idx;
+}
+
+void excb_data_keep(ExcbDataset *ds, long max) {
+    if (max <= 0 || max >= ds->n) return;
+    ds->keep = subset(ds->n, max, &ds->n);
+    for (long i = 0; ds->labels && i < ds->n; i++)
+        ds->labels[i] = ds->labels[ds->keep[i]];        /* keep[i] >= i: each is read before it is written */
 }
 
 void excb_image_free(ExcbImage *img) {
@@ -4083,6 +4190,7 @@ int excb_decode_image(const uint8_t *buf, size_t len, const char *name, ExcbImag
 
 /* image i of the data set, as interleaved 8-bit pixels */
 int excb_data_get(const ExcbDataset *ds, long i, ExcbImage *img, char *err) {
+    if (ds->keep) i = ds->keep[i];                   /* a subset (train_images): the source's index */
     if (ds->kind == EXCB_DATA_FOLDER) {
         size_t len;
         int code = read_whole_file(ds->files[i], &img->file, &img->file_cap, &len, (size_t)1 << 30, err);
@@ -4237,7 +4345,7 @@ void excb_view_params(const ExcbViewConfig *vc, long epoch, long sample, int vie
                       ExcbViewParams *p) {
     memset(p, 0, sizeof *p);
     int local = view >= vc->n_global, which = local ? 2 : view == 0 ? 0 : 1;
-    double s_min = crop_scale_min_at(epoch, vc->epochs) + vc->scale_offset;
+    double s_min = vc->fixed_scale_split > 0 ? vc->fixed_scale_split : crop_scale_min_at(epoch, vc->epochs) + vc->scale_offset;
     double lo = local ? vc->local_scale_min : s_min, hi = local ? s_min : 1.0;
     double area = (double)H * W, lr0 = log(vc->ratio_min), lr1 = log(vc->ratio_max);
     int found = 0;
@@ -4833,11 +4941,14 @@ void excb_loader_close(ExcbLoader *L) {
 static const char *const block_names[] = {"basic", "bottleneck", NULL}, *const stem_names[] = {"cifar", "imagenet", NULL},
                          *const blur_names[] = {"as-run", "as-configured", "none", NULL},
                          *const pairing_names[] = {"auto", "excb", "swapped", NULL},
-                         *const precision_names[] = {"fp32", "tf32", "bf16", NULL};  /* in their enums' order */
+                         *const precision_names[] = {"fp32", "tf32", "bf16", NULL},  /* in their enums' order */
+                         *const lr_scaling_names[] = {"none", "linear", "sqrt", NULL},
+                         *const crop_scales_names[] = {"schedule", "dino", NULL};
 typedef ExcbSetting ConfigKey;
 static const ConfigKey config_keys[] = {
     {"data", EXCB_KEY_STR, RC(data), sizeof(((ExcbRunConfig *)0)->data), 0, 1, 0, 0, NULL, NULL, "data set: fashion-mnist, an IDX/CIFAR/STL-10 folder or file, an image folder"},
     {"train_split", EXCB_KEY_STR, RC(train_split), 32, 0, 1, 0, 0, "train", NULL, "split to pre-train on (train; STL-10: train+unlabeled)"},
+    {"train_images", EXCB_KEY_LONG, RC(train_images), 0, 0, 1, 0, 1e12, "0", NULL, "pre-train on this many images of the split, evenly spaced (0: all)"},
     {"bank_split", EXCB_KEY_STR, RC(bank_split), 32, 0, 0, 0, 0, "train", NULL, "k-NN memory bank and probe training split"},
     {"query_split", EXCB_KEY_STR, RC(query_split), 32, 0, 0, 0, 0, "test", NULL, "k-NN queries and probe test split"},
     {"block", EXCB_KEY_ENUM, MC(block), 0, 0, 1, 0, 0, NULL, block_names, "residual block: basic (ResNet-18/20) or bottleneck (ResNet-50)"},
@@ -4854,7 +4965,9 @@ static const ConfigKey config_keys[] = {
     {"batch", EXCB_KEY_INT, MC(batch), 0, 0, 1, 2, 1 << 20, NULL, NULL, "images per step B (1024 officially, over all GPUs)"},
     {"epochs", EXCB_KEY_LONG, RC(epochs), 0, 0, 1, 1, 1e9, "400", NULL, "epochs E"},
     {"warmup_epochs", EXCB_KEY_DOUBLE, RC(warmup_epochs), 0, 0, 1, 0, 1e9, "10", NULL, "linear lr warm-up in epochs (10)"},
-    {"lr", EXCB_KEY_DOUBLE, MC(lr_peak), 0, 0, 1, 0, 1e3, "0.6", NULL, "peak learning rate, absolute (0.6, A19)"},
+    {"lr", EXCB_KEY_DOUBLE, MC(lr_peak), 0, 0, 1, 0, 1e3, "0.6", NULL, "peak learning rate (0.6, absolute: A19)"},
+    {"lr_scaling", EXCB_KEY_ENUM, MC(lr_scaling), 0, 0, 1, 0, 0, "none", lr_scaling_names, "A19: none (the code), linear (lr B / lr_base_batch) or sqrt"},
+    {"lr_base_batch", EXCB_KEY_INT, MC(lr_base_batch), 0, 0, 1, 1, 1 << 24, "1024", NULL, "the batch lr is for when scaled (1024: the official runs' global batch)"},
     {"lr_min_factor", EXCB_KEY_DOUBLE, MC(lr_min_factor), 0, 0, 1, 0, 1, "0.0001", NULL, "the cosine ends at lr * this (1e-4)"},
     {"wd", EXCB_KEY_DOUBLE, MC(weight_decay), 0, 0, 1, 0, 1, "0.0001", NULL, "weight decay on weights (1e-4)"},
     {"centroid_wd_boost", EXCB_KEY_DOUBLE, MC(centroid_wd_boost), 0, 0, 1, 0, 1e3, "9", NULL, "centroid wd multiplier 1 + this*cos-decay (9, A10)"},
@@ -4862,10 +4975,15 @@ static const ConfigKey config_keys[] = {
     {"ema_start", EXCB_KEY_DOUBLE, MC(ema_start), 0, 0, 1, 0, 1, "0.996", NULL, "teacher momentum at step 0, cosine to 1 (0.996)"},
     {"tau_s", EXCB_KEY_DOUBLE, MC(tau_s), 0, 0, 1, 1e-6, 1e6, "0.1", NULL, "student temperature (0.1)"},
     {"tau_t", EXCB_KEY_DOUBLE, MC(tau_t), 0, 0, 1, 1e-6, 1e6, "0.04", NULL, "teacher temperature (0.04)"},
+    {"tau_t_warmup", EXCB_KEY_DOUBLE, MC(tau_t_warmup), 0, 0, 1, 1e-6, 1e6, "0.04", NULL, "teacher temperature at epoch 0 of its warm-up (A18, DINO's D3)"},
+    {"tau_t_warmup_epochs", EXCB_KEY_INT, MC(tau_t_warmup_epochs), 0, 0, 1, 0, 1e6, "0", NULL, "epochs of linear teacher-temperature warm-up (0: none, A18; excb, none, dino)"},
     {"method", EXCB_KEY_METHOD, MC(method), 0, 0, 1, 0, 0, "excb", NULL, "the method: excb, none, dino, swav, coke, carp, mvbt (section 5)"},
     {"pairing", EXCB_KEY_ENUM, MC(pairing), 0, 0, 1, 0, 0, "auto", pairing_names, "student rows per teacher view: auto (the method's own), excb (A7), swapped"},
+    {"predictor", EXCB_KEY_INT, MC(predictor), 0, 0, 1, 0, 1, "1", NULL, "1: the predictor (E10); 0: the identity in its place (A8/A9)"},
+    {"predictor_centroid_grad", EXCB_KEY_INT, MC(predictor_centroid_grad), 0, 0, 1, 0, 1, "0", NULL, "1: predictor rows send gradient to the centroids (A9: 0, detached)"},
     {"seed", EXCB_KEY_U64, MC(seed), 0, 0, 1, 0, 0, "0", NULL, "the root seed"},
     {"blur", EXCB_KEY_ENUM, RC(blur), 0, 0, 1, 0, 0, "as-run", blur_names, "as-run (the official code's blur, A14), as-configured, or none"},
+    {"crop_scales", EXCB_KEY_ENUM, RC(crop_scales), 0, 0, 1, 0, 0, "schedule", crop_scales_names, "schedule (A11, the code) or dino: fixed (0.4, 1) global, (0.05, 0.4) local"},
     {"crop_scale_offset", EXCB_KEY_DOUBLE, RC(crop_scale_offset), 0, 0, 1, -0.04, 0.7, "0", NULL, "added to the crop-scale bound s_min(e) of A11 (0)"},
     {"kmeans_init", EXCB_KEY_INT, RC(kmeans_init), 0, 0, 1, 0, 1, "1", NULL, "1: spherical k-means centroids (1.10); 0: random"},
     {"kmeans_samples", EXCB_KEY_LONG, RC(kmeans_samples), 0, 0, 1, 2, 1e10, "500000", NULL, "teacher projections for k-means (500000)"},
@@ -6124,15 +6242,6 @@ typedef struct {
     double seconds;
 } EvalResult;
 
-/* evenly spaced subset i * n / max (all when max is 0 or >= n) */
-static long *subset(long n, long max, long *count) {
-    long c = max > 0 && max < n ? max : n;
-    long *idx = xmalloc(sizeof(long) * c);
-    for (long i = 0; i < c; i++) idx[i] = c == n ? i : (long)((double)i * n / c);
-    *count = c;
-    return idx;
-}
-
 /* mean-centring: the bank's mean row, subtracted from every bank and query row */
 static void subtract_mean_row(real *bank, long nb, real *query, long nq, int D) {
     double *mean = xcalloc(D, sizeof(double));
@@ -6387,6 +6496,7 @@ int excb_train(ExcbRunConfig *rc_in, const char *out_dir, const char *resume_fro
     /* the data first: the model's channel count and the schedule's length follow from it */
     ExcbDataset ds;
     if ((code = excb_data_open(&ds, rc.data, rc.train_split, err))) return code;
+    excb_data_keep(&ds, rc.train_images);               /* a subset of the split, evenly spaced      */
     ds.skip_bad = rc.skip_bad;
     rc.model.in_ch = ds.channels;
     long bpe = ds.n / rc.model.batch;                   /* drop_last, as the official loader        */
@@ -6440,6 +6550,7 @@ int excb_train(ExcbRunConfig *rc_in, const char *out_dir, const char *resume_fro
     ExcbViewConfig vc;
     excb_view_config_for(&vc, &rc.model, rc.epochs, rc.blur);
     vc.scale_offset = rc.crop_scale_offset;
+    if (rc.crop_scales == EXCB_CROP_SCALES_DINO) vc.fixed_scale_split = 0.4;    /* A11's switch: DINO's 0.4 */
     ExcbLoader L;
     EvalSets es;
     int have_eval = 0;
@@ -7112,6 +7223,14 @@ static void usage(FILE *f) {
         "  plot        excb plot RUN_DIR: PNG curves (loss, diagnostics, cluster usage, k-NN, cluster sizes)\n"
         "              into RUN_DIR/plots with gnuplot (apt-get install gnuplot-nox)\n"
         "  inspect     excb inspect CHECKPOINT: verify it and list its tensors (name, type, shape, CRC-32)\n"
+        "  audit       excb audit small-batch: every method (excb, none, dino, swav with and without its queue, coke,\n"
+        "              carp) at B = 16, 32, 64, 128, 256 on the same 20,000 images; excb audit ablations: each audit\n"
+        "              switch (paper_notes.md section 10) against the default at B = 16 and 256. One run directory\n"
+        "              each under --out DIR (runs/audit-small-batch, runs/audit-ablations); an interrupted audit\n"
+        "              continues where it stopped; writes table.md, results.tsv and plots/\n"
+        "              --quick: excb and none at B = 16 on 4,000 images, and checks that none collapses and\n"
+        "              excb does not (exit 1 if not)   --jobs J (1): runs at once   --threads T: each run's\n"
+        "              --set KEY=VALUE: added to every run (repeatable)\n"
         "  bench       time the whole training step, on fixed random inputs or, with --data, on loaded views\n"
         "              --config NAME   resnet20s (default), resnet8s, resnet18, resnet50, tiny, tiny50\n"
         "              --global-size G --local-size L (0: no local crops) --batch B --K K --threads T\n"
@@ -7135,7 +7254,7 @@ static void usage(FILE *f) {
         "  --seed N         root seed (0)\n"
         "\n"
         "  --help     this text        --version   version and build features\n"
-        "exit codes: 0 ok, 3 diverged (NaN/Inf loss or gradient; the last good checkpoint is kept), 64 usage,\n"
+        "exit codes: 0 ok, 1 an audit's check failed (--quick), 3 diverged (NaN/Inf loss or gradient; the last good checkpoint is kept), 64 usage,\n"
         "            65 bad data or a damaged checkpoint, 66 missing input, 69 gnuplot missing, 70 internal,\n"
         "            71 out of memory, 73 cannot create the run directory, 74 I/O, 75 the run directory is in\n"
         "            use by another excb process, 78 bad config or a checkpoint of another run,\n"
@@ -7186,18 +7305,19 @@ static int parse_choice(const char *cmd, const char *opt, const char *v, const c
 
 /* auto: the GPU when one answers, else the CPU, and stderr says which and why; cuda: the GPU or exit 69.
    The CPU runs FP32 only: another precision there is a usage error, not a silent substitution. */
-static int resolve_device(const char *cmd, int *device, int precision, int method, int quiet) {
+static int resolve_device(const char *cmd, int *device, int precision, const ExcbConfig *c, int quiet) {
     char desc[512];
-    const ExcbMethod *me = excb_methods[method];
-    if (!me->cuda && *device == EXCB_DEVICE_CUDA) {      /* never a silent CPU run */
-        fprintf(stderr, "excb %s: --device cuda: method '%s' has no GPU twin yet; it runs with --device cpu\n", cmd,
-                me->name);
+    const ExcbMethod *me = excb_methods[c->method];
+    const char *cpu_only = me->cpu_only ? me->cpu_only(c) : NULL;
+    if ((!me->cuda || cpu_only) && *device == EXCB_DEVICE_CUDA) {      /* never a silent CPU run */
+        fprintf(stderr, "excb %s: --device cuda: %s%s has no GPU twin yet; it runs with --device cpu\n", cmd,
+                cpu_only ? "" : "method ", cpu_only ? cpu_only : me->name);
         return EXCB_EXIT_USAGE;
     }
-    if (!me->cuda && *device == EXCB_DEVICE_AUTO) {
+    if ((!me->cuda || cpu_only) && *device == EXCB_DEVICE_AUTO) {
         *device = EXCB_DEVICE_CPU;
-        if (!quiet) fprintf(stderr, "excb %s: --device auto: method '%s' has no GPU twin yet; running on the CPU\n", cmd,
-                            me->name);
+        if (!quiet) fprintf(stderr, "excb %s: --device auto: %s%s has no GPU twin yet; running on the CPU\n", cmd,
+                            cpu_only ? "" : "method ", cpu_only ? cpu_only : me->name);
     }
     if (*device != EXCB_DEVICE_CPU) {
         int code = excb_cuda_probe(desc, sizeof desc);
@@ -7339,7 +7459,7 @@ static int cmd_bench(int argc, char **argv) {
     ExcbDataset ds;
     ExcbLoader L;
     if (o.data && (code = open_data("bench", &o, &cfg, &ds, &L))) return code;
-    if ((code = resolve_device("bench", &o.device, o.precision, o.method, 0))) return code;
+    if ((code = resolve_device("bench", &o.device, o.precision, &cfg, 0))) return code;
     ExcbModel host, dm, *mp = &host;
     if (excb_build(&host, &cfg)) return EXCB_EXIT_USAGE;
     size_t ng = (size_t)cfg.n_global * cfg.batch * cfg.in_ch * cfg.global_size * cfg.global_size;
@@ -7565,7 +7685,7 @@ static int help_config(void) {
 /* a config file: a regular file of at most 1 MiB (a run's config.txt is about 2 KB) */
 static int read_text_file(const char *path, char **out, char *err) {
     uint8_t *raw = NULL;
-    size_t cap = 0, n;
+    size_t cap = 0, n = 0;
     int code = read_whole_file(path, &raw, &cap, &n, 1 << 20, err);
     if (code) { free(raw); return code == EXCB_EXIT_DATA ? EXCB_EXIT_CONFIG : code; }   /* too large: 78 */
     char *buf = (char *)raw;
@@ -7693,7 +7813,7 @@ static int cmd_train(int argc, char **argv) {
     }
     /* the device, for the run's final config (on --resume: the checkpoint's method), settled before
        anything in the run directory is touched */
-    if ((code = resolve_device("train", &device, precision, rc.model.method, quiet))) return code;
+    if ((code = resolve_device("train", &device, precision, &rc.model, quiet))) return code;
     /* the run goes ahead: its directory, the lock with this pid; then, under the lock, the leftover
        ckpt-*.tmp of a process that died, and with --force the old checkpoints */
     if ((code = mkdir_p(dir, err)) || (code = excb_lock_run_dir(dir, 1, &lock_fd, err))) { fprintf(stderr, "excb train: %s\n", err); return code; }
@@ -7845,6 +7965,31 @@ static int close_checked(FILE *f, const char *path, const char *cmd) {
     return EXCB_EXIT_IO;
 }
 
+/* gnuplot on DIR/plots.gp, run in DIR (its warnings into DIR/gnuplot.log): 0, or exit 69 (not
+   installed) or 70 (it failed), said on stderr for command `cmd` */
+static int run_gnuplot(const char *cmd, const char *dir) {
+    pid_t pid = fork();
+    if (pid == 0) {
+        if (chdir(dir)) _exit(127);
+        int devnull = open("/dev/null", O_WRONLY), log = open("gnuplot.log", O_WRONLY | O_CREAT | O_TRUNC, 0666);
+        if (devnull >= 0) dup2(devnull, STDOUT_FILENO);
+        if (log >= 0) dup2(log, STDERR_FILENO);          /* its warnings (e.g. a one-epoch x range) */
+        execlp("gnuplot", "gnuplot", "plots.gp", (char *)NULL);
+        _exit(127);
+    }
+    int status = 0;
+    if (pid < 0 || waitpid(pid, &status, 0) < 0) { fprintf(stderr, "excb %s: cannot start gnuplot: %s\n", cmd, strerror(errno)); return EXCB_EXIT_UNAVAILABLE; }
+    if (WIFEXITED(status) && WEXITSTATUS(status) == 127) {
+        fprintf(stderr, "excb %s: gnuplot not found (apt-get install gnuplot-nox); the data and script are in %s\n", cmd, dir);
+        return EXCB_EXIT_UNAVAILABLE;
+    }
+    if (!WIFEXITED(status) || WEXITSTATUS(status)) {
+        fprintf(stderr, "excb %s: gnuplot failed on %s/plots.gp (its messages: %s/gnuplot.log)\n", cmd, dir, dir);
+        return EXCB_EXIT_SOFTWARE;
+    }
+    return 0;
+}
+
 static int cmd_plot(int argc, char **argv) {
     if (argc != 1 || argv[0][0] == '-') {
         if (argc == 1 && (!strcmp(argv[0], "--help") || !strcmp(argv[0], "-h"))) { usage(stdout); return 0; }
@@ -7943,25 +8088,7 @@ static int cmd_plot(int argc, char **argv) {
                    "set xlabel 'rank'\nset ylabel 's_k K'\nset logscale y\n"
                    "plot 'cluster_sizes.dat' using 1:2 with lines title 's_k K', 1 with lines dashtype 2 title 'balanced'\n");
     if (close_checked(g, p1, "plot")) return EXCB_EXIT_IO;
-    pid_t pid = fork();
-    if (pid == 0) {
-        if (chdir(plots)) _exit(127);
-        int devnull = open("/dev/null", O_WRONLY), log = open("gnuplot.log", O_WRONLY | O_CREAT | O_TRUNC, 0666);
-        if (devnull >= 0) dup2(devnull, STDOUT_FILENO);
-        if (log >= 0) dup2(log, STDERR_FILENO);          /* its warnings (e.g. a one-epoch x range) */
-        execlp("gnuplot", "gnuplot", "plots.gp", (char *)NULL);
-        _exit(127);
-    }
-    int status = 0;
-    if (pid < 0 || waitpid(pid, &status, 0) < 0) { fprintf(stderr, "excb plot: cannot start gnuplot: %s\n", strerror(errno)); return EXCB_EXIT_UNAVAILABLE; }
-    if (WIFEXITED(status) && WEXITSTATUS(status) == 127) {
-        fprintf(stderr, "excb plot: gnuplot not found (apt-get install gnuplot-nox); the data and script are in %s\n", plots);
-        return EXCB_EXIT_UNAVAILABLE;
-    }
-    if (!WIFEXITED(status) || WEXITSTATUS(status)) {
-        fprintf(stderr, "excb plot: gnuplot failed on %s/plots.gp (its messages: %s/gnuplot.log)\n", plots, plots);
-        return EXCB_EXIT_SOFTWARE;
-    }
+    if ((code = run_gnuplot("plot", plots))) return code;
     printf("excb plot: %s/{loss,diagnostics,clusters%s%s}.png from %ld steps, %ld epochs\n", plots, n_knn ? ",knn" : "",
            have_sizes ? ",cluster_sizes" : "", n_steps, n_epochs);
     return 0;
@@ -7984,6 +8111,495 @@ static int cmd_inspect(int argc, char **argv) {
     }
     ck_close(&ck);
     return 0;
+}
+
+/* --- excb audit: grids of runs that put a claim to the test (paper_notes.md §10b) -----------------
+ * `excb audit small-batch` trains each method of the comparison at each batch size on the same number
+ * of images and evaluates it; `excb audit ablations` trains each audit switch of paper_notes.md §10
+ * against the default at one small and one large batch. Each run is an ordinary run directory,
+ * AUDIT/NAME, made by `excb train` itself (this program, in a child process: the lock, the resume
+ * checks and the evaluation are the ones every run has), so `excb plot` and `excb eval` read it too.
+ *   - Resuming: a run with eval.json (or a diverged-STEP.txt: divergence is a result) is finished and
+ *     is read, never redone; one with a checkpoint goes on with --resume; one without starts afresh.
+ *     AUDIT/NAME/audit.txt holds the settings the audit gave the run: when they differ from what this
+ *     audit would give (another --quick, another --set), the audit stops with exit 78 rather than mix
+ *     two experiments in one table.
+ *   - Progress: a line on stderr per run started and ended, with the wall time so far and the ETA of
+ *     the whole audit (the mean time of the runs this invocation has finished, times those left).
+ *   - Output: AUDIT/table.md (markdown), AUDIT/results.tsv (one row per run), AUDIT/plots/ (gnuplot).
+ *   - A signal stops the children at their next step with a checkpoint (they share the terminal's
+ *     process group; a kill of this process alone is passed on), and the audit exits 128 + signal:
+ *     the same command continues it.
+ * The grids, the training budget and the lr rule are the tables below. */
+typedef struct { const char *id, *title, *sets; } AuditArm;    /* sets: key=value, separated by blanks */
+
+/* small-batch: each method at its defaults in this harness (paper_notes.md §5b, §5c), with what the
+   budget needs: SwAV's queue (3840 rows, a multiple of every B of the grid, as the official 3840 at
+   B = 256) starts at the second of the two epochs; CoKe's three heads are K's 3:4:5 (3000, 4000, 5000
+   around K = 4096 officially) */
+static const AuditArm audit_methods[] = {
+    {"excb", "excb", "method=excb"},
+    {"none", "none (no balancing)", "method=none"},
+    {"dino", "dino", "method=dino"},
+    {"swav", "swav (no queue)", "method=swav"},
+    {"swav-queue", "swav (queue)", "method=swav swav_queue_length=3840 swav_queue_start_epoch=1"},
+    {"coke", "coke", "method=coke coke_k=768,1024,1280"},
+    {"carp", "carp", "method=carp"},
+};
+/* ablations: ExCB with one audit switch away from the official code's choice (paper_notes.md §10) */
+static const AuditArm audit_switches[] = {
+    {"default", "default (the official code)", ""},
+    {"A1-no-boost", "A1 no argmax boost", "boost=0"},
+    {"A2-no-clamp", "A2 no clamp", "clamp=1000000"},
+    {"A4-raw-counts", "A4 counts before balancing", "count_source=raw"},
+    {"A4-soft-counts", "A4 soft counts", "count_kind=soft"},
+    {"A4-fp32-term", "A4 float32 count term", "fp16_count_term=0"},
+    {"A7-dino-pairing", "A7 DINO's pairing (14 terms)", "pairing=swapped"},
+    {"A8A9-no-predictor", "A8/A9 no predictor", "predictor=0"},
+    {"A9-predictor-grad", "A9 predictor rows train the centroids", "predictor_centroid_grad=1"},
+    {"A10-no-wd-boost", "A10 no centroid wd boost", "centroid_wd_boost=0"},
+    {"A11-dino-scales", "A11 DINO's fixed crop scales", "crop_scales=dino"},
+    {"A12-random-init", "A12 random centroids", "kmeans_init=0"},
+    {"A18-tau-warmup", "A18 teacher temperature 0.02 -> 0.04", "tau_t_warmup=0.02 tau_t_warmup_epochs=1"},
+    {"A19-lr-linear", "A19 lr scaled with B", "lr_scaling=linear"},
+};
+static const int audit_small_batches[] = {16, 32, 64, 128, 256}, audit_ablation_batches[] = {16, 256},
+                 audit_quick_batches[] = {16};
+
+/* The budget every run of an audit gets, on top of the default preset (fashion-mnist: ResNet-8,
+   K = 1024, 2 x 28 + 6 x 12 crops, 2 epochs, lr 0.6 at every B, the official rule, A19): the first
+   10,000 training images (evenly spaced), so 20,000 images seen at every B; k-NN once, at the end, on
+   all 60,000 / 10,000. --quick: 2,000 images (4,000 seen), for CI. */
+#define AUDIT_BUDGET "train_images=10000 knn_every=0"
+#define AUDIT_BUDGET_QUICK "train_images=2000 knn_every=0 kmeans_samples=4000"
+
+typedef struct {
+    const AuditArm *arm;
+    int batch;
+    char dir[4200], sets[4096];
+    int finished, diverged;
+    long steps;
+    double knn, nmi, probe, distinct_end, distinct_min, entropy_end, empty_end, wall;
+} AuditRun;
+
+/* a run's results: eval.json, metrics.jsonl (the A21 monitors), audit-wall.txt */
+static void audit_read(AuditRun *r, FILE *curve) {
+    char path[4400], err[EXCB_ERR_LEN], *text = NULL;
+    r->knn = r->nmi = r->probe = r->distinct_end = r->distinct_min = r->entropy_end = r->empty_end = r->wall = NAN;
+    r->steps = 0;
+    path_in(path, sizeof path, r->dir, "eval.json");
+    if (!read_text_file(path, &text, err)) {
+        r->knn = json_number(text, "knn_top1_k20");
+        r->nmi = json_number(text, "nmi");
+        r->probe = json_number(text, "probe_test_top1");
+        free(text);
+    }
+    path_in(path, sizeof path, r->dir, "audit-wall.txt");
+    if (!read_text_file(path, &text, err)) { r->wall = strtod(text, NULL); free(text); }
+    path_in(path, sizeof path, r->dir, "metrics.jsonl");
+    FILE *f = fopen(path, "r");
+    if (!f) return;
+    static char line[1 << 16];
+    double *d = NULL, *h = NULL;
+    long n = 0, cap = 0;
+    while (fgets(line, sizeof line, f)) {
+        if (strstr(line, "\"type\":\"step\"")) {
+            if (n == cap) {
+                cap = cap ? 2 * cap : 1024;
+                d = realloc(d, sizeof(double) * cap);
+                h = realloc(h, sizeof(double) * cap);
+                if (!d || !h) { fprintf(stderr, "excb audit: out of memory\n"); exit(EXCB_EXIT_OSERR); }
+            }
+            d[n] = json_number(line, "distinct_frac");
+            h[n] = json_number(line, "assign_entropy");
+            r->steps = (long)json_number(line, "step");
+            if (curve) fprintf(curve, "%ld %.6g\n", r->steps, d[n]);
+            n++;
+        } else if (strstr(line, "\"type\":\"epoch\"")) r->empty_end = json_number(line, "empty_clusters");
+    }
+    fclose(f);
+    if (n) {                  /* the end: the mean over the last tenth of the records; the minimum over all */
+        long from = n - (n + 9) / 10;
+        double sd = 0, sh = 0;
+        r->distinct_min = d[0];
+        for (long i = 0; i < n; i++) r->distinct_min = fmin(r->distinct_min, d[i]);
+        for (long i = from; i < n; i++) { sd += d[i]; sh += h[i]; }
+        r->distinct_end = sd / (n - from);
+        r->entropy_end = sh / (n - from);
+    }
+    free(d);
+    free(h);
+}
+
+/* what state the run directory is in: 1 finished (evaluated or diverged), 0 to (re)start or resume */
+static int audit_finished(AuditRun *r) {
+    char path[4400];
+    path_in(path, sizeof path, r->dir, "eval.json");
+    struct stat st;
+    if (!stat(path, &st)) return r->finished = 1;
+    DIR *dd = opendir(r->dir);
+    if (dd) {
+        struct dirent *e;
+        while ((e = readdir(dd)))
+            if (!strncmp(e->d_name, "diverged-", 9)) r->diverged = r->finished = 1;
+        closedir(dd);
+    }
+    return r->finished;
+}
+
+/* the child: excb train --out DIR --quiet (--resume | --force) [--threads T] --set ... > DIR/log.txt */
+static pid_t audit_launch(const char *exe, const AuditRun *r, int resume, const char *threads) {
+    static char copy[4096], *args[1100];
+    int n = 0;
+    args[n++] = "excb"; args[n++] = "train"; args[n++] = "--quiet"; args[n++] = "--out"; args[n++] = (char *)r->dir;
+    args[n++] = resume ? "--resume" : "--force";
+    if (threads) { args[n++] = "--threads"; args[n++] = (char *)threads; }
+    snprintf(copy, sizeof copy, "%s", r->sets);
+    for (char *tok = strtok(copy, " "); tok && n < 1096; tok = strtok(NULL, " ")) { args[n++] = "--set"; args[n++] = tok; }
+    args[n] = NULL;
+    char log[4400];
+    path_in(log, sizeof log, r->dir, "log.txt");
+    pid_t pid = fork();
+    if (pid == 0) {
+        int fd = open(log, O_WRONLY | O_CREAT | O_APPEND, 0666);
+        if (fd >= 0) { dup2(fd, STDOUT_FILENO); dup2(fd, STDERR_FILENO); }
+        execv(exe, args);
+        _exit(127);
+    }
+    return pid;
+}
+
+static atomic_int audit_signal;
+static void audit_on_signal(int sig) { int none = 0; atomic_compare_exchange_strong(&audit_signal, &none, sig); }
+
+static void audit_duration(char *out, size_t cap, double s) {
+    if (!isfinite(s)) snprintf(out, cap, "?");
+    else if (s < 3600) snprintf(out, cap, "%dm%02ds", (int)(s / 60), (int)s % 60);
+    else snprintf(out, cap, "%dh%02dm", (int)(s / 3600), (int)(s / 60) % 60);
+}
+
+static void audit_cell(FILE *f, double v, const char *fmt) {
+    if (isnan(v)) fprintf(f, " n/a |");
+    else { fputc(' ', f); fprintf(f, fmt, v); fprintf(f, " |"); }
+}
+
+/* table.md and results.tsv */
+static int audit_tables(const char *out, int ablations, AuditRun *runs, int n_runs, const int *batches, int n_batches,
+                        const AuditArm *arms, int n_arms, const char *budget, double wall) {
+    char path[4400], tmp[64];
+    path_in(path, sizeof path, out, "results.tsv");
+    FILE *t = fopen(path, "w");
+    if (!t) { fprintf(stderr, "excb audit: cannot write %s: %s\n", path, strerror(errno)); return EXCB_EXIT_CANTCREAT; }
+    fprintf(t, "arm\tbatch\tsteps\tknn_top1_k20\tnmi\tprobe_top1\tdistinct_frac_end\tdistinct_frac_min\tassign_entropy_end\t"
+               "empty_clusters_end\tdiverged\twall_s\n");
+    for (int i = 0; i < n_runs; i++) {
+        AuditRun *r = &runs[i];
+        fprintf(t, "%s\t%d\t%ld\t%.4f\t%.4f\t%.4f\t%.4f\t%.4f\t%.4f\t%.0f\t%d\t%.1f\n", r->arm->id, r->batch, r->steps,
+                r->knn, r->nmi, r->probe, r->distinct_end, r->distinct_min, r->entropy_end, r->empty_end, r->diverged, r->wall);
+    }
+    int code = close_checked(t, path, "audit");
+    if (code) return code;
+    path_in(path, sizeof path, out, "table.md");
+    FILE *f = fopen(path, "w");
+    if (!f) { fprintf(stderr, "excb audit: cannot write %s: %s\n", path, strerror(errno)); return EXCB_EXIT_CANTCREAT; }
+    audit_duration(tmp, sizeof tmp, wall);
+    fprintf(f, "# excb audit %s\n\nEvery run: the fashion-mnist preset (ResNet-8, K = 1024, 2 x 28 + 6 x 12 crops, 2 epochs, "
+               "lr 0.6 at every B) with `%s`; k-NN top-1 (%%) at k = 20, T = 0.07, on all 10,000 test images against all "
+               "60,000 training images (the teacher's backbone; the student's for CoKe, which has no teacher pass); NMI of "
+               "the argmax prototype of each test image against its class (n/a without prototypes). "
+               "Wall time of the runs: %s.\n\n", ablations ? "ablations" : "small-batch", budget, tmp);
+    fprintf(f, "## k-NN top-1 (%%)\n\n| %s |", ablations ? "switch" : "method");
+    for (int b = 0; b < n_batches; b++) fprintf(f, " B = %d |", batches[b]);
+    if (ablations) for (int b = 0; b < n_batches; b++) fprintf(f, " change at B = %d |", batches[b]);
+    fprintf(f, "\n|---|");
+    for (int b = 0; b < n_batches * (ablations ? 2 : 1); b++) fprintf(f, "---:|");
+    fprintf(f, "\n");
+    for (int a = 0; a < n_arms; a++) {
+        fprintf(f, "| %s |", arms[a].title);
+        for (int b = 0; b < n_batches; b++) {
+            AuditRun *r = &runs[a * n_batches + b];
+            if (r->diverged) fprintf(f, " diverged |"); else audit_cell(f, r->knn, "%.2f");
+        }
+        if (ablations)
+            for (int b = 0; b < n_batches; b++) audit_cell(f, runs[a * n_batches + b].knn - runs[b].knn, "%+.2f");
+        fprintf(f, "\n");
+    }
+    fprintf(f, "\n## Every run, with the collapse monitors\n\ndistinct/B: the distinct teacher labels of a step over both "
+               "global views, divided by B (1/B: every image in one cluster; 2: no two views share one), at the end "
+               "(the mean of the last tenth of the step records) and its minimum over the run; entropy: of the "
+               "batch's mean teacher assignment (nats; log K = %.2f: every cluster equally used); empty: clusters no teacher label reached in the last "
+               "epoch.\n\n| %s | B | steps | k-NN | NMI | probe | distinct/B end | distinct/B min | entropy end | empty | wall |\n"
+               "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n", log(1024.0), ablations ? "switch" : "method");
+    for (int i = 0; i < n_runs; i++) {
+        AuditRun *r = &runs[i];
+        audit_duration(tmp, sizeof tmp, r->wall);
+        fprintf(f, "| %s | %d | %ld%s |", r->arm->title, r->batch, r->steps, r->diverged ? " (diverged)" : "");
+        audit_cell(f, r->knn, "%.2f");
+        audit_cell(f, r->nmi, "%.3f");
+        audit_cell(f, r->probe, "%.2f");
+        audit_cell(f, r->distinct_end, "%.3f");
+        audit_cell(f, r->distinct_min, "%.3f");
+        audit_cell(f, r->entropy_end, "%.2f");
+        audit_cell(f, r->empty_end, "%.0f");
+        fprintf(f, " %s |\n", tmp);
+    }
+    return close_checked(f, path, "audit");
+}
+
+/* plots: k-NN against B (one line per arm), distinct/B against steps at the smallest B */
+static int audit_plots(const char *out, int ablations, AuditRun *runs, const int *batches, int n_batches,
+                       const AuditArm *arms, int n_arms) {
+    char plots[4400], path[4600], err[EXCB_ERR_LEN];
+    path_in(plots, sizeof plots, out, "plots");
+    if (mkdir_p(plots, err)) { fprintf(stderr, "excb audit: %s\n", err); return EXCB_EXIT_CANTCREAT; }
+    for (int a = 0; a < n_arms; a++) {
+        snprintf(path, sizeof path, "%s/knn-%s.dat", plots, arms[a].id);
+        FILE *f = fopen(path, "w");
+        if (!f) { fprintf(stderr, "excb audit: cannot write %s\n", path); return EXCB_EXIT_CANTCREAT; }
+        fprintf(f, "# B knn_top1_k20 distinct_frac_end\n");
+        for (int b = 0; b < n_batches; b++) {
+            AuditRun *r = &runs[a * n_batches + b];
+            fprintf(f, "%d %.4f %.4f\n", r->batch, r->knn, r->distinct_end);
+        }
+        if (close_checked(f, path, "audit")) return EXCB_EXIT_IO;
+        snprintf(path, sizeof path, "%s/distinct-%s.dat", plots, arms[a].id);
+        if (!(f = fopen(path, "w"))) { fprintf(stderr, "excb audit: cannot write %s\n", path); return EXCB_EXIT_CANTCREAT; }
+        fprintf(f, "# step distinct_frac (B = %d)\n", batches[0]);
+        AuditRun copy = runs[a * n_batches];
+        audit_read(&copy, f);
+        if (close_checked(f, path, "audit")) return EXCB_EXIT_IO;
+    }
+    snprintf(path, sizeof path, "%s/plots.gp", plots);
+    FILE *g = fopen(path, "w");
+    if (!g) { fprintf(stderr, "excb audit: cannot write %s\n", path); return EXCB_EXIT_CANTCREAT; }
+    fprintf(g, "# excb audit: gnuplot script (run from %s)\nset terminal png size 960,540\nset grid\nset key outside right\n",
+            plots);
+    if (n_batches > 1) {
+        fprintf(g, "set output 'knn.png'\nset title 'k-NN top-1 (%%), k = 20, after the same 20,000 images seen'\n"
+                   "set xlabel 'batch size B'\nset logscale x 2\nset xtics (");
+        for (int b = 0; b < n_batches; b++) fprintf(g, "%s%d", b ? ", " : "", batches[b]);
+        fprintf(g, ")\nplot ");
+        for (int a = 0; a < n_arms; a++)
+            fprintf(g, "%s'knn-%s.dat' using 1:2 with linespoints title '%s'", a ? ", " : "", arms[a].id, arms[a].title);
+        fprintf(g, "\nunset logscale x\nset xtics autofreq\n");
+    }
+    fprintf(g, "set output 'distinct.png'\nset title 'distinct teacher labels per batch / B, B = %d (collapse: 1/B)'\n"
+               "set xlabel 'step'\nset logscale y\nplot ", batches[0]);
+    for (int a = 0; a < n_arms; a++)
+        fprintf(g, "%s'distinct-%s.dat' using 1:2 with lines title '%s'", a ? ", " : "", arms[a].id, arms[a].title);
+    fprintf(g, "\n");
+    if (close_checked(g, path, "audit")) return EXCB_EXIT_IO;
+    (void)ablations;
+    return run_gnuplot("audit", plots);
+}
+
+#define AUDIT_EXCB_DISTINCT_MIN 1.0      /* excb: at least one distinct label per image of the batch */
+#define AUDIT_NONE_DISTINCT_MAX 0.25     /* none: at most B/4 labels for the batch's 2B views         */
+/* --quick's check: the qualitative result of the full audit (paper_notes.md §10b gives its numbers):
+   at the smallest B, none's teacher collapses to a few labels per batch and excb's does not. The
+   thresholds sit far from both sides of what the full and the quick runs measured. k-NN is printed,
+   not checked: after 4,000 images the collapsed run's features are still close to the balanced one's. */
+static int audit_quick_check(const AuditRun *runs, int n_runs) {
+    const AuditRun *ex = NULL, *no = NULL;
+    for (int i = 0; i < n_runs; i++) {
+        if (!strcmp(runs[i].arm->id, "excb")) ex = &runs[i];
+        if (!strcmp(runs[i].arm->id, "none")) no = &runs[i];
+    }
+    if (!ex || !no) return 0;
+    int ok = ex->distinct_end >= AUDIT_EXCB_DISTINCT_MIN && no->distinct_end <= AUDIT_NONE_DISTINCT_MAX;
+    printf("excb audit --quick check: at B = %d, excb keeps %.3f distinct teacher labels per image (needs >= %.2f), none "
+           "%.3f (collapsed: needs <= %.2f); k-NN excb %.2f %%, none %.2f %%: %s\n", ex->batch, ex->distinct_end,
+           AUDIT_EXCB_DISTINCT_MIN, no->distinct_end, AUDIT_NONE_DISTINCT_MAX, ex->knn, no->knn, ok ? "holds" : "FAILS");
+    return ok ? 0 : EXCB_EXIT_CHECK;
+}
+
+static int cmd_audit(int argc, char **argv) {
+    if (argc < 1 || (strcmp(argv[0], "small-batch") && strcmp(argv[0], "ablations"))) {
+        if (argc >= 1 && (!strcmp(argv[0], "--help") || !strcmp(argv[0], "-h"))) { usage(stdout); return 0; }
+        fprintf(stderr, "excb audit: usage: excb audit small-batch|ablations [--out DIR] [--quick] [--jobs J] [--threads T] "
+                "[--set KEY=VALUE]\n");
+        return EXCB_EXIT_USAGE;
+    }
+    int ablations = !strcmp(argv[0], "ablations"), quick = 0, jobs = 1;
+    const char *out = NULL, *threads = NULL;
+    char extra[2048] = "";
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
+        if (!strcmp(a, "--quick")) { quick = 1; continue; }
+        if (!v) { fprintf(stderr, "excb audit: option '%s' needs a value (or is unknown)\n", a); return EXCB_EXIT_USAGE; }
+        i++;
+        if (!strcmp(a, "--out")) out = v;
+        else if (!strcmp(a, "--jobs")) jobs = parse_int("--jobs", v, 1, 64);
+        else if (!strcmp(a, "--threads")) { parse_int("--threads", v, 0, 1024); threads = v; }
+        else if (!strcmp(a, "--set")) {
+            if (!strchr(v, '=') || strchr(v, ' ') || strlen(extra) + strlen(v) + 2 > sizeof extra) {
+                fprintf(stderr, "excb audit: --set needs key=value without blanks, got '%s'\n", v);
+                return EXCB_EXIT_USAGE;
+            }
+            snprintf(extra + strlen(extra), sizeof extra - strlen(extra), " %s", v);
+        } else { fprintf(stderr, "excb audit: unknown option '%s'\n", a); return EXCB_EXIT_USAGE; }
+    }
+    const AuditArm *arms = ablations ? audit_switches : audit_methods;
+    int n_arms = ablations ? (int)(sizeof audit_switches / sizeof *audit_switches)
+                           : (int)(sizeof audit_methods / sizeof *audit_methods);
+    const int *batches = quick ? audit_quick_batches : ablations ? audit_ablation_batches : audit_small_batches;
+    int n_batches = quick ? 1 : ablations ? 2 : 5;
+    if (quick && !ablations) n_arms = 2;                /* excb and none: the check's two */
+    const char *budget = quick ? AUDIT_BUDGET_QUICK : AUDIT_BUDGET;
+    char dir[4096];
+    snprintf(dir, sizeof dir, "%s", out ? out : quick ? (ablations ? "runs/audit-ablations-quick" : "runs/audit-small-batch-quick")
+                                                       : (ablations ? "runs/audit-ablations" : "runs/audit-small-batch"));
+    char err[EXCB_ERR_LEN], exe[4096];
+    ssize_t len = readlink("/proc/self/exe", exe, sizeof exe - 1);
+    if (len <= 0) { fprintf(stderr, "excb audit: cannot find this program (/proc/self/exe): %s\n", strerror(errno)); return EXCB_EXIT_OSERR; }
+    exe[len] = 0;
+    if (mkdir_p(dir, err)) { fprintf(stderr, "excb audit: %s\n", err); return EXCB_EXIT_CANTCREAT; }
+    int n_runs = n_arms * n_batches;
+    AuditRun *runs = xcalloc(n_runs, sizeof *runs);
+    /* every run's directory and settings; a directory whose audit.txt says otherwise is refused first */
+    for (int a = 0; a < n_arms; a++)
+        for (int b = 0; b < n_batches; b++) {
+            AuditRun *r = &runs[a * n_batches + b];
+            r->arm = &arms[a];
+            r->batch = batches[b];
+            snprintf(r->dir, sizeof r->dir, "%s/%s-B%d", dir, arms[a].id, batches[b]);
+            size_t u = (size_t)snprintf(r->sets, sizeof r->sets, "%s batch=%d %s", budget, batches[b], arms[a].sets);
+            if (strstr(arms[a].sets, "method=swav"))      /* prototypes frozen for the first 1/40 of the images */
+                u += snprintf(r->sets + u, sizeof r->sets - u, " swav_freeze_prototypes_steps=%ld",
+                              (quick ? 4000L : 20000L) / 40 / batches[b]);
+            snprintf(r->sets + u, sizeof r->sets - u, "%s", extra);
+            char path[4400], *text = NULL;
+            path_in(path, sizeof path, r->dir, "audit.txt");
+            if (is_dir(r->dir)) {
+                if (read_text_file(path, &text, err)) {
+                    fprintf(stderr, "excb audit: %s exists but has no audit.txt: it is not a run of this audit (move it, or "
+                            "choose another --out)\n", r->dir);
+                    free(runs);
+                    return EXCB_EXIT_CONFIG;
+                }
+                size_t tl = strlen(text);
+                if (tl && text[tl - 1] == '\n') text[tl - 1] = 0;
+                if (strcmp(text, r->sets)) {
+                    fprintf(stderr, "excb audit: %s was run with '%s', this audit gives it '%s': start the audit in another "
+                            "--out, or delete that run\n", r->dir, text, r->sets);
+                    free(text);
+                    free(runs);
+                    return EXCB_EXIT_CONFIG;
+                }
+                free(text);
+            }
+        }
+    struct sigaction sa = {.sa_handler = audit_on_signal}, before[3];
+    sigemptyset(&sa.sa_mask);
+    const int sigs[3] = {SIGINT, SIGTERM, SIGHUP};
+    for (int i = 0; i < 3; i++) sigaction(sigs[i], &sa, &before[i]);
+    double t0 = now_seconds(), spent = 0;
+    int done_here = 0, code = 0, running = 0, next = 0, finished = 0;
+    pid_t pids[64];
+    int slot_run[64], slot_resumed[64];
+    double slot_t0[64];
+    for (int i = 0; i < n_runs; i++) finished += audit_finished(&runs[i]);
+    if (finished)
+        fprintf(stderr, "excb audit: %d of %d runs in %s are finished already: read, not redone\n", finished, n_runs, dir);
+    while (!code && (next < n_runs || running)) {
+        /* start runs while there are slots, no signal and no failure */
+        while (running < jobs && next < n_runs && !atomic_load(&audit_signal)) {
+            AuditRun *r = &runs[next++];
+            if (r->finished) continue;
+            char path[4400];
+            if ((code = mkdir_p(r->dir, err))) { fprintf(stderr, "excb audit: %s\n", err); break; }
+            char line[4200];
+            snprintf(line, sizeof line, "%s\n", r->sets);
+            path_in(path, sizeof path, r->dir, "audit.txt");
+            if ((code = write_text_atomic(path, line, err))) { fprintf(stderr, "excb audit: %s\n", err); break; }
+            static long steps[4096];
+            int resume = list_checkpoints(r->dir, steps, 4096, 0) > 0;
+            pid_t pid = audit_launch(exe, r, resume, threads);
+            if (pid < 0) { fprintf(stderr, "excb audit: cannot start a run: %s\n", strerror(errno)); code = EXCB_EXIT_OSERR; break; }
+            pids[running] = pid;
+            slot_run[running] = (int)(r - runs);
+            slot_resumed[running] = resume;
+            slot_t0[running] = now_seconds();
+            running++;
+            fprintf(stderr, "excb audit: [%d/%d] %s, B = %d: %s (log: %s/log.txt)\n", (int)(r - runs) + 1, n_runs,
+                    r->arm->title, r->batch, resume ? "resumed from its checkpoint" : "started", r->dir);
+        }
+        if (!running) break;
+        int status;
+        pid_t pid = waitpid(-1, &status, 0);
+        if (pid < 0) {
+            if (errno == EINTR) {                       /* a signal: pass it on to the runs, then wait */
+                for (int i = 0; i < running; i++) kill(pids[i], atomic_load(&audit_signal));
+                continue;
+            }
+            fprintf(stderr, "excb audit: waitpid: %s\n", strerror(errno));
+            code = EXCB_EXIT_OSERR;
+            break;
+        }
+        int s = 0;
+        while (s < running && pids[s] != pid) s++;
+        if (s == running) continue;                      /* not one of ours (gnuplot is waited for by itself) */
+        AuditRun *r = &runs[slot_run[s]];
+        double took = now_seconds() - slot_t0[s];
+        int resumed = slot_resumed[s];
+        pids[s] = pids[running - 1]; slot_run[s] = slot_run[running - 1];
+        slot_resumed[s] = slot_resumed[running - 1]; slot_t0[s] = slot_t0[running - 1];
+        running--;
+        int rc = WIFEXITED(status) ? WEXITSTATUS(status) : EXCB_EXIT_SIGNAL + WTERMSIG(status);
+        if (rc == 0 || rc == EXCB_EXIT_DIVERGED) {
+            char path[4400], *text = NULL, line[64];
+            double before_s = 0;
+            path_in(path, sizeof path, r->dir, "audit-wall.txt");
+            if (resumed && !read_text_file(path, &text, err)) { before_s = strtod(text, NULL); free(text); }
+            snprintf(line, sizeof line, "%.1f\n", before_s + took);
+            if ((code = write_text_atomic(path, line, err))) { fprintf(stderr, "excb audit: %s\n", err); break; }
+            audit_finished(r);
+            spent += took;
+            done_here++;
+            finished++;
+            int left = n_runs - finished;
+            char so_far[64], eta[64];
+            audit_duration(so_far, sizeof so_far, now_seconds() - t0);
+            audit_duration(eta, sizeof eta, left ? spent / done_here * left / jobs : 0);
+            audit_read(r, NULL);
+            fprintf(stderr, "excb audit: [%d/%d] %s, B = %d: %s in %.0f s (k-NN %.2f %%, distinct/B %.3f); %d left; "
+                    "%s so far, ETA %s\n", (int)(r - runs) + 1, n_runs, r->arm->title, r->batch,
+                    rc ? "diverged" : "done", took, r->knn, r->distinct_end, left, so_far, left ? eta : "0m00s");
+        } else if (rc > EXCB_EXIT_SIGNAL && atomic_load(&audit_signal)) {
+            continue;                                    /* stopped with a checkpoint: the audit resumes it */
+        } else {
+            fprintf(stderr, "excb audit: %s, B = %d failed with exit %d (its log: %s/log.txt)\n", r->arm->title, r->batch, rc,
+                    r->dir);
+            code = rc == 127 ? EXCB_EXIT_UNAVAILABLE : rc;
+        }
+    }
+    while (running) {                                    /* after a failure: the others finish their step */
+        for (int i = 0; i < running; i++) kill(pids[i], SIGTERM);
+        int status;
+        if (waitpid(-1, &status, 0) > 0 || errno != EINTR) running--;
+    }
+    for (int i = 0; i < 3; i++) sigaction(sigs[i], &before[i], NULL);
+    int sig = atomic_load(&audit_signal);
+    if (!code && sig) {
+        fprintf(stderr, "excb audit: stopped by signal %d with %d of %d runs finished; the same command continues it\n", sig,
+                finished, n_runs);
+        code = EXCB_EXIT_SIGNAL + sig;
+    }
+    if (!code) {
+        double wall = 0;
+        for (int i = 0; i < n_runs; i++) { audit_read(&runs[i], NULL); wall += isnan(runs[i].wall) ? 0 : runs[i].wall; }
+        code = audit_tables(dir, ablations, runs, n_runs, batches, n_batches, arms, n_arms, budget, wall);
+        if (!code) {
+            char so_far[64];
+            audit_duration(so_far, sizeof so_far, wall);
+            printf("excb audit %s: %d runs (%s of run time) in %s: %s/table.md, %s/results.tsv, %s/plots/\n",
+                   ablations ? "ablations" : "small-batch", n_runs, so_far, dir, dir, dir, dir);
+            code = audit_plots(dir, ablations, runs, batches, n_batches, arms, n_arms);
+        }
+        if (!code && quick && !ablations) code = audit_quick_check(runs, n_runs);
+    }
+    free(runs);
+    return code;
 }
 
 int main(int argc, char **argv) {
@@ -8027,6 +8643,7 @@ int main(int argc, char **argv) {
     if (!strcmp(argv[1], "eval")) return cmd_eval(argc - 2, argv + 2);
     if (!strcmp(argv[1], "plot")) return cmd_plot(argc - 2, argv + 2);
     if (!strcmp(argv[1], "inspect")) return cmd_inspect(argc - 2, argv + 2);
+    if (!strcmp(argv[1], "audit")) return cmd_audit(argc - 2, argv + 2);
     fprintf(stderr, "excb: unknown command '%s'\n", argv[1]);
     usage(stderr);
     return EXCB_EXIT_USAGE;

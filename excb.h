@@ -41,6 +41,7 @@ typedef float real;
 /* Exit codes of the `excb` program (see README.md, "Exit codes"). */
 enum {
     EXCB_EXIT_OK = 0,
+    EXCB_EXIT_CHECK = 1,       /* excb audit --quick: the qualitative result did not hold */
     EXCB_EXIT_USAGE = 64,      /* EX_USAGE: bad command line                         */
     EXCB_EXIT_DATA = 65,       /* EX_DATAERR: a file's content is wrong               */
     EXCB_EXIT_NOINPUT = 66,    /* EX_NOINPUT: a file cannot be opened                 */
@@ -76,11 +77,15 @@ typedef struct {
     double clamp;               /* E5 clamp of the balanced similarity to [-1, 1] (A2)                  */
     double zero_jitter;         /* A3: U(0,1) * 0.001 added where a balancing factor is exactly 0      */
     int fp16_count_term;       /* 1: round the E3 update term through float16 as the official code (A4) */
+    int count_source;          /* ExcbCountSource: E2 counts the balanced targets (the code) or raw     */
+    int count_kind;            /* ExcbCountKind: hard argmax counts (the code) or soft sums            */
 } ExcbBalancingConfig;
+typedef enum { EXCB_COUNT_BALANCED = 0, EXCB_COUNT_RAW = 1 } ExcbCountSource;
+typedef enum { EXCB_COUNT_HARD = 0, EXCB_COUNT_SOFT = 1 } ExcbCountKind;
+typedef enum { EXCB_LR_NONE = 0, EXCB_LR_LINEAR = 1, EXCB_LR_SQRT = 2 } ExcbLrScaling;
+typedef enum { EXCB_CROP_SCALES_SCHEDULE = 0, EXCB_CROP_SCALES_DINO = 1 } ExcbCropScales;
 typedef struct {
-    double center_momentum;     /* D2: centre EMA momentum, 0.9                                         */
-    double warmup_tau_t;        /* the teacher temperature's start, linear to tau_t over warmup_epochs  */
-    int warmup_epochs;         /* 0: no warm-up (DINO's default)                                       */
+    double center_momentum;     /* D2: centre EMA momentum, 0.9 (D3's warm-up: tau_t_warmup in ExcbConfig) */
 } ExcbDinoConfig;
 typedef struct {
     double epsilon;             /* S1: exp(scores / epsilon), 0.05                                      */
@@ -129,6 +134,10 @@ typedef struct {
     ExcbPairing pairing;       /* which student rows meet which teacher views; auto: the method's own */
     double tau_s;               /* student temperature, 0.1                                             */
     double tau_t;               /* teacher temperature, 0.04, constant (A18); ExCB, none and DINO      */
+    double tau_t_warmup;        /* its value in epoch 0 of a linear warm-up (A18's switch; DINO's D3)   */
+    int tau_t_warmup_epochs;   /* epochs of that warm-up; 0: none (ExCB's code, DINO's default)        */
+    int predictor;             /* 1: the predictor E10 (the code); 0: the identity in its place (A8/A9) */
+    int predictor_centroid_grad;   /* 1: predictor rows send gradient to the centroids (A9: 0)        */
     ExcbBalancingConfig excb;  /* ExCB and none: E2..E5                                                */
     ExcbDinoConfig dino;       /* DINO: centering and its temperature warm-up                         */
     ExcbSwavConfig swav;       /* SwAV: Sinkhorn-Knopp, the queue, the frozen prototypes              */
@@ -142,6 +151,8 @@ typedef struct {
     /* optimisation (E9, E14, Appendix A) */
     ExcbOptimizer optimizer;   /* SGD with momentum and coupled weight decay                           */
     double lr_peak;             /* 0.6, absolute, not scaled by batch (A19)                             */
+    int lr_scaling;            /* ExcbLrScaling: A19's switch (none: the code)                          */
+    int lr_base_batch;         /* the batch lr_peak is for when it is scaled (1024)                     */
     double lr_min_factor;       /* 1e-4: cosine ends at lr_peak * 1e-4                                 */
     double weight_decay;        /* 1e-4 on weights; 0 on biases and 1-D parameters                     */
     double centroid_wd_boost;   /* 9: centroid wd = wd * (1 + 9 (1+cos(pi t/T))/2), "wdx10c1" (A10)      */
@@ -346,6 +357,8 @@ typedef struct ExcbMethod {
     const char *summary;       /* one line for --help-config                                          */
     ExcbPairing pairing;       /* its own pairing (pairing = auto)                                    */
     int cuda;                  /* 1: every operator it calls has a GPU twin (excb_kernels.cu)         */
+    /* NULL, or the settings of c that have no GPU twin yet (a line, for --device cuda's exit 64) */
+    const char *(*cpu_only)(const ExcbConfig *c);
     const ExcbSetting *settings;   /* its rows of the key table (NULL: none of its own)               */
     int n_settings;
     /* its buffers for a configuration, into out[] (at most EXCB_MAX_METHOD_BUFFERS); returns how many */
@@ -515,6 +528,9 @@ void balance_factors(real *r, real *lower, real *higher, const real *s, int K, d
 void balanced_targets(real *q, int32_t *labels, real *zhat, const real *z, const real *lower,
                       const real *higher, int N, int K, double boost, double clamp, double tau_t);
 /* E2, E3: s <- m_s s + (1-m_s) counts/N, the term rounded through float16 if fp16_term (A4). */
+void cluster_size_ema(real *s, const real *frac, int K, double m_s, int fp16_term);
+void cluster_size_fractions(real *frac, int32_t *raw_labels, const real *q, const real *z, int N, int K, double tau_t,
+                            int raw, int soft);
 void cluster_size_update(real *s, int32_t *counts, const int32_t *labels, int N, int K, double m_s,
                          int fp16_term);
 /* E7, E8, E11: the loss over the student rows, matched to the teacher targets q (Vg*B, K); each z is
@@ -529,7 +545,6 @@ int excb_loss_terms(int n_dir_crops, int with_pred, int Vg, int Vl);
    (1 - m) mean_rows(z). D3: the teacher temperature of DINO's warm-up at `step`. */
 void dino_targets(real *q, int32_t *labels, const real *z, const real *center, int N, int K, double tau);
 void dino_center_update(real *center, const real *z, int N, int K, double momentum);
-double dino_tau_at(const ExcbConfig *c, long step);
 /* S1: Sinkhorn-Knopp on scores S (N, K) in place: S becomes the codes, each row summing to 1, each
    column to N/K, after `iterations` rounds (SwAV's distributed_sinkhorn with one process). sums: K + N
    doubles of scratch. */
@@ -646,6 +661,8 @@ size_t excb_plan_arena(ExcbModel *m, real *base);
 
 /* Schedules (Appendix A). t is the 1-based scheduler step, `step` the 0-based train step. */
 double lr_at(long t, long T, long W, double lr_peak, double lr_min_factor);
+double lr_peak_for(const ExcbConfig *c);                 /* A19's switch applied to lr_peak            */
+double teacher_tau_at(const ExcbConfig *c, long step);   /* A18's switch: the warm-up, then tau_t      */
 double centroid_wd_at(long t, long T, double wd, double boost);
 double ema_momentum_at(long step, long T, double start);
 double crop_scale_min_at(long epoch, long epochs);
@@ -712,12 +729,16 @@ typedef struct {
     int skip_bad;                          /* 1: skip undecodable images (counted, logged) instead of failing */
     uint8_t *bad;                          /* n flags, set when an image failed (skip_bad)            */
     long n_bad;                            /* images skipped so far (written by loader workers, under its lock) */
+    long *keep;                            /* image i is the source's image keep[i] (excb_data_keep); NULL: all */
 } ExcbDataset;
 
 /* --data SPEC: a file, a directory, or the name "fashion-mnist" (the embedded default). split: "train",
    "test", "unlabeled" or "train+unlabeled" (STL-10); NULL = "train". */
 int excb_data_open(ExcbDataset *ds, const char *spec, const char *split, char *err);
 void excb_data_close(ExcbDataset *ds);
+/* keep `max` images of the open set, evenly spaced (source image floor(i n / max)), and renumber them
+   0..max-1, labels too; max = 0 or >= n keeps all (the key train_images) */
+void excb_data_keep(ExcbDataset *ds, long max);
 /* image i as interleaved 8-bit pixels (decoding a file for image folders) */
 int excb_data_get(const ExcbDataset *ds, long i, ExcbImage *img, char *err);
 void excb_image_free(ExcbImage *img);
@@ -741,6 +762,7 @@ typedef struct {
     double ratio_min, ratio_max;           /* RandomResizedCrop aspect ratios: 3/4, 4/3              */
     double local_scale_min;                /* 0.05: local crops take (0.05, s_min(e)) of the area    */
     double scale_offset;                   /* added to s_min(e) (0 officially; small images may want more) */
+    double fixed_scale_split;              /* > 0: s_min fixed at this (A11's switch, DINO's 0.4), no schedule */
     double p_flip, p_jitter, brightness, contrast, saturation, hue, p_gray;
     double p_blur[3];                      /* global view 1, global view 2, local views (A14)        */
     double blur_sigma_min, blur_sigma_max;  int blur_kernel;
@@ -822,12 +844,14 @@ typedef struct {
     char preset[32];           /* the preset the defaults came from                                   */
     char data[1024];           /* --data SPEC (fashion-mnist, a folder, a file)                        */
     char train_split[32];      /* pre-training split ("train", "train+unlabeled")                    */
+    long train_images;         /* pre-train on this many of its images, evenly spaced (0: all)         */
     char bank_split[32];       /* k-NN memory bank and linear-probe training split ("train")          */
     char query_split[32];      /* k-NN queries and linear-probe test split ("test", "val")            */
     long epochs;               /* E                                                                    */
     double warmup_epochs;      /* linear lr warm-up, in epochs (10 officially)                         */
     int workers, blur, skip_bad;
     double crop_scale_offset;  /* added to the official crop-scale bound s_min(e) (A11); 0 officially   */
+    int crop_scales;           /* ExcbCropScales: the schedule (the code) or DINO's fixed scales (A11)  */
     int log_every;             /* steps between step records (and plain progress lines)               */
     int ckpt_every;            /* steps between checkpoints (0: end of epoch only)                     */
     int keep;                  /* checkpoints kept in the run directory (the newest ones)             */

@@ -267,6 +267,42 @@ Test(data, cifar10_folder_round_trip) {
     excb_data_close(&ds);
 }
 
+/* train_images: excb_data_keep keeps image floor(i n / max) of the source as image i, its label too.
+   15 records of 3 per batch file (labels 0, 9, 4, 0, 9, 4, ...): keep 6 -> source 0, 2, 5, 7, 10, 12
+   (i * 15 / 6 = 0, 2.5, 5, 7.5, 10, 12.5, floored), labels 0, 4, 4, 9, 9, 0; pixels as the source's;
+   0 and a max at or above n keep every image, untouched. */
+Test(data, train_images_keeps_an_evenly_spaced_subset) {
+    char dir[512];
+    snprintf(dir, sizeof dir, "%s/cifar-10-batches-bin", tmpdir);
+    mkdir(dir, 0755);
+    uint8_t fine[3] = {0, 9, 4};
+    for (int b = 1; b <= 5; b++) {
+        char name[64];
+        snprintf(name, sizeof name, "cifar-10-batches-bin/data_batch_%d.bin", b);
+        write_cifar(tpath(name), 3, 0, NULL, fine);
+    }
+    write_cifar(tpath("cifar-10-batches-bin/test_batch.bin"), 2, 0, NULL, fine);
+    ExcbDataset ds;
+    char err[EXCB_ERR_LEN];
+    cr_assert_eq(excb_data_open(&ds, dir, "train", err), 0, "%s", err);
+    excb_data_keep(&ds, 6);
+    cr_assert_eq(ds.n, 6);
+    static const long src[6] = {0, 2, 5, 7, 10, 12};
+    static const int lab[6] = {0, 4, 4, 9, 9, 0};
+    for (int i = 0; i < 6; i++) {
+        cr_expect_eq(ds.keep[i], src[i], "image %d is source image %ld, want %ld", i, ds.keep[i], src[i]);
+        cr_expect_eq(ds.labels[i], lab[i], "image %d: label %d, want %d", i, ds.labels[i], lab[i]);
+        check_cifar_pixels(&ds, i, (int)(src[i] % 3));    /* record src[i] % 3 of its batch file */
+    }
+    excb_data_close(&ds);
+    for (long max = 0; max <= 20; max += 15) {
+        cr_assert_eq(excb_data_open(&ds, dir, "train", err), 0, "%s", err);
+        excb_data_keep(&ds, max);
+        cr_expect(ds.n == 15 && ds.keep == NULL, "max %ld keeps all 15", max);
+        excb_data_close(&ds);
+    }
+}
+
 Test(data, cifar100_coarse_label_comes_first) {
     char dir[512];
     snprintf(dir, sizeof dir, "%s/cifar-100-binary", tmpdir);

@@ -221,7 +221,7 @@ static void method_parity(const char *path) {
         judge(&ga, "logits_direct", lg, need(&fx, "%s", "logits_direct"), need(&fx, "f32.%s", "logits_direct"), 0);
     }
     if (m.with_pred) {
-        judge(&ga, "student_pred", t = transpose_fm(m.p, NS, d, NS), need(&fx, "%s", "student_pred"), need(&fx, "f32.%s", "student_pred"), 0);
+        judge(&ga, "student_pred", t = transpose_fm(m.cfg.predictor ? m.p : m.h, NS, d, NS), need(&fx, "%s", "student_pred"), need(&fx, "f32.%s", "student_pred"), 0);
         free(t);
         if (K) {
             matmul_naive('N', 'T', NS, K, d, scale, m.u_pred, d, m.c, d, 0.0f, lg, K);
@@ -328,11 +328,13 @@ ParameterizedTest(FixturePath *fp, parity, method_fixture, .timeout = 120) {
 Test(parity, every_method_has_its_fixtures) {
     FixturePath paths[64];
     int n = list_fixtures(paths, 64);
-    cr_assert(n >= 29, "%d fixtures in %s (29 expected: make method-fixtures)", n, FIXTURE_DIR);
+    cr_assert(n >= 32, "%d fixtures in %s (32 expected: make method-fixtures)", n, FIXTURE_DIR);
     static const char *want[] = {
         "excb_tiny", "excb_odd", "excb_nolocal", "excb_bottleneck4", "none_tiny", "none_odd", "none_nolocal",
         "none_bottleneck4", "dino_tiny", "dino_odd", "dino_nolocal", "dino_bottleneck4", "swav_tiny", "swav_odd",
         "swav_nolocal", "swav_bottleneck4",
+        /* the audit switches away from the official code's choices (paper_notes.md §10) */
+        "excb_switches_a", "excb_switches_b", "none_switches",
         /* make_more_method_fixtures.py: three global views, a single view, an epoch's start */
         "carp_tiny", "carp_odd", "carp_nolocal", "carp_vg3", "coke_tiny", "coke_boundary", "coke_later", "coke_single",
         "mvbt_tiny", "mvbt_two", "mvbt_vg3"};
@@ -464,15 +466,15 @@ Test(dino, temperature_warmup_by_hand) {
     excb_config_named(&c, "tiny");
     c.steps_per_epoch = 10;
     c.tau_t = 0.04;
-    c.dino.warmup_tau_t = 0.02;
-    c.dino.warmup_epochs = 5;
+    c.tau_t_warmup = 0.02;
+    c.tau_t_warmup_epochs = 5;
     static const double want[7] = {0.02, 0.025, 0.03, 0.035, 0.04, 0.04, 0.04};
-    for (int e = 0; e < 7; e++) EXPECT_NEAR(dino_tau_at(&c, e * 10 + 9), want[e], 1e-15, "epoch %d", e);
-    c.dino.warmup_epochs = 1;
-    EXPECT_NEAR(dino_tau_at(&c, 3), 0.02, 0, "one warm-up epoch");
-    EXPECT_NEAR(dino_tau_at(&c, 10), 0.04, 0, "after it");
-    c.dino.warmup_epochs = 0;
-    EXPECT_NEAR(dino_tau_at(&c, 0), 0.04, 0, "no warm-up");
+    for (int e = 0; e < 7; e++) EXPECT_NEAR(teacher_tau_at(&c, e * 10 + 9), want[e], 1e-15, "epoch %d", e);
+    c.tau_t_warmup_epochs = 1;
+    EXPECT_NEAR(teacher_tau_at(&c, 3), 0.02, 0, "one warm-up epoch");
+    EXPECT_NEAR(teacher_tau_at(&c, 10), 0.04, 0, "after it");
+    c.tau_t_warmup_epochs = 0;
+    EXPECT_NEAR(teacher_tau_at(&c, 0), 0.04, 0, "no warm-up");
 }
 
 /* ------------------------------------------------------------------------------------------------ */
@@ -938,4 +940,124 @@ Test(mvbt, standardise_backward_matches_finite_differences) {
         worst = fmax(worst, fabs((f[0] - f[1]) / 2e-2 - dz[i]) / gmax);
     }
     cr_expect(worst < 2e-3, "worst %.3g of the largest entry", worst);
+}
+
+/* ------------------------------------------------------------------------------------------------ */
+/* The audit switches (paper_notes.md §10): each changes what it says and nothing else. One step of the
+   same model from the same state and inputs, with the switch at the official code's choice and away
+   from it; each quantity after the step is expected bitwise the Same, Different, or not looked at (-):
+     zt  the teacher's scores        q   the targets            loss
+     gc  the centroid gradient       go  every other gradient
+     pc  the centroids after SGD     po  every other parameter after SGD
+     st  the cluster-size estimate s after E3
+   s starts non-uniform (a fixed random histogram), so that balancing, and what is counted, matter at
+   this step. The parity fixtures excb_switches_a/_b and none_switches check the switched values
+   themselves against the independent reference; this test checks what each switch leaves alone. */
+static void sw_boost(ExcbConfig *c) { c->excb.boost = 0; }
+static void sw_clamp(ExcbConfig *c) { c->excb.clamp = 0.5; }      /* 1e6 (off) changes nothing at init  */
+static void sw_raw(ExcbConfig *c) { c->excb.count_source = EXCB_COUNT_RAW; }
+static void sw_soft(ExcbConfig *c) { c->excb.count_kind = EXCB_COUNT_SOFT; }
+static void sw_fp32(ExcbConfig *c) { c->excb.fp16_count_term = 0; }
+static void sw_pairing(ExcbConfig *c) { c->pairing = EXCB_PAIRING_SWAPPED; }
+static void sw_no_pred(ExcbConfig *c) { c->predictor = 0; }
+static void sw_pred_grad(ExcbConfig *c) { c->predictor_centroid_grad = 1; }
+static void sw_wd(ExcbConfig *c) { c->centroid_wd_boost = 0; }
+static void sw_tau(ExcbConfig *c) { c->tau_t_warmup = 0.02; c->tau_t_warmup_epochs = 1; }
+static void sw_lr(ExcbConfig *c) { c->lr_scaling = EXCB_LR_LINEAR; }
+static void sw_steps(ExcbConfig *c) { c->total_steps = 100; c->warmup_steps = 10; c->steps_per_epoch = 10; }
+
+Test(audit_switches, each_changes_what_it_says_and_nothing_else) {
+    static const struct { const char *name; void (*set)(ExcbConfig *); const char *want; } sw[] = {
+        /*                                  zt q loss gc go pc po st */
+        {"A1 boost = 0", sw_boost,          "S D D D D D D -"},   /* the argmax moves only below 0 */
+        {"A2 clamp = 0.5", sw_clamp,        "S D D D D D D D"},
+        {"A4 count_source = raw", sw_raw,   "S S S S S S S D"},
+        {"A4 count_kind = soft", sw_soft,   "S S S S S S S D"},
+        {"A4 fp16_count_term = 0", sw_fp32, "S S S S S S S D"},
+        {"A7 pairing = swapped", sw_pairing,"S S D D D D D S"},
+        {"A8/A9 predictor = 0", sw_no_pred, "S S D S D S D S"},   /* A9: the centroids never see it */
+        {"A9 predictor_centroid_grad = 1", sw_pred_grad, "S S S D S D S S"},
+        {"A10 centroid_wd_boost = 0", sw_wd,"S S S S S D S S"},
+        {"A18 tau_t warm-up", sw_tau,       "S D D D D D D S"},   /* a temperature keeps each argmax */
+        {"A19 lr_scaling = linear", sw_lr,  "S S S S S D D S"},
+    };
+    float *xg = NULL, *xl = NULL;
+    for (size_t i = 0; i < sizeof sw / sizeof sw[0]; i++) {
+        ExcbModel a, b;
+        method_model(&a, "excb", 32, sw_steps);
+        ExcbConfig c = a.cfg;
+        sw[i].set(&c);
+        cr_assert(excb_build(&b, &c) == 0, "%s: cannot build", sw[i].name);
+        if (!xg) step_inputs(&a, 90, &xg, &xl);
+        float hist[32];
+        fill_normal(hist, 32, 91, 1);
+        double sum = 0;
+        for (int k = 0; k < 32; k++) sum += hist[k] = fabsf(hist[k]) + 0.05f;
+        for (int k = 0; k < 32; k++) hist[k] = (float)(hist[k] / sum);
+        memcpy(excb_method_buffer(&a, "cluster_sizes"), hist, sizeof hist);
+        memcpy(excb_method_buffer(&b, "cluster_sizes"), hist, sizeof hist);
+        ExcbStepStats sa, sb;
+        cr_assert(excb_step(&a, xg, xl, &sa) == 0 && excb_step(&b, xg, xl, &sb) == 0, "%s: step", sw[i].name);
+        int NG = a.cfg.n_global * a.cfg.batch, K = a.cfg.K;
+        const ExcbTensor *ct = &a.tensors[a.centroids];
+        size_t c0 = ct->offset, c1 = ct->offset + ct->numel, n = a.n_params;
+        #define SAME_RANGE(x, y, lo, hi) (!memcmp((x) + (lo), (y) + (lo), sizeof(real) * ((hi) - (lo))))
+        int same[8] = {
+            !memcmp(a.zt, b.zt, sizeof(real) * NG * K),
+            !memcmp(a.q, b.q, sizeof(real) * NG * K),
+            sa.loss == sb.loss,
+            SAME_RANGE(a.grads, b.grads, c0, c1),
+            SAME_RANGE(a.grads, b.grads, 0, c0) && SAME_RANGE(a.grads, b.grads, c1, n),
+            SAME_RANGE(a.params, b.params, c0, c1),
+            SAME_RANGE(a.params, b.params, 0, c0) && SAME_RANGE(a.params, b.params, c1, n),
+            !memcmp(excb_method_buffer(&a, "cluster_sizes"), excb_method_buffer(&b, "cluster_sizes"), sizeof hist),
+        };
+        #undef SAME_RANGE
+        static const char *what[8] = {"teacher scores", "targets", "loss", "centroid gradient", "other gradients",
+                                      "centroids after", "other parameters after", "cluster sizes after"};
+        for (int j = 0; j < 8; j++) {
+            char w = sw[i].want[2 * j];
+            if (w == '-') continue;
+            cr_expect(same[j] == (w == 'S'), "%s: the %s should be %s, %s", sw[i].name, what[j],
+                      w == 'S' ? "bitwise the same" : "different", same[j] ? "they are the same" : "they differ");
+        }
+        excb_free(&a);
+        excb_free(&b);
+    }
+    free(xg); free(xl);
+}
+
+/* A11's switch: crop_scales = dino fixes the split of the area at 0.4 (DINO's (0.4, 1) global and
+   (0.05, 0.4) local crops), where the schedule's s_min(0) is 0.26. 2,000 draws of each kind: every
+   crop's area fraction is inside its range (up to the rounding of its sides), and some global crop
+   of the schedule is below 0.4, which the switch forbids (so the check can fail). */
+Test(audit_switches, dino_crop_scales_bound_every_crop) {
+    ExcbViewConfig vc;
+    excb_view_config_default(&vc, EXCB_BLUR_AS_RUN);
+    int H = 224, W = 224, below = 0, bad = 0;
+    for (int fixed = 0; fixed < 2; fixed++) {
+        vc.fixed_scale_split = fixed ? 0.4 : 0;
+        for (long i = 0; i < 2000; i++)
+            for (int v = 0; v < 3; v++) {                    /* global 0, global 1, a local view */
+                ExcbViewParams p;
+                excb_view_params(&vc, 0, i, v == 2 ? vc.n_global : v, H, W, &p);
+                double frac = (double)p.h * p.w / (H * W), slack = 2.0 * (p.h + p.w) / (H * W);
+                if (!fixed) { below += v < 2 && frac < 0.4 - slack; continue; }
+                if (v < 2) bad += frac < 0.4 - slack;
+                else bad += frac > 0.4 + slack || frac < 0.05 - slack;
+            }
+    }
+    cr_expect(below > 100, "the schedule's global crops below 0.4: %d of 4000 (expected many at s_min = 0.26)", below);
+    cr_expect(bad == 0, "%d crops outside DINO's scales with crop_scales = dino", bad);
+}
+
+/* A19 and A18's schedules by hand: lr 0.6 at B = 64 of 1024 is 0.0375 (linear), 0.15 (sqrt), 0.6 (none);
+   the temperature's warm-up is section 7's teacher_tau_at, which DINO's test above checks value by value */
+Test(audit_switches, lr_scaling_by_hand) {
+    ExcbConfig c;
+    excb_config_named(&c, "tiny");
+    c.lr_peak = 0.6; c.batch = 64; c.lr_base_batch = 1024;
+    c.lr_scaling = EXCB_LR_NONE;   EXPECT_NEAR(lr_peak_for(&c), 0.6, 0, "none");
+    c.lr_scaling = EXCB_LR_LINEAR; EXPECT_NEAR(lr_peak_for(&c), 0.0375, 1e-15, "linear: 0.6 * 64 / 1024");
+    c.lr_scaling = EXCB_LR_SQRT;   EXPECT_NEAR(lr_peak_for(&c), 0.15, 1e-15, "sqrt: 0.6 * sqrt(1/16)");
 }

@@ -235,7 +235,7 @@ Test(e2e, stop_and_resume_equals_an_uninterrupted_run) {
 Test(e2e, every_method_resumes_bitwise) {
     static const struct { const char *name, *sets, *stop; } runs[] = {
         {"none", "--set method=none", "27"},
-        {"dino", "--set method=dino --set dino_warmup_epochs=2 --set dino_warmup_tau_t=0.02", "27"},
+        {"dino", "--set method=dino --set tau_t_warmup_epochs=2 --set tau_t_warmup=0.02", "27"},
         {"swav", "--set method=swav --set swav_queue_length=16 --set swav_queue_start_epoch=1 "
                  "--set swav_freeze_prototypes_steps=20", "40"},
         /* CoKe: two heads, its labels per image and the epoch boundary (step 32) after the stop */
@@ -809,4 +809,61 @@ Test(e2e, readme_promises) {
     cr_expect_eq(sh(TRAIN "--out '%s' --resume", p("data"), p("nothing")), EXCB_EXIT_NOINPUT);
     struct stat st;
     cr_expect(stat(p("nothing"), &st) != 0, "--resume created the directory it did not find");
+}
+
+/* --- excb audit ------------------------------------------------------------------------------------ */
+/* The CI form of the small-batch audit on Fashion-MNIST (make data): excb and none at B = 16 on 4,000
+   images; the audit's own check (none collapses, excb does not) must hold, the table, the results and
+   the plot must be there, and a second call reads the finished runs instead of training again. */
+Test(e2e, audit_quick_shows_none_collapse_and_excb_not, .timeout = 600) {
+    const char *out = p("aq");
+    cr_assert_eq(sh("./excb audit small-batch --quick --out '%s'", out), 0, "the quick audit's check failed (see %s)",
+                 p("log"));
+    cr_expect(log_has("check: at B = 16") && log_has(": holds"));
+    char *tsv = slurp_text(p("aq/results.tsv")), *md = slurp_text(p("aq/table.md"));
+    cr_assert(tsv && md, "results.tsv and table.md");
+    double dist[2] = {NAN, NAN};
+    for (char *line = strtok(tsv, "\n"); line; line = strtok(NULL, "\n")) {
+        char arm[32];
+        int B;
+        long steps;
+        double knn, nmi, probe, dend;
+        if (sscanf(line, "%31s %d %ld %lf %lf %lf %lf", arm, &B, &steps, &knn, &nmi, &probe, &dend) != 7) continue;
+        cr_expect_eq(B, 16);
+        cr_expect_eq(steps, 250, "2 epochs of 2,000 images at B = 16: 250 steps, got %ld", steps);
+        cr_expect(knn > 60 && knn < 100, "%s: k-NN %g", arm, knn);
+        dist[!strcmp(arm, "none")] = dend;
+    }
+    cr_expect(dist[0] >= 1.0 && dist[1] <= 0.25, "distinct/B: excb %g, none %g", dist[0], dist[1]);
+    cr_expect(strstr(md, "| excb | 16 | 250 |") && strstr(md, "| none (no balancing) | 16 | 250 |"), "table rows");
+    struct stat st;
+    cr_expect(stat(p("aq/plots/distinct.png"), &st) == 0 && st.st_size > 1000, "plots/distinct.png");
+    free(tsv); free(md);
+    time_t t0 = time(NULL);
+    cr_assert_eq(sh("./excb audit small-batch --quick --out '%s'", out), 0);
+    cr_expect(log_has("2 of 2 runs") && log_has("finished already"), "the second call reads the finished runs");
+    cr_expect(time(NULL) - t0 < 30, "the second call took %ld s: it trained again", (long)(time(NULL) - t0));
+    /* another setting is another experiment: refused, nothing mixed into the table */
+    cr_expect_eq(sh("./excb audit small-batch --quick --out '%s' --set seed=1", out), EXCB_EXIT_CONFIG);
+    cr_expect(log_has("audit.txt") || log_has("was run with"));
+}
+
+/* The audit's machinery on the small synthetic set (fast): with lr = 0 nothing learns, so none does not
+   collapse and the quick check must fail (exit 1: the check can fail); a run whose evaluation is lost
+   resumes from its last checkpoint while the finished one is read; a directory the audit did not make
+   is refused (78). */
+#define AUDIT_TINY "./excb audit small-batch --quick --out '%s' --set data='%s' --set K=64 --set kmeans_samples=128 " \
+                   "--set lr=0 --set knn_k=20"
+Test(e2e, audit_check_can_fail_and_an_interrupted_audit_resumes) {
+    cr_expect_eq(sh(AUDIT_TINY, p("at"), p("data")), EXCB_EXIT_CHECK, "lr = 0: none cannot collapse");
+    cr_expect(log_has("FAILS"));
+    cr_assert_eq(unlink(p("at/none-B16/eval.json")), 0);
+    cr_expect_eq(sh(AUDIT_TINY, p("at"), p("data")), EXCB_EXIT_CHECK);
+    cr_expect(log_has("1 of 2 runs") && log_has("none (no balancing), B = 16: resumed from its checkpoint"));
+    struct stat st;
+    cr_expect(stat(p("at/none-B16/eval.json"), &st) == 0, "the resumed run was evaluated");
+    cr_assert_eq(mkdir(p("foreign"), 0777), 0);
+    cr_assert_eq(mkdir(p("foreign/excb-B16"), 0777), 0);
+    cr_expect_eq(sh(AUDIT_TINY, p("foreign"), p("data")), EXCB_EXIT_CONFIG);
+    cr_expect(log_has("has no audit.txt"));
 }

@@ -80,9 +80,12 @@ def uniform(seed, purpose, a, b, c):
 # ---------------------------------------------------------------- configurations
 DEFAULTS = dict(tau_s=0.1, tau_t=0.04, m_s=0.999, boost=0.01, clamp=1, zero_jitter=0.001,
                 fp16_count_term=1, lr=0.6, lr_min_factor=0.0001, wd=0.0001, centroid_wd_boost=9,
-                sgd_momentum=0.9, ema_start=0.996, dino_center_momentum=0.9, dino_warmup_tau_t=0.04,
-                dino_warmup_epochs=0, swav_epsilon=0.05, swav_iterations=3, swav_queue_length=0,
-                swav_queue_start_epoch=15, swav_freeze_prototypes_steps=0)
+                sgd_momentum=0.9, ema_start=0.996, dino_center_momentum=0.9, tau_t_warmup=0.04,
+                tau_t_warmup_epochs=0, swav_epsilon=0.05, swav_iterations=3, swav_queue_length=0,
+                swav_queue_start_epoch=15, swav_freeze_prototypes_steps=0,
+                # the audit switches (paper_notes.md §10), at the official code's choices
+                predictor=1, predictor_centroid_grad=0, count_source="balanced", count_kind="hard",
+                lr_scaling="none", lr_base_batch=1024)
 
 SHAPES = {
     "A": dict(block="basic", stem="cifar", in_ch=1, widths=[4, 8, 8], blocks=[1, 1, 1], hidden=16, d=8,
@@ -107,7 +110,7 @@ FIXTURES = [
     ("none_nolocal", "C", "none", "excb", 23, {}, {}),
     ("none_bottleneck4", "D", "none", "excb", 24, {}, {}),
     ("dino_tiny", "A", "dino", "swapped", 31, {}, {}),
-    ("dino_odd", "B", "dino", "swapped", 32, {"dino_warmup_epochs": 5, "dino_warmup_tau_t": 0.02}, {}),
+    ("dino_odd", "B", "dino", "swapped", 32, {"tau_t_warmup_epochs": 5, "tau_t_warmup": 0.02}, {}),
     ("dino_nolocal", "C", "dino", "swapped", 33, {}, {}),
     ("dino_bottleneck4", "D", "dino", "swapped", 34, {}, {}),
     ("dino_tiny_excbpairing", "A", "dino", "excb", 35, {}, {}),
@@ -117,14 +120,22 @@ FIXTURES = [
      {"fill": 5}),
     ("swav_nolocal", "C", "swav", "swapped", 43, {"swav_freeze_prototypes_steps": 100}, {}),
     ("swav_bottleneck4", "D", "swav", "swapped", 44, {}, {}),
+    # the audit switches away from the code's choices, two or three at a time
+    ("excb_switches_a", "A", "excb", "excb", 16, {"tau_t_warmup_epochs": 5, "tau_t_warmup": 0.02,
+     "predictor_centroid_grad": 1, "count_kind": "soft", "lr_scaling": "linear", "lr_base_batch": 2}, {}),
+    ("excb_switches_b", "B", "excb", "excb", 17, {"predictor": 0, "count_source": "raw",
+     "lr_scaling": "sqrt", "lr_base_batch": 64}, {"dead": True}),
+    ("none_switches", "C", "none", "excb", 25, {"count_source": "raw", "count_kind": "soft",
+     "tau_t_warmup_epochs": 8, "tau_t_warmup": 0.07}, {}),
 ]
 
 CONFIG_KEYS = ["block", "stem", "widths", "blocks", "hidden", "d", "K", "n_local", "global_size",
                "local_size", "batch", "method", "pairing", "tau_s", "tau_t", "m_s", "boost", "clamp",
                "zero_jitter", "fp16_count_term", "lr", "lr_min_factor", "wd", "centroid_wd_boost",
-               "sgd_momentum", "ema_start", "seed", "dino_center_momentum", "dino_warmup_tau_t",
-               "dino_warmup_epochs", "swav_epsilon", "swav_iterations", "swav_queue_length",
-               "swav_queue_start_epoch", "swav_freeze_prototypes_steps"]
+               "sgd_momentum", "ema_start", "seed", "dino_center_momentum", "tau_t_warmup",
+               "tau_t_warmup_epochs", "swav_epsilon", "swav_iterations", "swav_queue_length",
+               "swav_queue_start_epoch", "swav_freeze_prototypes_steps", "predictor",
+               "predictor_centroid_grad", "count_source", "count_kind", "lr_scaling", "lr_base_batch"]
 
 
 def build_cfg(shape, method, pairing, seed, overrides):
@@ -219,7 +230,11 @@ def sgd_and_ema(cfg, names, prm, tea, mom, grads, frozen=False):
     momenta, teacher)."""
     step, T, W = cfg["step"], cfg["T"], cfg["W"]
     t1 = step + 1
-    lrp = cfg["lr"]
+    lrp = cfg["lr"]                             # A19's switch: scaled by B / lr_base_batch (or its root)
+    if cfg["lr_scaling"] == "linear":
+        lrp = lrp * (cfg["B"] / cfg["lr_base_batch"])
+    elif cfg["lr_scaling"] == "sqrt":
+        lrp = lrp * math.sqrt(cfg["B"] / cfg["lr_base_batch"])
     lrm = lrp * cfg["lr_min_factor"]
     lr = lrp * t1 / W if t1 < W else lrm + 0.5 * (lrp - lrm) * (1 + math.cos(math.pi * (t1 - W) / (T - W)))
     wdc = cfg["wd"] * (1 + cfg["centroid_wd_boost"] * 0.5 * (1 + math.cos(math.pi * t1 / T)))
@@ -279,6 +294,9 @@ def run_step(cfg, dt, P, plan, stem, st, factors):
         ut = F.normalize(ht, dim=1, eps=NORM_EPS)
         cT = unit_centroids(tea[VN])
         zt = ut @ cT.t()
+        we = cfg["tau_t_warmup_epochs"]                 # A18 / D3: the teacher temperature's warm-up
+        tau = float(np.linspace(cfg["tau_t_warmup"], cfg["tau_t"], we)[epoch]) if epoch < we \
+            else cfg["tau_t"]
         if method in ("excb", "none"):
             lower, higher = factors[0].to(dt), factors[1].to(dt)
             z2 = ((1 - (1 - zt) * lower) + 1) * higher - 1      # E4
@@ -286,11 +304,8 @@ def run_step(cfg, dt, P, plan, stem, st, factors):
             bst = torch.ones_like(z2)
             bst[torch.arange(NG), a] = 1 + cfg["boost"]
             zh = torch.clamp(z2 * bst, -cfg["clamp"], cfg["clamp"])   # E5
-            q = F.softmax(zh / cfg["tau_t"], dim=1)             # E6
+            q = F.softmax(zh / tau, dim=1)                      # E6
         elif method == "dino":
-            we = cfg["dino_warmup_epochs"]
-            tau = float(np.linspace(cfg["dino_warmup_tau_t"], cfg["tau_t"], we)[epoch]) if epoch < we \
-                else cfg["tau_t"]
             out["_tau"] = tau
             q = F.softmax((zt - state["center"]) / tau, dim=1)
             m = cfg["dino_center_momentum"]
@@ -329,8 +344,8 @@ def run_step(cfg, dt, P, plan, stem, st, factors):
     terms = []
     if pairing == "excb":
         zd = cosine(h[:NG], c)
-        p = predictor(prm, h)
-        zp = cosine(p, c.detach())
+        p = predictor(prm, h) if cfg["predictor"] else h          # A8/A9's switch: the identity
+        zp = cosine(p, c if cfg["predictor_centroid_grad"] else c.detach())   # A9: detached
         out["logits_direct"], out["student_pred"], out["logits_pred"] = zd / tau_s, p, zp / tau_s
         for v in range(2):
             qv = q[v * B:(v + 1) * B]
@@ -362,8 +377,11 @@ def run_step(cfg, dt, P, plan, stem, st, factors):
     # ---- cluster-size update (excb, none): E2/E3 in float32 with the fp16 term (as make_fixture.py)
     if method in ("excb", "none"):
         s32 = st["state"]["cluster_sizes"]
-        counts = torch.bincount(labels, minlength=K).float()
-        frac = counts / NG
+        src = q if cfg["count_source"] == "balanced" else F.softmax(zt / tau, dim=1)   # A4's switches
+        if cfg["count_kind"] == "hard":
+            frac = torch.bincount(src.argmax(dim=1), minlength=K).float() / NG
+        else:
+            frac = src.double().mean(dim=0).float()
         if cfg["fp16_count_term"]:
             term = (frac.half().float() * torch.tensor(1 - cfg["m_s"]).half().float()).half().float()
         else:

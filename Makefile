@@ -136,6 +136,7 @@ excb_kernels.o: excb_kernels.cu excb.h
 TESTS := tests/test_gpu tests/test_equations tests/test_gradients tests/test_whole_model_f64 tests/test_step tests/test_methods \
          tests/test_data tests/test_views tests/test_train tests/test_train_e2e
 
+.PHONY: audit-small-batch audit-ablations audit-quick
 .PHONY: all check suites test-fast test-step bench bench-methods bench-compare fixture method-fixtures parity-peer clean data golden \
         fuzz fuzz-build test-asan test-tsan bench-data
 
@@ -181,6 +182,11 @@ tests/%: tests/%.c tests/testutil.h excb_test.o $(CUDA_OBJ)
 check: suites test-asan test-tsan fuzz
 
 suites: test-fast test-step
+# Criterion runs one test process per core at once, and each opens an OpenMP team of one thread per core:
+# threads that spin at a barrier then take the cores from the other processes' threads (the f64 suite:
+# 1.5 s with one thread, 16-71 s per test with two on 2 cores; CI timed out at 300 s). Passive waiting
+# sleeps instead; the numbers the tests compute do not depend on it.
+test-fast test-step test-asan test-tsan: export OMP_WAIT_POLICY = PASSIVE
 test-fast: tests/test_equations tests/test_gradients tests/test_whole_model_f64 tests/test_data tests/test_views \
            tests/test_train tests/test_gpu excb
 	./tests/test_equations
@@ -309,5 +315,13 @@ bench-gpu: excb tests/test_gpu
 .PHONY: bench-train bench-kill
 bench-train: excb
 	bash -c 'time ./excb train --out runs/bench-default --force'
+# the audit (README, "Is ExCB stable at small batch sizes?"; paper_notes.md §10b): one run directory per
+# run under runs/, resumable; AUDIT_FLAGS="--jobs 2 --threads 1" runs two at once
+audit-small-batch: excb data
+	./excb audit small-batch $(AUDIT_FLAGS)
+audit-ablations: excb data
+	./excb audit ablations $(AUDIT_FLAGS)
+audit-quick: excb data
+	./excb audit small-batch --quick $(AUDIT_FLAGS)
 bench-kill: excb
 	bench/kill_resume.sh 10 150 /tmp/excb_kill

@@ -17,14 +17,15 @@
  * folders), the multi-crop views (paper_notes.md §8b) in PIL's arithmetic, a threaded deterministic
  * loader; then whole runs: the config and presets, k-means centroid initialisation (paper_notes.md §9),
  * checkpoints, the training loop, evaluation (k-NN, linear probe, clustering metrics), benchmarks and
- * the command line. Every forward sits right above its backward.
+ * the command line, whose `excb audit` runs the grids that put the paper's small-batch claim and the
+ * audit items A1..A25 to the test. Every forward sits right above its backward.
  *
  * The GPU. The network and the step (sections 9-10) call every operator through a table, m->ops:
  * excb_cpu_ops here, or excb_cuda_ops in excb_kernels.cu, whose entries take the same arguments and
  * work on device memory. The method is written once, here; the .cu file holds only the operators.
  *
- * What is not here yet: BF16 on the GPU, several GPUs, ViT, LARS and AdamW, CoKe and CARP, GPU twins of
- * DINO and SwAV.
+ * What is not here yet: BF16 on the GPU, several GPUs, ViT, LARS and AdamW, GPU twins of DINO, SwAV,
+ * CoKe, CARP and mvbt (and of A4's audit counts).
  *
  * Build and test:  make && make test.  Benchmarks:  ./excb bench --config resnet20s [--device cuda],
  * ./excb bench-data --data fashion-mnist
@@ -7310,14 +7311,14 @@ static int resolve_device(const char *cmd, int *device, int precision, const Exc
     const ExcbMethod *me = excb_methods[c->method];
     const char *cpu_only = me->cpu_only ? me->cpu_only(c) : NULL;
     if ((!me->cuda || cpu_only) && *device == EXCB_DEVICE_CUDA) {      /* never a silent CPU run */
-        fprintf(stderr, "excb %s: --device cuda: %s%s has no GPU twin yet; it runs with --device cpu\n", cmd,
-                cpu_only ? "" : "method ", cpu_only ? cpu_only : me->name);
+        fprintf(stderr, "excb %s: --device cuda: %s%s%s has no GPU twin yet; it runs with --device cpu\n", cmd,
+                cpu_only ? "" : "method '", cpu_only ? cpu_only : me->name, cpu_only ? "" : "'");
         return EXCB_EXIT_USAGE;
     }
     if ((!me->cuda || cpu_only) && *device == EXCB_DEVICE_AUTO) {
         *device = EXCB_DEVICE_CPU;
-        if (!quiet) fprintf(stderr, "excb %s: --device auto: %s%s has no GPU twin yet; running on the CPU\n", cmd,
-                            cpu_only ? "" : "method ", cpu_only ? cpu_only : me->name);
+        if (!quiet) fprintf(stderr, "excb %s: --device auto: %s%s%s has no GPU twin yet; running on the CPU\n", cmd,
+                            cpu_only ? "" : "method '", cpu_only ? cpu_only : me->name, cpu_only ? "" : "'");
     }
     if (*device != EXCB_DEVICE_CPU) {
         int code = excb_cuda_probe(desc, sizeof desc);

@@ -866,4 +866,10 @@ Test(e2e, audit_check_can_fail_and_an_interrupted_audit_resumes) {
     cr_assert_eq(mkdir(p("foreign/excb-B16"), 0777), 0);
     cr_expect_eq(sh(AUDIT_TINY, p("foreign"), p("data")), EXCB_EXIT_CONFIG);
     cr_expect(log_has("has no audit.txt"));
+    /* A4's audit counts have no GPU twin: --device cuda refuses them (64, naming them) before it looks
+       for a GPU, and creates nothing */
+    cr_expect_eq(sh(TRAIN "--out '%s' --set count_kind=soft --device cuda", p("data"), p("gpu")), EXCB_EXIT_USAGE);
+    cr_expect(log_has("count_source and count_kind"));
+    struct stat gst;
+    cr_expect(stat(p("gpu"), &gst) != 0, "the refused run created its directory");
 }

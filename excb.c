@@ -7231,7 +7231,8 @@ static void usage(FILE *f) {
         "              continues where it stopped; writes table.md, results.tsv and plots/\n"
         "              --quick: excb and none at B = 16 on 4,000 images, and checks that none collapses and\n"
         "              excb does not (exit 1 if not)   --jobs J (1): runs at once   --threads T: each run's\n"
-        "              --set KEY=VALUE: added to every run (repeatable)\n"
+        "              --set KEY=VALUE: added to every run (repeatable)   --only ID,ID,...: those methods or\n"
+        "              switches only (the ids of the table's run directories, e.g. default,A7-dino-pairing)\n"
         "  bench       time the whole training step, on fixed random inputs or, with --data, on loaded views\n"
         "              --config NAME   resnet20s (default), resnet8s, resnet18, resnet50, tiny, tiny50\n"
         "              --global-size G --local-size L (0: no local crops) --batch B --K K --threads T\n"
@@ -8288,6 +8289,7 @@ static void audit_cell(FILE *f, double v, const char *fmt) {
 static int audit_tables(const char *out, int ablations, AuditRun *runs, int n_runs, const int *batches, int n_batches,
                         const AuditArm *arms, int n_arms, const char *budget, double wall) {
     char path[4400], tmp[64];
+    int vs_default = ablations && !strcmp(arms[0].id, "default");   /* the change columns: against the default */
     path_in(path, sizeof path, out, "results.tsv");
     FILE *t = fopen(path, "w");
     if (!t) { fprintf(stderr, "excb audit: cannot write %s: %s\n", path, strerror(errno)); return EXCB_EXIT_CANTCREAT; }
@@ -8311,9 +8313,9 @@ static int audit_tables(const char *out, int ablations, AuditRun *runs, int n_ru
                "Wall time of the runs: %s.\n\n", ablations ? "ablations" : "small-batch", budget, tmp);
     fprintf(f, "## k-NN top-1 (%%)\n\n| %s |", ablations ? "switch" : "method");
     for (int b = 0; b < n_batches; b++) fprintf(f, " B = %d |", batches[b]);
-    if (ablations) for (int b = 0; b < n_batches; b++) fprintf(f, " change at B = %d |", batches[b]);
+    if (vs_default) for (int b = 0; b < n_batches; b++) fprintf(f, " change at B = %d |", batches[b]);
     fprintf(f, "\n|---|");
-    for (int b = 0; b < n_batches * (ablations ? 2 : 1); b++) fprintf(f, "---:|");
+    for (int b = 0; b < n_batches * (vs_default ? 2 : 1); b++) fprintf(f, "---:|");
     fprintf(f, "\n");
     for (int a = 0; a < n_arms; a++) {
         fprintf(f, "| %s |", arms[a].title);
@@ -8321,7 +8323,7 @@ static int audit_tables(const char *out, int ablations, AuditRun *runs, int n_ru
             AuditRun *r = &runs[a * n_batches + b];
             if (r->diverged) fprintf(f, " diverged |"); else audit_cell(f, r->knn, "%.2f");
         }
-        if (ablations)
+        if (vs_default)
             for (int b = 0; b < n_batches; b++) audit_cell(f, runs[a * n_batches + b].knn - runs[b].knn, "%+.2f");
         fprintf(f, "\n");
     }
@@ -8345,6 +8347,16 @@ static int audit_tables(const char *out, int ablations, AuditRun *runs, int n_ru
         fprintf(f, " %s |\n", tmp);
     }
     return close_checked(f, path, "audit");
+}
+
+/* a gnuplot string in single quotes, where a quote is written twice ("A7 DINO's pairing") */
+static void gp_quoted(FILE *g, const char *text) {
+    fputc('\'', g);
+    for (const char *c = text; *c; c++) {
+        if (*c == '\'') fputc('\'', g);
+        fputc(*c, g);
+    }
+    fputc('\'', g);
 }
 
 /* plots: k-NN against B (one line per arm), distinct/B against steps at the smallest B */
@@ -8376,18 +8388,24 @@ static int audit_plots(const char *out, int ablations, AuditRun *runs, const int
     fprintf(g, "# excb audit: gnuplot script (run from %s)\nset terminal png size 960,540\nset grid\nset key outside right\n",
             plots);
     if (n_batches > 1) {
-        fprintf(g, "set output 'knn.png'\nset title 'k-NN top-1 (%%), k = 20, after the same 20,000 images seen'\n"
+        fprintf(g, "set output 'knn.png'\nset title 'k-NN top-1 (%%), k = 20, after the same number of images seen at every B'\n"
                    "set xlabel 'batch size B'\nset logscale x 2\nset xtics (");
         for (int b = 0; b < n_batches; b++) fprintf(g, "%s%d", b ? ", " : "", batches[b]);
         fprintf(g, ")\nplot ");
         for (int a = 0; a < n_arms; a++)
-            fprintf(g, "%s'knn-%s.dat' using 1:2 with linespoints title '%s'", a ? ", " : "", arms[a].id, arms[a].title);
+        {
+            fprintf(g, "%s'knn-%s.dat' using 1:2 with linespoints title ", a ? ", " : "", arms[a].id);
+            gp_quoted(g, arms[a].title);
+        }
         fprintf(g, "\nunset logscale x\nset xtics autofreq\n");
     }
     fprintf(g, "set output 'distinct.png'\nset title 'distinct teacher labels per batch / B, B = %d (collapse: 1/B)'\n"
                "set xlabel 'step'\nset logscale y\nplot ", batches[0]);
     for (int a = 0; a < n_arms; a++)
-        fprintf(g, "%s'distinct-%s.dat' using 1:2 with lines title '%s'", a ? ", " : "", arms[a].id, arms[a].title);
+    {
+        fprintf(g, "%s'distinct-%s.dat' using 1:2 with lines title ", a ? ", " : "", arms[a].id);
+        gp_quoted(g, arms[a].title);
+    }
     fprintf(g, "\n");
     if (close_checked(g, path, "audit")) return EXCB_EXIT_IO;
     (void)ablations;
@@ -8406,7 +8424,10 @@ static int audit_quick_check(const AuditRun *runs, int n_runs) {
         if (!strcmp(runs[i].arm->id, "excb")) ex = &runs[i];
         if (!strcmp(runs[i].arm->id, "none")) no = &runs[i];
     }
-    if (!ex || !no) return 0;
+    if (!ex || !no) {
+        printf("excb audit --quick check: not checked, it needs both excb and none (--only left one out)\n");
+        return 0;
+    }
     int ok = ex->distinct_end >= AUDIT_EXCB_DISTINCT_MIN && no->distinct_end <= AUDIT_NONE_DISTINCT_MAX;
     printf("excb audit --quick check: at B = %d, excb keeps %.3f distinct teacher labels per image (needs >= %.2f), none "
            "%.3f (collapsed: needs <= %.2f); k-NN excb %.2f %%, none %.2f %%: %s\n", ex->batch, ex->distinct_end,
@@ -8418,11 +8439,11 @@ static int cmd_audit(int argc, char **argv) {
     if (argc < 1 || (strcmp(argv[0], "small-batch") && strcmp(argv[0], "ablations"))) {
         if (argc >= 1 && (!strcmp(argv[0], "--help") || !strcmp(argv[0], "-h"))) { usage(stdout); return 0; }
         fprintf(stderr, "excb audit: usage: excb audit small-batch|ablations [--out DIR] [--quick] [--jobs J] [--threads T] "
-                "[--set KEY=VALUE]\n");
+                "[--set KEY=VALUE] [--only ID,...]\n");
         return EXCB_EXIT_USAGE;
     }
     int ablations = !strcmp(argv[0], "ablations"), quick = 0, jobs = 1;
-    const char *out = NULL, *threads = NULL;
+    const char *out = NULL, *threads = NULL, *only = NULL;
     char extra[2048] = "";
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
@@ -8430,6 +8451,7 @@ static int cmd_audit(int argc, char **argv) {
         if (!v) { fprintf(stderr, "excb audit: option '%s' needs a value (or is unknown)\n", a); return EXCB_EXIT_USAGE; }
         i++;
         if (!strcmp(a, "--out")) out = v;
+        else if (!strcmp(a, "--only")) only = v;
         else if (!strcmp(a, "--jobs")) jobs = parse_int("--jobs", v, 1, 64);
         else if (!strcmp(a, "--threads")) { parse_int("--threads", v, 0, 1024); threads = v; }
         else if (!strcmp(a, "--set")) {
@@ -8446,7 +8468,28 @@ static int cmd_audit(int argc, char **argv) {
     const int *batches = quick ? audit_quick_batches : ablations ? audit_ablation_batches : audit_small_batches;
     int n_batches = quick ? 1 : ablations ? 2 : 5;
     if (quick && !ablations) n_arms = 2;                /* excb and none: the check's two */
+    AuditArm chosen[32];                                 /* --only: those arms, in the table's order */
+    if (only) {
+        int n = 0;
+        for (int a = 0; a < n_arms; a++) {
+            size_t len = strlen(arms[a].id);
+            for (const char *p = only; *p; p = strchr(p, ',') ? strchr(p, ',') + 1 : p + strlen(p))
+                if (!strncmp(p, arms[a].id, len) && (p[len] == ',' || !p[len])) { chosen[n++] = arms[a]; break; }
+        }
+        int listed = 1;
+        for (const char *p = only; (p = strchr(p, ',')); p++) listed++;
+        if (n != listed) {
+            fprintf(stderr, "excb audit: --only '%s': each entry must be one of", only);
+            for (int a = 0; a < n_arms; a++) fprintf(stderr, " %s", arms[a].id);
+            fprintf(stderr, " (once each)\n");
+            return EXCB_EXIT_USAGE;
+        }
+        arms = chosen;
+        n_arms = n;
+    }
     const char *budget = quick ? AUDIT_BUDGET_QUICK : AUDIT_BUDGET;
+    char budget_and_extra[2400];                         /* what the tables say every run got */
+    snprintf(budget_and_extra, sizeof budget_and_extra, "%s%s", budget, extra);
     char dir[4096];
     snprintf(dir, sizeof dir, "%s", out ? out : quick ? (ablations ? "runs/audit-ablations-quick" : "runs/audit-small-batch-quick")
                                                        : (ablations ? "runs/audit-ablations" : "runs/audit-small-batch"));
@@ -8589,7 +8632,7 @@ static int cmd_audit(int argc, char **argv) {
     if (!code) {
         double wall = 0;
         for (int i = 0; i < n_runs; i++) { audit_read(&runs[i], NULL); wall += isnan(runs[i].wall) ? 0 : runs[i].wall; }
-        code = audit_tables(dir, ablations, runs, n_runs, batches, n_batches, arms, n_arms, budget, wall);
+        code = audit_tables(dir, ablations, runs, n_runs, batches, n_batches, arms, n_arms, budget_and_extra, wall);
         if (!code) {
             char so_far[64];
             audit_duration(so_far, sizeof so_far, wall);

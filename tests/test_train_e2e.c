@@ -873,3 +873,27 @@ Test(e2e, audit_check_can_fail_and_an_interrupted_audit_resumes) {
     struct stat gst;
     cr_expect(stat(p("gpu"), &gst) != 0, "the refused run created its directory");
 }
+
+/* excb audit ablations on the synthetic set, two of its arms (--only): the default and A7, whose title
+   has a quote ("DINO's pairing") that the gnuplot script must escape (an unescaped one stopped the plots
+   with exit 70); the table has the change column against the default, and the ids --only takes are
+   checked (64, listing them) */
+Test(e2e, audit_ablations_only_two_arms_with_plots) {
+    const char *fmt = "./excb audit ablations --quick --out '%s' --set data='%s' --set K=64 --set kmeans_samples=128 "
+                      "--set knn_k=20 --only %s";
+    cr_expect_eq(sh(fmt, p("ab"), p("data"), "default,A7-nonexistent"), EXCB_EXIT_USAGE);
+    cr_expect(log_has("A7-dino-pairing"), "the usage error lists the ids");
+    cr_expect_eq(sh(fmt, p("ab"), p("data"), "default,default"), EXCB_EXIT_USAGE, "an id twice");
+    cr_assert_eq(sh(fmt, p("ab"), p("data"), "A7-dino-pairing,default"), 0, "the ablation audit failed (see %s)", p("log"));
+    char *md = slurp_text(p("ab/table.md")), *gp = slurp_text(p("ab/plots/plots.gp"));
+    cr_assert(md && gp);
+    cr_expect(strstr(md, "| switch | B = 16 | change at B = 16 |"), "the change column");
+    cr_expect(strstr(md, "| default (the official code) |") < strstr(md, "| A7 DINO's pairing"), "the table's order");
+    cr_expect(strstr(md, "| default (the official code) | ") && strstr(strstr(md, "| default (the official code) | "), "+0.00 |"),
+              "the default's change against itself is +0.00");
+    cr_expect(strstr(gp, "title 'A7 DINO''s pairing (14 terms)'"), "the quote written twice");
+    struct stat st;
+    cr_expect(stat(p("ab/plots/distinct.png"), &st) == 0 && st.st_size > 1000, "plots/distinct.png");
+    cr_expect(stat(p("ab/A1-no-boost-B16"), &st) != 0, "an arm --only left out was run");
+    free(md); free(gp);
+}

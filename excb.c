@@ -8389,7 +8389,8 @@ static int audit_plots(const char *out, int ablations, AuditRun *runs, const int
             plots);
     if (n_batches > 1) {
         fprintf(g, "set output 'knn.png'\nset title 'k-NN top-1 (%%), k = 20, after the same number of images seen at every B'\n"
-                   "set xlabel 'batch size B'\nset logscale x 2\nset xtics (");
+                   "set xlabel 'batch size B'\nset logscale x 2\nset xrange [%g:%g]\nset xtics (",
+                batches[0] / 1.25, batches[n_batches - 1] * 1.25);   /* room for the first and last label */
         for (int b = 0; b < n_batches; b++) fprintf(g, "%s%d", b ? ", " : "", batches[b]);
         fprintf(g, ")\nplot ");
         for (int a = 0; a < n_arms; a++)
@@ -8397,7 +8398,7 @@ static int audit_plots(const char *out, int ablations, AuditRun *runs, const int
             fprintf(g, "%s'knn-%s.dat' using 1:2 with linespoints title ", a ? ", " : "", arms[a].id);
             gp_quoted(g, arms[a].title);
         }
-        fprintf(g, "\nunset logscale x\nset xtics autofreq\n");
+        fprintf(g, "\nunset logscale x\nset autoscale x\nset xtics autofreq\n");
     }
     fprintf(g, "set output 'distinct.png'\nset title 'distinct teacher labels per batch / B, B = %d (collapse: 1/B)'\n"
                "set xlabel 'step'\nset logscale y\nplot ", batches[0]);

@@ -435,6 +435,12 @@ Test(e2e, plot_writes_pngs_with_gnuplot) {
 
 /* `excb train --preset tiny --data DIR/data --out OUT -q [--set EXTRA]` in the background, its output into
    DIR/bg.log; its pid */
+/* excb keeps a signal its parent ignored ignored (nohup; a shell's background job ignores SIGINT), so a
+   child the tests will signal starts from the default dispositions, whoever started the suite */
+static void default_stop_signals(void) {
+    signal(SIGINT, SIG_DFL); signal(SIGTERM, SIG_DFL); signal(SIGHUP, SIG_DFL);
+}
+
 static pid_t spawn_train_sets(const char *out, const char *const *sets) {
     const char *argv[32] = {"excb", "train", "--preset", "tiny", "--data", p("data"), "--out", out, "-q"};
     int n = 9;
@@ -444,6 +450,7 @@ static pid_t spawn_train_sets(const char *out, const char *const *sets) {
     if (!pid) {
         int fd = open(p("bg.log"), O_WRONLY | O_CREAT | O_TRUNC, 0666);
         dup2(fd, 1); dup2(fd, 2);
+        default_stop_signals();
         execv("./excb", (char *const *)argv);
         _exit(127);
     }
@@ -592,6 +599,7 @@ Test(e2e, signals_stop_with_a_checkpoint_and_the_resumed_run_is_exact) {
     /* a signal the parent ignores (nohup) stays ignored: SIGHUP does nothing, SIGINT still stops */
     pid = fork();
     if (!pid) {
+        default_stop_signals();
         signal(SIGHUP, SIG_IGN);
         int fd = open(p("bg.log"), O_WRONLY | O_CREAT | O_TRUNC, 0666);
         dup2(fd, 1); dup2(fd, 2);

@@ -34,8 +34,10 @@ PKG_GNUPLOT   := gnuplot-nox
 PKG_CRITERION := libcriterion-dev
 # libFuzzer and LeakSanitizer, for make fuzz and make test-asan
 PKG_FUZZ      := clang libclang-rt-14-dev
+# Open MPI: mpirun -np R ./excb train, data parallel (optional; without it ./excb is one process)
+PKG_MPI       := libopenmpi-dev openmpi-bin
 PACKAGES_RUN  := $(PKG_BUILD) $(PKG_IMAGES) $(PKG_DNNL) $(PKG_DATA) $(PKG_GNUPLOT)
-PACKAGES_TEST := $(PACKAGES_RUN) $(PKG_CRITERION) $(PKG_FUZZ)
+PACKAGES_TEST := $(PACKAGES_RUN) $(PKG_CRITERION) $(PKG_FUZZ) $(PKG_MPI)
 INSTALL_LINE   = apt-get install --no-install-recommends
 
 CC      ?= gcc
@@ -88,6 +90,19 @@ else ifeq ($(EXCB_NO_DNNL),1)
   $(info ✗ oneDNN not used (EXCB_NO_DNNL=1): naive GEMM (slow))
 else
   $(info ✗ oneDNN not found: naive GEMM (correct, about 50x slower). Install: $(INSTALL_LINE) $(PKG_DNNL))
+endif
+
+# Open MPI (excb.c section 10b): `mpirun -np R ./excb train` trains data parallel over R processes
+ifneq ($(EXCB_NO_MPI),1)
+MPI_FLAGS := $(shell mpicc --showme:compile 2>/dev/null) $(shell mpicc --showme:link 2>/dev/null)
+MPI := $(if $(strip $(MPI_FLAGS)),$(call probe,mpi,$(MPI_FLAGS)))
+endif
+ifneq ($(MPI),)
+  CFLAGS += -DEXCB_MPI $(shell mpicc --showme:compile)
+  LDLIBS += $(shell mpicc --showme:link)
+  $(info ✓ $(MPI) found: mpirun -np R ./excb train runs R data-parallel ranks)
+else
+  $(info ✗ Open MPI not found: ./excb trains in one process (--chunks R still computes R ranks' shares). Install: $(INSTALL_LINE) $(PKG_MPI))
 endif
 
 ifneq ($(EXCB_CPU_ONLY),1)

@@ -58,6 +58,7 @@
 #include <setjmp.h>      /* libjpeg reports fatal errors by a callback that must not return    */
 #include <pthread.h>     /* the loader's worker threads                                         */
 #include <sys/wait.h>    /* waitpid: excb plot runs gnuplot                                     */
+#include <ucontext.h>    /* section 10b: the chunked reference's shares run as coroutines       */
 #include <zlib.h>        /* gzip: IDX files ship gzipped                                        */
 #include <png.h>         /* libpng's simplified API                                             */
 #include <jpeglib.h>     /* libjpeg(-turbo)                                                     */
@@ -66,6 +67,9 @@
 #endif
 #if defined(EXCB_USE_DNNL) && defined(EXCB_REAL_DOUBLE)
 #undef EXCB_USE_DNNL           /* oneDNN has no double GEMM: the float64 build uses the naive one */
+#endif
+#ifdef EXCB_MPI
+#include <mpi.h>         /* section 10b: Open MPI, one rank per process (mpirun -np R)          */
 #endif
 #ifdef EXCB_USE_DNNL
 #include <dnnl.h>        /* dnnl_sgemm: oneDNN's GEMM, the fastest on this class of CPU         */
@@ -129,6 +133,7 @@ static void *xcalloc(size_t n, size_t size) {
 }
 
 static int imin(int a, int b) { return a < b ? a : b; }
+static double now_seconds(void);     /* section 13: the monotonic clock */
 
 /* ================================================================================================
  * Counter-based randomness
@@ -817,9 +822,20 @@ static void bn_apply(real *out, const real *y, const real *scale, const real *sh
     }
 }
 
+/* SyncBN (section 10b): with comm, this rank's two sums per channel become the global batch's, added in
+   rank order, and n counts the values of every rank. The copy lives on this call's stack: the scratch
+   above is shared, and a chunk that waits in the reduction lets the next chunk run its own BatchNorm. */
+static double *bn_sums_over_ranks(ExcbComm *comm, double *red, const double *sum, const double *sum2, int C, int *n) {
+    memcpy(red, sum, sizeof(double) * C);
+    memcpy(red + C, sum2, sizeof(double) * C);
+    excb_comm_sum_f64(comm, red, (size_t)2 * C);
+    *n *= comm->size;
+    return red;
+}
+
 void batchnorm_forward(real *out, real *mean, real *rstd, real *run_mean, real *run_var,
                        const real *y, const real *gamma, const real *beta, const real *residual,
-                       int relu, int C, int NHW, real eps, real momentum, int channels_last) {
+                       int relu, int C, int NHW, real eps, real momentum, int channels_last, ExcbComm *comm) {
     double *sum = bn_scratch(C) + (size_t)2 * EXCB_BN_RUNS * C, *sumsq = sum + C;
     real scale[C], shift[C];
     if (channels_last) {
@@ -850,8 +866,14 @@ void batchnorm_forward(real *out, real *mean, real *rstd, real *run_mean, real *
             sumsq[c] = b;
         }
     }
+    int n = NHW;
+    double red[comm ? 2 * C : 1];
+    if (comm) {
+        sum = bn_sums_over_ranks(comm, red, sum, sumsq, C, &n);
+        sumsq = sum + C;
+    }
     for (int c = 0; c < C; c++)
-        excb_bn_statistics(sum[c], sumsq[c], NHW, eps, momentum, gamma[c], beta[c], &mean[c], &rstd[c],
+        excb_bn_statistics(sum[c], sumsq[c], n, eps, momentum, gamma[c], beta[c], &mean[c], &rstd[c],
                            run_mean ? &run_mean[c] : NULL, run_mean ? &run_var[c] : NULL, &scale[c], &shift[c]);
     bn_apply(out, y, scale, shift, residual, relu, C, NHW, channels_last);
 }
@@ -876,18 +898,57 @@ static void batchnorm_inference(real *out, const real *y, const real *gamma, con
  * BN by calling this again with the shortcut's y and statistics and the same dout and out. */
 void batchnorm_backward(real *dy, real *dgamma, real *dbeta, const real *dout, const real *out,
                         const real *y, const real *mean, const real *rstd, const real *gamma,
-                        int relu, int C, int NHW, int channels_last) {
+                        int relu, int C, int NHW, int channels_last, ExcbComm *comm) {
+    double *sum_g = bn_scratch(C) + (size_t)2 * EXCB_BN_RUNS * C, *sum_gx = sum_g + C;
     if (channels_last) {
-        double *sum_g = bn_scratch(C) + (size_t)2 * EXCB_BN_RUNS * C, *sum_gx = sum_g + C;
         bn_sums_channels_last(sum_g, sum_gx, y, dout, out, mean, rstd, relu, C, NHW);
-        real k1[C], a[C], b[C];
+    } else {
+#pragma omp parallel for schedule(static)
         for (int c = 0; c < C; c++) {
-            dbeta[c] += (real)sum_g[c];
-            dgamma[c] += (real)sum_gx[c];
-            k1[c] = gamma[c] * rstd[c];
-            a[c] = (real)(sum_g[c] / NHW);
-            b[c] = (real)(sum_gx[c] / NHW);
+            size_t o = (size_t)c * NHW;
+            const real *gc = dout + o, *oc = out + o, *yc = y + o;
+            real mu = mean[c], rs = rstd[c];
+            double sg[8] = {0}, sgx[8] = {0};
+            int i = 0;
+            for (; i + 8 <= NHW; i += 8)
+                for (int l = 0; l < 8; l++) {
+                    real g = (!relu || oc[i + l] > 0.0f) ? gc[i + l] : 0.0f;
+                    sg[l] += g;
+                    sgx[l] += (double)g * ((yc[i + l] - mu) * rs);
+                }
+            for (; i < NHW; i++) {
+                real g = (!relu || oc[i] > 0.0f) ? gc[i] : 0.0f;
+                sg[0] += g;
+                sgx[0] += (double)g * ((yc[i] - mu) * rs);
+            }
+            double a = 0, b = 0;
+            for (int l = 0; l < 8; l++) {
+                a += sg[l];
+                b += sgx[l];
+            }
+            sum_g[c] = a;
+            sum_gx[c] = b;
         }
+    }
+    /* the affine parameters' gradients are this rank's share (the gradient all-reduce adds the shares);
+       the input's gradient needs the means over the whole global batch (SyncBN) */
+    for (int c = 0; c < C; c++) {
+        dbeta[c] += (real)sum_g[c];
+        dgamma[c] += (real)sum_gx[c];
+    }
+    int n = NHW;
+    double red[comm ? 2 * C : 1];
+    if (comm) {
+        sum_g = bn_sums_over_ranks(comm, red, sum_g, sum_gx, C, &n);
+        sum_gx = sum_g + C;
+    }
+    real k1[C], a[C], b[C];
+    for (int c = 0; c < C; c++) {
+        k1[c] = gamma[c] * rstd[c];
+        a[c] = (real)(sum_g[c] / n);
+        b[c] = (real)(sum_gx[c] / n);
+    }
+    if (channels_last) {
 #pragma omp parallel for schedule(static)
         for (long p = 0; p < NHW; p++) {
             size_t o = (size_t)p * C;
@@ -903,31 +964,10 @@ void batchnorm_backward(real *dy, real *dgamma, real *dbeta, const real *dout, c
         size_t o = (size_t)c * NHW;
         const real *gc = dout + o, *oc = out + o, *yc = y + o;
         real mu = mean[c], rs = rstd[c];
-        double sg[8] = {0}, sgx[8] = {0};
-        int i = 0;
-        for (; i + 8 <= NHW; i += 8)
-            for (int l = 0; l < 8; l++) {
-                real g = (!relu || oc[i + l] > 0.0f) ? gc[i + l] : 0.0f;
-                sg[l] += g;
-                sgx[l] += (double)g * ((yc[i + l] - mu) * rs);
-            }
-        for (; i < NHW; i++) {
-            real g = (!relu || oc[i] > 0.0f) ? gc[i] : 0.0f;
-            sg[0] += g;
-            sgx[0] += (double)g * ((yc[i] - mu) * rs);
-        }
-        double sum_g = 0, sum_gx = 0;
-        for (int l = 0; l < 8; l++) {
-            sum_g += sg[l];
-            sum_gx += sgx[l];
-        }
-        dbeta[c] += (real)sum_g;
-        dgamma[c] += (real)sum_gx;
-        real k1 = gamma[c] * rs, a = (real)(sum_g / NHW), b = (real)(sum_gx / NHW);
         real *dc = dy + o;
-        for (i = 0; i < NHW; i++) {
+        for (int i = 0; i < NHW; i++) {
             real g = (!relu || oc[i] > 0.0f) ? gc[i] : 0.0f;
-            dc[i] = k1 * (g - a - (yc[i] - mu) * rs * b);
+            dc[i] = k1[c] * (g - a[c] - (yc[i] - mu) * rs * b[c]);
         }
     }
 }
@@ -1209,6 +1249,11 @@ static int fail(char *err, int code, const char *fmt, ...);     /* section 11: e
 #define RC(f) offsetof(ExcbRunConfig, f)                          /* a setting of the run           */
 #define MC(f) (offsetof(ExcbRunConfig, model) + offsetof(ExcbConfig, f))   /* a setting of the model */
 
+/* the teacher rows of the whole global batch, Vg x ranks x batch (section 10b; one process: Vg x batch) */
+static int global_rows(const ExcbModel *m) {
+    return m->cfg.n_global * m->cfg.batch * (m->comm ? m->comm->size : 1);
+}
+
 /* The distinct teacher labels of a step (A21's monitor), for the rules without E2's counts. */
 static int distinct_labels(int32_t *counts, const int32_t *labels, int N, int K) {
     memset(counts, 0, sizeof(int32_t) * K);
@@ -1348,9 +1393,9 @@ static int excb_rule_update(ExcbModel *m) {
     const ExcbConfig *c = &m->cfg;
     const ExcbBalancingConfig *e = &c->excb;
     int NG = c->n_global * c->batch;
-    if (!e->count_source && !e->count_kind)
-        return m->ops->cluster_size_update(m->mbuf[EXCB_S], m->mbuf[EXCB_COUNTS], m->labels, NG, c->K, e->m_s,
-                                           e->fp16_count_term);
+    if (!e->count_source && !e->count_kind)          /* E2 over the global batch's labels (10b) */
+        return m->ops->cluster_size_update(m->mbuf[EXCB_S], m->mbuf[EXCB_COUNTS], m->labels_all, global_rows(m), c->K,
+                                           e->m_s, e->fp16_count_term);
     cluster_size_fractions(m->mbuf[EXCB_FRAC], m->mbuf[EXCB_RAW_LABELS], m->q, m->zt, NG, c->K, teacher_tau_at(c, m->step),
                            e->count_source == EXCB_COUNT_RAW, e->count_kind == EXCB_COUNT_SOFT);
     cluster_size_ema(m->mbuf[EXCB_S], m->mbuf[EXCB_FRAC], c->K, e->m_s, e->fp16_count_term);
@@ -1384,7 +1429,7 @@ static const char *excb_rule_cpu_only(const ExcbConfig *c) {
 
 static const ExcbMethod method_excb = {
     .name = "excb", .summary = "ExCB: cluster sizes across batches (E2, E3) rescale the teacher's similarities (E4, E5)",
-    .pairing = EXCB_PAIRING_EXCB, .cuda = 1, .cpu_only = excb_rule_cpu_only,
+    .pairing = EXCB_PAIRING_EXCB, .cuda = 1, .cpu_only = excb_rule_cpu_only, .ranks = 1,
     .settings = excb_rule_settings, .n_settings = sizeof excb_rule_settings / sizeof excb_rule_settings[0],
     .buffers = excb_rule_buffers, .init = excb_rule_init, .targets = excb_rule_targets, .update = excb_rule_update,
     .diagnostics = excb_rule_diagnostics,
@@ -1393,7 +1438,7 @@ static const ExcbMethod method_excb = {
 /* `none` reads ExCB's settings (boost, clamp, m_s), which excb's rows declare */
 static const ExcbMethod method_none = {
     .name = "none", .summary = "ExCB without balancing: E4 at r = 1 (the identity), the collapse control",
-    .pairing = EXCB_PAIRING_EXCB, .cuda = 1, .cpu_only = excb_rule_cpu_only,
+    .pairing = EXCB_PAIRING_EXCB, .cuda = 1, .cpu_only = excb_rule_cpu_only, .ranks = 1,
     .buffers = excb_rule_buffers, .init = excb_rule_init, .targets = none_targets, .update = excb_rule_update,
     .diagnostics = excb_rule_diagnostics,
 };
@@ -1432,21 +1477,37 @@ void dino_targets(real *q, int32_t *labels, const real *z, const real *center, i
     row_argmax(labels, q, N, K);
 }
 
-void dino_center_update(real *center, const real *z, int N, int K, double momentum) {
-    real mf = (real)momentum, omf = (real)(1.0 - momentum);
+/* D2 in two halves, so that data-parallel ranks (10b) can add their sums in between: acc_k = sum_n z_nk
+   over N rows, then the EMA with the mean acc_k / N (N: the rows of every rank) */
+static void dino_center_sums(double *acc, const real *z, int N, int K) {
 #pragma omp parallel for schedule(static)
     for (int k = 0; k < K; k++) {
-        double acc = 0;
-        for (int n = 0; n < N; n++) acc += z[(size_t)n * K + k];
-        real mean = (real)(acc / N);
+        double a = 0;
+        for (int n = 0; n < N; n++) a += z[(size_t)n * K + k];
+        acc[k] = a;
+    }
+}
+
+static void dino_center_ema(real *center, const double *acc, long N, int K, double momentum) {
+    real mf = (real)momentum, omf = (real)(1.0 - momentum);
+    for (int k = 0; k < K; k++) {
+        real mean = (real)(acc[k] / N);
         center[k] = center[k] * mf + mean * omf;                                     /* D2      */
     }
 }
 
-enum { DINO_CENTER, DINO_COUNTS, DINO_N_BUFFERS };
+void dino_center_update(real *center, const real *z, int N, int K, double momentum) {   /* (the step: dino_update) */
+    double *acc = xmalloc(sizeof(double) * K);
+    dino_center_sums(acc, z, N, K);
+    dino_center_ema(center, acc, N, K, momentum);
+    free(acc);
+}
+
+enum { DINO_CENTER, DINO_COUNTS, DINO_SUMS, DINO_N_BUFFERS };
 static int dino_buffers(const ExcbConfig *c, ExcbBuffer *b) {
     b[DINO_CENTER] = (ExcbBuffer){"center", (size_t)c->K, 1, 0};
     b[DINO_COUNTS] = (ExcbBuffer){"counts", (size_t)c->K, 0, 1};
+    b[DINO_SUMS] = (ExcbBuffer){"center_sums", (size_t)2 * c->K, 0, 0};   /* K doubles: D2's sums */
     return DINO_N_BUFFERS;
 }
 
@@ -1460,8 +1521,11 @@ static void dino_method_targets(ExcbModel *m) {
 static int dino_update(ExcbModel *m) {
     const ExcbConfig *c = &m->cfg;
     int NG = c->n_global * c->batch;
-    dino_center_update(m->mbuf[DINO_CENTER], m->zt, NG, c->K, c->dino.center_momentum);
-    return distinct_labels(m->mbuf[DINO_COUNTS], m->labels, NG, c->K);
+    double *acc = m->mbuf[DINO_SUMS];
+    dino_center_sums(acc, m->zt, NG, c->K);
+    if (m->comm) excb_comm_sum_f64(m->comm, acc, c->K);      /* data parallel (10b): every rank's rows */
+    dino_center_ema(m->mbuf[DINO_CENTER], acc, global_rows(m), c->K, c->dino.center_momentum);
+    return distinct_labels(m->mbuf[DINO_COUNTS], m->labels_all, global_rows(m), c->K);
 }
 
 static int dino_diagnostics(const ExcbModel *m, const char **names, double *values) {
@@ -1480,7 +1544,7 @@ static const ExcbSetting dino_settings[] = {
 
 static const ExcbMethod method_dino = {
     .name = "dino", .summary = "DINO: centering by a running mean of the teacher's scores, sharpening by tau_t (D1-D3)",
-    .pairing = EXCB_PAIRING_SWAPPED, .cuda = 0,
+    .pairing = EXCB_PAIRING_SWAPPED, .cuda = 0, .ranks = 1,
     .settings = dino_settings, .n_settings = sizeof dino_settings / sizeof dino_settings[0],
     .buffers = dino_buffers, .init = dino_init, .targets = dino_method_targets, .update = dino_update,
     .diagnostics = dino_diagnostics,
@@ -2362,7 +2426,7 @@ double teacher_tau_at(const ExcbConfig *c, long step) {
 
 /* A19's switch: the peak lr for batch B, lr (none: the code), lr B / B0 (linear), lr sqrt(B / B0) */
 double lr_peak_for(const ExcbConfig *c) {
-    double ratio = (double)c->batch / c->lr_base_batch;
+    double ratio = (double)c->batch * (c->ranks > 1 ? c->ranks : 1) / c->lr_base_batch;   /* the global batch */
     return c->lr_scaling == EXCB_LR_LINEAR ? c->lr_peak * ratio : c->lr_scaling == EXCB_LR_SQRT ? c->lr_peak * sqrt(ratio)
          : c->lr_peak;
 }
@@ -2740,6 +2804,8 @@ static void plan_arena(ExcbModel *m, Arena *ar) {
         m->du_pred = pred ? take(ar, (size_t)NS * d) : NULL;
     }
     m->labels = (int32_t *)take(ar, NG);
+    int R = m->cfg.ranks > 1 ? m->cfg.ranks : 1;  /* the global batch's labels, and the ranks' parts (10b) */
+    m->labels_all = R > 1 ? (int32_t *)take(ar, (size_t)2 * NG * R) : m->labels;
     m->row_loss = (double *)take(ar, 2 * (size_t)(NG + NS));
     m->qbar = (double *)take(ar, 2 * (size_t)K);      /* K doubles */
     for (int i = 0; i < m->n_mbuf; i++)          /* the method's scratch (its state is not here)   */
@@ -2909,7 +2975,7 @@ static void unit_forward(ExcbModel *m, const real *P, real *run, ExcbUnitActs *u
     }
     m->ops->batchnorm_forward(ua->a, ua->mean, ua->rstd, run + u->stats, run + u->stats + u->cout, ua->y,
                               PT(P, u->gamma), PT(P, u->beta), residual, relu, u->cout, ua->N * ua->H * ua->W,
-                              (real)m->cfg.bn_eps, (real)m->cfg.bn_momentum, m->ops->channels_last);
+                              (real)m->cfg.bn_eps, (real)m->cfg.bn_momentum, m->ops->channels_last, m->comm);
 }
 
 /* x_nchw (N, C, H, H) -> features f[:, col0 .. col0+N) of a (D, ldf) matrix. P: the parameters to
@@ -2975,7 +3041,7 @@ static void backbone_backward(ExcbModel *m, ExcbBackboneActs *A, const real *df,
             const ExcbUnitActs *ua = &A->main[b][j];
             const real *dout = j == blk->n_main - 1 ? dcur : dx;
             m->ops->batchnorm_backward(dy, PT(G, u->gamma), PT(G, u->beta), dout, ua->a, ua->y, ua->mean, ua->rstd,
-                                       PT(P, u->gamma), 1, u->cout, N * ua->H * ua->W, m->ops->channels_last);
+                                       PT(P, u->gamma), 1, u->cout, N * ua->H * ua->W, m->ops->channels_last, m->comm);
             const real *xin = j > 0 ? A->main[b][j - 1].a : block_in;
             int h = j > 0 ? A->main[b][j - 1].H : hin;
             m->ops->conv2d_backward(dx, PT(G, u->w), dy, xin, PT(P, u->w), m->col, m->slots, N, u->cin, h, h,
@@ -2987,7 +3053,7 @@ static void backbone_backward(ExcbModel *m, ExcbBackboneActs *A, const real *df,
             const ExcbConvBN *u = &blk->down;
             const ExcbUnitActs *ua = &A->down[b];
             m->ops->batchnorm_backward(dy, PT(G, u->gamma), PT(G, u->beta), dcur, ua_last->a, ua->y, ua->mean,
-                                       ua->rstd, PT(P, u->gamma), 1, u->cout, N * ua->H * ua->W, m->ops->channels_last);
+                                       ua->rstd, PT(P, u->gamma), 1, u->cout, N * ua->H * ua->W, m->ops->channels_last, m->comm);
             m->ops->conv2d_backward(dcur, PT(G, u->w), dy, block_in, PT(P, u->w), m->col, m->slots, N, u->cin,
                                     hin, hin, u->cout, u->k, u->stride, u->pad);
             m->ops->add(dx, dcur, n_in);
@@ -3006,7 +3072,7 @@ static void backbone_backward(ExcbModel *m, ExcbBackboneActs *A, const real *df,
     real *dys = dy;                         /* dy is free here in both cases                     */
     m->ops->batchnorm_backward(dys, PT(G, m->stem.gamma), PT(G, m->stem.beta), dstem, A->stem.a, A->stem.y,
                                A->stem.mean, A->stem.rstd, PT(P, m->stem.gamma), 1, m->stem.cout,
-                               N * A->stem.H * A->stem.W, m->ops->channels_last);
+                               N * A->stem.H * A->stem.W, m->ops->channels_last, m->comm);
     m->ops->conv2d_backward(NULL, PT(G, m->stem.w), dys, A->x, PT(P, m->stem.w), m->col, m->slots, N,
                             m->cfg.in_ch, A->H, A->H, m->stem.cout, m->stem.k, m->stem.stride, m->stem.pad);
 }
@@ -3025,7 +3091,7 @@ static void head_layer_forward(ExcbModel *m, const real *P, real *run, const Exc
         return;
     }
     m->ops->batchnorm_forward(a, mean, rstd, run + L->stats, run + L->stats + L->out, y, PT(P, L->gamma),
-                              PT(P, L->beta), NULL, 1, L->out, N, (real)m->cfg.bn_eps, (real)m->cfg.bn_momentum, 0);
+                              PT(P, L->beta), NULL, 1, L->out, N, (real)m->cfg.bn_eps, (real)m->cfg.bn_momentum, 0, m->comm);
 }
 
 static void head_layer_backward(ExcbModel *m, const ExcbLinear *L, real *dx, real *da, real *tmp,
@@ -3036,7 +3102,7 @@ static void head_layer_backward(ExcbModel *m, const ExcbLinear *L, real *dx, rea
     const real *dy = da;
     if (L->has_bn) {
         m->ops->batchnorm_backward(tmp, PT(G, L->gamma), PT(G, L->beta), da, a, y, mean, rstd, PT(P, L->gamma), 1,
-                                   L->out, N, 0);
+                                   L->out, N, 0, m->comm);
         dy = tmp;
     }
     m->ops->linear_backward(dx, PT(G, L->w), PT(G, L->b), dy, x, PT(P, L->w), L->in, L->out, N);
@@ -3068,6 +3134,8 @@ static void projector_forward(ExcbModel *m, const real *P, real *run, const real
  * rows); its rows may be the projection as it is (raw_rows: CARP, mvbt, no E1 normalisation); and a
  * student-only one (CoKe, mvbt) skips the teacher's forward pass.
  */
+static void gather_step_labels(ExcbModel *m);   /* section 10b: the global batch's teacher labels */
+
 static void centroids_forward(ExcbModel *m, const real *P) {
     m->ops->weightnorm_forward(m->c, m->c_inv_norm, PT(P, m->centroids), m->cfg.K, m->cfg.d);
 }
@@ -3108,8 +3176,21 @@ static void step_diagnostics(ExcbModel *m, ExcbStepStats *st) {
         return;
     }
     double out[3];        /* row_loss is free until the loss: it holds the per-row maxima meanwhile */
-    m->ops->step_diagnostics(m->q, m->z_dir, m->row_loss, m->qbar, m->cfg.n_global * m->cfg.batch, m->cfg.K,
-                             m->cfg.tau_s, out);
+    int NG = m->cfg.n_global * m->cfg.batch, K = m->cfg.K;
+    m->ops->step_diagnostics(m->q, m->z_dir, m->row_loss, m->qbar, NG, K, m->cfg.tau_s, out);
+    if (m->comm) {             /* the global batch's means (10b): of the ranks' sums, and of their qbar */
+        int R = m->comm->size;
+        double sums[2] = {out[0] * NG, out[1] * NG};
+        excb_comm_sum_f64(m->comm, sums, 2);
+        excb_comm_sum_f64(m->comm, m->qbar, K);
+        out[0] = sums[0] / ((double)NG * R);
+        out[1] = sums[1] / ((double)NG * R);
+        out[2] = 0;
+        for (int k = 0; k < K; k++) {
+            double qk = m->qbar[k] / R;
+            if (qk > 0) out[2] -= qk * log(qk);
+        }
+    }
     st->teacher_conf = out[0];
     st->student_conf = out[1];
     st->assign_entropy = out[2];
@@ -3142,6 +3223,7 @@ double excb_forward_loss(ExcbModel *m, const real *xg, const real *xl, ExcbStepS
             m->ops->gemm('N', 'T', NG, K, d, 1.0f, m->ut, d, m->c, d, 0.0f, m->zt, K);      /* E1 */
         }
         if (m->method->targets) m->method->targets(m);     /* q and labels for the whole batch   */
+        if (m->method->targets && m->comm) gather_step_labels(m);    /* and the global batch's (10b) */
     }
     /* --- student: backbone once per resolution (A20), heads over all crops ------------------------- */
     backbone_forward(m, m->params, m->running, &m->act_global, xg, m->f, NS);
@@ -3154,7 +3236,7 @@ double excb_forward_loss(ExcbModel *m, const real *xg, const real *xl, ExcbStepS
     } else if (pred) {    /* predictor E10a: BN(d) without ReLU, Linear-BN-ReLU, Linear */
         m->ops->batchnorm_forward(m->pre_y, m->pre_mean, m->pre_rstd, m->running + m->pred_bn_stats,
                                   m->running + m->pred_bn_stats + d, m->h, PT(m->params, m->pred_bn_gamma),
-                                  PT(m->params, m->pred_bn_beta), NULL, 0, d, NS, (real)c->bn_eps, (real)c->bn_momentum, 0);
+                                  PT(m->params, m->pred_bn_beta), NULL, 0, d, NS, (real)c->bn_eps, (real)c->bn_momentum, 0, m->comm);
         head_layer_forward(m, m->params, m->running, &m->pred[0], m->pre_y, m->pred_y, m->pred_a, m->pred_mean,
                            m->pred_rstd, NS);
         head_layer_forward(m, m->params, m->running, &m->pred[1], m->pred_a, NULL, m->p, NULL, NULL, NS);
@@ -3170,6 +3252,10 @@ double excb_forward_loss(ExcbModel *m, const real *xg, const real *xl, ExcbStepS
     double loss = m->method->loss ? m->method->loss(m)
                 : m->ops->loss_forward_backward(m->z_dir, m->n_dir_crops, pred ? m->z_pred : NULL, m->row_loss, m->q,
                                                 c->n_global, c->n_local, B, K, c->tau_s);
+    if (m->comm) {                       /* the global batch's loss: the mean of the ranks' (10b) */
+        excb_comm_sum_f64(m->comm, &loss, 1);
+        loss /= m->comm->size;
+    }
     if (st) st->loss = loss;
     return loss;
 }
@@ -3226,7 +3312,7 @@ void excb_backward(ExcbModel *m) {
                                 m->pred_rstd, NS);                                                /* s2 = d BN(h) */
             if (m->method->bn_rows) m->ops->add(s2, dh, (size_t)d * NS);    /* the direct rows read BN(h) too */
             m->ops->batchnorm_backward(s3, PT(G, m->pred_bn_gamma), PT(G, m->pred_bn_beta), s2, m->pre_y, m->h,
-                                       m->pre_mean, m->pre_rstd, PT(P, m->pred_bn_gamma), 0, d, NS, 0);  /* s3 = dh_pred */
+                                       m->pre_mean, m->pre_rstd, PT(P, m->pred_bn_gamma), 0, d, NS, 0, m->comm);  /* s3 = dh_pred */
             if (m->method->bn_rows) dh = s3;              /* all of dL/dh came through BN(h): s3 holds it */
             else m->ops->add(dh, s3, (size_t)d * NS);
         }
@@ -3242,6 +3328,8 @@ void excb_backward(ExcbModel *m) {
     backbone_backward(m, &m->act_global, df, NS);
     /* a frozen centroid (SwAV, S3) has no gradient, as PyTorch's p.grad = None: it is not updated */
     if (K && excb_centroids_frozen(m)) m->ops->zero(PT(G, m->centroids), m->tensors[m->centroids].numel);
+    /* data parallel (10b): the mean of the ranks' gradients, each of its own share's mean loss (DDP) */
+    if (m->comm) excb_comm_sum_real(m->comm, G, m->n_params, 1);
 }
 
 void excb_update(ExcbModel *m, ExcbStepStats *st) {
@@ -3393,6 +3481,252 @@ double excb_cuda_peak_flops(ExcbPrecision precision) { (void)precision; return 0
 int excb_cuda_nondeterministic_plans(void) { return 0; }
 void excb_cuda_conv_report(int *plans, int *packed) { *plans = *packed = 0; }
 #endif
+
+/* ================================================================================================
+ * 10b. Data parallelism: ranks, their reductions in rank order, and the chunked reference
+ * ================================================================================================
+ * R ranks each hold B/R images of the global batch B, with all their views: rank r holds images
+ * r B/R .. (r+1) B/R - 1 of the single process's batch, so a batch is the same images and views
+ * whatever R. Each rank runs the step of section 10 on its share; the step's batch-wide quantities
+ * are reduced across ranks where the official code (PyTorch DDP with SyncBatchNorm) reduces them:
+ *   - every BatchNorm's two sums per channel, forward and backward, student and teacher (SyncBN);
+ *   - the student's gradients, averaged (DDP): each rank's loss is the mean over its own rows;
+ *   - the teacher labels of the whole batch, gathered (ExCB's E2 counts them; the run's A21 monitors);
+ *   - DINO's centre (the mean teacher score), the loss and the diagnostics' sums.
+ * SwAV, CoKe, CARP and mvbt keep batch-wide state not reduced yet: they train in one process only
+ * (ExcbMethod.ranks = 0 refuses them), as does the GPU twin for now.
+ *
+ * Equivalence by design. A floating-point sum depends on its order, and MPI's reductions choose theirs
+ * (by message size, by topology). Here every reduction adds the R ranks' values element by element,
+ * left to right in rank order, in double, with one function (reduce_in_rank_order); the transport only
+ * brings the R parts together:
+ *   - MPI (mpirun -np R): an all-to-all sends slice j of every rank's buffer to rank j, rank j adds its
+ *     slice's R parts in rank order, an all-gather returns the sums: the bytes of a ring all-reduce,
+ *     2 (R-1)/R of the buffer per rank;
+ *   - CHUNKS (excb train --chunks R, one process): the R shares run one after another on one thread,
+ *     each as a coroutine with its own stack (ucontext) and its own model; at a reduction a share leaves
+ *     its part and passes the turn to the next one, and the last one adds the parts and wakes the first.
+ * Both run the same step on the same shares with the same arithmetic, so mpirun -np R equals
+ * --chunks R bit for bit (tests/test_train_e2e.c). Against one process with the whole batch (R = 1)
+ * only the order of the partial sums differs, a few float32 ulps per step, stated in the test.
+ */
+static void reduce_in_rank_order(int type, void *out, const void *const *part, int R, size_t n) {
+    enum { F64, REAL, REAL_MEAN, I32 };
+    for (size_t i = 0; i < n; i++) {
+        if (type == I32) {
+            int32_t acc = 0;
+            for (int r = 0; r < R; r++) acc += ((const int32_t *)part[r])[i];
+            ((int32_t *)out)[i] = acc;
+            continue;
+        }
+        double acc = 0;
+        for (int r = 0; r < R; r++)
+            acc += type == F64 ? ((const double *)part[r])[i] : (double)((const real *)part[r])[i];
+        if (type == F64) ((double *)out)[i] = acc;
+        else ((real *)out)[i] = (real)(type == REAL_MEAN ? acc / R : acc);
+    }
+}
+enum { RED_F64, RED_REAL, RED_REAL_MEAN, RED_I32 };
+static const size_t red_size[] = {sizeof(double), sizeof(real), sizeof(real), sizeof(int32_t)};
+
+/* --- CHUNKS: the R shares of one process as coroutines -------------------------------------------- */
+#define EXCB_CHUNK_STACK ((size_t)64 << 20)     /* each share's stack: reserved, touched as it grows */
+typedef struct ExcbChunks {
+    int R;
+    ucontext_t main_ctx, *ctx;
+    void **stack;
+    void (*work)(int r, void *arg);          /* what every share runs (one step, say) */
+    void *arg;
+    int finished;                            /* shares done with `work` */
+    /* the collective being gathered: each share's input and output */
+    const void **in;
+    void **out;
+} ExcbChunks;
+static ExcbChunks *chunks_running;            /* the scheduler whose shares run now (one at a time) */
+
+static void chunk_entry(int r) {
+    ExcbChunks *k = chunks_running;
+    k->work(r, k->arg);
+    k->finished++;
+    /* the next share is waiting in the last reduction, or (the last share) the caller is */
+    setcontext(r + 1 < k->R ? &k->ctx[r + 1] : &k->main_ctx);
+}
+
+static ExcbChunks *chunks_new(int R) {
+    ExcbChunks *k = xcalloc(1, sizeof *k);
+    k->R = R;
+    k->ctx = xcalloc(R, sizeof *k->ctx);
+    k->stack = xcalloc(R, sizeof *k->stack);
+    k->in = xcalloc(R, sizeof *k->in);
+    k->out = xcalloc(R, sizeof *k->out);
+    for (int r = 0; r < R; r++) {
+        k->stack[r] = mmap(NULL, EXCB_CHUNK_STACK, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        if (k->stack[r] == MAP_FAILED) {
+            fprintf(stderr, "excb: cannot reserve a stack for chunk %d: %s\n", r, strerror(errno));
+            exit(EXCB_EXIT_OSERR);
+        }
+    }
+    return k;
+}
+
+static void chunks_free(ExcbChunks *k) {
+    if (!k) return;
+    for (int r = 0; r < k->R; r++) munmap(k->stack[r], EXCB_CHUNK_STACK);
+    free(k->ctx); free(k->stack); free(k->in); free(k->out);
+    free(k);
+}
+
+/* work(r, arg) for r = 0..R-1, taking turns at each reduction; returns when every share has finished */
+static void chunks_run(ExcbChunks *k, void (*work)(int r, void *arg), void *arg) {
+    k->work = work;
+    k->arg = arg;
+    k->finished = 0;
+    for (int r = 0; r < k->R; r++) {
+        getcontext(&k->ctx[r]);
+        k->ctx[r].uc_stack.ss_sp = k->stack[r];
+        k->ctx[r].uc_stack.ss_size = EXCB_CHUNK_STACK;
+        k->ctx[r].uc_link = NULL;
+        makecontext(&k->ctx[r], (void (*)(void))chunk_entry, 1, r);
+    }
+    chunks_running = k;
+    swapcontext(&k->main_ctx, &k->ctx[0]);
+    chunks_running = NULL;
+}
+
+/* share r arrives at a reduction with its input and output: it waits for the others, and the last
+   one to arrive runs `finish` over all R of them, then the first share goes on */
+static void chunks_arrive(ExcbComm *c, const void *in, void *out, void (*finish)(ExcbChunks *k, void *ctx),
+                          void *ctx) {
+    ExcbChunks *k = c->chunks;
+    if (k->finished) {
+        fprintf(stderr, "excb: internal error: chunk %d reduces after another chunk finished its step\n", c->rank);
+        exit(EXCB_EXIT_SOFTWARE);
+    }
+    k->in[c->rank] = in;
+    k->out[c->rank] = out;
+    if (c->rank + 1 < k->R) {
+        swapcontext(&k->ctx[c->rank], &k->ctx[c->rank + 1]);
+    } else {
+        finish(k, ctx);
+        if (k->R > 1) swapcontext(&k->ctx[c->rank], &k->ctx[0]);
+    }
+}
+
+typedef struct { int type; size_t n, bytes; } ChunkOp;
+static void finish_sum(ExcbChunks *k, void *ctx) {
+    ChunkOp *op = ctx;
+    size_t es = red_size[op->type], block = 4096;
+    unsigned char tmp[4096 * sizeof(double)];
+    for (size_t i0 = 0; i0 < op->n; i0 += block) {      /* block by block: no buffer of the full size */
+        size_t nb = op->n - i0 < block ? op->n - i0 : block;
+        const void *part[k->R];
+        for (int r = 0; r < k->R; r++) part[r] = (const unsigned char *)k->in[r] + i0 * es;
+        reduce_in_rank_order(op->type, tmp, part, k->R, nb);
+        for (int r = 0; r < k->R; r++) memcpy((unsigned char *)k->out[r] + i0 * es, tmp, nb * es);
+    }
+}
+static void finish_gather(ExcbChunks *k, void *ctx) {
+    ChunkOp *op = ctx;
+    for (int r = 0; r < k->R; r++)
+        for (int q = 0; q < k->R; q++) memcpy((unsigned char *)k->out[r] + (size_t)q * op->bytes, k->in[q], op->bytes);
+}
+static void finish_broadcast(ExcbChunks *k, void *ctx) {
+    ChunkOp *op = ctx;
+    for (int r = 1; r < k->R; r++) memcpy(k->out[r], k->in[0], op->bytes);
+}
+
+/* --- MPI: one rank per process ------------------------------------------------------------------ */
+#ifdef EXCB_MPI
+static MPI_Datatype red_mpi_type(int type) {
+    return type == RED_F64 ? MPI_DOUBLE : type == RED_I32 ? MPI_INT32_T : sizeof(real) == 4 ? MPI_FLOAT : MPI_DOUBLE;
+}
+static void mpi_check(int rc, const char *what) {
+    if (rc == MPI_SUCCESS) return;
+    char msg[MPI_MAX_ERROR_STRING];
+    int len = 0;
+    MPI_Error_string(rc, msg, &len);
+    fprintf(stderr, "excb: MPI failed in %s: %s\n", what, msg);
+    MPI_Abort(MPI_COMM_WORLD, EXCB_EXIT_SOFTWARE);
+}
+/* x <- the rank-order sum: all-to-all of R slices, each rank adds its slice, all-gather of the sums */
+static void mpi_sum(ExcbComm *c, void *x, size_t n, int type) {
+    static unsigned char *buf;
+    static size_t cap;
+    int R = c->size;
+    size_t es = red_size[type], s = (n + R - 1) / R, need = (size_t)3 * R * s * es;
+    if (need > cap) { free(buf); buf = xmalloc(need); cap = need; }
+    unsigned char *send = buf, *recv = buf + (size_t)R * s * es, *all = recv + (size_t)R * s * es;
+    memcpy(send, x, n * es);
+    memset(send + n * es, 0, (R * s - n) * es);
+    MPI_Datatype t = red_mpi_type(type);
+    mpi_check(MPI_Alltoall(send, (int)s, t, recv, (int)s, t, MPI_COMM_WORLD), "MPI_Alltoall");
+    const void *part[R];
+    for (int r = 0; r < R; r++) part[r] = recv + (size_t)r * s * es;
+    reduce_in_rank_order(type, send, part, R, s);                /* my slice's sum, into send */
+    mpi_check(MPI_Allgather(send, (int)s, t, all, (int)s, t, MPI_COMM_WORLD), "MPI_Allgather");
+    memcpy(x, all, n * es);
+}
+#endif
+
+/* --- the reductions, whatever carries them -------------------------------------------------------- */
+static void comm_sum(ExcbComm *c, void *x, size_t n, int type) {
+    double t0 = now_seconds();
+    if (c->kind == EXCB_COMM_CHUNKS) {
+        ChunkOp op = {.type = type, .n = n};
+        chunks_arrive(c, x, x, finish_sum, &op);
+    }
+#ifdef EXCB_MPI
+    else mpi_sum(c, x, n, type);
+#endif
+    c->seconds += now_seconds() - t0;
+    c->bytes += (double)n * red_size[type];
+    c->calls++;
+}
+void excb_comm_sum_f64(ExcbComm *c, double *x, size_t n) { comm_sum(c, x, n, RED_F64); }
+void excb_comm_sum_real(ExcbComm *c, real *x, size_t n, int mean) { comm_sum(c, x, n, mean ? RED_REAL_MEAN : RED_REAL); }
+
+void excb_comm_gather(ExcbComm *c, const void *in, void *out, size_t bytes) {
+    double t0 = now_seconds();
+    if (c->kind == EXCB_COMM_CHUNKS) {
+        ChunkOp op = {.bytes = bytes};
+        chunks_arrive(c, in, out, finish_gather, &op);
+    }
+#ifdef EXCB_MPI
+    else mpi_check(MPI_Allgather(in, (int)bytes, MPI_BYTE, out, (int)bytes, MPI_BYTE, MPI_COMM_WORLD), "MPI_Allgather");
+#endif
+    c->seconds += now_seconds() - t0;
+    c->bytes += (double)bytes;
+    c->calls++;
+}
+
+int excb_comm_max(ExcbComm *c, int v) {
+    int all[c->size], best = v;
+    excb_comm_gather(c, &v, all, sizeof v);
+    for (int r = 0; r < c->size; r++) best = all[r] > best ? all[r] : best;
+    return best;
+}
+
+void excb_comm_broadcast(ExcbComm *c, void *x, size_t bytes) {
+    if (c->kind == EXCB_COMM_CHUNKS) {
+        ChunkOp op = {.bytes = bytes};
+        chunks_arrive(c, x, x, finish_broadcast, &op);
+    }
+#ifdef EXCB_MPI
+    else mpi_check(MPI_Bcast(x, (int)bytes, MPI_BYTE, 0, MPI_COMM_WORLD), "MPI_Bcast");
+#endif
+}
+
+/* The step's teacher labels of the whole global batch, in the single process's order: rank r's row
+   (v, i) is row v B + r B/R + i of the batch. Into m->labels_all; the methods' updates and the run's
+   monitors read them there. */
+static void gather_step_labels(ExcbModel *m) {
+    int R = m->comm->size, Bl = m->cfg.batch, Vg = m->cfg.n_global, NG = Vg * Bl;
+    int32_t *all = m->labels_all + (size_t)NG * R;         /* scratch: the ranks' parts, rank after rank */
+    excb_comm_gather(m->comm, m->labels, all, sizeof(int32_t) * NG);
+    for (int r = 0; r < R; r++)
+        for (int v = 0; v < Vg; v++)
+            memcpy(m->labels_all + ((size_t)v * R + r) * Bl, all + ((size_t)r * Vg + v) * Bl, sizeof(int32_t) * Bl);
+}
 
 /* ================================================================================================
  * 11. Data sets: IDX (Fashion-MNIST), CIFAR-10/100, STL-10, image folders (PNG, JPEG)
@@ -4767,7 +5101,7 @@ static void make_batch(LoaderWorker *w, ExcbBatch *bt, long id) {
     bt->err_code = 0;
     for (int b = 0; b < B && !bt->err_code; b++) {
         int64_t idx = 0;
-        bt->err_code = load_for_place(w, step * B + b, &idx, bt->err);
+        bt->err_code = load_for_place(w, step * L->global_batch + L->share_first + b, &idx, bt->err);
         if (bt->err_code) break;
         bt->index[b] = idx;
         bt->labels[b] = L->ds->labels ? L->ds->labels[idx] : -1;
@@ -4820,17 +5154,25 @@ static void *worker_main(void *arg) {
 
 int excb_loader_open(ExcbLoader *L, ExcbDataset *ds, const ExcbViewConfig *vc, int batch, int workers,
                      long first_batch, char *err) {
+    return excb_loader_open_share(L, ds, vc, batch, 1, 0, workers, first_batch, err);
+}
+
+int excb_loader_open_share(ExcbLoader *L, ExcbDataset *ds, const ExcbViewConfig *vc, int global_batch, int shares,
+                           int share, int workers, long first_batch, char *err) {
     memset(L, 0, sizeof *L);
-    if (ds->n < batch)
-        return fail(err, EXCB_EXIT_DATA, "%s: %ld images, fewer than one batch of %d", ds->path, ds->n, batch);
+    int batch = global_batch / shares;
+    if (ds->n < global_batch)
+        return fail(err, EXCB_EXIT_DATA, "%s: %ld images, fewer than one batch of %d", ds->path, ds->n, global_batch);
     if (ds->channels != vc->channels)
         return fail(err, EXCB_EXIT_DATA, "%s: images have %d channel(s), the model expects %d", ds->path, ds->channels, vc->channels);
     L->ds = ds;
     L->vc = *vc;
     L->batch = batch;
+    L->global_batch = global_batch;
+    L->share_first = share * batch;
     L->n_workers = workers;
     L->n_slots = workers > 0 ? workers + 1 : 1;
-    L->batches_per_epoch = ds->n / batch;
+    L->batches_per_epoch = ds->n / global_batch;
     L->first_batch = first_batch;
     if (ds->skip_bad && !ds->bad) ds->bad = xcalloc(ds->n, 1);
     size_t gsz = (size_t)vc->channels * vc->global_size * vc->global_size;
@@ -5549,29 +5891,210 @@ static void teacher_projections(ExcbModel *m, const real *xg) {
     m->ops->l2norm_rows_forward(m->ut, m->ut_den, m->h, NG, m->cfg.d, NG, (real)m->cfg.norm_eps);
 }
 
+/* --- data-parallel ranks (section 10b) in a run ------------------------------------------------------
+ * A run has R ranks: R MPI processes (mpirun -np R: this process is one of them, its model reduces
+ * over mpi_world), or R shares of this process (--chunks R: R models, stepped as coroutines), or one
+ * (R = 1: the single process, nothing reduced). Rank 0 writes the run directory; a failure that every
+ * rank sees (a data error on any rank, a signal) is agreed at the top of each step, so every rank stops
+ * at the same step with the same exit code; a failure of one rank alone (a full disk on rank 0) ends
+ * the whole job through MPI_Abort with that rank's exit code (main), never a hang. */
+static ExcbComm mpi_world;          /* under mpirun with R > 1 (main): size R, kind MPI; else size 0 */
+static int rank_exit_agreed;        /* the run's exit code was agreed by every rank (main: no abort) */
+static int rank_exit_silent;        /* another rank's reason: that rank prints the message            */
+
+typedef struct {
+    int R, rank;               /* ranks in all; this process's rank (0 but under mpirun)               */
+    ExcbComm *world;           /* MPI: the processes' comm (the model's too); NULL otherwise            */
+    int n_chunks;              /* --chunks: the R shares of this process (0: none)                     */
+    ExcbModel *peer;           /* their models, shares 1..R-1 (share 0 is the run's model)             */
+    ExcbComm *comms;           /* each share's comm                                                     */
+    ExcbChunks *k;
+    real *xg, *xl;             /* each share's inputs, share after share                               */
+    int64_t *index;            /* MPI: the global batch's data set indices, gathered each step          */
+} Ranks;
+
+/* the ranks of this run, and the configuration of one rank's model (batch: its share) */
+static int ranks_config(Ranks *rk, const ExcbRunConfig *rc, ExcbConfig *local, char *err) {
+    memset(rk, 0, sizeof *rk);
+    rk->R = 1;
+    *local = rc->model;
+    if (mpi_world.size > 1) {
+        if (rc->chunks > 1)
+            return fail(err, EXCB_EXIT_USAGE, "--chunks %d under mpirun with %d ranks: the chunks are the one-process "
+                        "reference of mpirun, use one or the other", rc->chunks, mpi_world.size);
+        rk->R = mpi_world.size;
+        rk->rank = mpi_world.rank;
+        rk->world = &mpi_world;
+    } else if (rc->chunks > 1) {
+        rk->R = rc->chunks;
+    }
+    if (rk->R == 1) return 0;
+    const ExcbMethod *me = excb_methods[rc->model.method];
+    if (rc->model.batch % rk->R)
+        return fail(err, EXCB_EXIT_CONFIG, "batch %d does not split into %d equal shares, one per rank: choose a batch "
+                    "that %d divides", rc->model.batch, rk->R, rk->R);
+    if (!me->ranks)
+        return fail(err, EXCB_EXIT_CONFIG, "method '%s' keeps batch-wide state that is not reduced across ranks yet: it "
+                    "trains in one process (without mpirun or --chunks)", me->name);
+    if (rc->model.excb.count_source || rc->model.excb.count_kind)
+        return fail(err, EXCB_EXIT_CONFIG, "count_source and count_kind (A4's audit counts) train in one process only "
+                    "for now");
+    if (rc->device == EXCB_DEVICE_CUDA)
+        return fail(err, EXCB_EXIT_USAGE, "--device cuda with %d ranks: the GPU twin trains in one process for now "
+                    "(NCCL is not wired in yet)", rk->R);
+    local->batch = rc->model.batch / rk->R;
+    local->ranks = rk->R;
+    return 0;
+}
+
+/* after the run's model m is built: the shares' models (chunks) or the gathered indices (MPI) */
+static void ranks_attach(Ranks *rk, ExcbModel *m, const ExcbConfig *local) {
+    if (rk->world) {
+        m->comm = rk->world;
+        rk->index = xmalloc(sizeof(int64_t) * rk->R * local->batch);
+    }
+    if (rk->R == 1 || rk->world) return;
+    rk->n_chunks = rk->R;
+    rk->k = chunks_new(rk->R);
+    rk->comms = xcalloc(rk->R, sizeof(ExcbComm));
+    rk->peer = xcalloc(rk->R, sizeof(ExcbModel));       /* [0] unused: share 0 is m */
+    for (int r = 0; r < rk->R; r++) {
+        rk->comms[r] = (ExcbComm){.rank = r, .size = rk->R, .kind = EXCB_COMM_CHUNKS, .chunks = rk->k};
+        if (r) excb_build(&rk->peer[r], local);          /* cannot fail: m was built from local */
+    }
+    m->comm = &rk->comms[0];
+    for (int r = 1; r < rk->R; r++) rk->peer[r].comm = &rk->comms[r];
+    size_t gsz = (size_t)local->in_ch * local->global_size * local->global_size;
+    size_t lsz = (size_t)local->in_ch * local->local_size * local->local_size;
+    rk->xg = xmalloc(sizeof(real) * gsz * local->n_global * local->batch * rk->R);
+    rk->xl = xmalloc(sizeof(real) * (lsz * local->n_local * local->batch * rk->R + 1));
+}
+
+static ExcbModel *share_model(Ranks *rk, ExcbModel *m, int r) { return r ? &rk->peer[r] : m; }
+
+/* every share's model the same state as m (after k-means or a resume: one source, copied) */
+static void ranks_sync(Ranks *rk, const ExcbModel *m) {
+    for (int r = 1; r < rk->n_chunks; r++) {
+        ExcbModel *p = &rk->peer[r];
+        memcpy(p->params, m->params, sizeof(real) * m->n_params);
+        memcpy(p->momentum, m->momentum, sizeof(real) * m->n_params);
+        memcpy(p->teacher, m->teacher, sizeof(real) * m->n_params);
+        memcpy(p->running, m->running, sizeof(real) * m->n_running);
+        memcpy(p->teacher_running, m->teacher_running, sizeof(real) * m->n_running);
+        memcpy(p->mstate, m->mstate, sizeof(real) * m->mstate_floats);
+        p->step = m->step;
+    }
+}
+
+static void ranks_close(Ranks *rk) {
+    for (int r = 1; r < rk->n_chunks; r++) excb_free(&rk->peer[r]);
+    free(rk->peer); free(rk->comms); free(rk->xg); free(rk->xl); free(rk->index);
+    chunks_free(rk->k);
+}
+
+/* share r's rows of a global batch: rows v B + r B/R .. of each view (view-major, as the loader's) */
+static void share_rows(real *dst, const real *src, int views, int B, int R, int r, size_t per_image) {
+    int Bl = B / R;
+    for (int v = 0; v < views; v++)
+        memcpy(dst + (size_t)v * Bl * per_image, src + ((size_t)v * B + (size_t)r * Bl) * per_image,
+               sizeof(real) * Bl * per_image);
+}
+
+typedef struct {
+    Ranks *rk; ExcbModel *m; const ExcbBatch *bt;
+    ExcbStepStats *st; int code;          /* share 0's: every share computes the same ones        */
+    int view; real *rows;                 /* teacher projections: the view, and the (B, d) rows      */
+} ShareWork;
+
+static const real *share_inputs(ShareWork *w, int r, const real **xl) {
+    const ExcbConfig *c = &w->m->cfg;
+    int B = c->batch * w->rk->R;
+    size_t gsz = (size_t)c->in_ch * c->global_size * c->global_size, lsz = (size_t)c->in_ch * c->local_size * c->local_size;
+    real *xg = w->rk->xg + (size_t)r * c->n_global * c->batch * gsz;
+    share_rows(xg, w->bt->xg, c->n_global, B, w->rk->R, r, gsz);
+    real *xlr = w->rk->xl + (size_t)r * c->n_local * c->batch * lsz;
+    share_rows(xlr, w->bt->xl, c->n_local, B, w->rk->R, r, lsz);
+    *xl = xlr;
+    return xg;
+}
+
+static void share_step(int r, void *arg) {
+    ShareWork *w = arg;
+    ExcbModel *m = share_model(w->rk, w->m, r);
+    const real *xl, *xg = share_inputs(w, r, &xl);
+    ExcbStepStats st = {0};
+    m->batch_index = w->bt->index + (size_t)r * m->cfg.batch;
+    int code = excb_step(m, xg, xl, &st);
+    if (!r) { *w->st = st; w->code = code; }
+}
+
+/* The one step of section 10 on this rank's share (MPI), on every share in turn (chunks), or on the
+   whole batch; st as excb_step's, for the whole global batch */
+static int ranks_step(Ranks *rk, ExcbModel *run, const ExcbBatch *bt, ExcbStepStats *st) {
+    if (!rk->n_chunks) return excb_step(run, bt->xg, bt->xl, st);
+    ShareWork w = {.rk = rk, .m = run, .bt = bt, .st = st};
+    chunks_run(rk->k, share_step, &w);
+    return w.code;
+}
+
+static void share_teacher_rows(int r, void *arg) {
+    ShareWork *w = arg;
+    ExcbModel *m = share_model(w->rk, w->m, r);
+    const real *xl, *xg = share_inputs(w, r, &xl);
+    teacher_projections(m, xg);
+    size_t bytes = sizeof(real) * m->cfg.batch * m->cfg.d;
+    excb_comm_gather(m->comm, m->ut + (size_t)w->view * m->cfg.batch * m->cfg.d, w->rows, bytes);
+}
+
+/* k-means' input (section 15): the teacher's unit projections of view `view` of the global batch's B
+   images, in the single process's order, into rows (B, d) on the host */
+static void ranks_teacher_rows(Ranks *rk, ExcbModel *run, const ExcbBatch *bt, int view, real *rows) {
+    const ExcbConfig *c = &run->cfg;
+    size_t share = (size_t)c->batch * c->d;
+    ShareWork w = {.rk = rk, .m = run, .bt = bt, .view = view, .rows = rows};
+    if (rk->n_chunks) { chunks_run(rk->k, share_teacher_rows, &w); return; }
+    teacher_projections(run, bt->xg);
+    if (rk->world) excb_comm_gather(rk->world, run->ut + (size_t)view * share, rows, sizeof(real) * share);
+    else run->ops->to_host(rows, run->ut + (size_t)view * share, sizeof(real) * share);
+}
+
+/* a code every rank agrees on before the next step: the largest of the ranks' (0 when all are 0); a
+   rank whose own code was 0 says nothing, the rank that hit it prints its message */
+static int ranks_agree(Ranks *rk, int code, char *err) {
+    if (!rk->world) return code;
+    int all = excb_comm_max(rk->world, code);
+    if (all && !code) {
+        rank_exit_silent = 1;
+        fail(err, all, "rank %d stops with exit %d, which another rank hit (its message is above)", rk->rank, all);
+    }
+    return all;
+}
+
 /* Collects rc->kmeans_samples projections from the loader's batches (view 1 from even batches, view 2
    from odd ones, as trainer.py L193), runs k-means and sets both networks' centroids. Returns 0, or an
    exit code with err. The loader is left where it stopped; the caller reopens it for training. The
    projections are computed by `run`: m itself, or its device twin (then m and run are synchronised). */
-static int kmeans_init_centroids(ExcbModel *m, ExcbModel *run, const ExcbRunConfig *rc, ExcbLoader *L, int verbose,
-                                 char *err) {
+static int kmeans_init_centroids(ExcbModel *m, ExcbModel *run, Ranks *rk, const ExcbRunConfig *rc, ExcbLoader *L,
+                                 int verbose, char *err) {
     const ExcbConfig *c = &m->cfg;
     long n = rc->kmeans_samples;
-    int d = c->d, K = c->K, B = c->batch;
+    int d = c->d, K = c->K, B = rc->model.batch;                  /* the global batch: every rank's rows */
     real *x = xmalloc(sizeof(real) * n * d), *cu = xmalloc(sizeof(real) * K * d), *cm = xmalloc(sizeof(real) * K * d);
+    real *rows = xmalloc(sizeof(real) * B * d);
     int32_t *assign = xmalloc(sizeof(int32_t) * n);
     double t0 = now_seconds();
     long have = 0;
     for (long b = 0; have < n; b++) {
         ExcbBatch *bt;
-        int code = excb_loader_next(L, &bt, err);
-        if (code) { free(x); free(cu); free(cm); free(assign); return code; }
-        teacher_projections(run, bt->xg);
+        int code = ranks_agree(rk, excb_loader_next(L, &bt, err), err);
+        if (code) { free(x); free(cu); free(cm); free(rows); free(assign); return code; }
         int view = c->n_global > 1 ? (int)(b % 2) : 0;          /* one global view: always it */
+        ranks_teacher_rows(rk, run, bt, view, rows);
         long take = n - have < B ? n - have : B;
-        run->ops->to_host(x + (size_t)have * d, run->ut + (size_t)view * B * d, sizeof(real) * take * d);
+        memcpy(x + (size_t)have * d, rows, sizeof(real) * take * d);
         have += take;
     }
+    free(rows);
     double t1 = now_seconds();
     int empty = 0;
     int restarts = excb_spherical_kmeans(x, n, d, K, rc->kmeans_iters, rc->kmeans_restarts, c->seed, cu, cm, assign, &empty);
@@ -5585,6 +6108,7 @@ static int kmeans_init_centroids(ExcbModel *m, ExcbModel *run, const ExcbRunConf
     memcpy(PT(m->params, m->centroids), cm, sizeof(real) * K * d);
     if (!code && run != m) code = excb_cuda_upload(run, m, err);
     if (code) { free(x); free(cu); free(cm); free(assign); return code; }
+    ranks_sync(rk, m);                                             /* the other shares' models too */
     if (verbose)
         fprintf(stderr, "excb train: k-means init: %ld teacher projections (%.1f s), K=%d, %d iterations, %d restart(s) "
                 "(%.1f s)\n", n, t1 - t0, K, rc->kmeans_iters, restarts, now_seconds() - t1);
@@ -5982,6 +6506,7 @@ typedef struct {
     FILE *metrics;
     int metrics_errno;         /* the first failed write to metrics.jsonl (0: none)                   */
     int tty, quiet;
+    int writer;                /* 1: this rank writes the run directory (rank 0; section 10b)        */
     double t_start;
     long step_start;
 } Run;
@@ -6392,8 +6917,8 @@ static void eval_json(FILE *f, const ExcbRunConfig *rc, const EvalResult *r) {
 
 /* --- the divergence guard ------------------------------------------------------------------------- */
 
-static int diverged(Run *r, const ExcbModel *m, const ExcbBatch *bt, long epoch, double loss, double gnorm,
-                    const char *what, long last_ckpt, char *err) {
+static int diverged(Run *r, const ExcbModel *m, const int64_t *index, int B, long epoch, double loss, double gnorm,
+                    const char *what, long last_ckpt, int writer, char *err) {
     fprintf(r->metrics, "{\"type\":\"diverged\",\"step\":%ld,\"epoch\":%ld,\"what\":\"%s\"", m->step, epoch, what);
     jnum(r->metrics, "loss", loss);
     jnum(r->metrics, "grad_norm", gnorm);
@@ -6406,10 +6931,10 @@ static int diverged(Run *r, const ExcbModel *m, const ExcbBatch *bt, long epoch,
     size_t len = 0;
     FILE *f = open_memstream(&text, &len);
     fprintf(f, "step %ld (0-based), epoch %ld: %s (loss %g, gradient norm %g)\nlast good checkpoint: step %ld\n"
-            "data set indices of the batch's %d images:\n", m->step, epoch, what, loss, gnorm, last_ckpt, m->cfg.batch);
-    for (int i = 0; i < m->cfg.batch; i++) fprintf(f, "%lld\n", (long long)bt->index[i]);
+            "data set indices of the batch's %d images:\n", m->step, epoch, what, loss, gnorm, last_ckpt, B);
+    for (int i = 0; i < B; i++) fprintf(f, "%lld\n", (long long)index[i]);
     fclose(f);
-    int written = !write_text_atomic(path, text, why);
+    int written = writer ? !write_text_atomic(path, text, why) : 1;  /* rank 0 writes; the others say where */
     free(text);
     return fail(err, EXCB_EXIT_DIVERGED, "step %ld: %s (loss %g, gradient norm %g); nothing of this step was saved, "
                 "the last good checkpoint is step %ld; %s%s", m->step, what, loss, gnorm, last_ckpt,
@@ -6428,6 +6953,7 @@ static void prune_checkpoints(const char *dir, int keep) {
 }
 
 static int save_checkpoint(Run *r, const ExcbModel *m, ExcbTrainState *ts, const char *config_text, int keep, char *err) {
+    if (!r->writer) return 0;            /* another rank's process: rank 0 writes the run's checkpoints */
     if (fflush(r->metrics) && !r->metrics_errno) r->metrics_errno = errno ? errno : EIO;
     int code = metrics_check(r, err);    /* a checkpoint must never count metrics bytes that are not there */
     if (code) return code;
@@ -6518,8 +7044,15 @@ int excb_train(ExcbRunConfig *rc_in, const char *out_dir, const char *resume_fro
         excb_data_close(&ds);
         return code;
     }
+    /* data parallelism (section 10b): R ranks, each with its share of every batch; rank 0 writes */
+    Ranks rk;
+    ExcbConfig local;
+    if ((code = ranks_config(&rk, &rc, &local, err))) { excb_data_close(&ds); return code; }
+    int writer = r.writer = rk.rank == 0;
+    if (!writer) r.quiet = quiet = 1;
     ExcbModel m, dm, *run = &m;        /* run: the model that steps, m itself or its GPU twin dm */
-    if (excb_build(&m, &rc.model)) { excb_data_close(&ds); return fail(err, EXCB_EXIT_CONFIG, "cannot build the model"); }
+    if (excb_build(&m, &local)) { excb_data_close(&ds); return fail(err, EXCB_EXIT_CONFIG, "cannot build the model"); }
+    ranks_attach(&rk, &m, &local);
     /* what is evaluated: the teacher, but for a student-only method (CoKe, mvbt), whose teacher never
        runs a forward pass (its BatchNorm statistics stay at their start) */
     int eval_teacher = !m.method->student_only;
@@ -6555,13 +7088,14 @@ int excb_train(ExcbRunConfig *rc_in, const char *out_dir, const char *resume_fro
     ExcbLoader L;
     EvalSets es;
     int have_eval = 0;
-    if (rc.n_knn_ks > 0 && rc.knn_every >= 0) {
+    if (writer && rc.n_knn_ks > 0 && rc.knn_every >= 0) {
         if ((code = open_eval_sets(&rc, &es, err))) goto done_model;
         have_eval = 1;
     }
     if (resume_from) {
         if ((code = excb_checkpoint_load(resume_from, &m, &ts, err))) goto done_model;
         if (run != &m && (code = excb_cuda_upload(run, &m, err))) goto done_model;
+        ranks_sync(&rk, &m);
         if (ts.n_samples != ds.n) {
             code = fail(err, EXCB_EXIT_CONFIG, "%s: the checkpoint's run had %ld training images, %s has %ld", resume_from,
                         ts.n_samples, ds.path, ds.n);
@@ -6570,12 +7104,14 @@ int excb_train(ExcbRunConfig *rc_in, const char *out_dir, const char *resume_fro
         last_ckpt = m.step;
         path_in(path, sizeof path, r.dir, "metrics.jsonl");
         struct stat st;
-        if (stat(path, &st) || st.st_size < ts.metrics_bytes) {
+        if (!writer) {
+            if (!(r.metrics = fopen("/dev/null", "w"))) { code = fail(err, EXCB_EXIT_IO, "/dev/null: %s", strerror(errno)); goto done_model; }
+        } else if (stat(path, &st) || st.st_size < ts.metrics_bytes) {
             code = fail(err, EXCB_EXIT_DATA, "%s is missing or shorter (%lld bytes) than at the checkpoint (%lld bytes)", path,
                         (long long)(stat(path, &st) ? -1 : st.st_size), (long long)ts.metrics_bytes);
             goto done_model;
         }
-        if (truncate(path, ts.metrics_bytes) || !(r.metrics = fopen(path, "a"))) {
+        else if (truncate(path, ts.metrics_bytes) || !(r.metrics = fopen(path, "a"))) {
             code = fail(err, EXCB_EXIT_IO, "%s: %s", path, strerror(errno));
             goto done_model;
         }
@@ -6586,19 +7122,20 @@ int excb_train(ExcbRunConfig *rc_in, const char *out_dir, const char *resume_fro
         for (long i = 0; i < ds.n; i++) ts.prev_labels[i] = -1;
         ts.epoch_counts = xcalloc(m.n_labels + 1, sizeof(int64_t));
         path_in(path, sizeof path, r.dir, "config.txt");
-        if ((code = write_text_atomic(path, config_text, err))) goto done_model;
+        if (writer && (code = write_text_atomic(path, config_text, err))) goto done_model;
         path_in(path, sizeof path, r.dir, "metrics.jsonl");
-        if (!(r.metrics = fopen(path, "w"))) { code = fail(err, EXCB_EXIT_CANTCREAT, "cannot create %s: %s", path, strerror(errno)); goto done_model; }
+        if (!(r.metrics = fopen(writer ? path : "/dev/null", "w"))) { code = fail(err, EXCB_EXIT_CANTCREAT, "cannot create %s: %s", path, strerror(errno)); goto done_model; }
         char data_json[2 * sizeof ds.path];
         json_escape(data_json, sizeof data_json, ds.path);
-        fprintf(r.metrics, "{\"type\":\"run\",\"version\":\"%s\",\"seed\":%llu,\"world_size\":1,\"data\":\"%s\",\"images\":%ld,"
+        fprintf(r.metrics, "{\"type\":\"run\",\"version\":\"%s\",\"seed\":%llu,\"world_size\":%d,\"data\":\"%s\",\"images\":%ld,"
                 "\"steps_per_epoch\":%ld,\"total_steps\":%ld,\"params\":%zu,\"device\":\"%s\",\"precision\":\"%s\",\"config\":%s",
-                EXCB_VERSION, (unsigned long long)rc.model.seed, data_json, ds.n, bpe, rc.model.total_steps, m.n_params,
+                EXCB_VERSION, (unsigned long long)rc.model.seed, rk.R, data_json, ds.n, bpe, rc.model.total_steps, m.n_params,
                 run->ops->name, precision_names[rc.precision], config_json);
         metrics_end(&r, 0, 0);
         if (rc.kmeans_init && m.n_protos) {     /* paper_notes.md §9, on the loader's first batches */
-            if ((code = excb_loader_open(&L, &ds, &vc, rc.model.batch, rc.workers, 0, err))) goto done_model;
-            code = kmeans_init_centroids(&m, run, &rc, &L, !quiet, err);
+            if ((code = excb_loader_open_share(&L, &ds, &vc, rc.model.batch, rk.world ? rk.R : 1, rk.rank, rc.workers, 0,
+                                               err))) goto done_model;
+            code = kmeans_init_centroids(&m, run, &rk, &rc, &L, !quiet, err);
             excb_loader_close(&L);
             if (code) goto done_model;
         }
@@ -6610,35 +7147,50 @@ int excb_train(ExcbRunConfig *rc_in, const char *out_dir, const char *resume_fro
                 "%zu parameters, run directory %s\n", ds.path, ds.n, rc.model.in_ch == 1 ? "gray" : "RGB", rc.model.n_global,
                 rc.model.global_size, rc.model.n_local, rc.model.local_size, rc.model.local_size, rc.model.batch, rc.model.K,
                 rc.epochs, bpe, m.n_params, r.dir);
-    if ((code = excb_loader_open(&L, &ds, &vc, rc.model.batch, rc.workers, m.step, err))) goto done_model;
+    if ((code = excb_loader_open_share(&L, &ds, &vc, rc.model.batch, rk.world ? rk.R : 1, rk.rank, rc.workers, m.step,
+                                       err))) goto done_model;
     r.t_start = now_seconds();
     r.step_start = m.step;
     double seconds_before = ts.seconds;               /* training time of earlier processes of this run */
     double epoch_t0 = now_seconds();
-    int B = rc.model.batch, NG = rc.model.n_global * B;
-    while (steps_left(&rc, m.step) && !stop_signal) {
+    int B = rc.model.batch, NG = rc.model.n_global * B;     /* the global batch, whatever the ranks */
+    int agreed = 0;                                     /* code is every rank's (10b), not this one's alone */
+    while (steps_left(&rc, m.step)) {
         ExcbBatch *bt;
-        if ((code = excb_loader_next(&L, &bt, err))) break;
+        code = ranks_agree(&rk, excb_loader_next(&L, &bt, err), err);   /* a data error on any rank: all stop */
+        if (code) { agreed = 1; break; }
+        if (rk.world) {                                     /* and a signal to any rank stops them all */
+            int sig = excb_comm_max(rk.world, stop_signal);
+            if (sig) atomic_store(&stop_signal, sig);
+        }
+        if (stop_signal) break;
         long epoch = m.step / bpe;
         if (m.step == rc.debug_nan_step) bt->xg[0] = NAN;   /* tests: a poisoned input, as a bad batch would be */
         ExcbStepStats st = {0};
         run->batch_index = bt->index;                       /* CoKe's labels are per image          */
-        if (excb_step(run, bt->xg, bt->xl, &st)) {         /* the one step (section 10) */
-            code = diverged(&r, &m, bt, epoch, st.loss, st.grad_norm, isfinite(st.loss) ? "non-finite gradient norm"
-                            : "non-finite loss", last_ckpt, err);
+        const int64_t *index = bt->index;                   /* the global batch's images            */
+        if (rk.world) {
+            excb_comm_gather(rk.world, bt->index, rk.index, sizeof(int64_t) * local.batch);
+            index = rk.index;
+        }
+        if (ranks_step(&rk, run, bt, &st)) {               /* the one step (section 10) */
+            code = diverged(&r, &m, index, B, epoch, st.loss, st.grad_norm, isfinite(st.loss) ? "non-finite gradient norm"
+                            : "non-finite loss", last_ckpt, writer, err);
+            agreed = 1;                                     /* every rank computed the same step    */
             break;
         }
         double loss = st.loss, gnorm = st.grad_norm;
         if (run != &m) run->ops->to_host(m.labels, run->labels, sizeof(int32_t) * NG);   /* the labels, for A21 */
+        const int32_t *labels = m.labels_all;               /* the global batch's (10b); m.labels for R = 1 */
         /* A21's changed labels: view 1's label (the teacher's; CoKe: head 0's new assignment) against the
            one this image had when last seen */
         long changed = 0, seen = 0;
         for (int i = 0; i < B && m.n_labels; i++) {          /* mvbt has no labels */
-            int64_t idx = bt->index[i];
-            if (ts.prev_labels[idx] >= 0) { seen++; changed += ts.prev_labels[idx] != m.labels[i]; }
-            ts.prev_labels[idx] = m.labels[i];
+            int64_t idx = index[i];
+            if (ts.prev_labels[idx] >= 0) { seen++; changed += ts.prev_labels[idx] != labels[i]; }
+            ts.prev_labels[idx] = labels[i];
         }
-        for (int i = 0; i < NG && m.n_labels; i++) ts.epoch_counts[m.labels[i]]++;
+        for (int i = 0; i < NG && m.n_labels; i++) ts.epoch_counts[labels[i]]++;
         m.step = run->step;
         ts.acc[EXCB_ACC_STEPS] += 1;
         ts.acc[EXCB_ACC_LOSS] += loss;
@@ -6725,12 +7277,27 @@ int excb_train(ExcbRunConfig *rc_in, const char *out_dir, const char *resume_fro
             if (!code) last_ckpt = m.step;
         }
         if (!code) {
+            if (!writer) rank_exit_silent = 1;        /* rank 0 says where the run is saved */
             ckpt_path(path, sizeof path, r.dir, last_ckpt);
             code = fail(err, EXCB_EXIT_SIGNAL + sig, "%s: stopped after step %ld of %ld; the run is saved in %s: continue "
                         "with --out %s --resume", signal_name(sig), m.step, rc.model.total_steps, path, r.dir);
         }
     } else if (!code && rc.stop_after && m.step >= rc.stop_after && !quiet) {
         fprintf(stderr, "excb train: stopped after step %ld (--stop-after); continue with --out %s --resume\n", m.step, r.dir);
+    }
+    if (interrupted) agreed = 1;                        /* every rank stops at the same step            */
+    if (rk.R > 1 && !quiet) {
+        ExcbComm *c = m.comm;
+        double steps = m.step > r.step_start ? (double)(m.step - r.step_start) : 1;
+        fprintf(stderr, "excb train: %d ranks (%s): %ld reductions, %.1f MB a step from each rank, %.1f ms a step in them "
+                "(%.1f %% of the run's time)\n", rk.R, rk.world ? "Open MPI" : "chunks", c->calls, c->bytes / steps / 1e6,
+                1e3 * c->seconds / steps, 100 * c->seconds / fmax(now_seconds() - r.t_start, 1e-9));
+    }
+    /* every rank ends here with the same code, or a rank that failed alone ends the job (main: MPI_Abort) */
+    if (rk.world && (!code || agreed)) {
+        if (!writer && code) rank_exit_silent = 1;      /* rank 0 says it */
+        code = excb_comm_max(rk.world, code);
+        rank_exit_agreed = 1;
     }
     if (ds.n_bad) fprintf(stderr, "excb train: %ld bad training image(s) skipped (skip_bad), each named above\n", ds.n_bad);
 done_model:
@@ -6742,6 +7309,7 @@ done_model:
     free(config_text);
     free(config_json);
     if (run != &m) excb_cuda_detach(run);
+    ranks_close(&rk);
     excb_free(&m);
     excb_data_close(&ds);
     return code;
@@ -7707,7 +8275,7 @@ static int cmd_train(int argc, char **argv) {
         {"--workers", "workers"}, {"--batch", "batch"}, {"--K", "K"},
     };
     long stop_after = 0;
-    int device = EXCB_DEVICE_AUTO, precision = EXCB_PRECISION_FP32;
+    int device = EXCB_DEVICE_AUTO, precision = EXCB_PRECISION_FP32, chunks = 1;
     for (int i = 0; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         if (!strcmp(a, "--help") || !strcmp(a, "-h")) { usage(stdout); return 0; }
@@ -7726,6 +8294,12 @@ static int cmd_train(int argc, char **argv) {
         if (!strcmp(a, "--out")) { out = v; continue; }
         if (!strcmp(a, "--device")) { if (parse_choice("train", a, v, device_names, 3, &device)) return EXCB_EXIT_USAGE; continue; }
         if (!strcmp(a, "--precision")) { if (parse_choice("train", a, v, precision_names, 3, &precision)) return EXCB_EXIT_USAGE; continue; }
+        if (!strcmp(a, "--chunks")) {
+            char *end;
+            chunks = (int)strtol(v, &end, 10);
+            if (*end || chunks < 1 || chunks > 1024) { fprintf(stderr, "excb train: --chunks needs a count in [1, 1024], got '%s'\n", v); return EXCB_EXIT_USAGE; }
+            continue;
+        }
         if (!strcmp(a, "--stop-after")) {
             char *end;
             stop_after = strtol(v, &end, 10);
@@ -7767,8 +8341,8 @@ static int cmd_train(int argc, char **argv) {
     /* one process per run directory (section 17): a live run's lock first, so that nothing below even
        looks at a directory another process is working in; the checks then only read, and a refused
        command (64, 66, 78) changes nothing */
-    int lock_fd = -1;
-    if (is_dir(dir) && (code = excb_lock_run_dir(dir, 0, &lock_fd, err))) { fprintf(stderr, "excb train: %s\n", err); return code; }
+    int lock_fd = -1, writer = mpi_world.rank == 0;      /* under mpirun, rank 0 holds the lock (10b) */
+    if (writer && is_dir(dir) && (code = excb_lock_run_dir(dir, 0, &lock_fd, err))) { fprintf(stderr, "excb train: %s\n", err); return code; }
     char ckpt[4200] = "";
     static long steps[4096];
     int existing = list_checkpoints(dir, steps, 4096, 0);     /* newest first; removes nothing */
@@ -7816,17 +8390,22 @@ static int cmd_train(int argc, char **argv) {
     /* the device, for the run's final config (on --resume: the checkpoint's method), settled before
        anything in the run directory is touched */
     if ((code = resolve_device("train", &device, precision, &rc.model, quiet))) return code;
+    /* under mpirun, every rank has checked the above before rank 0 changes anything (10b) */
+    if (mpi_world.size > 1) excb_comm_max(&mpi_world, 0);
     /* the run goes ahead: its directory, the lock with this pid; then, under the lock, the leftover
        ckpt-*.tmp of a process that died, and with --force the old checkpoints */
-    if ((code = mkdir_p(dir, err)) || (code = excb_lock_run_dir(dir, 1, &lock_fd, err))) { fprintf(stderr, "excb train: %s\n", err); return code; }
-    existing = list_checkpoints(dir, steps, 4096, 1);
-    for (int i = 0; force && !resume && i < existing; i++) { char p[4200]; ckpt_path(p, sizeof p, dir, steps[i]); unlink(p); }
+    if ((code = mkdir_p(dir, err)) || (writer && (code = excb_lock_run_dir(dir, 1, &lock_fd, err)))) { fprintf(stderr, "excb train: %s\n", err); return code; }
+    if (writer) {
+        existing = list_checkpoints(dir, steps, 4096, 1);
+        for (int i = 0; force && !resume && i < existing; i++) { char p[4200]; ckpt_path(p, sizeof p, dir, steps[i]); unlink(p); }
+    }
     rc.stop_after = stop_after;
     rc.precision = precision;
     rc.device = device;
+    rc.chunks = chunks;
     code = excb_train(&rc, dir, resume ? ckpt : NULL, quiet, err);
-    if (code) fprintf(stderr, "excb train: %s\n", err);
-    close(lock_fd);                         /* the lock ends here (or with the process) */
+    if (code && !rank_exit_silent) fprintf(stderr, "excb train: %s\n", err);
+    if (lock_fd >= 0) close(lock_fd);       /* the lock ends here (or with the process) */
     return code;
 }
 
@@ -8647,7 +9226,46 @@ static int cmd_audit(int argc, char **argv) {
     return code;
 }
 
+static int run_command(int argc, char **argv);
+
+/* Under mpirun (section 10b) each process is one rank of `excb train`: MPI starts here and ends with
+   the command; a rank that ends alone with an error ends the whole job with its exit code. */
 int main(int argc, char **argv) {
+    const char *world = getenv("OMPI_COMM_WORLD_SIZE");
+    int launched = world && atoi(world) > 1;
+#ifdef EXCB_MPI
+    if (launched) {
+        int provided;
+        MPI_Init_thread(&argc, &argv, MPI_THREAD_FUNNELED, &provided);   /* the loader's threads never call MPI */
+        MPI_Comm_rank(MPI_COMM_WORLD, &mpi_world.rank);
+        MPI_Comm_size(MPI_COMM_WORLD, &mpi_world.size);
+        mpi_world.kind = EXCB_COMM_MPI;
+    }
+#endif
+    if (launched && !mpi_world.size) {
+        fprintf(stderr, "excb: started by mpirun with %s ranks, but this excb was built without MPI (one process only): "
+                "install libopenmpi-dev and rebuild (make says whether it found MPI)\n", world);
+        return EXCB_EXIT_USAGE;
+    }
+    if (launched && (argc < 2 || strcmp(argv[1], "train"))) {
+        if (!mpi_world.rank) fprintf(stderr, "excb: only 'excb train' runs on several ranks; run '%s' without mpirun\n",
+                                     argc > 1 ? argv[1] : "");
+#ifdef EXCB_MPI
+        MPI_Finalize();
+#endif
+        return EXCB_EXIT_USAGE;
+    }
+    int code = run_command(argc, argv);
+#ifdef EXCB_MPI
+    if (launched) {
+        if (code && !rank_exit_agreed) MPI_Abort(MPI_COMM_WORLD, code);
+        MPI_Finalize();
+    }
+#endif
+    return code;
+}
+
+static int run_command(int argc, char **argv) {
     if (argc < 2) { usage(stderr); return EXCB_EXIT_USAGE; }
     if (!strcmp(argv[1], "--help") || !strcmp(argv[1], "-h")) { usage(stdout); return 0; }
     if (!strcmp(argv[1], "--version")) {
@@ -8658,7 +9276,7 @@ int main(int argc, char **argv) {
             snprintf(cuda_line, sizeof cuda_line, "built (cuBLAS, cuDNN); %s%s", rc ? "at run time: " : "GPU: ", desc);
         }
         printf("excb %s\n"
-               "  BLAS/GEMM: %s\n  threads:   %s\n  CUDA:      %s\n"
+               "  BLAS/GEMM: %s\n  threads:   %s\n  CUDA:      %s\n  MPI:       %s\n"
                "  data:      zlib %s, libpng %s, libjpeg %d\n  float:     %s, no fast-math, FP contraction off\n",
                EXCB_VERSION,
 #ifdef EXCB_USE_DNNL
@@ -8672,6 +9290,11 @@ int main(int argc, char **argv) {
                "none",
 #endif
                cuda_line,
+#ifdef EXCB_MPI
+               "Open MPI (mpirun -np R ./excb train: R data-parallel ranks)",
+#else
+               "not built (one process; --chunks R computes R ranks' shares)",
+#endif
                zlibVersion(), png_get_libpng_ver(NULL), JPEG_LIB_VERSION,
 #ifdef EXCB_REAL_DOUBLE
                "float64"

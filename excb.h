@@ -166,7 +166,13 @@ typedef struct {
     /* reproducibility and speed */
     uint64_t seed;             /* the one root seed                                                    */
     int threads;               /* worker threads; results do not depend on it                          */
+    /* data parallelism (excb.c section 10b): `batch` is one rank's share of a global batch of
+       ranks x batch images; 0 or 1: one process with the whole batch. Not a key: a run's config names
+       the global batch, and a checkpoint of R ranks resumes on any R' that divides it. */
+    int ranks;
 } ExcbConfig;
+
+struct ExcbComm;               /* section 10b's ranks; declared with the step below */
 
 /* Named configurations: "resnet20s", "resnet18", "resnet50", "tiny" (tests). 0 on success. */
 int excb_config_named(ExcbConfig *cfg, const char *name);
@@ -316,6 +322,11 @@ typedef struct ExcbModel {
        excb_cuda_attach, whose every pointer above is a device pointer) */
     const struct ExcbOps *ops;
     struct ExcbCuda *gpu;               /* the device's handles and buffers (NULL on the CPU)         */
+    /* data parallelism (excb.c section 10b): the ranks this model's batch-wide sums are reduced over
+       (NULL: one process, nothing reduced), and the step's teacher labels of the whole global batch in
+       the single process's order (Vg x ranks x batch, view-major; labels itself when comm is NULL) */
+    struct ExcbComm *comm;
+    int32_t *labels_all;
 } ExcbModel;
 
 /* What one step reports (A21 diagnostics included). */
@@ -387,6 +398,8 @@ typedef struct ExcbMethod {
     int min_views;             /* a method with its own loss: the views it needs at least (0 or 1: one) */
     int per_image;             /* 1: its state holds a value per training image (CoKe's labels): the run
                                   sets n_images (coke_num_images) to the training set's size           */
+    int ranks;                 /* 1: every batch-wide quantity it keeps is reduced across ranks (excb.c
+                                  section 10b), so it trains data-parallel; 0: one process only, for now */
     int bn_rows;               /* 1: its direct rows are of BN(h), the predictor's input BatchNorm: a
                                   projector that ends with a BatchNorm (CoKe); needs the predictor     */
     /* the number of values its labels take (may be NULL: K); 0: it has none */
@@ -449,6 +462,30 @@ void excb_backward(ExcbModel *m);
 void excb_update(ExcbModel *m, ExcbStepStats *st);
 
 /* ------------------------------------------------------------------------------------------------ */
+/* Data parallelism (excb.c section 10b): R ranks, each with B/R images of the global batch B. Every
+   batch-wide sum is reduced in rank order, so the result does not depend on how the reduction is
+   transported: by Open MPI between processes, or in one process that computes the R shares one after
+   another (chunks, the reference that mpirun -np R must equal bit for bit). */
+typedef enum { EXCB_COMM_CHUNKS = 1, EXCB_COMM_MPI = 2 } ExcbCommKind;
+typedef struct ExcbComm {
+    int rank, size;            /* this rank, R                                                        */
+    ExcbCommKind kind;
+    struct ExcbChunks *chunks; /* CHUNKS: the scheduler the R shares take turns in                   */
+    double seconds, bytes;     /* time spent in reductions, and the bytes this rank contributed      */
+    long calls;
+} ExcbComm;
+/* x[0..n) <- the sum over ranks of every rank's x, added in rank order in double (real: rounded once,
+   divided by R first when mean) */
+void excb_comm_sum_f64(ExcbComm *c, double *x, size_t n);
+void excb_comm_sum_real(ExcbComm *c, real *x, size_t n, int mean);
+/* out <- every rank's `bytes` bytes of in, concatenated in rank order (out holds size x bytes) */
+void excb_comm_gather(ExcbComm *c, const void *in, void *out, size_t bytes);
+/* the largest of the ranks' values (a stop signal, an exit code: every rank then takes the same branch) */
+int excb_comm_max(ExcbComm *c, int v);
+/* rank 0's `bytes` bytes of x, to every rank */
+void excb_comm_broadcast(ExcbComm *c, void *x, size_t bytes);
+
+/* ------------------------------------------------------------------------------------------------ */
 /* Operators. Each takes plain pointers and sizes so a CUDA twin can sit behind the same call.     */
 /* Convention: activation gradients are written (=), parameter gradients accumulated (+=).        */
 
@@ -495,10 +532,10 @@ EXCB_HOST_DEVICE static inline void excb_bn_statistics(double sum, double sumsq,
 }
 void batchnorm_forward(real *out, real *mean, real *rstd, real *run_mean, real *run_var,
                        const real *y, const real *gamma, const real *beta, const real *residual,
-                       int relu, int C, int NHW, real eps, real momentum, int channels_last);
+                       int relu, int C, int NHW, real eps, real momentum, int channels_last, struct ExcbComm *comm);
 void batchnorm_backward(real *dy, real *dgamma, real *dbeta, const real *dout, const real *out,
                         const real *y, const real *mean, const real *rstd, const real *gamma,
-                        int relu, int C, int NHW, int channels_last);
+                        int relu, int C, int NHW, int channels_last, struct ExcbComm *comm);
 
 void maxpool_forward(real *out, int32_t *arg, const real *x, int C, int N, int H, int W);
 void maxpool_backward(real *dx, const real *dout, const int32_t *arg, int C, int N, int H, int W);
@@ -568,10 +605,10 @@ typedef struct ExcbOps {
                             real *slots, int N, int Cin, int H, int W, int Cout, int k, int stride, int pad);
     void (*batchnorm_forward)(real *out, real *mean, real *rstd, real *run_mean, real *run_var, const real *y,
                               const real *gamma, const real *beta, const real *residual, int relu, int C, int NHW,
-                              real eps, real momentum, int channels_last);
+                              real eps, real momentum, int channels_last, struct ExcbComm *comm);
     void (*batchnorm_backward)(real *dy, real *dgamma, real *dbeta, const real *dout, const real *out,
                                const real *y, const real *mean, const real *rstd, const real *gamma, int relu,
-                               int C, int NHW, int channels_last);
+                               int C, int NHW, int channels_last, struct ExcbComm *comm);
     void (*maxpool_forward)(real *out, int32_t *arg, const real *x, int C, int N, int H, int W);
     void (*maxpool_backward)(real *dx, const real *dout, const int32_t *arg, int C, int N, int H, int W);
     void (*avgpool_forward)(real *f, int ldf, const real *x, int C, int N, int HW);
@@ -812,6 +849,8 @@ typedef struct {
 
 typedef struct ExcbLoader {
     ExcbDataset *ds;  ExcbViewConfig vc;  int batch, n_workers, n_slots;
+    int global_batch, share_first;         /* a rank's share (section 10b): images share_first .. + batch
+                                              of each global batch (one process: 0 .. batch)         */
     long batches_per_epoch, first_batch;   /* batch ids start here (0, or the data cursor on resume)  */
     long consumed, released;               /* batches handed out; batches the caller is done with  */
     ExcbBatch *slots;
@@ -825,6 +864,10 @@ typedef struct ExcbLoader {
    batches in the caller's thread */
 int excb_loader_open(ExcbLoader *L, ExcbDataset *ds, const ExcbViewConfig *vc, int batch, int workers,
                      long first_batch, char *err);
+/* the same for one of `shares` ranks (excb.c section 10b): its global_batch / shares images of every
+   global batch, share after share; the images and views are the single process's, whatever shares is */
+int excb_loader_open_share(ExcbLoader *L, ExcbDataset *ds, const ExcbViewConfig *vc, int global_batch, int shares,
+                           int share, int workers, long first_batch, char *err);
 /* the next batch, in order; valid until the next call. Returns 0 or the exit code of a data error,
    and that same error from every later call (its worker has stopped). */
 int excb_loader_next(ExcbLoader *L, ExcbBatch **out, char *err);
@@ -870,6 +913,9 @@ typedef struct {
     int device;                /* ExcbDevice, set by --device (auto resolved to cpu or cuda before the run) */
     int precision;             /* ExcbPrecision, set by --precision; neither is a config key: a run may resume
                                   on another machine, and the checkpoint format is the same                */
+    int chunks;                /* --chunks R: one process computes each global batch as R ranks' shares, one
+                                  after another (excb.c section 10b), the reference mpirun -np R equals; not a
+                                  key either: a checkpoint resumes on any number of ranks                   */
 } ExcbRunConfig;
 
 /* Presets: "fashion-mnist" (the fast default), "fashion-mnist-long", "cifar10-r18", "stl10-r18",

@@ -221,7 +221,7 @@ Test(backbone, batchnorm_train_mode_hand_case) {
        out = (y - 2.5) rstd = [-1.3416354, -0.4472118, 0.4472118, 1.3416354]
        running: mean 0.9*0 + 0.1*2.5 = 0.25; var 0.9*1 + 0.1*(1.25*4/3) = 0.9 + 0.1666667 = 1.0666667 */
     float y[4] = {1, 2, 3, 4}, out[4], mean, rstd, rm = 0, rv = 1, g = 1, b = 0;
-    batchnorm_forward(out, &mean, &rstd, &rm, &rv, y, &g, &b, NULL, 0, 1, 4, 1e-5f, 0.1f, 0);
+    batchnorm_forward(out, &mean, &rstd, &rm, &rv, y, &g, &b, NULL, 0, 1, 4, 1e-5f, 0.1f, 0, NULL);
     const double want[4] = {-1.3416354, -0.4472118, 0.4472118, 1.3416354};
     for (int i = 0; i < 4; i++) EXPECT_NEAR(out[i], want[i], 3e-7, "out[%d]", i);
     EXPECT_NEAR(mean, 2.5, 0, "mean");
@@ -229,7 +229,7 @@ Test(backbone, batchnorm_train_mode_hand_case) {
     EXPECT_NEAR(rv, 1.0666667, 1.2e-7, "running var (unbiased)");
     /* with ReLU and a residual r = [1,1,1,1]: relu(out + 1) = [0, 0.5527882, 1.4472118, 2.3416354] */
     float res[4] = {1, 1, 1, 1};
-    batchnorm_forward(out, &mean, &rstd, NULL, NULL, y, &g, &b, res, 1, 1, 4, 1e-5f, 0.1f, 0);
+    batchnorm_forward(out, &mean, &rstd, NULL, NULL, y, &g, &b, res, 1, 1, 4, 1e-5f, 0.1f, 0, NULL);
     const double want2[4] = {0, 0.5527882, 1.4472118, 2.3416354};
     for (int i = 0; i < 4; i++) EXPECT_NEAR(out[i], want2[i], 3e-7, "out+res, relu [%d]", i);
     /* channels-last, 2 channels interleaved: channel 0 is y, channel 1 is 10 y: mean 25, var 125,
@@ -240,7 +240,7 @@ Test(backbone, batchnorm_train_mode_hand_case) {
         y2[2 * i] = y[i];
         y2[2 * i + 1] = 10 * y[i];
     }
-    batchnorm_forward(out2, mean2, rstd2, NULL, NULL, y2, g2, b2, NULL, 0, 2, 4, 1e-5f, 0.1f, 1);
+    batchnorm_forward(out2, mean2, rstd2, NULL, NULL, y2, g2, b2, NULL, 0, 2, 4, 1e-5f, 0.1f, 1, NULL);
     EXPECT_NEAR(mean2[0], 2.5, 0, "channels-last mean 0");
     EXPECT_NEAR(mean2[1], 25, 0, "channels-last mean 1");
     for (int i = 0; i < 4; i++) {

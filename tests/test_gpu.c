@@ -197,14 +197,14 @@ Test(gpu, batchnorm) {
     /* the CPU in its backbone layout (channels-last), compared after relayout with the GPU's (C, NHW) */
     float *y_c = relayout(y, C, 1, NHW, 0), *res_c = relayout(res, C, 1, NHW, 0), *dout_c = relayout(dout, C, 1, NHW, 0);
     float *out_c = calloc(n, 4), *dy_c = calloc(n, 4);
-    batchnorm_forward(out_c, mean, rstd, rm, rv, y_c, gam, bet, res_c, 1, C, NHW, 1e-5f, 0.1f, 1);
-    batchnorm_backward(dy_c, dg, db, dout_c, out_c, y_c, mean, rstd, gam, 1, C, NHW, 1);
+    batchnorm_forward(out_c, mean, rstd, rm, rv, y_c, gam, bet, res_c, 1, C, NHW, 1e-5f, 0.1f, 1, NULL);
+    batchnorm_backward(dy_c, dg, db, dout_c, out_c, y_c, mean, rstd, gam, 1, C, NHW, 1, NULL);
     free(out); free(dy);
     out = relayout(out_c, C, 1, NHW, 1);
     dy = relayout(dy_c, C, 1, NHW, 1);
     free(y_c); free(res_c); free(dout_c); free(out_c); free(dy_c);
-    excb_cuda_ops.batchnorm_forward(out_d, mean_d, rstd_d, rm_d, rv_d, y_d, gam_d, bet_d, res_d, 1, C, NHW, 1e-5f, 0.1f, 0);
-    excb_cuda_ops.batchnorm_backward(dy_d, dg_d, db_d, dout_d, out_d, y_d, mean_d, rstd_d, gam_d, 1, C, NHW, 0);
+    excb_cuda_ops.batchnorm_forward(out_d, mean_d, rstd_d, rm_d, rv_d, y_d, gam_d, bet_d, res_d, 1, C, NHW, 1e-5f, 0.1f, 0, NULL);
+    excb_cuda_ops.batchnorm_backward(dy_d, dg_d, db_d, dout_d, out_d, y_d, mean_d, rstd_d, gam_d, 1, C, NHW, 0, NULL);
     expect_close("bn mean", mean_d, mean, C, 1e-6);
     expect_close("bn rstd", rstd_d, rstd, C, 1e-6);
     expect_close("bn running mean", rm_d, rm, C, 1e-6);

@@ -158,7 +158,7 @@ typedef struct {
 static double bn_J(void *v) {
     BNCtx *c = v;
     batchnorm_forward(c->out, c->mean, c->rstd, NULL, NULL, c->y, c->g, c->b, c->res, c->relu, c->C, c->n, 1e-5f, 0.1f,
-                      c->channels_last);
+                      c->channels_last, NULL);
     return dot_w(c->out, c->wobj, (size_t)c->C * c->n);
 }
 
@@ -178,7 +178,7 @@ ParameterizedTest(struct bn_case *bc, gradients, batchnorm) {
     if (c.res) fill_normal(c.res, n, 9, 1);
     float *dy = malloc(4 * n), dg[3] = {0}, db[3] = {0};
     bn_J(&c);
-    batchnorm_backward(dy, dg, db, c.wobj, c.out, c.y, mean, rstd, g, c.relu, c.C, c.n, c.channels_last);
+    batchnorm_backward(dy, dg, db, c.wobj, c.out, c.y, mean, rstd, g, c.relu, c.C, c.n, c.channels_last, NULL);
     double ey = fd_check(c.y, dy, n, bn_J, &c, 1e-3f), eg = fd_check(g, dg, 3, bn_J, &c, 1e-3f);
     double eb = fd_check(b, db, 3, bn_J, &c, 1e-3f), er = 0;
     if (c.res) {   /* the residual's gradient is the ReLU-gated output gradient */

@@ -905,3 +905,123 @@ Test(e2e, audit_ablations_only_two_arms_with_plots) {
     cr_expect(stat(p("ab/A1-no-boost-B16"), &st) != 0, "an arm --only left out was run");
     free(md); free(gp);
 }
+
+/* ------------------------------------------------------------------------------------------------
+ * Data parallelism (excb.c section 10b): mpirun -np R against the one-process chunked reference,
+ * against the single process, resumed on another R, a killed rank, a rank that reads a bad image.
+ * ------------------------------------------------------------------------------------------------ */
+#define MPIRUN "mpirun --oversubscribe --allow-run-as-root -np %d "
+
+/* the MPI tests need mpirun and an excb built with Open MPI: reported SKIPPED otherwise, never passed */
+static void need_mpi(void) {
+    if (system("command -v mpirun >/dev/null 2>&1")) cr_skip_test("mpirun not installed (openmpi-bin)");
+    cr_assert_eq(sh("./excb --version"), 0);
+    if (!log_has("MPI:       Open MPI")) cr_skip_test("./excb built without Open MPI (libopenmpi-dev)");
+}
+
+Test(e2e, mpirun_equals_the_chunked_reference_bit_for_bit) {
+    need_mpi();
+    static const struct { int R; const char *set; } cases[] = {{2, ""}, {4, ""}, {2, "--set method=dino"}};
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        char c[16], m[16], ca[64], ma[64];
+        snprintf(c, sizeof c, "c%zu", i);
+        snprintf(m, sizeof m, "m%zu", i);
+        cr_assert_eq(sh(TRAIN "--out '%s' --chunks %d %s", p("data"), p(c), cases[i].R, cases[i].set), 0,
+                     "--chunks %d %s (log: %s/log)", cases[i].R, cases[i].set, dir);
+        cr_assert_eq(sh(MPIRUN TRAIN "--out '%s' %s", cases[i].R, p("data"), p(m), cases[i].set), 0,
+                     "mpirun -np %d %s (log: %s/log)", cases[i].R, cases[i].set, dir);
+        snprintf(ca, sizeof ca, "%s/ckpt-0000000064.excb", c);
+        snprintf(ma, sizeof ma, "%s/ckpt-0000000064.excb", m);
+        expect_same_checkpoint(p(ca), p(ma));
+        snprintf(ca, sizeof ca, "%s/metrics.jsonl", c);
+        snprintf(ma, sizeof ma, "%s/metrics.jsonl", m);
+        expect_same_metrics(p(ca), p(ma));
+        char *hdr = slurp_text(p(ma)), want[32];
+        snprintf(want, sizeof want, "\"world_size\":%d,", cases[i].R);
+        cr_expect(hdr && strstr(hdr, want), "the run record says %s", want);
+        free(hdr);
+    }
+}
+
+/* R shares against the whole batch in one process: only the order of the partial sums differs. After
+   two steps (no k-means, whose argmax could amplify an ulp into another centroid), every tensor is
+   within 2e-5 of its largest magnitude (measured, tiny preset, R = 2 and 4: 3.3e-6 at worst). The
+   biases of the Linear layers that a BatchNorm follows are the exception: BN subtracts their effect,
+   so their gradient is exactly 0 and what float32 computes is rounding noise (1.9e-7 on the student,
+   3.3e-6 in the momentum): compared absolutely, within 1e-5. */
+static double max_abs(const float *a, size_t n) {
+    double m = 0;
+    for (size_t i = 0; i < n; i++) m = fmax(m, fabs(a[i]));
+    return m;
+}
+static double max_diff(const float *a, const float *b, size_t n) {
+    double m = 0;
+    for (size_t i = 0; i < n; i++) m = fmax(m, fabs((double)a[i] - b[i]));
+    return m;
+}
+Test(e2e, chunks_match_one_process_to_a_stated_tolerance) {
+    cr_assert_eq(sh(TRAIN "--out '%s' --set kmeans_init=0 --stop-after 2", p("data"), p("one")), 0);
+    for (int R = 2; R <= 4; R += 2) {
+        char run[16], ck[48];
+        snprintf(run, sizeof run, "r%d", R);
+        cr_assert_eq(sh(TRAIN "--out '%s' --set kmeans_init=0 --stop-after 2 --chunks %d", p("data"), p(run), R), 0);
+        snprintf(ck, sizeof ck, "%s/ckpt-0000000002.excb", run);
+        ExcbModel a, b;
+        ExcbTrainState ta, tb;
+        load_ckpt(p("one/ckpt-0000000002.excb"), &a, &ta);
+        load_ckpt(p(ck), &b, &tb);
+        const float *bufs_a[3] = {a.params, a.teacher, a.momentum}, *bufs_b[3] = {b.params, b.teacher, b.momentum};
+        static const char *const what[3] = {"student", "teacher", "momentum"};
+        double worst = 0;
+        for (int t = 0; t < a.n_tensors; t++) {
+            int zero_grad_bias = 0;
+            for (int l = 0; l < 3; l++) zero_grad_bias |= a.proj[l].has_bn && a.proj[l].b == t;
+            zero_grad_bias |= a.pred[0].has_bn && a.pred[0].b == t;
+            for (int w = 0; w < 3; w++) {
+                const ExcbTensor *T = &a.tensors[t];
+                double d = max_diff(bufs_a[w] + T->offset, bufs_b[w] + T->offset, T->numel);
+                if (zero_grad_bias) {
+                    cr_expect_leq(d, 1e-5, "R = %d, %s %s (gradient 0 in exact arithmetic): %g", R, what[w], T->name, d);
+                    continue;
+                }
+                double rel = d / fmax(max_abs(bufs_a[w] + T->offset, T->numel), 1e-30);
+                worst = fmax(worst, rel);
+                cr_expect_leq(rel, 2e-5, "R = %d, %s %s: %g of its largest magnitude", R, what[w], T->name, rel);
+            }
+        }
+        double rs = max_diff(a.running, b.running, a.n_running) / max_abs(a.running, a.n_running);
+        double rt = max_diff(a.teacher_running, b.teacher_running, a.n_running) / max_abs(a.teacher_running, a.n_running);
+        cr_expect_leq(rs, 2e-5, "R = %d, BN running statistics: %g", R, rs);
+        cr_expect_leq(rt, 2e-5, "R = %d, teacher BN running statistics: %g", R, rt);
+        cr_expect_eq(memcmp(ta.prev_labels, tb.prev_labels, sizeof(int32_t) * ta.n_samples), 0, "R = %d: the labels", R);
+        cr_log_info("R = %d: worst relative difference %.3g\n", R, worst);
+        excb_train_state_free(&ta); excb_train_state_free(&tb);
+        excb_free(&a); excb_free(&b);
+    }
+}
+
+/* a run of R ranks resumes on R' ranks: R = R' (another transport) continues bit for bit; 2 -> 4 gives
+   what the chunked reference gives for 2 -> 4; a batch R does not divide, a method whose batch-wide
+   state is not reduced yet, and --chunks under mpirun are refused before anything is written */
+Test(e2e, a_run_of_r_ranks_resumes_on_r_prime) {
+    need_mpi();
+    cr_assert_eq(sh(TRAIN "--out '%s' --chunks 2", p("data"), p("c2")), 0);
+    cr_assert_eq(sh(MPIRUN TRAIN "--out '%s' --stop-after 32", 2, p("data"), p("m")), 0, "log: %s/log", dir);
+    cr_assert_eq(sh(TRAIN "--out '%s' --chunks 2 --resume", p("data"), p("m")), 0);
+    expect_same_checkpoint(p("c2/ckpt-0000000064.excb"), p("m/ckpt-0000000064.excb"));
+    expect_same_metrics(p("c2/metrics.jsonl"), p("m/metrics.jsonl"));
+    cr_assert_eq(sh(MPIRUN TRAIN "--out '%s' --stop-after 32", 2, p("data"), p("x")), 0);
+    cr_assert_eq(sh(MPIRUN TRAIN "--out '%s' --resume", 4, p("data"), p("x")), 0, "2 -> 4 ranks (log: %s/log)", dir);
+    cr_assert_eq(sh(TRAIN "--out '%s' --chunks 2 --stop-after 32", p("data"), p("y")), 0);
+    cr_assert_eq(sh(TRAIN "--out '%s' --chunks 4 --resume", p("data"), p("y")), 0);
+    expect_same_checkpoint(p("x/ckpt-0000000064.excb"), p("y/ckpt-0000000064.excb"));
+    cr_assert_eq(sh(TRAIN "--out '%s' --resume", p("data"), p("y")), 0, "and on one process (nothing left to do)");
+    cr_expect_eq(sh(TRAIN "--out '%s' --chunks 3", p("data"), p("n3")), EXCB_EXIT_CONFIG);
+    cr_expect(log_has("batch 8 does not split into 3 equal shares"));
+    cr_expect_eq(sh(TRAIN "--out '%s' --chunks 2 --set method=swav", p("data"), p("sw")), EXCB_EXIT_CONFIG);
+    cr_expect(log_has("method 'swav'") && log_has("not reduced across ranks yet"));
+    cr_expect_eq(sh(MPIRUN TRAIN "--out '%s' --chunks 2", 2, p("data"), p("mc")), EXCB_EXIT_USAGE);
+    struct stat st;
+    cr_expect(stat(p("n3/config.txt"), &st) && stat(p("sw/config.txt"), &st) && stat(p("mc/config.txt"), &st),
+              "a refused run wrote its config");
+}

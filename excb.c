@@ -24,8 +24,12 @@
  * excb_cpu_ops here, or excb_cuda_ops in excb_kernels.cu, whose entries take the same arguments and
  * work on device memory. The method is written once, here; the .cu file holds only the operators.
  *
- * What is not here yet: BF16 on the GPU, several GPUs, ViT, LARS and AdamW, GPU twins of DINO, SwAV,
- * CoKe, CARP and mvbt (and of A4's audit counts).
+ * Several processes (section 10b): mpirun -np R ./excb train runs R data-parallel ranks over Open MPI,
+ * each with its share of every batch, and excb train --chunks R computes the same shares in one process,
+ * the reference mpirun must equal bit for bit.
+ *
+ * What is not here yet: BF16 on the GPU, several GPUs (NCCL), data parallelism for SwAV, CoKe, CARP and
+ * mvbt, ViT, LARS and AdamW, GPU twins of DINO, SwAV, CoKe, CARP and mvbt (and of A4's audit counts).
  *
  * Build and test:  make && make test.  Benchmarks:  ./excb bench --config resnet20s [--device cuda],
  * ./excb bench-data --data fashion-mnist
@@ -5933,6 +5937,9 @@ static int ranks_config(Ranks *rk, const ExcbRunConfig *rc, ExcbConfig *local, c
     if (rc->model.batch % rk->R)
         return fail(err, EXCB_EXIT_CONFIG, "batch %d does not split into %d equal shares, one per rank: choose a batch "
                     "that %d divides", rc->model.batch, rk->R, rk->R);
+    if (rc->model.batch / rk->R < 2)
+        return fail(err, EXCB_EXIT_CONFIG, "batch %d over %d ranks leaves %d image(s) to a rank; each needs at least 2",
+                    rc->model.batch, rk->R, rc->model.batch / rk->R);
     if (!me->ranks)
         return fail(err, EXCB_EXIT_CONFIG, "method '%s' keeps batch-wide state that is not reduced across ranks yet: it "
                     "trains in one process (without mpirun or --chunks)", me->name);
@@ -7151,6 +7158,7 @@ int excb_train(ExcbRunConfig *rc_in, const char *out_dir, const char *resume_fro
                                        err))) goto done_model;
     r.t_start = now_seconds();
     r.step_start = m.step;
+    if (m.comm) m.comm->seconds = m.comm->bytes = m.comm->calls = 0;    /* the loop's reductions only */
     double seconds_before = ts.seconds;               /* training time of earlier processes of this run */
     double epoch_t0 = now_seconds();
     int B = rc.model.batch, NG = rc.model.n_global * B;     /* the global batch, whatever the ranks */
@@ -7289,9 +7297,12 @@ int excb_train(ExcbRunConfig *rc_in, const char *out_dir, const char *resume_fro
     if (rk.R > 1 && !quiet) {
         ExcbComm *c = m.comm;
         double steps = m.step > r.step_start ? (double)(m.step - r.step_start) : 1;
-        fprintf(stderr, "excb train: %d ranks (%s): %ld reductions, %.1f MB a step from each rank, %.1f ms a step in them "
-                "(%.1f %% of the run's time)\n", rk.R, rk.world ? "Open MPI" : "chunks", c->calls, c->bytes / steps / 1e6,
-                1e3 * c->seconds / steps, 100 * c->seconds / fmax(now_seconds() - r.t_start, 1e-9));
+        double run_s = fmax(now_seconds() - r.t_start, 1e-9);
+        fprintf(stderr, "excb train: %d ranks (%s): %.0f reductions and %.2f MB from each rank a step; a step took %.1f ms",
+                rk.R, rk.world ? "Open MPI" : "chunks", c->calls / steps, c->bytes / steps / 1e6, 1e3 * run_s / steps);
+        if (rk.world)              /* (a chunk's time in a reduction is the other chunks' steps: not shown) */
+            fprintf(stderr, ", %.1f ms of it in reductions (waits for the other ranks included)", 1e3 * c->seconds / steps);
+        fprintf(stderr, "\n");
     }
     /* every rank ends here with the same code, or a rank that failed alone ends the job (main: MPI_Abort) */
     if (rk.world && (!code || agreed)) {
@@ -7783,6 +7794,10 @@ static void usage(FILE *f) {
         "              --device D      auto (default: the GPU if one answers, else the CPU, said on stderr), cpu,\n"
         "                              cuda (the GPU or exit 69; exit 64 for a method without a GPU twin)\n"
         "              --precision P   fp32 (default), tf32 (GPU: TF32 GEMMs and convolutions); bf16: not yet\n"
+        "              mpirun -np R ./excb train ...: R data-parallel ranks, each B/R images of every batch (CPU;\n"
+        "                              methods excb, none, dino); stop it by signalling the ranks (pkill -INT -x excb)\n"
+        "              --chunks R      one process computes each batch as R ranks' shares, one after another: the\n"
+        "                              reference that mpirun -np R equals bit for bit\n"
         "  eval        excb eval CHECKPOINT|RUN_DIR: k-NN, linear probe and clustering metrics of a checkpoint\n"
         "              excb eval --pixels [--data SPEC]: the same k-NN and probe on the mean-centred pixels,\n"
         "              the floor a learned representation has to beat\n"

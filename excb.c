@@ -8404,6 +8404,8 @@ static int cmd_train(int argc, char **argv) {
     }
     /* the device, for the run's final config (on --resume: the checkpoint's method), settled before
        anything in the run directory is touched */
+    if (device == EXCB_DEVICE_AUTO && (chunks > 1 || mpi_world.size > 1))
+        device = EXCB_DEVICE_CPU;                  /* several ranks train on the CPU for now (section 10b) */
     if ((code = resolve_device("train", &device, precision, &rc.model, quiet))) return code;
     /* under mpirun, every rank has checked the above before rank 0 changes anything (10b) */
     if (mpi_world.size > 1) excb_comm_max(&mpi_world, 0);

@@ -28,8 +28,7 @@
  * each with its share of every batch, and excb train --chunks R computes the same shares in one process,
  * the reference mpirun must equal bit for bit.
  *
- * What is not here yet: BF16 on the GPU, several GPUs (NCCL), data parallelism for SwAV, CoKe, CARP and
- * mvbt, ViT, LARS and AdamW, GPU twins of DINO, SwAV, CoKe, CARP and mvbt (and of A4's audit counts).
+ * What is not here yet: BF16 on the GPU, several GPUs (NCCL), data parallelism for SwAV and mvbt, ViT, LARS and AdamW, GPU twins of DINO, SwAV, CoKe, CARP and mvbt (and of A4's audit counts).
  *
  * Build and test:  make && make test.  Benchmarks:  ./excb bench --config resnet20s [--device cuda],
  * ./excb bench-data --data fashion-mnist
@@ -1253,6 +1252,8 @@ static int fail(char *err, int code, const char *fmt, ...);     /* section 11: e
 #define RC(f) offsetof(ExcbRunConfig, f)                          /* a setting of the run           */
 #define MC(f) (offsetof(ExcbRunConfig, model) + offsetof(ExcbConfig, f))   /* a setting of the model */
 
+static void gather_step_labels(ExcbModel *m);   /* section 10b: the global batch's teacher labels */
+
 /* the teacher rows of the whole global batch, Vg x ranks x batch (section 10b; one process: Vg x batch) */
 static int global_rows(const ExcbModel *m) {
     return m->cfg.n_global * m->cfg.batch * (m->comm ? m->comm->size : 1);
@@ -1746,7 +1747,7 @@ static const ExcbMethod method_swav = {
  * 1,281,167).
  */
 enum { COKE_PREV, COKE_CUR, COKE_DUALS, COKE_COUNTERS, COKE_LABELS, COKE_X, COKE_ASSIGN, COKE_TARGETS,
-       COKE_LOGITS, COKE_COUNTS, COKE_N_BUFFERS };
+       COKE_LOGITS, COKE_COUNTS, COKE_ASSIGN_ALL, COKE_X_ALL, COKE_INDEX_ALL, COKE_N_BUFFERS };
 
 static long coke_n_images(const ExcbConfig *c) { return c->n_images > 0 ? c->n_images : (long)c->batch * c->steps_per_epoch; }
 
@@ -1777,6 +1778,10 @@ static int coke_buffers(const ExcbConfig *c, ExcbBuffer *b) {
     b[COKE_TARGETS] = (ExcbBuffer){"targets", (size_t)H * B, 0, 1};                 /* t (H, B), K6      */
     b[COKE_LOGITS] = (ExcbBuffer){"logits", rows * widest, 0, 0};      /* K2 (B, K_j), K7 (rows, K_j) */
     b[COKE_COUNTS] = (ExcbBuffer){"counts", (size_t)KS, 0, 1};                      /* n_k, K3           */
+    size_t all = c->ranks > 1 ? (size_t)c->ranks * B : 0;      /* data parallel (10b): the global batch's */
+    b[COKE_ASSIGN_ALL] = (ExcbBuffer){"assign_all", (size_t)H * all, 0, 1};         /* y of every rank   */
+    b[COKE_X_ALL] = (ExcbBuffer){"mean_rows_all", all * d, 0, 0};                    /* x of every rank   */
+    b[COKE_INDEX_ALL] = (ExcbBuffer){"images_all", 2 * all, 0, 1};                  /* their images, int64 */
     return COKE_N_BUFFERS;
 }
 
@@ -1941,7 +1946,26 @@ static int coke_update(ExcbModel *m) {
     int B = c->batch, d = c->d, used = 0;
     long N = coke_n_images(c);
     const int32_t *y = m->mbuf[COKE_ASSIGN];
+    const real *x = m->mbuf[COKE_X];
     int32_t *labels = m->mbuf[COKE_LABELS], *counts = m->mbuf[COKE_COUNTS];
+    int64_t image[B];
+    for (int i = 0; i < B; i++) image[i] = coke_image(m, i);
+    const int64_t *images = image;
+    if (m->comm) {
+        /* data parallel (section 10b): the global batch's assignments, rows and images, in the single
+           process's order, so that every rank makes the one process's update of the shared state */
+        int R = m->comm->size;
+        int32_t *ya = m->mbuf[COKE_ASSIGN_ALL];
+        for (int h = 0; h < k->n_heads; h++)
+            excb_comm_gather(m->comm, y + (size_t)h * B, ya + (size_t)h * B * R, sizeof(int32_t) * B);
+        excb_comm_gather(m->comm, x, m->mbuf[COKE_X_ALL], sizeof(real) * B * d);
+        excb_comm_gather(m->comm, image, m->mbuf[COKE_INDEX_ALL], sizeof(int64_t) * B);
+        gather_step_labels(m);                                   /* the run's monitors */
+        y = ya;
+        x = m->mbuf[COKE_X_ALL];
+        images = m->mbuf[COKE_INDEX_ALL];
+        B *= R;
+    }
     for (int h = 0; h < k->n_heads; h++) {
         int K = k->k[h], off = coke_head_offset(c, h);
         int32_t *n = counts + off;
@@ -1949,8 +1973,8 @@ static int coke_update(ExcbModel *m) {
         if (h == 0) used = distinct;
         coke_dual_update((real *)m->mbuf[COKE_DUALS] + off, n, K, B, k->eta, k->gamma);
         coke_centre_update((real *)m->mbuf[COKE_CUR] + (size_t)off * d, (real *)m->mbuf[COKE_COUNTERS] + off, n,
-                           y + h * B, m->mbuf[COKE_X], B, K, d);
-        for (int i = 0; i < B; i++) labels[(size_t)h * N + coke_image(m, i)] = y[h * B + i];    /* K6 */
+                           y + h * B, x, B, K, d);
+        for (int i = 0; i < B; i++) labels[(size_t)h * N + images[i]] = y[h * B + i];         /* K6 */
     }
     return used;
 }
@@ -1979,7 +2003,7 @@ static const ExcbSetting coke_settings[] = {
 static const ExcbMethod method_coke = {
     .name = "coke", .summary = "CoKe: online constrained k-means, dual variables and a label per image (K1-K7)",
     .pairing = EXCB_PAIRING_SWAPPED, .cuda = 0, .no_prototypes = 1, .student_only = 1, .predictor = 1, .bn_rows = 1,
-    .per_image = 1,
+    .per_image = 1, .ranks = 1,
     .settings = coke_settings, .n_settings = sizeof coke_settings / sizeof coke_settings[0],
     .buffers = coke_buffers, .validate = coke_validate, .init = coke_init, .begin_step = coke_begin_step,
     .loss = coke_loss, .update = coke_update, .label_range = coke_label_range, .diagnostics = coke_diagnostics,
@@ -2057,7 +2081,7 @@ static void block_softmax(real *z, int N, int K, const int32_t *perm, int nb) {
    Vg*B teacher rows' block distributions, made here from zt; g (U*B, K) and pbar (K doubles), row_loss
    (U*B doubles): scratch. The partition perm holds K / nb blocks of nb. Returns L_c + L_h. */
 double carp_loss_forward_backward(real *z, real *q, const real *zt, real *g, double *pbar, double *row_loss,
-                                  const int32_t *perm, int U, int Vg, int B, int K, int nb) {
+                                  const int32_t *perm, int U, int Vg, int B, int K, int nb, ExcbComm *comm) {
     int NP = K / nb, n_dir = U * B, NG = Vg * B, n_all = n_dir + NG;
     const real eps = FLT_EPSILON, one = 1.0f - FLT_EPSILON;
     real *p = z;
@@ -2100,8 +2124,13 @@ double carp_loss_forward_backward(real *z, real *q, const real *zt, real *g, dou
         double acc = 0;
         for (int r = 0; r < n_dir; r++) acc += p[(size_t)r * K + k];
         for (int r = 0; r < NG; r++) acc += q[(size_t)r * K + k];
-        pbar[k] = acc / n_all;
+        pbar[k] = acc;
     }
+    /* data parallel (section 10b): p-bar is the global batch's mean; each rank's gradient below keeps its
+       own rows' 1 / n_all, which the ranks' gradient mean turns into the global 1 / (R n_all) */
+    if (comm) excb_comm_sum_f64(comm, pbar, K);
+    double n_pbar = (double)n_all * (comm ? comm->size : 1);
+    for (int k = 0; k < K; k++) pbar[k] = pbar[k] / n_pbar;
     double lh = 0;
     for (int k = 0; k < K; k++) {
         real pk = (real)pbar[k], cl = fmin(fmax(pk, eps), one);
@@ -2131,14 +2160,16 @@ static double carp_loss(ExcbModel *m) {
     const ExcbConfig *c = &m->cfg;
     carp_partition(m->mbuf[CARP_PERM], c->K, c->seed, m->step);                             /* R2 */
     return carp_loss_forward_backward(m->z_dir, m->q, m->zt, m->mbuf[CARP_GRAD], m->mbuf[CARP_PBAR], m->row_loss,
-                                      m->mbuf[CARP_PERM], m->n_dir_crops, c->n_global, c->batch, c->K, c->carp.block);
+                                      m->mbuf[CARP_PERM], m->n_dir_crops, c->n_global, c->batch, c->K, c->carp.block,
+                                      m->comm);
 }
 
 /* no state; A21's labels: the teacher's argmax over all K raw scores */
 static int carp_update(ExcbModel *m) {
     int NG = m->cfg.n_global * m->cfg.batch;
     row_argmax(m->labels, m->zt, NG, m->cfg.K);
-    return distinct_labels(m->mbuf[CARP_COUNTS], m->labels, NG, m->cfg.K);
+    if (m->comm) gather_step_labels(m);                 /* the global batch's (section 10b) */
+    return distinct_labels(m->mbuf[CARP_COUNTS], m->labels_all, global_rows(m), m->cfg.K);
 }
 
 static const ExcbSetting carp_settings[] = {
@@ -2147,7 +2178,7 @@ static const ExcbSetting carp_settings[] = {
 
 static const ExcbMethod method_carp = {
     .name = "carp", .summary = "CARP: random partitions of the prototypes, per-block consistency and uniformity (R1-R5)",
-    .pairing = EXCB_PAIRING_SWAPPED, .cuda = 0, .raw_rows = 1,
+    .pairing = EXCB_PAIRING_SWAPPED, .cuda = 0, .raw_rows = 1, .ranks = 1,
     .settings = carp_settings, .n_settings = sizeof carp_settings / sizeof carp_settings[0],
     .buffers = carp_buffers, .validate = carp_validate, .loss = carp_loss, .min_views = 2, .update = carp_update,
 };
@@ -3138,8 +3169,6 @@ static void projector_forward(ExcbModel *m, const real *P, real *run, const real
  * rows); its rows may be the projection as it is (raw_rows: CARP, mvbt, no E1 normalisation); and a
  * student-only one (CoKe, mvbt) skips the teacher's forward pass.
  */
-static void gather_step_labels(ExcbModel *m);   /* section 10b: the global batch's teacher labels */
-
 static void centroids_forward(ExcbModel *m, const real *P) {
     m->ops->weightnorm_forward(m->c, m->c_inv_norm, PT(P, m->centroids), m->cfg.K, m->cfg.d);
 }
@@ -3496,8 +3525,9 @@ void excb_cuda_conv_report(int *plans, int *packed) { *plans = *packed = 0; }
  *   - every BatchNorm's two sums per channel, forward and backward, student and teacher (SyncBN);
  *   - the student's gradients, averaged (DDP): each rank's loss is the mean over its own rows;
  *   - the teacher labels of the whole batch, gathered (ExCB's E2 counts them; the run's A21 monitors);
- *   - DINO's centre (the mean teacher score), the loss and the diagnostics' sums.
- * SwAV, CoKe, CARP and mvbt keep batch-wide state not reduced yet: they train in one process only
+ *   - DINO's centre (the mean teacher score), CARP's p-bar, CoKe's assignments, rows and images (every
+ *     rank then makes the one process's update of its state), the loss and the diagnostics' sums.
+ * SwAV and mvbt keep batch-wide state not reduced yet: they train in one process only
  * (ExcbMethod.ranks = 0 refuses them), as does the GPU twin for now.
  *
  * Equivalence by design. A floating-point sum depends on its order, and MPI's reductions choose theirs
@@ -7795,7 +7825,7 @@ static void usage(FILE *f) {
         "                              cuda (the GPU or exit 69; exit 64 for a method without a GPU twin)\n"
         "              --precision P   fp32 (default), tf32 (GPU: TF32 GEMMs and convolutions); bf16: not yet\n"
         "              mpirun -np R ./excb train ...: R data-parallel ranks, each B/R images of every batch (CPU;\n"
-        "                              methods excb, none, dino); stop it by signalling the ranks (pkill -INT -x excb)\n"
+        "                              all methods but swav and mvbt); stop it by signalling the ranks (pkill -INT -x excb)\n"
         "              --chunks R      one process computes each batch as R ranks' shares, one after another: the\n"
         "                              reference that mpirun -np R equals bit for bit\n"
         "  eval        excb eval CHECKPOINT|RUN_DIR: k-NN, linear probe and clustering metrics of a checkpoint\n"

@@ -243,7 +243,7 @@ typedef struct {
 
 /* ------------------------------------------------------------------------------------------------ */
 /* A method's named buffers (excb.c section 5): `floats` 4-byte values (real or int32).              */
-#define EXCB_MAX_METHOD_BUFFERS 12
+#define EXCB_MAX_METHOD_BUFFERS 16
 typedef struct {
     const char *name;          /* "cluster_sizes"; a state buffer is saved as "method.cluster_sizes"   */
     size_t floats;
@@ -414,8 +414,9 @@ void coke_dual_update(real *rho, const int32_t *n, int K, int B, double eta, dou
 void coke_centre_update(real *cur, real *Nk, const int32_t *n, const int32_t *y, const real *x, int B, int K, int d);
 /* CARP: R2's partition of K prototypes from (seed, step); R3-R5 and their backward (z becomes dL/dz) */
 void carp_partition(int32_t *perm, int K, uint64_t seed, long step);
+/* (comm: the data-parallel ranks whose p-bar is one, excb.c section 10b; NULL: one process) */
 double carp_loss_forward_backward(real *z, real *q, const real *zt, real *g, double *pbar, double *row_loss,
-                                  const int32_t *perm, int U, int Vg, int B, int K, int nb);
+                                  const int32_t *perm, int U, int Vg, int B, int K, int nb, struct ExcbComm *comm);
 /* mvbt: T1 and its backward; T2/T3 on standardised views (A*B, d), writing dL/dzn */
 void mvbt_standardise(real *zn, double *sd, const real *z, int M, int d);
 void mvbt_standardise_backward(real *dz, const real *dzn, const real *zn, const double *sd, int M, int d);

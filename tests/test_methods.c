@@ -847,7 +847,7 @@ Test(carp, loss_and_gradient_by_hand) {
     real z[4] = {0, 0, 0, 0}, zt[4] = {(real)log(3.0), 0, (real)log(3.0), 0}, q[4], g[4];
     double pbar[2], row_loss[2];
     int32_t perm[2] = {0, 1};
-    double L = carp_loss_forward_backward(z, q, zt, g, pbar, row_loss, perm, 2, 2, 1, 2, 2);
+    double L = carp_loss_forward_backward(z, q, zt, g, pbar, row_loss, perm, 2, 2, 1, 2, 2, NULL);
     cr_expect(fabs(L - (log(2.0) + 0.031583942401963216)) < 1e-6, "L = %.9g", L);
     for (int r = 0; r < 2; r++) {
         cr_expect_float_eq(z[2 * r], -0.0930734f, 1e-6);
@@ -863,7 +863,7 @@ Test(carp, each_block_is_its_own_softmax) {
     double pbar[4], row_loss[2];
     int32_t perm[4] = {3, 0, 1, 2};
     z[1] = 2.0f;                                 /* crop 0, prototype 1 */
-    carp_loss_forward_backward(z, q, zt, g, pbar, row_loss, perm, 2, 2, 1, 4, 2);
+    carp_loss_forward_backward(z, q, zt, g, pbar, row_loss, perm, 2, 2, 1, 4, 2, NULL);
     /* dL/dz sums to 0 inside each block (a softmax's Jacobian), for every row */
     for (int r = 0; r < 2; r++) {
         cr_expect(fabs(z[4 * r + 3] + z[4 * r + 0]) < 1e-7, "row %d block {3,0}: %g + %g", r, z[4 * r + 3], z[4 * r]);

@@ -921,7 +921,7 @@ static void need_mpi(void) {
 
 Test(e2e, mpirun_equals_the_chunked_reference_bit_for_bit) {
     need_mpi();
-    static const struct { int R; const char *set; } cases[] = {{2, ""}, {4, ""}, {2, "--set method=dino"}};
+    static const struct { int R; const char *set; } cases[] = {{2, ""}, {4, ""}, {2, "--set method=dino"}, {2, "--set method=carp --set K=16 --set carp_block=4"}, {2, "--set method=coke --set coke_k=8,12"}};
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
         char c[16], m[16], ca[64], ma[64];
         snprintf(c, sizeof c, "c%zu", i);

@@ -1575,10 +1575,15 @@ static const ExcbMethod method_dino = {
  * normal float32 for eps >= 0.0125 (the key's lower bound; the official code, with no shift, overflows
  * below about 1/88 as well). Its own pairing is SWAPPED (swapped prediction, tau_s 0.1).
  */
-void sinkhorn_knopp(real *S, double *sums, int N, int K, double epsilon, int iterations) {
+void sinkhorn_knopp(real *S, double *sums, int N, int K, double epsilon, int iterations, ExcbComm *comm) {
     real eps = (real)epsilon, mx = -INFINITY, mn = INFINITY;
     size_t n_all = (size_t)N * K;
     for (size_t i = 0; i < n_all; i++) { mx = fmax(mx, S[i] / eps); mn = fmin(mn, S[i] / eps); }
+    if (comm) {       /* data parallel (section 10b): the rows of every rank are one matrix */
+        real range[2] = {mx, mn}, all[2 * comm->size];
+        excb_comm_gather(comm, range, all, sizeof range);
+        for (int r = 0; r < comm->size; r++) { mx = fmax(mx, all[2 * r]); mn = fmin(mn, all[2 * r + 1]); }
+    }
     real shift = 0.5f * mx + 0.5f * mn;          /* exponents in +-(max - min)/2: cosines need eps > 1/88 */
     double *col = sums, *row = sums + K;                    /* per prototype (K), per sample (N)   */
 #pragma omp parallel for schedule(static)
@@ -1593,10 +1598,11 @@ void sinkhorn_knopp(real *S, double *sums, int N, int K, double epsilon, int ite
     }
     double total = 0;
     for (int n = 0; n < N; n++) total += row[n];              /* a fixed order: any thread count     */
+    if (comm) excb_comm_sum_f64(comm, &total, 1);
 #pragma omp parallel for schedule(static)
     for (size_t i = 0; i < n_all; i++) S[i] = (real)(S[i] / total);      /* Q /= sum(Q), in double: */
                                                                          /* the sum may pass FLT_MAX */
-    real Kf = (real)K, Nf = (real)N;
+    real Kf = (real)K, Nf = (real)N * (comm ? comm->size : 1);
     for (int it = 0; it < iterations; it++) {
         int tiles = (K + 63) / 64;                            /* each prototype's mass, 64 at a time */
 #pragma omp parallel for schedule(static)
@@ -1607,6 +1613,7 @@ void sinkhorn_knopp(real *S, double *sums, int N, int K, double epsilon, int ite
                 for (int j = 0; j < kk; j++) acc[j] += S[(size_t)n * K + k0 + j];
             for (int j = 0; j < kk; j++) col[k0 + j] = acc[j];
         }
+        if (comm) excb_comm_sum_f64(comm, col, K);
 #pragma omp parallel for schedule(static)
         for (int n = 0; n < N; n++) {
             real *Sn = S + (size_t)n * K;
@@ -1623,13 +1630,15 @@ void sinkhorn_knopp(real *S, double *sums, int N, int K, double epsilon, int ite
     for (size_t i = 0; i < n_all; i++) S[i] *= Nf;             /* Q *= N: each sample's code sums to 1 */
 }
 
-enum { SWAV_QUEUE, SWAV_SCORES, SWAV_SUMS, SWAV_COUNTS, SWAV_N_BUFFERS };
+enum { SWAV_QUEUE, SWAV_SCORES, SWAV_SUMS, SWAV_COUNTS, SWAV_ROWS_ALL, SWAV_N_BUFFERS };
 static int swav_buffers(const ExcbConfig *c, ExcbBuffer *b) {
     size_t Lq = (size_t)c->swav.queue_length, rows = Lq + (size_t)c->batch;
     b[SWAV_QUEUE] = (ExcbBuffer){"queue", (size_t)c->n_global * Lq * c->d, 1, 0};   /* (Vg, Lq, d), S2 */
     b[SWAV_SCORES] = (ExcbBuffer){"scores", rows * c->K, 0, 0};                     /* (Lq + B, K), S1 */
     b[SWAV_SUMS] = (ExcbBuffer){"sums", 2 * (rows + c->K), 0, 0};                   /* doubles         */
     b[SWAV_COUNTS] = (ExcbBuffer){"counts", (size_t)c->K, 0, 1};
+    size_t all = c->ranks > 1 ? (size_t)c->ranks * c->batch : 0;    /* data parallel (10b): the global batch */
+    b[SWAV_ROWS_ALL] = (ExcbBuffer){"rows_all", all * c->d, 0, 0};   /* its teacher rows, for the queue  */
     return SWAV_N_BUFFERS;
 }
 
@@ -1671,13 +1680,15 @@ static void swav_targets(ExcbModel *m) {
     const ExcbConfig *c = &m->cfg;
     int B = c->batch, K = c->K, d = c->d, Lq = c->swav.queue_length;
     real *S = m->mbuf[SWAV_SCORES];
+    /* data parallel (section 10b): every rank keeps the whole queue and scores its share of the rows */
+    int R = m->comm ? m->comm->size : 1, rank = m->comm ? m->comm->rank : 0;
     for (int v = 0; v < c->n_global; v++) {
-        int rows = swav_queue_in_use(m, v) ? Lq : 0, N = rows + B;
+        int rows = swav_queue_in_use(m, v) ? Lq / R : 0, N = rows + B;
+        const real *queue = (const real *)m->mbuf[SWAV_QUEUE] + ((size_t)v * Lq + (size_t)rank * rows) * d;
         if (rows)                                   /* the queue's scores against today's prototypes */
-            matmul_tiled('N', 'T', rows, K, d, 1.0f, (const real *)m->mbuf[SWAV_QUEUE] + (size_t)v * Lq * d, d, m->c, d,
-                         0.0f, S, K);
+            matmul_tiled('N', 'T', rows, K, d, 1.0f, queue, d, m->c, d, 0.0f, S, K);
         memcpy(S + (size_t)rows * K, m->zt + (size_t)v * B * K, sizeof(real) * B * K);
-        sinkhorn_knopp(S, m->mbuf[SWAV_SUMS], N, K, c->swav.epsilon, c->swav.iterations);      /* S1 */
+        sinkhorn_knopp(S, m->mbuf[SWAV_SUMS], N, K, c->swav.epsilon, c->swav.iterations, m->comm);   /* S1 */
         memcpy(m->q + (size_t)v * B * K, S + (size_t)rows * K, sizeof(real) * B * K);
     }
     row_argmax(m->labels, m->q, c->n_global * B, K);
@@ -1685,14 +1696,19 @@ static void swav_targets(ExcbModel *m) {
 
 static int swav_update(ExcbModel *m) {
     const ExcbConfig *c = &m->cfg;
-    int B = c->batch, d = c->d, Lq = c->swav.queue_length, NG = c->n_global * B;
+    int B = c->batch, d = c->d, Lq = c->swav.queue_length, R = m->comm ? m->comm->size : 1;
     if (Lq > 0 && m->step / c->steps_per_epoch >= c->swav.queue_start_epoch)
         for (int v = 0; v < c->n_global; v++) {                                            /* S2 */
             real *qv = (real *)m->mbuf[SWAV_QUEUE] + (size_t)v * Lq * d;
-            memmove(qv + (size_t)B * d, qv, sizeof(real) * (size_t)(Lq - B) * d);
-            memcpy(qv, m->ut + (size_t)v * B * d, sizeof(real) * (size_t)B * d);
+            const real *rows = m->ut + (size_t)v * B * d;
+            if (m->comm) {          /* the global batch's rows, in the single process's order (10b) */
+                excb_comm_gather(m->comm, rows, m->mbuf[SWAV_ROWS_ALL], sizeof(real) * B * d);
+                rows = m->mbuf[SWAV_ROWS_ALL];
+            }
+            memmove(qv + (size_t)B * R * d, qv, sizeof(real) * (size_t)(Lq - B * R) * d);
+            memcpy(qv, rows, sizeof(real) * (size_t)B * R * d);
         }
-    return distinct_labels(m->mbuf[SWAV_COUNTS], m->labels, NG, c->K);
+    return distinct_labels(m->mbuf[SWAV_COUNTS], m->labels_all, global_rows(m), c->K);
 }
 
 static int swav_centroids_frozen(const ExcbModel *m) { return m->step < m->cfg.swav.freeze_prototypes_steps; }
@@ -1713,7 +1729,7 @@ static const ExcbSetting swav_settings[] = {
 
 static const ExcbMethod method_swav = {
     .name = "swav", .summary = "SwAV: Sinkhorn-Knopp equipartition over the batch and a queue (S1-S3)",
-    .pairing = EXCB_PAIRING_SWAPPED, .cuda = 0,
+    .pairing = EXCB_PAIRING_SWAPPED, .cuda = 0, .ranks = 1,
     .settings = swav_settings, .n_settings = sizeof swav_settings / sizeof swav_settings[0],
     .buffers = swav_buffers, .validate = swav_validate, .init = swav_init, .begin_step = swav_begin_step,
     .targets = swav_targets, .update = swav_update, .centroids_frozen = swav_centroids_frozen,

@@ -584,9 +584,9 @@ int excb_loss_terms(int n_dir_crops, int with_pred, int Vg, int Vl);
 void dino_targets(real *q, int32_t *labels, const real *z, const real *center, int N, int K, double tau);
 void dino_center_update(real *center, const real *z, int N, int K, double momentum);
 /* S1: Sinkhorn-Knopp on scores S (N, K) in place: S becomes the codes, each row summing to 1, each
-   column to N/K, after `iterations` rounds (SwAV's distributed_sinkhorn with one process). sums: K + N
-   doubles of scratch. */
-void sinkhorn_knopp(real *S, double *sums, int N, int K, double epsilon, int iterations);
+   column to N/K, after `iterations` rounds (SwAV's distributed_sinkhorn). sums: K + N doubles of scratch.
+   comm (excb.c section 10b): each rank's N rows are its share of one matrix of R N rows; NULL: one process */
+void sinkhorn_knopp(real *S, double *sums, int N, int K, double epsilon, int iterations, struct ExcbComm *comm);
 
 /* ------------------------------------------------------------------------------------------------ */
 /* The operator table. Sections 9-10 of excb.c (the network and the step) call every operator through

@@ -385,7 +385,7 @@ Test(pairing, swapped_loss_by_hand) {
 Test(sinkhorn, one_iteration_by_hand) {
     float S[4] = {logf(3.0f), 0, 0, 0};
     double sums[8];
-    sinkhorn_knopp(S, sums, 2, 2, 1.0, 1);
+    sinkhorn_knopp(S, sums, 2, 2, 1.0, 1, NULL);
     EXPECT_NEAR(S[0], 0.6, 1e-6, "code 0,0");
     EXPECT_NEAR(S[1], 0.4, 1e-6, "code 0,1");
     EXPECT_NEAR(S[2], 1.0 / 3, 1e-6, "code 1,0");
@@ -403,7 +403,7 @@ Test(sinkhorn, rows_and_columns_sum_to_their_shares) {
     static const int iters[] = {3, 10, 30, 300};
     for (int t = 0; t < 4; t++) {
         memcpy(S, S0, sizeof S);
-        sinkhorn_knopp(S, sums, N, K, 0.05, iters[t]);
+        sinkhorn_knopp(S, sums, N, K, 0.05, iters[t], NULL);
         double worst_row = 0, worst_col = 0;
         for (int n = 0; n < N; n++) {
             double r = 0;
@@ -427,7 +427,7 @@ Test(sinkhorn, rows_and_columns_sum_to_their_shares) {
     memcpy(S, S0, sizeof S);
     S[0] = 1.0f;
     S[1] = -1.0f;                                /* the full cosine range */
-    sinkhorn_knopp(S, sums, N, K, 0.0125, 3);
+    sinkhorn_knopp(S, sums, N, K, 0.0125, 3, NULL);
     int bad = 0;
     for (int n = 0; n < N; n++) {
         double r = 0;

@@ -921,7 +921,9 @@ static void need_mpi(void) {
 
 Test(e2e, mpirun_equals_the_chunked_reference_bit_for_bit) {
     need_mpi();
-    static const struct { int R; const char *set; } cases[] = {{2, ""}, {4, ""}, {2, "--set method=dino"}, {2, "--set method=carp --set K=16 --set carp_block=4"}, {2, "--set method=coke --set coke_k=8,12"}};
+    static const struct { int R; const char *set; } cases[] = {{2, ""}, {4, ""}, {2, "--set method=dino"}, {2, "--set method=carp --set K=16 --set carp_block=4"}, {2, "--set method=coke --set coke_k=8,12"},
+        {2, "--set method=swav --set swav_freeze_prototypes_steps=4"},
+        {4, "--set method=swav --set swav_freeze_prototypes_steps=4 --set swav_queue_length=16 --set swav_queue_start_epoch=0"}};
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
         char c[16], m[16], ca[64], ma[64];
         snprintf(c, sizeof c, "c%zu", i);
@@ -961,15 +963,25 @@ static double max_diff(const float *a, const float *b, size_t n) {
     return m;
 }
 Test(e2e, chunks_match_one_process_to_a_stated_tolerance) {
-    cr_assert_eq(sh(TRAIN "--out '%s' --set kmeans_init=0 --stop-after 2", p("data"), p("one")), 0);
-    for (int R = 2; R <= 4; R += 2) {
-        char run[16], ck[48];
-        snprintf(run, sizeof run, "r%d", R);
-        cr_assert_eq(sh(TRAIN "--out '%s' --set kmeans_init=0 --stop-after 2 --chunks %d", p("data"), p(run), R), 0);
-        snprintf(ck, sizeof ck, "%s/ckpt-0000000002.excb", run);
+    /* SwAV's queue is in use from step 3 (two pushes of 8 rows fill its 16): compared after step 4 */
+    static const struct { int R; const char *set; int step; } cases[] = {
+        {2, "", 2}, {4, "", 2}, {2, "--set method=dino", 2}, {2, "--set method=carp --set K=16 --set carp_block=4", 2},
+        {2, "--set method=coke --set coke_k=8,12", 2},
+        {2, "--set method=swav --set swav_freeze_prototypes_steps=0 --set swav_queue_length=16 --set swav_queue_start_epoch=0", 4}};
+    for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++) {
+        int R = cases[c].R;
+        char one[16], run[16], ck_one[48], ck[48];
+        snprintf(one, sizeof one, "one%zu", c);
+        snprintf(run, sizeof run, "r%zu", c);
+        cr_assert_eq(sh(TRAIN "--out '%s' --set kmeans_init=0 --stop-after %d %s", p("data"), p(one), cases[c].step,
+                        cases[c].set), 0);
+        cr_assert_eq(sh(TRAIN "--out '%s' --set kmeans_init=0 --stop-after %d --chunks %d %s", p("data"), p(run),
+                        cases[c].step, R, cases[c].set), 0);
+        snprintf(ck_one, sizeof ck_one, "%s/ckpt-%010d.excb", one, cases[c].step);
+        snprintf(ck, sizeof ck, "%s/ckpt-%010d.excb", run, cases[c].step);
         ExcbModel a, b;
         ExcbTrainState ta, tb;
-        load_ckpt(p("one/ckpt-0000000002.excb"), &a, &ta);
+        load_ckpt(p(ck_one), &a, &ta);
         load_ckpt(p(ck), &b, &tb);
         const float *bufs_a[3] = {a.params, a.teacher, a.momentum}, *bufs_b[3] = {b.params, b.teacher, b.momentum};
         static const char *const what[3] = {"student", "teacher", "momentum"};
@@ -979,24 +991,35 @@ Test(e2e, chunks_match_one_process_to_a_stated_tolerance) {
             for (int l = 0; l < 3; l++) zero_grad_bias |= a.proj[l].has_bn && a.proj[l].b == t;
             zero_grad_bias |= a.pred[0].has_bn && a.pred[0].b == t;
             zero_grad_bias |= t == a.pred_bn_beta;       /* BN(h)'s shift, which the predictor's BN undoes too */
+            zero_grad_bias |= a.method->bn_rows && a.proj[2].b == t;    /* CoKe: h's bias, before BN(h) */
             for (int w = 0; w < 3; w++) {
                 const ExcbTensor *T = &a.tensors[t];
                 double d = max_diff(bufs_a[w] + T->offset, bufs_b[w] + T->offset, T->numel);
                 if (zero_grad_bias) {
-                    cr_expect_leq(d, 1e-5, "R = %d, %s %s (gradient 0 in exact arithmetic): %g", R, what[w], T->name, d);
+                    cr_expect_leq(d, 1e-5, "%s R = %d, %s %s (gradient 0 in exact arithmetic): %g", cases[c].set, R,
+                                  what[w], T->name, d);
                     continue;
                 }
                 double rel = d / fmax(max_abs(bufs_a[w] + T->offset, T->numel), 1e-30);
                 worst = fmax(worst, rel);
-                cr_expect_leq(rel, 2e-5, "R = %d, %s %s: %g of its largest magnitude", R, what[w], T->name, rel);
+                cr_expect_leq(rel, 2e-5, "%s R = %d, %s %s: %g of its largest magnitude", cases[c].set, R, what[w],
+                              T->name, rel);
             }
         }
         double rs = max_diff(a.running, b.running, a.n_running) / max_abs(a.running, a.n_running);
         double rt = max_diff(a.teacher_running, b.teacher_running, a.n_running) / max_abs(a.teacher_running, a.n_running);
-        cr_expect_leq(rs, 2e-5, "R = %d, BN running statistics: %g", R, rs);
-        cr_expect_leq(rt, 2e-5, "R = %d, teacher BN running statistics: %g", R, rt);
-        cr_expect_eq(memcmp(ta.prev_labels, tb.prev_labels, sizeof(int32_t) * ta.n_samples), 0, "R = %d: the labels", R);
-        cr_log_info("R = %d: worst relative difference %.3g\n", R, worst);
+        cr_expect_leq(rs, 2e-5, "%s R = %d, BN running statistics: %g", cases[c].set, R, rs);
+        cr_expect_leq(rt, 2e-5, "%s R = %d, teacher BN running statistics: %g", cases[c].set, R, rt);
+        for (int i = 0; i < a.n_mbuf; i++)               /* the method's state: s, the centre, the queue, ... */
+            if (a.mbuf_spec[i].state && !a.mbuf_spec[i].integer) {
+                double scale = max_abs(a.mbuf[i], a.mbuf_spec[i].floats);
+                double rel = scale > 0 ? max_diff(a.mbuf[i], b.mbuf[i], a.mbuf_spec[i].floats) / scale : 0;
+                worst = fmax(worst, rel);
+                cr_expect_leq(rel, 2e-5, "%s R = %d, method.%s: %g", cases[c].set, R, a.mbuf_spec[i].name, rel);
+            }
+        cr_expect_eq(memcmp(ta.prev_labels, tb.prev_labels, sizeof(int32_t) * ta.n_samples), 0, "%s R = %d: the labels",
+                     cases[c].set, R);
+        cr_log_info("%s R = %d: worst relative difference %.3g\n", cases[c].set, R, worst);
         excb_train_state_free(&ta); excb_train_state_free(&tb);
         excb_free(&a); excb_free(&b);
     }

@@ -28,7 +28,8 @@
  * each with its share of every batch, and excb train --chunks R computes the same shares in one process,
  * the reference mpirun must equal bit for bit.
  *
- * What is not here yet: BF16 on the GPU, several GPUs (NCCL), data parallelism for SwAV and mvbt, ViT, LARS and AdamW, GPU twins of DINO, SwAV, CoKe, CARP and mvbt (and of A4's audit counts).
+ * What is not here yet: BF16 on the GPU, several GPUs (NCCL), ViT, LARS and AdamW, GPU twins of DINO,
+ * SwAV, CoKe, CARP and mvbt (and of A4's audit counts).
  *
  * Build and test:  make && make test.  Benchmarks:  ./excb bench --config resnet20s [--device cuda],
  * ./excb bench-data --data fashion-mnist
@@ -2232,26 +2233,48 @@ static int mvbt_buffers(const ExcbConfig *c, ExcbBuffer *b) {
 static int mvbt_label_range(const ExcbConfig *c) { (void)c; return 0; }      /* no clusters, no labels */
 
 /* T1: z (M, d) -> zn, per feature over all M rows; sd (d doubles) kept for the backward */
-void mvbt_standardise(real *zn, double *sd, const real *z, int M, int d) {
+void mvbt_standardise(real *zn, double *sd, const real *z, int M, int d, ExcbComm *comm) {
+    double mu[d];
+    long Mt = (long)M * (comm ? comm->size : 1);       /* data parallel (10b): every rank's rows */
 #pragma omp parallel for schedule(static)
     for (int k = 0; k < d; k++) {
-        double s = 0, ss = 0;
+        double s = 0;
         for (int r = 0; r < M; r++) s += z[(size_t)r * d + k];
-        double mu = s / M;
-        for (int r = 0; r < M; r++) { double e = z[(size_t)r * d + k] - mu; ss += e * e; }
-        sd[k] = sqrt(ss / (M - 1));                   /* torch.std: unbiased */
-        real muf = (real)mu, sdf = (real)sd[k];
+        mu[k] = s;
+    }
+    if (comm) excb_comm_sum_f64(comm, mu, d);
+    for (int k = 0; k < d; k++) mu[k] = mu[k] / Mt;
+#pragma omp parallel for schedule(static)
+    for (int k = 0; k < d; k++) {
+        double ss = 0;
+        for (int r = 0; r < M; r++) { double e = z[(size_t)r * d + k] - mu[k]; ss += e * e; }
+        sd[k] = ss;
+    }
+    if (comm) excb_comm_sum_f64(comm, sd, d);
+#pragma omp parallel for schedule(static)
+    for (int k = 0; k < d; k++) {
+        sd[k] = sqrt(sd[k] / (Mt - 1));               /* torch.std: unbiased */
+        real muf = (real)mu[k], sdf = (real)sd[k];
         for (int r = 0; r < M; r++) zn[(size_t)r * d + k] = (z[(size_t)r * d + k] - muf) / sdf;
     }
 }
 
 /* T1's backward: dz = (dzn - mean(dzn) - zn <dzn, zn> / (M - 1)) / sd, per feature */
-void mvbt_standardise_backward(real *dz, const real *dzn, const real *zn, const double *sd, int M, int d) {
+void mvbt_standardise_backward(real *dz, const real *dzn, const real *zn, const double *sd, int M, int d,
+                               ExcbComm *comm) {
+    double sums[2 * d];                                /* s_k, then sz_k */
+    long Mt = (long)M * (comm ? comm->size : 1);
 #pragma omp parallel for schedule(static)
     for (int k = 0; k < d; k++) {
         double s = 0, sz = 0;
         for (int r = 0; r < M; r++) { s += dzn[(size_t)r * d + k]; sz += (double)dzn[(size_t)r * d + k] * zn[(size_t)r * d + k]; }
-        real mu = (real)(s / M), proj = (real)(sz / (M - 1)), sdf = (real)sd[k];
+        sums[k] = s;
+        sums[d + k] = sz;
+    }
+    if (comm) excb_comm_sum_f64(comm, sums, 2 * (size_t)d);      /* as SyncBN's backward (10b) */
+#pragma omp parallel for schedule(static)
+    for (int k = 0; k < d; k++) {
+        real mu = (real)(sums[k] / Mt), proj = (real)(sums[d + k] / (Mt - 1)), sdf = (real)sd[k];
         for (int r = 0; r < M; r++) dz[(size_t)r * d + k] = (dzn[(size_t)r * d + k] - mu - zn[(size_t)r * d + k] * proj) / sdf;
     }
 }
@@ -2259,12 +2282,15 @@ void mvbt_standardise_backward(real *dz, const real *dzn, const real *zn, const 
 /* T2 (A = 2) or T3 on the standardised views zn (A*B, d): the loss, and dzn. Scratch: zbar and dzbar
    (B, d), cc (d, d), on (A*d doubles). */
 double mvbt_views_loss(real *dzn, const real *zn, real *zbar, real *dzbar, real *cc, double *on, int A, int B, int d,
-                       double lambda) {
+                       double lambda, ExcbComm *comm) {
     double loss = 0;
-    real inv_b = 1.0f / (real)B;
+    /* data parallel (10b): C and the on-diagonal terms are the global batch's means (1 / (R B), summed
+       over ranks); the rows' gradients keep 1 / B, which the ranks' gradient mean makes 1 / (R B) */
+    real inv_b = 1.0f / (real)B, inv_all = comm ? 1.0f / (real)(B * comm->size) : inv_b;
     if (A == 2) {                                                                            /* T2 */
         const real *z0 = zn, *z1 = zn + (size_t)B * d;
-        matmul_tiled('T', 'N', d, d, B, inv_b, z0, d, z1, d, 0.0f, cc, d);                        /* C         */
+        matmul_tiled('T', 'N', d, d, B, inv_all, z0, d, z1, d, 0.0f, cc, d);                      /* C         */
+        if (comm) excb_comm_sum_real(comm, cc, (size_t)d * d, 0);
         for (int k = 0; k < d; k++)
             for (int l = 0; l < d; l++) {                                                    /* C -> G    */
                 double ckl = cc[(size_t)k * d + l];
@@ -2284,10 +2310,17 @@ double mvbt_views_loss(real *dzn, const real *zn, real *zbar, real *dzbar, real 
         for (int k = 0; k < d; k++) {
             double acc = 0;
             for (int i = 0; i < B; i++) acc += (double)zn[((size_t)a * B + i) * d + k] * zbar[(size_t)i * d + k];
-            on[a * d + k] = acc / B;
+            on[a * d + k] = acc;
+        }
+    if (comm) excb_comm_sum_f64(comm, on, (size_t)A * d);
+    long B_all = (long)B * (comm ? comm->size : 1);
+    for (int a = 0; a < A; a++)
+        for (int k = 0; k < d; k++) {
+            on[a * d + k] = on[a * d + k] / B_all;
             loss += (on[a * d + k] - 1) * (on[a * d + k] - 1) / A;
         }
-    matmul_tiled('T', 'N', d, d, B, inv_b, zbar, d, zbar, d, 0.0f, cc, d);                        /* zbar^T zbar / B */
+    matmul_tiled('T', 'N', d, d, B, inv_all, zbar, d, zbar, d, 0.0f, cc, d);                      /* zbar^T zbar / B */
+    if (comm) excb_comm_sum_real(comm, cc, (size_t)d * d, 0);
     for (int k = 0; k < d; k++)
         for (int l = 0; l < d; l++) {
             double ckl = cc[(size_t)k * d + l];
@@ -2317,10 +2350,10 @@ static double mvbt_loss(ExcbModel *m) {
     int B = c->batch, d = c->d, A = m->n_dir_crops, M = A * B;
     real *zn = m->mbuf[MVBT_ZN], *dzn = m->mbuf[MVBT_DZN];
     double *sd = m->mbuf[MVBT_STATS], *on = sd + d;
-    mvbt_standardise(zn, sd, m->u_dir, M, d);                      /* u_dir: the raw rows (M, d) */
+    mvbt_standardise(zn, sd, m->u_dir, M, d, m->comm);             /* u_dir: the raw rows (M, d) */
     double loss = mvbt_views_loss(dzn, zn, m->mbuf[MVBT_ZBAR], m->mbuf[MVBT_DZBAR], m->mbuf[MVBT_CC], on, A, B, d,
-                                  c->mvbt.lambda_d / d);
-    mvbt_standardise_backward(m->du_dir, dzn, zn, sd, M, d);
+                                  c->mvbt.lambda_d / d, m->comm);
+    mvbt_standardise_backward(m->du_dir, dzn, zn, sd, M, d, m->comm);
     return loss;
 }
 
@@ -2332,7 +2365,7 @@ static const ExcbSetting mvbt_settings[] = {
 
 static const ExcbMethod method_mvbt = {
     .name = "mvbt", .summary = "multi-view Barlow Twins (2312.10725): standardised views against their mean, no prototypes (T1-T3)",
-    .pairing = EXCB_PAIRING_SWAPPED, .cuda = 0, .no_prototypes = 1, .raw_rows = 1, .student_only = 1,
+    .pairing = EXCB_PAIRING_SWAPPED, .cuda = 0, .no_prototypes = 1, .raw_rows = 1, .student_only = 1, .ranks = 1,
     .settings = mvbt_settings, .n_settings = sizeof mvbt_settings / sizeof mvbt_settings[0],
     .buffers = mvbt_buffers, .loss = mvbt_loss, .min_views = 2, .update = mvbt_update,
     .label_range = mvbt_label_range,
@@ -3541,10 +3574,12 @@ void excb_cuda_conv_report(int *plans, int *packed) { *plans = *packed = 0; }
  *   - every BatchNorm's two sums per channel, forward and backward, student and teacher (SyncBN);
  *   - the student's gradients, averaged (DDP): each rank's loss is the mean over its own rows;
  *   - the teacher labels of the whole batch, gathered (ExCB's E2 counts them; the run's A21 monitors);
- *   - DINO's centre (the mean teacher score), CARP's p-bar, CoKe's assignments, rows and images (every
- *     rank then makes the one process's update of its state), the loss and the diagnostics' sums.
- * SwAV and mvbt keep batch-wide state not reduced yet: they train in one process only
- * (ExcbMethod.ranks = 0 refuses them), as does the GPU twin for now.
+ *   - every method's batch-wide state: DINO's centre (the mean teacher score), SwAV's Sinkhorn sums and
+ *     its queue's rows, CoKe's assignments, rows and images (every rank then makes the one process's
+ *     update of its state), CARP's p-bar, mvbt's standardisation and cross-correlations;
+ *   - the loss and the diagnostics' sums.
+ * A method that keeps batch-wide state not reduced yet says so (ExcbMethod.ranks = 0: one process
+ * only); the GPU twin trains in one process for now.
  *
  * Equivalence by design. A floating-point sum depends on its order, and MPI's reductions choose theirs
  * (by message size, by topology). Here every reduction adds the R ranks' values element by element,
@@ -7841,7 +7876,7 @@ static void usage(FILE *f) {
         "                              cuda (the GPU or exit 69; exit 64 for a method without a GPU twin)\n"
         "              --precision P   fp32 (default), tf32 (GPU: TF32 GEMMs and convolutions); bf16: not yet\n"
         "              mpirun -np R ./excb train ...: R data-parallel ranks, each B/R images of every batch (CPU;\n"
-        "                              all methods but swav and mvbt); stop it by signalling the ranks (pkill -INT -x excb)\n"
+        "                              every method); stop it by signalling the ranks (pkill -INT -x excb)\n"
         "              --chunks R      one process computes each batch as R ranks' shares, one after another: the\n"
         "                              reference that mpirun -np R equals bit for bit\n"
         "  eval        excb eval CHECKPOINT|RUN_DIR: k-NN, linear probe and clustering metrics of a checkpoint\n"

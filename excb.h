@@ -417,11 +417,13 @@ void carp_partition(int32_t *perm, int K, uint64_t seed, long step);
 /* (comm: the data-parallel ranks whose p-bar is one, excb.c section 10b; NULL: one process) */
 double carp_loss_forward_backward(real *z, real *q, const real *zt, real *g, double *pbar, double *row_loss,
                                   const int32_t *perm, int U, int Vg, int B, int K, int nb, struct ExcbComm *comm);
-/* mvbt: T1 and its backward; T2/T3 on standardised views (A*B, d), writing dL/dzn */
-void mvbt_standardise(real *zn, double *sd, const real *z, int M, int d);
-void mvbt_standardise_backward(real *dz, const real *dzn, const real *zn, const double *sd, int M, int d);
+/* mvbt: T1 and its backward; T2/T3 on standardised views (A*B, d), writing dL/dzn (comm: the
+   data-parallel ranks whose rows are one batch, excb.c section 10b; NULL: one process) */
+void mvbt_standardise(real *zn, double *sd, const real *z, int M, int d, struct ExcbComm *comm);
+void mvbt_standardise_backward(real *dz, const real *dzn, const real *zn, const double *sd, int M, int d,
+                               struct ExcbComm *comm);
 double mvbt_views_loss(real *dzn, const real *zn, real *zbar, real *dzbar, real *cc, double *on, int A, int B, int d,
-                       double lambda);
+                       double lambda, struct ExcbComm *comm);
 /* the methods, NULL-terminated; ExcbConfig.method indexes it */
 extern const ExcbMethod *const excb_methods[];
 /* a method buffer by name (NULL: this model's method has none of that name) */

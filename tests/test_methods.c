@@ -878,10 +878,10 @@ Test(carp, each_block_is_its_own_softmax) {
 Test(mvbt, two_views_by_hand) {
     real z[4] = {1, -1, 1, -1}, zn[4], dzn[4], zbar[2], dzbar[2], cc[1];
     double sd[1], on[2];
-    mvbt_standardise(zn, sd, z, 4, 1);
+    mvbt_standardise(zn, sd, z, 4, 1, NULL);
     cr_expect_float_eq(zn[0], 0.8660254f, 1e-6);
     cr_expect(fabs(sd[0] - sqrt(4.0 / 3)) < 1e-12);
-    double L = mvbt_views_loss(dzn, zn, zbar, dzbar, cc, on, 2, 2, 1, 0.5);
+    double L = mvbt_views_loss(dzn, zn, zbar, dzbar, cc, on, 2, 2, 1, 0.5, NULL);
     cr_expect(fabs(L - 0.0625) < 1e-6, "L = %.9g", L);
     /* dzn_0 = zn_1 G / B, G = 2 (0.75 - 1) = -0.5: (-0.2165064, +0.2165064) */
     cr_expect_float_eq(dzn[0], -0.2165064f, 1e-6);
@@ -896,7 +896,7 @@ Test(mvbt, two_views_by_hand) {
 Test(mvbt, three_views_by_hand) {
     real zn[12] = {1, 0, 0, 1, 1, 0, 0, 1, 0, 1, 1, 0}, dzn[12], zbar[4], dzbar[4], cc[4];
     double on[6];
-    double L = mvbt_views_loss(dzn, zn, zbar, dzbar, cc, on, 3, 2, 2, 1.0);
+    double L = mvbt_views_loss(dzn, zn, zbar, dzbar, cc, on, 3, 2, 2, 1.0, NULL);
     cr_expect(fabs(L - 187.0 / 162) < 1e-6, "L = %.9g, want 187/162", L);
     cr_expect(fabs(on[0] - 1.0 / 3) < 1e-7 && fabs(on[4] - 1.0 / 6) < 1e-7, "on = %g, %g", on[0], on[4]);
 }
@@ -909,7 +909,7 @@ Test(mvbt, identical_views_with_identity_correlation_cost_nothing) {
         real zn[24], dzn[24], zbar[8], dzbar[8], cc[4];
         double on[6];
         for (int a = 0; a < A; a++) memcpy(zn + a * 8, rows, sizeof rows);
-        double L = mvbt_views_loss(dzn, zn, zbar, dzbar, cc, on, A, 4, 2, 0.5);
+        double L = mvbt_views_loss(dzn, zn, zbar, dzbar, cc, on, A, 4, 2, 0.5, NULL);
         cr_expect(L == 0, "A = %d: L = %g", A, L);
         for (int i = 0; i < A * 8; i++) cr_expect(dzn[i] == 0, "A = %d: dzn[%d] = %g", A, i, dzn[i]);
     }
@@ -923,8 +923,8 @@ Test(mvbt, standardise_backward_matches_finite_differences) {
     double sd[D];
     fill_normal(z, M * D, 501, 1);
     fill_normal(w, M * D, 502, 1);
-    mvbt_standardise(zn, sd, z, M, D);
-    mvbt_standardise_backward(dz, w, zn, sd, M, D);
+    mvbt_standardise(zn, sd, z, M, D, NULL);
+    mvbt_standardise_backward(dz, w, zn, sd, M, D, NULL);
     double worst = 0, gmax = 0;
     for (int i = 0; i < M * D; i++) gmax = fmax(gmax, fabs(dz[i]));
     for (int i = 0; i < M * D; i++) {
@@ -932,7 +932,7 @@ Test(mvbt, standardise_backward_matches_finite_differences) {
         double f[2];
         for (int s = 0; s < 2; s++) {
             z[i] = z0 + (s ? -1e-2f : 1e-2f);
-            mvbt_standardise(zn, sd, z, M, D);
+            mvbt_standardise(zn, sd, z, M, D, NULL);
             f[s] = 0;
             for (int j = 0; j < M * D; j++) f[s] += (double)w[j] * zn[j];
         }

@@ -923,7 +923,8 @@ Test(e2e, mpirun_equals_the_chunked_reference_bit_for_bit) {
     need_mpi();
     static const struct { int R; const char *set; } cases[] = {{2, ""}, {4, ""}, {2, "--set method=dino"}, {2, "--set method=carp --set K=16 --set carp_block=4"}, {2, "--set method=coke --set coke_k=8,12"},
         {2, "--set method=swav --set swav_freeze_prototypes_steps=4"},
-        {4, "--set method=swav --set swav_freeze_prototypes_steps=4 --set swav_queue_length=16 --set swav_queue_start_epoch=0"}};
+        {4, "--set method=swav --set swav_freeze_prototypes_steps=4 --set swav_queue_length=16 --set swav_queue_start_epoch=0"},
+        {2, "--set method=mvbt"}};
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
         char c[16], m[16], ca[64], ma[64];
         snprintf(c, sizeof c, "c%zu", i);
@@ -945,13 +946,15 @@ Test(e2e, mpirun_equals_the_chunked_reference_bit_for_bit) {
     }
 }
 
-/* R shares against the whole batch in one process: only the order of the partial sums differs. After
-   two steps (no k-means, whose argmax could amplify an ulp into another centroid), every tensor is
-   within 2e-5 of its largest magnitude (measured on this data: 6.7e-6 at R = 2, 5.6e-6 at R = 4). The
-   biases of the Linear layers that a BatchNorm follows (and the shift of BN(h), which reaches the
-   predictor's BatchNorm through a Linear layer) are the exception: BN subtracts their effect,
-   so their gradient is exactly 0 and what float32 computes is rounding noise (1.9e-7 on the student,
-   3.3e-6 in the momentum): compared absolutely, within 1e-5. */
+/* R shares against the whole batch in one process, for every method: only the order of the partial
+   sums differs. After two steps (four for SwAV, whose queue is in use from step 3; no k-means, whose
+   argmax could amplify an ulp into another centroid), every tensor and every state buffer is within 2e-5
+   of its largest magnitude (measured on this data: 1.2e-6 to 8.0e-6 over the cases below). The exception
+   is a bias whose effect a later normalisation removes: a Linear layer's that a BatchNorm follows, the
+   shift of BN(h) (the predictor's BatchNorm undoes it through a Linear layer), h's own bias where BN(h)
+   (CoKe) or a per-feature standardisation (mvbt, T1) reads h. Its exact gradient is 0 and what float32
+   computes is rounding noise (about 1e-7 on the parameters, up to 1.5e-5 in mvbt's momentum): compared
+   absolutely, within 5e-5. */
 static double max_abs(const float *a, size_t n) {
     double m = 0;
     for (size_t i = 0; i < n; i++) m = fmax(m, fabs(a[i]));
@@ -967,7 +970,8 @@ Test(e2e, chunks_match_one_process_to_a_stated_tolerance) {
     static const struct { int R; const char *set; int step; } cases[] = {
         {2, "", 2}, {4, "", 2}, {2, "--set method=dino", 2}, {2, "--set method=carp --set K=16 --set carp_block=4", 2},
         {2, "--set method=coke --set coke_k=8,12", 2},
-        {2, "--set method=swav --set swav_freeze_prototypes_steps=0 --set swav_queue_length=16 --set swav_queue_start_epoch=0", 4}};
+        {2, "--set method=swav --set swav_freeze_prototypes_steps=0 --set swav_queue_length=16 --set swav_queue_start_epoch=0", 4},
+        {2, "--set method=mvbt", 2}, {2, "--set method=mvbt --set n_local=0 --set n_global=2", 2}};
     for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++) {
         int R = cases[c].R;
         char one[16], run[16], ck_one[48], ck[48];
@@ -992,11 +996,12 @@ Test(e2e, chunks_match_one_process_to_a_stated_tolerance) {
             zero_grad_bias |= a.pred[0].has_bn && a.pred[0].b == t;
             zero_grad_bias |= t == a.pred_bn_beta;       /* BN(h)'s shift, which the predictor's BN undoes too */
             zero_grad_bias |= a.method->bn_rows && a.proj[2].b == t;    /* CoKe: h's bias, before BN(h) */
+            zero_grad_bias |= !strcmp(a.method->name, "mvbt") && a.proj[2].b == t;   /* T1 standardises h */
             for (int w = 0; w < 3; w++) {
                 const ExcbTensor *T = &a.tensors[t];
                 double d = max_diff(bufs_a[w] + T->offset, bufs_b[w] + T->offset, T->numel);
                 if (zero_grad_bias) {
-                    cr_expect_leq(d, 1e-5, "%s R = %d, %s %s (gradient 0 in exact arithmetic): %g", cases[c].set, R,
+                    cr_expect_leq(d, 5e-5, "%s R = %d, %s %s (gradient 0 in exact arithmetic): %g", cases[c].set, R,
                                   what[w], T->name, d);
                     continue;
                 }

@@ -1847,7 +1847,8 @@ static void coke_begin_step(ExcbModel *m) {
 
 static long coke_image(const ExcbModel *m, int i) {
     long N = coke_n_images(&m->cfg);
-    return m->batch_index ? (long)m->batch_index[i] : (m->step * m->cfg.batch + i) % N;
+    long B = m->cfg.batch, R = m->comm ? m->comm->size : 1, first = m->comm ? m->comm->rank * B : 0;
+    return m->batch_index ? (long)m->batch_index[i] : (m->step * B * R + first + i) % N;   /* its place (10b) */
 }
 
 /* one row's hard-label cross-entropy at 1/T: returns -log softmax(z / T)[t]; z becomes
@@ -3626,6 +3627,7 @@ typedef struct ExcbChunks {
     /* the collective being gathered: each share's input and output */
     const void **in;
     void **out;
+    const struct ChunkOp **op;               /* and what each asked for (they must agree) */
 } ExcbChunks;
 static ExcbChunks *chunks_running;            /* the scheduler whose shares run now (one at a time) */
 
@@ -3644,9 +3646,10 @@ static ExcbChunks *chunks_new(int R) {
     k->stack = xcalloc(R, sizeof *k->stack);
     k->in = xcalloc(R, sizeof *k->in);
     k->out = xcalloc(R, sizeof *k->out);
+    k->op = xcalloc(R, sizeof *k->op);
     for (int r = 0; r < R; r++) {
         k->stack[r] = mmap(NULL, EXCB_CHUNK_STACK, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-        if (k->stack[r] == MAP_FAILED) {
+        if (k->stack[r] == MAP_FAILED || mprotect(k->stack[r], 4096, PROT_NONE)) {   /* a guard page below */
             fprintf(stderr, "excb: cannot reserve a stack for chunk %d: %s\n", r, strerror(errno));
             exit(EXCB_EXIT_OSERR);
         }
@@ -3657,7 +3660,7 @@ static ExcbChunks *chunks_new(int R) {
 static void chunks_free(ExcbChunks *k) {
     if (!k) return;
     for (int r = 0; r < k->R; r++) munmap(k->stack[r], EXCB_CHUNK_STACK);
-    free(k->ctx); free(k->stack); free(k->in); free(k->out);
+    free(k->ctx); free(k->stack); free(k->in); free(k->out); free(k->op);
     free(k);
 }
 
@@ -3676,12 +3679,22 @@ static void chunks_run(ExcbChunks *k, void (*work)(int r, void *arg), void *arg)
     chunks_running = k;
     swapcontext(&k->main_ctx, &k->ctx[0]);
     chunks_running = NULL;
+    if (k->finished != k->R) {        /* a share still waits in a reduction the others never made */
+        fprintf(stderr, "excb: internal error: %d of %d chunks finished their work\n", k->finished, k->R);
+        exit(EXCB_EXIT_SOFTWARE);
+    }
 }
 
+/* what a share asks a reduction for: the same from every share, or the shares have gone apart */
+typedef struct ChunkOp {
+    void (*finish)(ExcbChunks *k, const struct ChunkOp *op);   /* run by the last share to arrive */
+    int type;                                                  /* sums: RED_*                      */
+    size_t n, bytes;                                           /* sums: elements; else bytes        */
+} ChunkOp;
+
 /* share r arrives at a reduction with its input and output: it waits for the others, and the last
-   one to arrive runs `finish` over all R of them, then the first share goes on */
-static void chunks_arrive(ExcbComm *c, const void *in, void *out, void (*finish)(ExcbChunks *k, void *ctx),
-                          void *ctx) {
+   one to arrive runs the op's finish over all R of them, then the first share goes on */
+static void chunks_arrive(ExcbComm *c, const void *in, void *out, const ChunkOp *op) {
     ExcbChunks *k = c->chunks;
     if (k->finished) {
         fprintf(stderr, "excb: internal error: chunk %d reduces after another chunk finished its step\n", c->rank);
@@ -3689,17 +3702,23 @@ static void chunks_arrive(ExcbComm *c, const void *in, void *out, void (*finish)
     }
     k->in[c->rank] = in;
     k->out[c->rank] = out;
+    k->op[c->rank] = op;
     if (c->rank + 1 < k->R) {
         swapcontext(&k->ctx[c->rank], &k->ctx[c->rank + 1]);
     } else {
-        finish(k, ctx);
+        for (int r = 0; r < k->R; r++) {              /* every share at the same reduction, same size */
+            const ChunkOp *o = k->op[r];
+            if (o->finish != op->finish || o->type != op->type || o->n != op->n || o->bytes != op->bytes) {
+                fprintf(stderr, "excb: internal error: chunk %d reduces something other than chunk %d\n", r, c->rank);
+                exit(EXCB_EXIT_SOFTWARE);
+            }
+        }
+        op->finish(k, op);
         if (k->R > 1) swapcontext(&k->ctx[c->rank], &k->ctx[0]);
     }
 }
 
-typedef struct { int type; size_t n, bytes; } ChunkOp;
-static void finish_sum(ExcbChunks *k, void *ctx) {
-    ChunkOp *op = ctx;
+static void finish_sum(ExcbChunks *k, const ChunkOp *op) {
     size_t es = red_size[op->type], block = 4096;
     unsigned char tmp[4096 * sizeof(double)];
     for (size_t i0 = 0; i0 < op->n; i0 += block) {      /* block by block: no buffer of the full size */
@@ -3710,13 +3729,11 @@ static void finish_sum(ExcbChunks *k, void *ctx) {
         for (int r = 0; r < k->R; r++) memcpy((unsigned char *)k->out[r] + i0 * es, tmp, nb * es);
     }
 }
-static void finish_gather(ExcbChunks *k, void *ctx) {
-    ChunkOp *op = ctx;
+static void finish_gather(ExcbChunks *k, const ChunkOp *op) {
     for (int r = 0; r < k->R; r++)
         for (int q = 0; q < k->R; q++) memcpy((unsigned char *)k->out[r] + (size_t)q * op->bytes, k->in[q], op->bytes);
 }
-static void finish_broadcast(ExcbChunks *k, void *ctx) {
-    ChunkOp *op = ctx;
+static void finish_broadcast(ExcbChunks *k, const ChunkOp *op) {
     for (int r = 1; r < k->R; r++) memcpy(k->out[r], k->in[0], op->bytes);
 }
 
@@ -3757,8 +3774,8 @@ static void mpi_sum(ExcbComm *c, void *x, size_t n, int type) {
 static void comm_sum(ExcbComm *c, void *x, size_t n, int type) {
     double t0 = now_seconds();
     if (c->kind == EXCB_COMM_CHUNKS) {
-        ChunkOp op = {.type = type, .n = n};
-        chunks_arrive(c, x, x, finish_sum, &op);
+        ChunkOp op = {.finish = finish_sum, .type = type, .n = n};
+        chunks_arrive(c, x, x, &op);
     }
 #ifdef EXCB_MPI
     else mpi_sum(c, x, n, type);
@@ -3773,8 +3790,8 @@ void excb_comm_sum_real(ExcbComm *c, real *x, size_t n, int mean) { comm_sum(c, 
 void excb_comm_gather(ExcbComm *c, const void *in, void *out, size_t bytes) {
     double t0 = now_seconds();
     if (c->kind == EXCB_COMM_CHUNKS) {
-        ChunkOp op = {.bytes = bytes};
-        chunks_arrive(c, in, out, finish_gather, &op);
+        ChunkOp op = {.finish = finish_gather, .bytes = bytes};
+        chunks_arrive(c, in, out, &op);
     }
 #ifdef EXCB_MPI
     else mpi_check(MPI_Allgather(in, (int)bytes, MPI_BYTE, out, (int)bytes, MPI_BYTE, MPI_COMM_WORLD), "MPI_Allgather");
@@ -3793,8 +3810,8 @@ int excb_comm_max(ExcbComm *c, int v) {
 
 void excb_comm_broadcast(ExcbComm *c, void *x, size_t bytes) {
     if (c->kind == EXCB_COMM_CHUNKS) {
-        ChunkOp op = {.bytes = bytes};
-        chunks_arrive(c, x, x, finish_broadcast, &op);
+        ChunkOp op = {.finish = finish_broadcast, .bytes = bytes};
+        chunks_arrive(c, x, x, &op);
     }
 #ifdef EXCB_MPI
     else mpi_check(MPI_Bcast(x, (int)bytes, MPI_BYTE, 0, MPI_COMM_WORLD), "MPI_Bcast");
@@ -5984,6 +6001,7 @@ static void teacher_projections(ExcbModel *m, const real *xg) {
  * at the same step with the same exit code; a failure of one rank alone (a full disk on rank 0) ends
  * the whole job through MPI_Abort with that rank's exit code (main), never a hang. */
 static ExcbComm mpi_world;          /* under mpirun with R > 1 (main): size R, kind MPI; else size 0 */
+static atomic_int stop_signal;      /* section 17: the first SIGINT/SIGTERM/SIGHUP of this run */
 static int rank_exit_agreed;        /* the run's exit code was agreed by every rank (main: no abort) */
 static int rank_exit_silent;        /* another rank's reason: that rank prints the message            */
 
@@ -5998,29 +6016,21 @@ typedef struct {
     int64_t *index;            /* MPI: the global batch's data set indices, gathered each step          */
 } Ranks;
 
-/* the ranks of this run, and the configuration of one rank's model (batch: its share) */
-static int ranks_config(Ranks *rk, const ExcbRunConfig *rc, ExcbConfig *local, char *err) {
-    memset(rk, 0, sizeof *rk);
-    rk->R = 1;
-    *local = rc->model;
-    if (mpi_world.size > 1) {
-        if (rc->chunks > 1)
-            return fail(err, EXCB_EXIT_USAGE, "--chunks %d under mpirun with %d ranks: the chunks are the one-process "
-                        "reference of mpirun, use one or the other", rc->chunks, mpi_world.size);
-        rk->R = mpi_world.size;
-        rk->rank = mpi_world.rank;
-        rk->world = &mpi_world;
-    } else if (rc->chunks > 1) {
-        rk->R = rc->chunks;
-    }
-    if (rk->R == 1) return 0;
+/* A run that R ranks cannot share: 0, or the code with err. excb train asks before it changes anything
+   in the run directory, and the run asks again. */
+static int ranks_refusal(const ExcbRunConfig *rc, char *err) {
+    int R = mpi_world.size > 1 ? mpi_world.size : rc->chunks > 1 ? rc->chunks : 1;
+    if (mpi_world.size > 1 && rc->chunks > 1)
+        return fail(err, EXCB_EXIT_USAGE, "--chunks %d under mpirun with %d ranks: the chunks are the one-process "
+                    "reference of mpirun, use one or the other", rc->chunks, mpi_world.size);
+    if (R == 1) return 0;
     const ExcbMethod *me = excb_methods[rc->model.method];
-    if (rc->model.batch % rk->R)
+    if (rc->model.batch % R)
         return fail(err, EXCB_EXIT_CONFIG, "batch %d does not split into %d equal shares, one per rank: choose a batch "
-                    "that %d divides", rc->model.batch, rk->R, rk->R);
-    if (rc->model.batch / rk->R < 2)
+                    "that %d divides", rc->model.batch, R, R);
+    if (rc->model.batch / R < 2)
         return fail(err, EXCB_EXIT_CONFIG, "batch %d over %d ranks leaves %d image(s) to a rank; each needs at least 2",
-                    rc->model.batch, rk->R, rc->model.batch / rk->R);
+                    rc->model.batch, R, rc->model.batch / R);
     if (!me->ranks)
         return fail(err, EXCB_EXIT_CONFIG, "method '%s' keeps batch-wide state that is not reduced across ranks yet: it "
                     "trains in one process (without mpirun or --chunks)", me->name);
@@ -6029,7 +6039,22 @@ static int ranks_config(Ranks *rk, const ExcbRunConfig *rc, ExcbConfig *local, c
                     "for now");
     if (rc->device == EXCB_DEVICE_CUDA)
         return fail(err, EXCB_EXIT_USAGE, "--device cuda with %d ranks: the GPU twin trains in one process for now "
-                    "(NCCL is not wired in yet)", rk->R);
+                    "(NCCL is not wired in yet)", R);
+    return 0;
+}
+
+/* the ranks of this run, and the configuration of one rank's model (batch: its share) */
+static int ranks_config(Ranks *rk, const ExcbRunConfig *rc, ExcbConfig *local, char *err) {
+    memset(rk, 0, sizeof *rk);
+    *local = rc->model;
+    int code = ranks_refusal(rc, err);
+    if (code) return code;
+    rk->R = mpi_world.size > 1 ? mpi_world.size : rc->chunks > 1 ? rc->chunks : 1;
+    if (mpi_world.size > 1) {
+        rk->rank = mpi_world.rank;
+        rk->world = &mpi_world;
+    }
+    if (rk->R == 1) return 0;
     local->batch = rc->model.batch / rk->R;
     local->ranks = rk->R;
     return 0;
@@ -6146,16 +6171,31 @@ static void ranks_teacher_rows(Ranks *rk, ExcbModel *run, const ExcbBatch *bt, i
     else run->ops->to_host(rows, run->ut + (size_t)view * share, sizeof(real) * share);
 }
 
-/* a code every rank agrees on before the next step: the largest of the ranks' (0 when all are 0); a
-   rank whose own code was 0 says nothing, the rank that hit it prints its message */
-static int ranks_agree(Ranks *rk, int code, char *err) {
-    if (!rk->world) return code;
-    int all = excb_comm_max(rk->world, code);
-    if (all && !code) {
-        rank_exit_silent = 1;
-        fail(err, all, "rank %d stops with exit %d, which another rank hit (its message is above)", rk->rank, all);
+/* A code every rank agrees on before the next step: the largest of the ranks' (0 when all are 0); a
+   rank whose own code was 0 says nothing, the rank that hit it prints its message. With sig (the loop),
+   also the stop signal: any rank's, stored on every rank, so that all leave the loop together (a rank
+   must never act on a signal it alone has seen: it would leave the others in a reduction). One
+   all-gather of two ints a step. */
+static int ranks_agree(Ranks *rk, int code, int *sig, char *err) {
+    if (!rk->world) {
+        if (sig) *sig = stop_signal;
+        return code;
     }
-    return all;
+    int mine[2] = {code, sig ? (int)stop_signal : 0}, all[2 * rk->R], best = 0, stop = 0;
+    excb_comm_gather(rk->world, mine, all, sizeof mine);
+    for (int r = 0; r < rk->R; r++) {
+        best = all[2 * r] > best ? all[2 * r] : best;
+        stop = all[2 * r + 1] > stop ? all[2 * r + 1] : stop;
+    }
+    if (best && !code) {
+        rank_exit_silent = 1;
+        fail(err, best, "rank %d stops with exit %d, which another rank hit (its message is above)", rk->rank, best);
+    }
+    if (sig) {
+        if (stop) atomic_store(&stop_signal, stop);
+        *sig = stop;
+    }
+    return best;
 }
 
 /* Collects rc->kmeans_samples projections from the loader's batches (view 1 from even batches, view 2
@@ -6174,7 +6214,7 @@ static int kmeans_init_centroids(ExcbModel *m, ExcbModel *run, Ranks *rk, const 
     long have = 0;
     for (long b = 0; have < n; b++) {
         ExcbBatch *bt;
-        int code = ranks_agree(rk, excb_loader_next(L, &bt, err), err);
+        int code = ranks_agree(rk, excb_loader_next(L, &bt, err), NULL, err);
         if (code) { free(x); free(cu); free(cm); free(rows); free(assign); return code; }
         int view = c->n_global > 1 ? (int)(b % 2) : 0;          /* one global view: always it */
         ranks_teacher_rows(rk, run, bt, view, rows);
@@ -6636,7 +6676,7 @@ int excb_lock_run_dir(const char *dir, int create, int *fd, char *err) {
  * The handler only records the signal; the loop stops after the step in progress. A second signal ends
  * the process at once, after removing the temporary file of the write in progress (tmp_begin, section
  * 16). */
-static atomic_int stop_signal;                   /* the first SIGINT/SIGTERM/SIGHUP of this run       */
+/* (stop_signal, the first one, is declared with the ranks before section 15: they agree on it) */
 static atomic_int signals_seen;                  /* every thread may take a signal: counted atomically */
 
 /* lock-free atomics, unlink, write, sigaction, sigprocmask and raise: all async-signal-safe */
@@ -7086,7 +7126,7 @@ static void epoch_record(Run *r, const ExcbModel *m, const ExcbTrainState *ts, l
         fprintf(r->metrics, ",");
         eval_json(r->metrics, rc, knn);
     }
-    metrics_end(r, epoch_seconds, elapsed_img_per_s(r, m->step, m->cfg.batch));
+    metrics_end(r, epoch_seconds, elapsed_img_per_s(r, m->step, rc->model.batch));   /* the global batch */
     if (!r->quiet) {
         fprintf(stderr, "excb train: epoch %ld done: loss %.4f", epoch + 1, a[EXCB_ACC_LOSS] / n);
         if (K) fprintf(stderr, ", empty clusters %ld of %d, cluster sizes %ld..%ld, label entropy %.4f of log K", empty, K,
@@ -7225,7 +7265,11 @@ int excb_train(ExcbRunConfig *rc_in, const char *out_dir, const char *resume_fro
                                                err))) goto done_model;
             code = kmeans_init_centroids(&m, run, &rk, &rc, &L, !quiet, err);
             excb_loader_close(&L);
-            if (code) goto done_model;
+            if (code) {                /* agreed (a data error) or the same on every rank (empty clusters) */
+                rank_exit_agreed = 1;
+                if (!writer) rank_exit_silent = 1;
+                goto done_model;
+            }
         }
         if ((code = save_checkpoint(&r, &m, &ts, config_text, rc.keep, err))) goto done_model;
         last_ckpt = 0;
@@ -7246,13 +7290,11 @@ int excb_train(ExcbRunConfig *rc_in, const char *out_dir, const char *resume_fro
     int agreed = 0;                                     /* code is every rank's (10b), not this one's alone */
     while (steps_left(&rc, m.step)) {
         ExcbBatch *bt;
-        code = ranks_agree(&rk, excb_loader_next(&L, &bt, err), err);   /* a data error on any rank: all stop */
+        /* a data error or a signal on any rank stops every rank here, at the same step */
+        int sig = 0;
+        code = ranks_agree(&rk, excb_loader_next(&L, &bt, err), &sig, err);
         if (code) { agreed = 1; break; }
-        if (rk.world) {                                     /* and a signal to any rank stops them all */
-            int sig = excb_comm_max(rk.world, stop_signal);
-            if (sig) atomic_store(&stop_signal, sig);
-        }
-        if (stop_signal) break;
+        if (sig) break;
         long epoch = m.step / bpe;
         if (m.step == rc.debug_nan_step) bt->xg[0] = NAN;   /* tests: a poisoned input, as a bad batch would be */
         ExcbStepStats st = {0};
@@ -7385,10 +7427,19 @@ int excb_train(ExcbRunConfig *rc_in, const char *out_dir, const char *resume_fro
             fprintf(stderr, ", %.1f ms of it in reductions (waits for the other ranks included)", 1e3 * c->seconds / steps);
         fprintf(stderr, "\n");
     }
-    /* every rank ends here with the same code, or a rank that failed alone ends the job (main: MPI_Abort) */
+    /* every rank ends here with the same code, or a rank that failed alone ends the job (main: MPI_Abort).
+       The job's code is rank 0's when it has one (it wrote, or failed to write, the run's last state: a
+       failed save on a stop is 74, not 130), else the largest; only rank 0 prints it */
     if (rk.world && (!code || agreed)) {
-        if (!writer && code) rank_exit_silent = 1;      /* rank 0 says it */
-        code = excb_comm_max(rk.world, code);
+        int all[rk.R], own = code;
+        excb_comm_gather(rk.world, &own, all, sizeof own);
+        code = all[0];
+        for (int q = 1; q < rk.R && !code; q++) code = all[q] > code ? all[q] : code;
+        for (int q = 1; q < rk.R && !all[0]; q++) code = all[q] > code ? all[q] : code;
+        if (!writer && code) {
+            rank_exit_silent = 1;
+            if (code != own) fail(err, code, "rank %d stops with exit %d, as rank 0 says", rk.rank, code);
+        }
         rank_exit_agreed = 1;
     }
     if (ds.n_bad) fprintf(stderr, "excb train: %ld bad training image(s) skipped (skip_bad), each named above\n", ds.n_bad);
@@ -8125,14 +8176,31 @@ static int cmd_bench(int argc, char **argv) {
     ExcbDataset ds;
     ExcbLoader L;
     if (o.data && (code = open_data("bench", &o, &cfg, &ds, &L))) return code;
-    if ((code = resolve_device("bench", &o.device, o.precision, &cfg, 0))) return code;
+    /* under mpirun (section 10b): each rank steps its share of the same global batch of random inputs */
+    int R = mpi_world.size > 1 ? mpi_world.size : 1, rank = mpi_world.rank, B = cfg.batch;
+    if (R > 1 && (o.data || o.device == EXCB_DEVICE_CUDA || B % R || B / R < 2)) {
+        if (!rank) fprintf(stderr, "excb bench: under mpirun, random inputs on the CPU and a batch of at least 2 images a "
+                           "rank that the %d ranks divide (B = %d)\n", R, B);
+        return EXCB_EXIT_USAGE;
+    }
+
+    if ((code = resolve_device("bench", &o.device, o.precision, &cfg, R > 1))) return code;
+    cfg.batch = B / R;
+    cfg.ranks = R;
     ExcbModel host, dm, *mp = &host;
     if (excb_build(&host, &cfg)) return EXCB_EXIT_USAGE;
-    size_t ng = (size_t)cfg.n_global * cfg.batch * cfg.in_ch * cfg.global_size * cfg.global_size;
-    size_t nl = (size_t)cfg.n_local * cfg.batch * cfg.in_ch * cfg.local_size * cfg.local_size;
+    if (R > 1) host.comm = &mpi_world;
+    size_t gpix = (size_t)cfg.in_ch * cfg.global_size * cfg.global_size, lpix = (size_t)cfg.in_ch * cfg.local_size * cfg.local_size;
+    size_t ng = (size_t)cfg.n_global * cfg.batch * gpix, nl = (size_t)cfg.n_local * cfg.batch * lpix;
     real *xg = xmalloc(sizeof(real) * ng), *xl = xmalloc(sizeof(real) * (nl + 1));
-    for (size_t i = 0; i < ng; i++) xg[i] = excb_normal(cfg.seed, EXCB_RNG_BENCH, 0, 0, i);
-    for (size_t i = 0; i < nl; i++) xl[i] = excb_normal(cfg.seed, EXCB_RNG_BENCH, 1, 0, i);
+    for (size_t i = 0; i < ng; i++) {          /* element e of row (v, i) is the global batch's row v B + r B/R + i */
+        size_t row = i / gpix, v = row / cfg.batch, g = (v * B + (size_t)rank * cfg.batch + row % cfg.batch) * gpix + i % gpix;
+        xg[i] = excb_normal(cfg.seed, EXCB_RNG_BENCH, 0, 0, g);
+    }
+    for (size_t i = 0; i < nl; i++) {
+        size_t row = i / lpix, v = row / cfg.batch, g = (v * B + (size_t)rank * cfg.batch + row % cfg.batch) * lpix + i % lpix;
+        xl[i] = excb_normal(cfg.seed, EXCB_RNG_BENCH, 1, 0, g);
+    }
     char err[EXCB_ERR_LEN];
     real *dxg = NULL, *dxl = NULL;
     if (o.device == EXCB_DEVICE_CUDA) {
@@ -8159,6 +8227,10 @@ static int cmd_bench(int argc, char **argv) {
     double warm = now_seconds() - t0;
     int steps = warm > 0 ? (int)ceil(o.min_s / warm) : 1;
     if (steps < 1) steps = 1;
+    if (R > 1) {                                 /* every rank the same steps: rank 0's count */
+        excb_comm_broadcast(&mpi_world, &steps, sizeof steps);
+        mpi_world.seconds = 0;
+    }
     /* with --data, random and loaded steps alternate one by one, so slow drifts of the machine hit
        both alike; each repetition's two rates give one ratio */
     double ips[1000], ips_data[1000], ratio[1000];
@@ -8178,7 +8250,7 @@ static int cmd_bench(int argc, char **argv) {
         }
         excb_cuda_synchronize();                     /* the GPU's last step has finished          */
         if (!o.data) t_random = now_seconds() - t0;
-        ips[r] = cfg.batch * steps / t_random;
+        ips[r] = (double)B * steps / t_random;       /* the global batch's images */
         if (o.data) {
             ips_data[r] = cfg.batch * steps / t_data;
             ratio[r] = ips_data[r] / ips[r];
@@ -8202,12 +8274,18 @@ static int cmd_bench(int argc, char **argv) {
                peak_flops > 0 ? 100 * flop_per_img * med / peak_flops : 0.0, precision_names[o.precision], peak_flops / 1e12,
                peak_b / 1048576.0, ru.ru_maxrss / 1024.0, o.reps, steps, st.loss, plans, packed,
                excb_cuda_nondeterministic_plans());
-    } else
+    } else if (!rank) {
         printf("excb bench %s G=%d L=%d B=%d K=%d threads=%d: %.2f img/s [%.2f–%.2f] | %.1f GFLOP/s "
                "(%.4f GFLOP/img) | peak %.1f MiB | %d reps x %d steps | loss %.5f\n",
-               cfg.name, cfg.global_size, cfg.n_local ? cfg.local_size : 0, cfg.batch, cfg.K, m->max_threads,
+               cfg.name, cfg.global_size, cfg.n_local ? cfg.local_size : 0, B, cfg.K, m->max_threads,
                med, lo, hi, flop_per_img * med / 1e9, flop_per_img / 1e9,
                ru.ru_maxrss / 1024.0, o.reps, steps, st.loss);
+        if (R > 1)
+            printf("excb bench: %d ranks (Open MPI), %d images each: %.1f ms a step in %.0f reductions of %.2f MB from "
+                   "each rank (waits for the other ranks included), of %.1f ms a step\n", R, cfg.batch,
+                   1e3 * mpi_world.seconds / (o.reps * steps), (double)mpi_world.calls / (o.reps * steps + 1),
+                   mpi_world.bytes / (o.reps * steps + 1) / 1e6, 1e3 * B / med);
+    }
     if (o.data) {
         double dlo, dhi, dmed = median_of(ips_data, o.reps, &dlo, &dhi), rlo, rhi, rmed = median_of(ratio, o.reps, &rlo, &rhi);
         printf("excb bench %s on %s (%d loader worker(s)): %.2f img/s [%.2f–%.2f] = %.3f [%.3f–%.3f] of random "
@@ -8488,7 +8566,11 @@ static int cmd_train(int argc, char **argv) {
     if (device == EXCB_DEVICE_AUTO && (chunks > 1 || mpi_world.size > 1))
         device = EXCB_DEVICE_CPU;                  /* several ranks train on the CPU for now (section 10b) */
     if ((code = resolve_device("train", &device, precision, &rc.model, quiet))) return code;
-    /* under mpirun, every rank has checked the above before rank 0 changes anything (10b) */
+    /* the ranks can share this run (10b), and under mpirun every rank has checked all of the above, before
+       rank 0 changes anything */
+    rc.chunks = chunks;
+    rc.device = device;
+    if ((code = ranks_refusal(&rc, err))) { if (writer) fprintf(stderr, "excb train: %s\n", err); return code; }
     if (mpi_world.size > 1) excb_comm_max(&mpi_world, 0);
     /* the run goes ahead: its directory, the lock with this pid; then, under the lock, the leftover
        ckpt-*.tmp of a process that died, and with --force the old checkpoints */
@@ -8499,8 +8581,6 @@ static int cmd_train(int argc, char **argv) {
     }
     rc.stop_after = stop_after;
     rc.precision = precision;
-    rc.device = device;
-    rc.chunks = chunks;
     code = excb_train(&rc, dir, resume ? ckpt : NULL, quiet, err);
     if (code && !rank_exit_silent) fprintf(stderr, "excb train: %s\n", err);
     if (lock_fd >= 0) close(lock_fd);       /* the lock ends here (or with the process) */
@@ -9335,6 +9415,10 @@ int main(int argc, char **argv) {
     if (launched) {
         int provided;
         MPI_Init_thread(&argc, &argv, MPI_THREAD_FUNNELED, &provided);   /* the loader's threads never call MPI */
+        if (provided < MPI_THREAD_FUNNELED) {
+            fprintf(stderr, "excb: this MPI library gives thread level %d, below MPI_THREAD_FUNNELED\n", provided);
+            MPI_Abort(MPI_COMM_WORLD, EXCB_EXIT_UNAVAILABLE);
+        }
         MPI_Comm_rank(MPI_COMM_WORLD, &mpi_world.rank);
         MPI_Comm_size(MPI_COMM_WORLD, &mpi_world.size);
         mpi_world.kind = EXCB_COMM_MPI;
@@ -9345,9 +9429,9 @@ int main(int argc, char **argv) {
                 "install libopenmpi-dev and rebuild (make says whether it found MPI)\n", world);
         return EXCB_EXIT_USAGE;
     }
-    if (launched && (argc < 2 || strcmp(argv[1], "train"))) {
-        if (!mpi_world.rank) fprintf(stderr, "excb: only 'excb train' runs on several ranks; run '%s' without mpirun\n",
-                                     argc > 1 ? argv[1] : "");
+    if (launched && (argc < 2 || (strcmp(argv[1], "train") && strcmp(argv[1], "bench")))) {
+        if (!mpi_world.rank) fprintf(stderr, "excb: only 'excb train' and 'excb bench' run on several ranks; run '%s' "
+                                     "without mpirun\n", argc > 1 ? argv[1] : "");
 #ifdef EXCB_MPI
         MPI_Finalize();
 #endif

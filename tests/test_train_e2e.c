@@ -1031,8 +1031,9 @@ Test(e2e, chunks_match_one_process_to_a_stated_tolerance) {
 }
 
 /* a run of R ranks resumes on R' ranks: R = R' (another transport) continues bit for bit; 2 -> 4 gives
-   what the chunked reference gives for 2 -> 4; a batch R does not divide, a method whose batch-wide
-   state is not reduced yet, and --chunks under mpirun are refused before anything is written */
+   what the chunked reference gives for 2 -> 4; a batch R does not divide, A4's audit counts (not reduced
+   across ranks yet), and --chunks under mpirun are refused before anything is written; eval under
+   mpirun is refused, bench runs its ranks */
 Test(e2e, a_run_of_r_ranks_resumes_on_r_prime) {
     need_mpi();
     cr_assert_eq(sh(TRAIN "--out '%s' --chunks 2", p("data"), p("c2")), 0);
@@ -1048,9 +1049,15 @@ Test(e2e, a_run_of_r_ranks_resumes_on_r_prime) {
     cr_assert_eq(sh(TRAIN "--out '%s' --resume", p("data"), p("y")), 0, "and on one process (nothing left to do)");
     cr_expect_eq(sh(TRAIN "--out '%s' --chunks 3", p("data"), p("n3")), EXCB_EXIT_CONFIG);
     cr_expect(log_has("batch 8 does not split into 3 equal shares"));
-    cr_expect_eq(sh(TRAIN "--out '%s' --chunks 2 --set method=swav", p("data"), p("sw")), EXCB_EXIT_CONFIG);
-    cr_expect(log_has("method 'swav'") && log_has("not reduced across ranks yet"));
+    cr_expect_eq(sh(TRAIN "--out '%s' --chunks 3 --force", p("data"), p("c2")), EXCB_EXIT_CONFIG);
+    cr_expect(access(p("c2/ckpt-0000000064.excb"), F_OK) == 0, "a refused --force deleted the run's checkpoints");
+    cr_expect_eq(sh(TRAIN "--out '%s' --chunks 2 --set count_kind=soft", p("data"), p("sw")), EXCB_EXIT_CONFIG);
+    cr_expect(log_has("count_source and count_kind") && log_has("one process only"));
     cr_expect_eq(sh(MPIRUN TRAIN "--out '%s' --chunks 2", 2, p("data"), p("mc")), EXCB_EXIT_USAGE);
+    cr_expect_eq(sh(MPIRUN "./excb eval '%s'", 2, p("c2")), EXCB_EXIT_USAGE, "eval runs in one process");
+    cr_expect(log_has("only 'excb train' and 'excb bench' run on several ranks"));
+    cr_expect_eq(sh(MPIRUN "./excb bench --config tiny --reps 1 --min-seconds 1", 2), 0);
+    cr_expect(log_has("2 ranks (Open MPI), 2 images each") && log_has("B=4"), "bench reports the global batch");
     struct stat st;
     cr_expect(stat(p("n3/config.txt"), &st) && stat(p("sw/config.txt"), &st) && stat(p("mc/config.txt"), &st),
               "a refused run wrote its config");
@@ -1135,4 +1142,38 @@ Test(e2e, a_killed_rank_ends_the_job_and_the_run_resumes) {
     write_image_folder(p("img"), ab, 2, 1);
     cr_expect_eq(sh(MPIRUN "./excb train --preset tiny --data '%s' --out '%s' -q", 2, p("img"), p("bad")), EXCB_EXIT_DATA);
     cr_expect(log_has("broken.png"), "the message names the image");
+}
+
+/* SIGINT to every rank (pkill -INT -x excb): they agree on it before the next step, stop at the same
+   step, rank 0 saves it and says so once, the job exits 130; the run resumes */
+Test(e2e, a_signal_to_the_ranks_stops_them_at_one_step_with_a_checkpoint) {
+    need_mpi();
+    pid_t pid = fork();
+    if (!pid) {
+        default_stop_signals();
+        int fd = open(p("bg.log"), O_WRONLY | O_CREAT | O_TRUNC, 0666);
+        dup2(fd, 1); dup2(fd, 2);
+        execlp("mpirun", "mpirun", "--oversubscribe", "--allow-run-as-root", "-np", "2", "./excb", "train", "--preset",
+               "tiny", "--data", p("data"), "--out", p("s"), "-q", "--set", "epochs=1000", (char *)NULL);
+        _exit(127);
+    }
+    wait_for_file(p("s/ckpt-0000000002.excb"));
+    pid_t r0 = 0, r1 = 0;
+    for (int i = 0; i < 200 && !(r0 && r1); i++, usleep(10000)) { r0 = rank_pid(0, p("s")); r1 = rank_pid(1, p("s")); }
+    cr_assert(r0 > 0 && r1 > 0, "the ranks' processes not found");
+    kill(r1, SIGINT);                          /* one after the other, as pkill does */
+    kill(r0, SIGINT);
+    int code = wait_exit(pid);
+    cr_expect_eq(code, 130, "the job's exit: %d", code);
+    char *log = slurp_text(p("bg.log"));
+    const char *at = log ? strstr(log, "stopped after step ") : NULL;
+    cr_expect(at && !strstr(at + 1, "stopped after step "), "one message, from rank 0: %s", log ? log : "");
+    long stopped = at ? atol(at + strlen("stopped after step ")) : -1;
+    free(log);
+    char ck[64];
+    snprintf(ck, sizeof ck, "s/ckpt-%010ld.excb", stopped);
+    cr_expect(stopped > 0 && access(p(ck), F_OK) == 0, "a checkpoint of step %ld", stopped);
+    cr_expect(!has_tmp(p("s")), "a .tmp left behind");
+    cr_expect_eq(sh(MPIRUN TRAIN "--out '%s' --resume --stop-after %ld --set epochs=1000", 2, p("data"), p("s"), stopped + 2), 0,
+                 "resume (log: %s/log)", dir);
 }

@@ -3138,7 +3138,8 @@ static void backbone_backward(ExcbModel *m, ExcbBackboneActs *A, const real *df,
             const ExcbConvBN *u = &blk->down;
             const ExcbUnitActs *ua = &A->down[b];
             m->ops->batchnorm_backward(dy, PT(G, u->gamma), PT(G, u->beta), dcur, ua_last->a, ua->y, ua->mean,
-                                       ua->rstd, PT(P, u->gamma), 1, u->cout, N * ua->H * ua->W, m->ops->channels_last, m->comm);
+                                       ua->rstd, PT(P, u->gamma), 1, u->cout, N * ua->H * ua->W, m->ops->channels_last,
+                                       m->comm);
             m->ops->conv2d_backward(dcur, PT(G, u->w), dy, block_in, PT(P, u->w), m->col, m->slots, N, u->cin,
                                     hin, hin, u->cout, u->k, u->stride, u->pad);
             m->ops->add(dx, dcur, n_in);
@@ -3176,7 +3177,8 @@ static void head_layer_forward(ExcbModel *m, const real *P, real *run, const Exc
         return;
     }
     m->ops->batchnorm_forward(a, mean, rstd, run + L->stats, run + L->stats + L->out, y, PT(P, L->gamma),
-                              PT(P, L->beta), NULL, 1, L->out, N, (real)m->cfg.bn_eps, (real)m->cfg.bn_momentum, 0, m->comm);
+                              PT(P, L->beta), NULL, 1, L->out, N, (real)m->cfg.bn_eps, (real)m->cfg.bn_momentum, 0,
+                              m->comm);
 }
 
 static void head_layer_backward(ExcbModel *m, const ExcbLinear *L, real *dx, real *da, real *tmp,
@@ -3319,7 +3321,8 @@ double excb_forward_loss(ExcbModel *m, const real *xg, const real *xl, ExcbStepS
     } else if (pred) {    /* predictor E10a: BN(d) without ReLU, Linear-BN-ReLU, Linear */
         m->ops->batchnorm_forward(m->pre_y, m->pre_mean, m->pre_rstd, m->running + m->pred_bn_stats,
                                   m->running + m->pred_bn_stats + d, m->h, PT(m->params, m->pred_bn_gamma),
-                                  PT(m->params, m->pred_bn_beta), NULL, 0, d, NS, (real)c->bn_eps, (real)c->bn_momentum, 0, m->comm);
+                                  PT(m->params, m->pred_bn_beta), NULL, 0, d, NS, (real)c->bn_eps, (real)c->bn_momentum, 0,
+                                  m->comm);
         head_layer_forward(m, m->params, m->running, &m->pred[0], m->pre_y, m->pred_y, m->pred_a, m->pred_mean,
                            m->pred_rstd, NS);
         head_layer_forward(m, m->params, m->running, &m->pred[1], m->pred_a, NULL, m->p, NULL, NULL, NS);
@@ -3395,7 +3398,8 @@ void excb_backward(ExcbModel *m) {
                                 m->pred_rstd, NS);                                                /* s2 = d BN(h) */
             if (m->method->bn_rows) m->ops->add(s2, dh, (size_t)d * NS);    /* the direct rows read BN(h) too */
             m->ops->batchnorm_backward(s3, PT(G, m->pred_bn_gamma), PT(G, m->pred_bn_beta), s2, m->pre_y, m->h,
-                                       m->pre_mean, m->pre_rstd, PT(P, m->pred_bn_gamma), 0, d, NS, 0, m->comm);  /* s3 = dh_pred */
+                                       m->pre_mean, m->pre_rstd, PT(P, m->pred_bn_gamma), 0, d, NS, 0,
+                                       m->comm);                                                    /* s3 = dh_pred */
             if (m->method->bn_rows) dh = s3;              /* all of dL/dh came through BN(h): s3 holds it */
             else m->ops->add(dh, s3, (size_t)d * NS);
         }
@@ -3648,7 +3652,8 @@ static ExcbChunks *chunks_new(int R) {
     k->out = xcalloc(R, sizeof *k->out);
     k->op = xcalloc(R, sizeof *k->op);
     for (int r = 0; r < R; r++) {
-        k->stack[r] = mmap(NULL, EXCB_CHUNK_STACK, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        k->stack[r] = mmap(NULL, EXCB_CHUNK_STACK, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
+                           -1, 0);
         if (k->stack[r] == MAP_FAILED || mprotect(k->stack[r], 4096, PROT_NONE)) {   /* a guard page below */
             fprintf(stderr, "excb: cannot reserve a stack for chunk %d: %s\n", r, strerror(errno));
             exit(EXCB_EXIT_OSERR);
@@ -8167,6 +8172,15 @@ static int print_memory_plan(const ExcbConfig *cfg) {
 
 /* The whole training step, timed. With --data, repetitions alternate between the fixed random inputs
    and batches from the loader (its workers running alongside), and each pair gives one ratio. */
+/* the benchmark's fixed random views, view-major: this rank's rows v B + r B/R + i of the global batch's
+   (one process: all of them), so that the ranks together step the one process's inputs */
+static void bench_inputs(real *x, int views, int Bl, int R, int rank, size_t pix, uint64_t seed, int stream) {
+    for (size_t e = 0; e < (size_t)views * Bl * pix; e++) {
+        size_t row = e / pix, v = row / Bl, global_row = v * Bl * R + (size_t)rank * Bl + row % Bl;
+        x[e] = excb_normal(seed, EXCB_RNG_BENCH, stream, 0, global_row * pix + e % pix);
+    }
+}
+
 static int cmd_bench(int argc, char **argv) {
     Options o;
     ExcbConfig cfg;
@@ -8190,17 +8204,12 @@ static int cmd_bench(int argc, char **argv) {
     ExcbModel host, dm, *mp = &host;
     if (excb_build(&host, &cfg)) return EXCB_EXIT_USAGE;
     if (R > 1) host.comm = &mpi_world;
-    size_t gpix = (size_t)cfg.in_ch * cfg.global_size * cfg.global_size, lpix = (size_t)cfg.in_ch * cfg.local_size * cfg.local_size;
+    size_t gpix = (size_t)cfg.in_ch * cfg.global_size * cfg.global_size;
+    size_t lpix = (size_t)cfg.in_ch * cfg.local_size * cfg.local_size;
     size_t ng = (size_t)cfg.n_global * cfg.batch * gpix, nl = (size_t)cfg.n_local * cfg.batch * lpix;
     real *xg = xmalloc(sizeof(real) * ng), *xl = xmalloc(sizeof(real) * (nl + 1));
-    for (size_t i = 0; i < ng; i++) {          /* element e of row (v, i) is the global batch's row v B + r B/R + i */
-        size_t row = i / gpix, v = row / cfg.batch, g = (v * B + (size_t)rank * cfg.batch + row % cfg.batch) * gpix + i % gpix;
-        xg[i] = excb_normal(cfg.seed, EXCB_RNG_BENCH, 0, 0, g);
-    }
-    for (size_t i = 0; i < nl; i++) {
-        size_t row = i / lpix, v = row / cfg.batch, g = (v * B + (size_t)rank * cfg.batch + row % cfg.batch) * lpix + i % lpix;
-        xl[i] = excb_normal(cfg.seed, EXCB_RNG_BENCH, 1, 0, g);
-    }
+    bench_inputs(xg, cfg.n_global, cfg.batch, R, rank, gpix, cfg.seed, 0);
+    bench_inputs(xl, cfg.n_local, cfg.batch, R, rank, lpix, cfg.seed, 1);
     char err[EXCB_ERR_LEN];
     real *dxg = NULL, *dxl = NULL;
     if (o.device == EXCB_DEVICE_CUDA) {

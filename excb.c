@@ -3600,24 +3600,19 @@ void excb_cuda_conv_report(int *plans, int *packed) { *plans = *packed = 0; }
  * --chunks R bit for bit (tests/test_train_e2e.c). Against one process with the whole batch (R = 1)
  * only the order of the partial sums differs, a few float32 ulps per step, stated in the test.
  */
+enum { RED_F64, RED_REAL, RED_REAL_MEAN };        /* doubles; reals summed (then divided by R) */
+static const size_t red_size[] = {sizeof(double), sizeof(real), sizeof(real)};
+
+/* out[i] = part[0][i] + part[1][i] + ... + part[R-1][i], left to right, in double */
 static void reduce_in_rank_order(int type, void *out, const void *const *part, int R, size_t n) {
-    enum { F64, REAL, REAL_MEAN, I32 };
     for (size_t i = 0; i < n; i++) {
-        if (type == I32) {
-            int32_t acc = 0;
-            for (int r = 0; r < R; r++) acc += ((const int32_t *)part[r])[i];
-            ((int32_t *)out)[i] = acc;
-            continue;
-        }
         double acc = 0;
         for (int r = 0; r < R; r++)
-            acc += type == F64 ? ((const double *)part[r])[i] : (double)((const real *)part[r])[i];
-        if (type == F64) ((double *)out)[i] = acc;
-        else ((real *)out)[i] = (real)(type == REAL_MEAN ? acc / R : acc);
+            acc += type == RED_F64 ? ((const double *)part[r])[i] : (double)((const real *)part[r])[i];
+        if (type == RED_F64) ((double *)out)[i] = acc;
+        else ((real *)out)[i] = (real)(type == RED_REAL_MEAN ? acc / R : acc);
     }
 }
-enum { RED_F64, RED_REAL, RED_REAL_MEAN, RED_I32 };
-static const size_t red_size[] = {sizeof(double), sizeof(real), sizeof(real), sizeof(int32_t)};
 
 /* --- CHUNKS: the R shares of one process as coroutines -------------------------------------------- */
 #define EXCB_CHUNK_STACK ((size_t)64 << 20)     /* each share's stack: reserved, touched as it grows */
@@ -3725,7 +3720,7 @@ static void chunks_arrive(ExcbComm *c, const void *in, void *out, const ChunkOp 
 
 static void finish_sum(ExcbChunks *k, const ChunkOp *op) {
     size_t es = red_size[op->type], block = 4096;
-    unsigned char tmp[4096 * sizeof(double)];
+    double tmp[4096];                                   /* block's sums (doubles or reals) */
     for (size_t i0 = 0; i0 < op->n; i0 += block) {      /* block by block: no buffer of the full size */
         size_t nb = op->n - i0 < block ? op->n - i0 : block;
         const void *part[k->R];
@@ -3745,7 +3740,7 @@ static void finish_broadcast(ExcbChunks *k, const ChunkOp *op) {
 /* --- MPI: one rank per process ------------------------------------------------------------------ */
 #ifdef EXCB_MPI
 static MPI_Datatype red_mpi_type(int type) {
-    return type == RED_F64 ? MPI_DOUBLE : type == RED_I32 ? MPI_INT32_T : sizeof(real) == 4 ? MPI_FLOAT : MPI_DOUBLE;
+    return type == RED_F64 ? MPI_DOUBLE : sizeof(real) == 4 ? MPI_FLOAT : MPI_DOUBLE;
 }
 static void mpi_check(int rc, const char *what) {
     if (rc == MPI_SUCCESS) return;

@@ -1099,20 +1099,26 @@ static pid_t rank_pid(int rank, const char *out) {
     return found;
 }
 
-/* kill -9 of one rank mid-run: mpirun ends every other rank within 10 s (measured: 2.1 s; Open MPI sends
-   SIGTERM, then SIGKILL a second later) and names the lost rank; the last checkpoint is intact and the
-   run resumes. A rank that reads a bad image stops the job with the single process's exit 65. */
-Test(e2e, a_killed_rank_ends_the_job_and_the_run_resumes) {
-    need_mpi();
+/* mpirun -np 2 of a long tiny run into out, in the background (output in DIR/bg.log); its pid */
+static pid_t spawn_mpirun_train(const char *out) {
     pid_t pid = fork();
     if (!pid) {
         default_stop_signals();
         int fd = open(p("bg.log"), O_WRONLY | O_CREAT | O_TRUNC, 0666);
         dup2(fd, 1); dup2(fd, 2);
         execlp("mpirun", "mpirun", "--oversubscribe", "--allow-run-as-root", "-np", "2", "./excb", "train", "--preset",
-               "tiny", "--data", p("data"), "--out", p("k"), "-q", "--set", "epochs=1000", (char *)NULL);
+               "tiny", "--data", p("data"), "--out", out, "-q", "--set", "epochs=1000", (char *)NULL);
         _exit(127);
     }
+    return pid;
+}
+
+/* kill -9 of one rank mid-run: mpirun ends every other rank within 10 s (measured: 2.1 s; Open MPI sends
+   SIGTERM, then SIGKILL a second later) and names the lost rank; the last checkpoint is intact and the
+   run resumes. A rank that reads a bad image stops the job with the single process's exit 65. */
+Test(e2e, a_killed_rank_ends_the_job_and_the_run_resumes) {
+    need_mpi();
+    pid_t pid = spawn_mpirun_train(p("k"));
     wait_for_file(p("k/ckpt-0000000002.excb"));
     pid_t victim = 0;
     for (int i = 0; i < 200 && !(victim = rank_pid(1, p("k"))); i++) usleep(10000);
@@ -1148,15 +1154,7 @@ Test(e2e, a_killed_rank_ends_the_job_and_the_run_resumes) {
    step, rank 0 saves it and says so once, the job exits 130; the run resumes */
 Test(e2e, a_signal_to_the_ranks_stops_them_at_one_step_with_a_checkpoint) {
     need_mpi();
-    pid_t pid = fork();
-    if (!pid) {
-        default_stop_signals();
-        int fd = open(p("bg.log"), O_WRONLY | O_CREAT | O_TRUNC, 0666);
-        dup2(fd, 1); dup2(fd, 2);
-        execlp("mpirun", "mpirun", "--oversubscribe", "--allow-run-as-root", "-np", "2", "./excb", "train", "--preset",
-               "tiny", "--data", p("data"), "--out", p("s"), "-q", "--set", "epochs=1000", (char *)NULL);
-        _exit(127);
-    }
+    pid_t pid = spawn_mpirun_train(p("s"));
     wait_for_file(p("s/ckpt-0000000002.excb"));
     pid_t r0 = 0, r1 = 0;
     for (int i = 0; i < 200 && !(r0 && r1); i++, usleep(10000)) { r0 = rank_pid(0, p("s")); r1 = rank_pid(1, p("s")); }

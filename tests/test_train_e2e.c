@@ -910,7 +910,9 @@ Test(e2e, audit_ablations_only_two_arms_with_plots) {
  * Data parallelism (excb.c section 10b): mpirun -np R against the one-process chunked reference,
  * against the single process, resumed on another R, a killed rank, a rank that reads a bad image.
  * ------------------------------------------------------------------------------------------------ */
-#define MPIRUN "mpirun --oversubscribe --allow-run-as-root -np %d "
+/* --oversubscribe: more ranks than cores; --allow-run-as-root: CI runs as root; no single-copy shared
+   memory (CMA), which a container without ptrace rights refuses */
+#define MPIRUN "mpirun --oversubscribe --allow-run-as-root --mca btl_vader_single_copy_mechanism none -np %d "
 
 /* the MPI tests need mpirun and an excb built with Open MPI: reported SKIPPED otherwise, never passed */
 static void need_mpi(void) {
@@ -1106,7 +1108,8 @@ static pid_t spawn_mpirun_train(const char *out) {
         default_stop_signals();
         int fd = open(p("bg.log"), O_WRONLY | O_CREAT | O_TRUNC, 0666);
         dup2(fd, 1); dup2(fd, 2);
-        execlp("mpirun", "mpirun", "--oversubscribe", "--allow-run-as-root", "-np", "2", "./excb", "train", "--preset",
+        execlp("mpirun", "mpirun", "--oversubscribe", "--allow-run-as-root", "--mca", "btl_vader_single_copy_mechanism",
+               "none", "-np", "2", "./excb", "train", "--preset",
                "tiny", "--data", p("data"), "--out", out, "-q", "--set", "epochs=1000", (char *)NULL);
         _exit(127);
     }

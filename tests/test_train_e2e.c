@@ -174,6 +174,17 @@ static void expect_same_metrics(const char *a, const char *b) {
     free(y);
 }
 
+/* two run directories (relative to DIR) that ended at step 64: the same last checkpoint and metrics */
+static void expect_same_runs(const char *a, const char *b) {
+    char ca[64], cb[64];
+    snprintf(ca, sizeof ca, "%s/ckpt-0000000064.excb", a);
+    snprintf(cb, sizeof cb, "%s/ckpt-0000000064.excb", b);
+    expect_same_checkpoint(p(ca), p(cb));
+    snprintf(ca, sizeof ca, "%s/metrics.jsonl", a);
+    snprintf(cb, sizeof cb, "%s/metrics.jsonl", b);
+    expect_same_metrics(p(ca), p(cb));
+}
+
 Test(e2e, short_run_writes_every_output_and_learns) {
     cr_assert_eq(sh(TRAIN "--out '%s'", p("data"), p("a")), 0, "excb train failed (see %s/log)", dir);
     char *m = slurp_text(p("a/metrics.jsonl"));
@@ -244,19 +255,14 @@ Test(e2e, every_method_resumes_bitwise) {
         {"mvbt", "--set method=mvbt --set n_global=3 --set n_local=1", "27"},   /* three global views   */
     };
     for (int i = 0; i < (int)(sizeof runs / sizeof runs[0]); i++) {
-        char a[64], b[64], ca[96], cb[96], ma[96], mb[96];
+        char a[64], b[64];
         snprintf(a, sizeof a, "%s_a", runs[i].name);
         snprintf(b, sizeof b, "%s_b", runs[i].name);
         cr_assert_eq(sh(TRAIN "%s --out '%s'", p("data"), runs[i].sets, p(a)), 0, "%s: excb train failed (%s/log)",
                      runs[i].name, dir);
         cr_assert_eq(sh(TRAIN "%s --out '%s' --stop-after %s", p("data"), runs[i].sets, p(b), runs[i].stop), 0);
         cr_assert_eq(sh(TRAIN "%s --out '%s' --resume", p("data"), runs[i].sets, p(b)), 0, "%s: resume failed", runs[i].name);
-        snprintf(ca, sizeof ca, "%s/ckpt-0000000064.excb", a);
-        snprintf(cb, sizeof cb, "%s/ckpt-0000000064.excb", b);
-        expect_same_checkpoint(p(ca), p(cb));
-        snprintf(ma, sizeof ma, "%s/metrics.jsonl", a);
-        snprintf(mb, sizeof mb, "%s/metrics.jsonl", b);
-        expect_same_metrics(p(ma), p(mb));
+        expect_same_runs(a, b);
     }
     /* a method without a GPU twin on --device cuda: exit 64 naming it, before anything is written */
     cr_expect_eq(sh(TRAIN "--set method=dino --device cuda --out '%s'", p("data"), p("gpu")), 64);
@@ -928,19 +934,15 @@ Test(e2e, mpirun_equals_the_chunked_reference_bit_for_bit) {
         {4, "--set method=swav --set swav_freeze_prototypes_steps=4 --set swav_queue_length=16 --set swav_queue_start_epoch=0"},
         {2, "--set method=mvbt"}};
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
-        char c[16], m[16], ca[64], ma[64];
+        char c[16], m[16], ma[64];
         snprintf(c, sizeof c, "c%zu", i);
         snprintf(m, sizeof m, "m%zu", i);
         cr_assert_eq(sh(TRAIN "--out '%s' --chunks %d %s", p("data"), p(c), cases[i].R, cases[i].set), 0,
                      "--chunks %d %s (log: %s/log)", cases[i].R, cases[i].set, dir);
         cr_assert_eq(sh(MPIRUN TRAIN "--out '%s' %s", cases[i].R, p("data"), p(m), cases[i].set), 0,
                      "mpirun -np %d %s (log: %s/log)", cases[i].R, cases[i].set, dir);
-        snprintf(ca, sizeof ca, "%s/ckpt-0000000064.excb", c);
-        snprintf(ma, sizeof ma, "%s/ckpt-0000000064.excb", m);
-        expect_same_checkpoint(p(ca), p(ma));
-        snprintf(ca, sizeof ca, "%s/metrics.jsonl", c);
+        expect_same_runs(c, m);
         snprintf(ma, sizeof ma, "%s/metrics.jsonl", m);
-        expect_same_metrics(p(ca), p(ma));
         char *hdr = slurp_text(p(ma)), want[32];
         snprintf(want, sizeof want, "\"world_size\":%d,", cases[i].R);
         cr_expect(hdr && strstr(hdr, want), "the run record says %s", want);
@@ -1041,8 +1043,7 @@ Test(e2e, a_run_of_r_ranks_resumes_on_r_prime) {
     cr_assert_eq(sh(TRAIN "--out '%s' --chunks 2", p("data"), p("c2")), 0);
     cr_assert_eq(sh(MPIRUN TRAIN "--out '%s' --stop-after 32", 2, p("data"), p("m")), 0, "log: %s/log", dir);
     cr_assert_eq(sh(TRAIN "--out '%s' --chunks 2 --resume", p("data"), p("m")), 0);
-    expect_same_checkpoint(p("c2/ckpt-0000000064.excb"), p("m/ckpt-0000000064.excb"));
-    expect_same_metrics(p("c2/metrics.jsonl"), p("m/metrics.jsonl"));
+    expect_same_runs("c2", "m");
     cr_assert_eq(sh(MPIRUN TRAIN "--out '%s' --stop-after 32", 2, p("data"), p("x")), 0);
     cr_assert_eq(sh(MPIRUN TRAIN "--out '%s' --resume", 4, p("data"), p("x")), 0, "2 -> 4 ranks (log: %s/log)", dir);
     cr_assert_eq(sh(TRAIN "--out '%s' --chunks 2 --stop-after 32", p("data"), p("y")), 0);

@@ -796,6 +796,44 @@ static void bn_sums_channels_last(double *sum, double *sum2, const real *y, cons
     }
 }
 
+/* The same two sums in the feature-major layout (C, NHW): channel by channel in parallel, over 8 lanes
+   (pixel i into lane i % 8, the tail into lane 0), the lanes added in order. */
+static void bn_sums_feature_major(double *sum, double *sum2, const real *y, const real *dout, const real *out,
+                                  const real *mu, const real *rs, int relu, int C, int NHW) {
+#pragma omp parallel for schedule(static)
+    for (int c = 0; c < C; c++) {
+        size_t o = (size_t)c * NHW;
+        double s[8] = {0}, s2[8] = {0};
+        int whole = NHW / 8 * 8;
+        if (!dout)
+            for (int i = 0; i < NHW; i++) {
+                double v = y[o + i];
+                s[i < whole ? i % 8 : 0] += v;
+                s2[i < whole ? i % 8 : 0] += v * v;
+            }
+        else
+            for (int i = 0; i < NHW; i++) {
+                real g = (!relu || out[o + i] > 0.0f) ? dout[o + i] : 0.0f;
+                s[i < whole ? i % 8 : 0] += g;
+                s2[i < whole ? i % 8 : 0] += (double)g * ((y[o + i] - mu[c]) * rs[c]);
+            }
+        double a = 0, b = 0;
+        for (int l = 0; l < 8; l++) {
+            a += s[l];
+            b += s2[l];
+        }
+        sum[c] = a;
+        sum2[c] = b;
+    }
+}
+
+/* either layout's sums: of y and y^2 (dout NULL; the forward), or the backward's two */
+static void bn_sums(double *sum, double *sum2, const real *y, const real *dout, const real *out, const real *mu,
+                    const real *rs, int relu, int C, int NHW, int channels_last) {
+    if (channels_last) bn_sums_channels_last(sum, sum2, y, dout, out, mu, rs, relu, C, NHW);
+    else bn_sums_feature_major(sum, sum2, y, dout, out, mu, rs, relu, C, NHW);
+}
+
 /* out = act(y*scale + shift [+ residual]) in either layout; residual may alias out */
 static void bn_apply(real *out, const real *y, const real *scale, const real *shift, const real *residual,
                      int relu, int C, int NHW, int channels_last) {
@@ -842,34 +880,7 @@ void batchnorm_forward(real *out, real *mean, real *rstd, real *run_mean, real *
                        int relu, int C, int NHW, real eps, real momentum, int channels_last, ExcbComm *comm) {
     double *sum = bn_scratch(C) + (size_t)2 * EXCB_BN_RUNS * C, *sumsq = sum + C;
     real scale[C], shift[C];
-    if (channels_last) {
-        bn_sums_channels_last(sum, sumsq, y, NULL, NULL, NULL, NULL, 0, C, NHW);
-    } else {
-#pragma omp parallel for schedule(static)
-        for (int c = 0; c < C; c++) {
-            const real *yc = y + (size_t)c * NHW;
-            double s[8] = {0}, ss[8] = {0};
-            int i = 0;
-            for (; i + 8 <= NHW; i += 8)
-                for (int l = 0; l < 8; l++) {
-                    double v = yc[i + l];
-                    s[l] += v;
-                    ss[l] += v * v;
-                }
-            for (; i < NHW; i++) {
-                double v = yc[i];
-                s[0] += v;
-                ss[0] += v * v;
-            }
-            double a = 0, b = 0;
-            for (int l = 0; l < 8; l++) {
-                a += s[l];
-                b += ss[l];
-            }
-            sum[c] = a;
-            sumsq[c] = b;
-        }
-    }
+    bn_sums(sum, sumsq, y, NULL, NULL, NULL, NULL, 0, C, NHW, channels_last);
     int n = NHW;
     double red[comm ? 2 * C : 1];
     if (comm) {
@@ -904,36 +915,7 @@ void batchnorm_backward(real *dy, real *dgamma, real *dbeta, const real *dout, c
                         const real *y, const real *mean, const real *rstd, const real *gamma,
                         int relu, int C, int NHW, int channels_last, ExcbComm *comm) {
     double *sum_g = bn_scratch(C) + (size_t)2 * EXCB_BN_RUNS * C, *sum_gx = sum_g + C;
-    if (channels_last) {
-        bn_sums_channels_last(sum_g, sum_gx, y, dout, out, mean, rstd, relu, C, NHW);
-    } else {
-#pragma omp parallel for schedule(static)
-        for (int c = 0; c < C; c++) {
-            size_t o = (size_t)c * NHW;
-            const real *gc = dout + o, *oc = out + o, *yc = y + o;
-            real mu = mean[c], rs = rstd[c];
-            double sg[8] = {0}, sgx[8] = {0};
-            int i = 0;
-            for (; i + 8 <= NHW; i += 8)
-                for (int l = 0; l < 8; l++) {
-                    real g = (!relu || oc[i + l] > 0.0f) ? gc[i + l] : 0.0f;
-                    sg[l] += g;
-                    sgx[l] += (double)g * ((yc[i + l] - mu) * rs);
-                }
-            for (; i < NHW; i++) {
-                real g = (!relu || oc[i] > 0.0f) ? gc[i] : 0.0f;
-                sg[0] += g;
-                sgx[0] += (double)g * ((yc[i] - mu) * rs);
-            }
-            double a = 0, b = 0;
-            for (int l = 0; l < 8; l++) {
-                a += sg[l];
-                b += sgx[l];
-            }
-            sum_g[c] = a;
-            sum_gx[c] = b;
-        }
-    }
+    bn_sums(sum_g, sum_gx, y, dout, out, mean, rstd, relu, C, NHW, channels_last);
     /* the affine parameters' gradients are this rank's share (the gradient all-reduce adds the shares);
        the input's gradient needs the means over the whole global batch (SyncBN) */
     for (int c = 0; c < C; c++) {

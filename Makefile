@@ -24,6 +24,8 @@
 PKG_BUILD     := build-essential pkg-config
 # the gzip, PNG and JPEG readers (required)
 PKG_IMAGES    := zlib1g-dev libpng-dev libjpeg62-turbo-dev
+# JSON: the safetensors header of excb export/import (required)
+PKG_JSON      := libjansson-dev
 # oneDNN: the fast GEMM (optional; without it ./excb is correct and about 50x slower)
 PKG_DNNL      := libdnnl-dev
 # the embedded default data set, Fashion-MNIST
@@ -36,7 +38,7 @@ PKG_CRITERION := libcriterion-dev
 PKG_FUZZ      := clang libclang-rt-14-dev
 # Open MPI: mpirun -np R ./excb train, data parallel (optional; without it ./excb is one process)
 PKG_MPI       := libopenmpi-dev openmpi-bin
-PACKAGES_RUN  := $(PKG_BUILD) $(PKG_IMAGES) $(PKG_DNNL) $(PKG_DATA) $(PKG_GNUPLOT)
+PACKAGES_RUN  := $(PKG_BUILD) $(PKG_IMAGES) $(PKG_JSON) $(PKG_DNNL) $(PKG_DATA) $(PKG_GNUPLOT)
 PACKAGES_TEST := $(PACKAGES_RUN) $(PKG_CRITERION) $(PKG_FUZZ) $(PKG_MPI)
 INSTALL_LINE   = apt-get install --no-install-recommends
 
@@ -46,7 +48,7 @@ CC      ?= gcc
 CFLAGS  ?= -O3 -march=native
 # -Wno-format-truncation: paths are cut at 4 KiB by snprintf on purpose (and such a path then fails to open)
 CFLAGS  += -std=c11 -Wall -Wextra -Wno-unknown-pragmas -Wno-format-truncation -ffp-contract=off -fopenmp
-LDLIBS  += -lm -fopenmp -lpthread -lz -lpng -ljpeg
+LDLIBS  += -lm -fopenmp -lpthread -lz -lpng -ljpeg -ljansson
 
 # The GPU path (excb_kernels.cu): built whenever nvcc, cuBLAS and cuDNN are found (CUDA_HOME), also on
 # machines without a GPU; the binary then runs on the CPU and says so. EXCB_CPU_ONLY=1 skips it.
@@ -70,9 +72,10 @@ probe = $(shell d=$$(mktemp -d) && $(CC) -w -o $$d/p tools/probes/$(1).c $(2) >/
 WRAPPERS := run test deps deps-run deps-test
 ifneq ($(filter-out $(WRAPPERS),$(or $(MAKECMDGOALS),all)),)
 
-# required: a C compiler with OpenMP, zlib, libpng, libjpeg
+# required: a C compiler with OpenMP, zlib, libpng, libjpeg, jansson
 MISSING := $(if $(call probe,openmp,-fopenmp),,$(PKG_BUILD)) $(if $(call probe,zlib,-lz),,zlib1g-dev) \
-           $(if $(call probe,png,-lpng),,libpng-dev) $(if $(call probe,jpeg,-ljpeg),,libjpeg62-turbo-dev)
+           $(if $(call probe,png,-lpng),,libpng-dev) $(if $(call probe,jpeg,-ljpeg),,libjpeg62-turbo-dev) \
+           $(if $(call probe,jansson,-ljansson),,libjansson-dev)
 MISSING := $(strip $(MISSING))
 ifneq ($(MISSING),)
   $(info ✗ missing, and needed to build ./excb: $(MISSING). Install: make deps (or $(INSTALL_LINE) $(MISSING)))
@@ -149,7 +152,7 @@ excb_kernels.o: excb_kernels.cu excb.h
 	$(NVCC) $(NVCCFLAGS) -DEXCB_CUDA -c -o $@ excb_kernels.cu
 
 TESTS := tests/test_gpu tests/test_equations tests/test_gradients tests/test_whole_model_f64 tests/test_step tests/test_methods \
-         tests/test_data tests/test_views tests/test_train tests/test_train_e2e
+         tests/test_data tests/test_views tests/test_train tests/test_weights tests/test_train_e2e
 
 .PHONY: audit-small-batch audit-ablations audit-quick
 .PHONY: all check suites test-fast test-step bench bench-methods bench-compare fixture method-fixtures parity-peer clean data golden \
@@ -204,13 +207,14 @@ suites: test-fast test-step
 # time signals and second processes against live runs of the binary, and were written at its speed.
 test-fast test-asan test-tsan: export OMP_WAIT_POLICY = PASSIVE
 test-fast: tests/test_equations tests/test_gradients tests/test_whole_model_f64 tests/test_data tests/test_views \
-           tests/test_train tests/test_gpu excb
+           tests/test_train tests/test_weights tests/test_gpu excb
 	./tests/test_equations
 	./tests/test_gradients
 	./tests/test_whole_model_f64
 	./tests/test_data
 	./tests/test_views
 	./tests/test_train
+	./tests/test_weights
 	@# the GPU suite: each test says SKIP and why when this build or machine has no GPU (--verbose shows it)
 	@bash -c 'set -o pipefail; ./tests/test_gpu --verbose 2>&1 | grep -E "SKIP|FAIL|CRASH|Synthesis|gpu-vs"'
 # the slower suites: whole training steps, and whole runs of the binary (resume, kill -9, divergence)
@@ -269,7 +273,7 @@ test-asan: excb
 	$(CC) -std=c11 -Wall -Wextra -Wno-unknown-pragmas -Wno-format-truncation -ffp-contract=off -fopenmp $(ASAN) -DTESTING -c -o excb_asan.o excb.c
 	for t in test_data test_views test_equations; do \
 	  $(CC) -std=c11 -ffp-contract=off -fopenmp $(ASAN) $(shell pkg-config --cflags criterion) -I. -o tests/$$t.asan tests/$$t.c excb_asan.o \
-	    $(shell pkg-config --libs criterion) -lm -fopenmp -lpthread -lz -lpng -ljpeg || exit 1; \
+	    $(shell pkg-config --libs criterion) -lm -fopenmp -lpthread -lz -lpng -ljpeg -ljansson || exit 1; \
 	  ASAN_OPTIONS=detect_leaks=1 LSAN_OPTIONS=suppressions=tests/lsan.supp ./tests/$$t.asan --jobs 1 || exit 1; \
 	done
 
@@ -277,7 +281,7 @@ test-asan: excb
 # driver (tests/tsan_loader.c) exercises 1-4 workers, resume, a bad file and the skip path.
 test-tsan:
 	$(CC) -std=c11 -Wno-unknown-pragmas -Wno-format-truncation -ffp-contract=off -fsanitize=thread -g -O1 -DTESTING -c -o excb_tsan.o excb.c
-	$(CC) -std=c11 -ffp-contract=off -fsanitize=thread -g -O1 -I. -o tests/tsan_loader tests/tsan_loader.c excb_tsan.o -lm -lpthread -lz -lpng -ljpeg
+	$(CC) -std=c11 -ffp-contract=off -fsanitize=thread -g -O1 -I. -o tests/tsan_loader tests/tsan_loader.c excb_tsan.o -lm -lpthread -lz -lpng -ljpeg -ljansson
 	./tests/tsan_loader > tests/tsan_loader.log 2>&1 || { cat tests/tsan_loader.log; exit 1; }
 	tail -1 tests/tsan_loader.log
 
@@ -294,7 +298,7 @@ FUZZ_FLAGS   := -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover
 FUZZ_BINS    := $(addprefix tests/fuzz/fuzz_,$(FUZZ_TARGETS))
 fuzz-build: $(FUZZ_BINS)
 $(FUZZ_BINS): tests/fuzz/fuzz_%: tests/fuzz/fuzz_readers.c excb.c excb.h
-	$(FUZZ_CC) $(FUZZ_FLAGS) -DFUZZ_$$(echo $* | tr a-z A-Z) -I. -o $@ tests/fuzz/fuzz_readers.c excb.c -lz -lpng -ljpeg -lm -lpthread
+	$(FUZZ_CC) $(FUZZ_FLAGS) -DFUZZ_$$(echo $* | tr a-z A-Z) -I. -o $@ tests/fuzz/fuzz_readers.c excb.c -lz -lpng -ljpeg -ljansson -lm -lpthread
 fuzz: fuzz-build
 	@for t in $(FUZZ_TARGETS); do \
 	  work=$$(mktemp -d); \

@@ -66,6 +66,7 @@
 #include <zlib.h>        /* gzip: IDX files ship gzipped                                        */
 #include <png.h>         /* libpng's simplified API                                             */
 #include <jpeglib.h>     /* libjpeg(-turbo)                                                     */
+#include <jansson.h>     /* JSON: the safetensors header (section 16b)                          */
 #ifdef _OPENMP
 #include <omp.h>         /* omp_get_thread_num, omp_set_num_threads                            */
 #endif
@@ -2468,6 +2469,7 @@ double excb_loss_forward_backward(real *z_dir, int n_dir_crops, real *z_pred, do
  */
 double lr_at(long t, long T, long W, double lr_peak, double lr_min_factor) {
     if (t < W) return lr_peak * t / W;
+    if (T <= W) return lr_peak;        /* a warm-up as long as the run: no cosine part (not 0/0 = NaN) */
     double lr_min = lr_peak * lr_min_factor;
     return lr_min + 0.5 * (lr_peak - lr_min) * (1 + cos(M_PI * (t - W) / (T - W)));
 }
@@ -2621,9 +2623,11 @@ static int add_tensor(ExcbModel *m, ExcbGroup group, int ndim, int s0, int s1, i
     return m->n_tensors++;
 }
 
-/* Running statistics of one BatchNorm: mean[C] then var[C] in `running`; recorded for the init. */
+/* Running statistics of one BatchNorm, added right after its weight and bias: mean[C] then var[C] in
+   `running`; recorded for the init and for PyTorch's buffer names (section 16b). */
 static size_t add_bn_stats(ExcbModel *m, int C) {
     size_t off = m->n_running;
+    m->bn_beta[m->n_bn] = m->n_tensors - 1;       /* its shift was the last tensor added */
     m->bn_stats[m->n_bn] = off;
     m->bn_channels[m->n_bn++] = C;
     m->n_running += 2 * (size_t)C;
@@ -6379,6 +6383,37 @@ static int fsync_dir_of(const char *path) {
     return r;
 }
 
+/* A file written whole or not at all: atomic_create opens PATH.tmp (its name into tmp, 4200 bytes),
+   atomic_commit checks every write, fsyncs, renames it over PATH and fsyncs the directory; on any
+   failure the temporary file is removed and PATH is as it was. */
+static FILE *atomic_create(const char *path, char *tmp, char *err) {
+    snprintf(tmp, 4200, "%s.tmp", path);
+    tmp_begin(tmp);                        /* a second signal removes it (section 17) */
+    FILE *f = fopen(tmp, "wb");
+    if (!f) { fail(err, EXCB_EXIT_CANTCREAT, "cannot create %s: %s", tmp, strerror(errno)); tmp_end(); }
+    return f;
+}
+
+static int atomic_commit(FILE *f, const char *tmp, const char *path, char *err) {
+    int e = 0;                             /* the errno of the first call that failed */
+    if (ferror(f)) e = errno ? errno : EIO;
+    if (!e && (fflush(f) || fsync(fileno(f)))) e = errno ? errno : EIO;
+    if (fclose(f) && !e) e = errno ? errno : EIO;
+    if (!e && rename(tmp, path)) e = errno;
+    if (!e && fsync_dir_of(path)) e = errno;
+    if (e) unlink(tmp);
+    tmp_end();
+    return e ? fail(err, EXCB_EXIT_IO, "writing %s failed: %s", path, strerror(e)) : 0;
+}
+
+static int write_text_atomic(const char *path, const char *text, char *err) {
+    char tmp[4200];
+    FILE *f = atomic_create(path, tmp, err);
+    if (!f) return EXCB_EXIT_CANTCREAT;
+    fputs(text, f);
+    return atomic_commit(f, tmp, path, err);
+}
+
 int excb_checkpoint_save(const char *path, const ExcbModel *m, const ExcbTrainState *ts, const char *config_text,
                          char *err) {
     int64_t si[2] = {m->step, ts->metrics_bytes};
@@ -6521,21 +6556,30 @@ static int ck_open(const char *path, CkFile *ck, char *err) {
     return 0;
 }
 
-int excb_checkpoint_config(const char *path, char **config_text, char *err) {
+/* the config text and (in_ch not NULL) the input channels, which a run takes from its data and the
+   config does not hold: the stem's weight says them */
+static int checkpoint_config(const char *path, char **config_text, int *in_ch, char *err) {
     CkFile ck;
     int code = ck_open(path, &ck, err);
     if (code) return code;
-    for (int i = 0; i < ck.l.n; i++)
-        if (!strcmp(ck.l.e[i].name, "config") && ck.l.e[i].dtype == CK_U8) {
-            *config_text = xmalloc(ck.l.e[i].bytes + 1);
-            memcpy(*config_text, ck.l.e[i].data, ck.l.e[i].bytes);
-            (*config_text)[ck.l.e[i].bytes] = 0;
-            ck_close(&ck);
-            return 0;
+    *config_text = NULL;
+    for (int i = 0; i < ck.l.n; i++) {
+        const CkEntry *e = &ck.l.e[i];
+        if (!strcmp(e->name, "config") && e->dtype == CK_U8 && !*config_text) {
+            *config_text = xmalloc(e->bytes + 1);
+            memcpy(*config_text, e->data, e->bytes);
+            (*config_text)[e->bytes] = 0;
         }
+        if (in_ch && !strcmp(e->name, "student.backbone.conv1.weight") && e->ndim == 4) *in_ch = (int)e->shape[1];
+    }
     ck_close(&ck);
-    return fail(err, EXCB_EXIT_DATA, "checkpoint %s: no config entry", path);
+    return *config_text ? 0 : fail(err, EXCB_EXIT_DATA, "checkpoint %s: no config entry", path);
 }
+
+int excb_checkpoint_config(const char *path, char **config_text, char *err) {
+    return checkpoint_config(path, config_text, NULL, err);
+}
+
 
 void excb_train_state_free(ExcbTrainState *ts) {
     free(ts->prev_labels);
@@ -6587,6 +6631,565 @@ int excb_checkpoint_load(const char *path, ExcbModel *m, ExcbTrainState *ts, cha
     fresh.seconds = sf[0];
     *ts = fresh;
     return 0;
+}
+
+/* ================================================================================================
+ * 16b. Weights in and out: safetensors with PyTorch's names (paper_notes.md §9c)
+ * ================================================================================================
+ * A checkpoint (section 16) is excb's training state. What other tools exchange is a state dict, the
+ * name -> tensor table of PyTorch's Module.state_dict(). excb writes and reads it as a safetensors file
+ * (Hugging Face's format: no pickle, so loading runs no code), under the names of the parameter table
+ * (section 8): the official code's for the heads, torchvision's for the backbone.
+ *   excb export   one network (teacher or student), each BatchNorm's buffers, the prototypes' weight_g
+ *                 (the official code's frozen gain, all ones), the config text and step in __metadata__;
+ *                 --backbone-only: the backbone alone, named as torchvision.models.resnet* names it
+ *   excb import   and excb eval --weights, excb features --weights: excb's export, a torchvision ResNet
+ *                 state dict, or a DINO/ExCB-style one (teacher./student., module., backbone. prefixes)
+ * The format, checked as its reference implementation (safetensors/src/tensor.rs) checks it:
+ *   bytes 0-7      N, the header's length, unsigned little-endian, at most 100,000,000
+ *   bytes 8..8+N   a JSON object (UTF-8, maybe padded with spaces): name -> {"dtype", "shape",
+ *                  "data_offsets": [begin, end]}, and "__metadata__" -> {string: string}
+ *   the rest       the data; offsets count from its first byte. Sorted by offset, the tensors cover it
+ *                  exactly: the first begins at 0, each where the one before ends, the last at its end;
+ *                  each spans numel x its dtype's size bytes.
+ * The header is parsed by jansson (Debian's libjansson), never by hand; a key given twice is refused.
+ * Byte order: the format's is little-endian, which is this code's (x86-64 and AArch64), as for section 16.
+ */
+const ExcbStDtype excb_st_dtypes[EXCB_ST_N_DTYPES] = {
+    [EXCB_ST_BOOL] = {"BOOL", 1}, [EXCB_ST_U8] = {"U8", 1},   [EXCB_ST_I8] = {"I8", 1},
+    [EXCB_ST_F8_E5M2] = {"F8_E5M2", 1}, [EXCB_ST_F8_E4M3] = {"F8_E4M3", 1}, [EXCB_ST_I16] = {"I16", 2},
+    [EXCB_ST_U16] = {"U16", 2},   [EXCB_ST_F16] = {"F16", 2}, [EXCB_ST_BF16] = {"BF16", 2},
+    [EXCB_ST_I32] = {"I32", 4},   [EXCB_ST_U32] = {"U32", 4}, [EXCB_ST_F32] = {"F32", 4},
+    [EXCB_ST_F64] = {"F64", 8},   [EXCB_ST_I64] = {"I64", 8}, [EXCB_ST_U64] = {"U64", 8},
+};
+#define ST_MAX_HEADER 100000000ull          /* the format's limit on N                                 */
+#define ST_MAX_BYTES ((size_t)1 << 36)      /* 64 GiB: a ResNet-50 with K = 65536 heads is about 0.2 GB */
+
+void excb_safetensors_close(ExcbSafetensors *st) {
+    for (int i = 0; i < st->n; i++) free(st->t[i].name);
+    for (int i = 0; i < st->n_meta; i++) { free(st->meta_key[i]); free(st->meta_value[i]); }
+    free(st->t); free(st->meta_key); free(st->meta_value); free(st->buf);
+    memset(st, 0, sizeof *st);
+}
+
+static char *xstrdup(const char *s) {
+    char *d = xmalloc(strlen(s) + 1);
+    return strcpy(d, s);
+}
+
+/* a non-negative JSON integer into *v; 0, or -1 when it is anything else */
+static int st_count(const json_t *x, uint64_t *v) {
+    if (!json_is_integer(x) || json_integer_value(x) < 0) return -1;
+    *v = (uint64_t)json_integer_value(x);
+    return 0;
+}
+
+/* one tensor's header entry into t (its data inside the data block of data_len bytes at base) */
+static int st_entry(const char *P, const char *name, json_t *v, const uint8_t *base, size_t data_len,
+                    ExcbStTensor *t, char *err) {
+    if (!json_is_object(v)) return fail(err, EXCB_EXIT_DATA, "%s: tensor '%s': its entry is not a JSON object", P, name);
+    json_t *dt = NULL, *sh = NULL, *off = NULL, *x;
+    const char *k;
+    json_object_foreach(v, k, x) {
+        if (!strcmp(k, "dtype")) dt = x;
+        else if (!strcmp(k, "shape")) sh = x;
+        else if (!strcmp(k, "data_offsets")) off = x;
+        else return fail(err, EXCB_EXIT_DATA, "%s: tensor '%s': unknown field '%s' (dtype, shape, data_offsets)", P, name, k);
+    }
+    if (!dt || !sh || !off)
+        return fail(err, EXCB_EXIT_DATA, "%s: tensor '%s' has no %s", P, name, !dt ? "dtype" : !sh ? "shape" : "data_offsets");
+    t->dtype = -1;
+    for (int d = 0; d < EXCB_ST_N_DTYPES && json_is_string(dt); d++)
+        if (!strcmp(json_string_value(dt), excb_st_dtypes[d].name)) t->dtype = d;
+    if (t->dtype < 0)
+        return fail(err, EXCB_EXIT_DATA, "%s: tensor '%s': dtype %s%s%s is not one of the format's (F32, F16, BF16, I64, ...)",
+                    P, name, json_is_string(dt) ? "'" : "", json_is_string(dt) ? json_string_value(dt) : "(not a string)",
+                    json_is_string(dt) ? "'" : "");
+    if (!json_is_array(sh)) return fail(err, EXCB_EXIT_DATA, "%s: tensor '%s': shape is not an array", P, name);
+    if (json_array_size(sh) > EXCB_ST_MAX_DIMS)
+        return fail(err, EXCB_EXIT_DATA, "%s: tensor '%s': %zu dimensions, more than the %d excb reads", P, name,
+                    json_array_size(sh), EXCB_ST_MAX_DIMS);
+    t->ndim = (int)json_array_size(sh);
+    t->numel = 1;
+    for (int j = 0; j < t->ndim; j++) {
+        uint64_t s;
+        if (st_count(json_array_get(sh, j), &s))
+            return fail(err, EXCB_EXIT_DATA, "%s: tensor '%s': shape[%d] is not a non-negative integer", P, name, j);
+        if (s && t->numel > UINT64_MAX / s) return fail(err, EXCB_EXIT_DATA, "%s: tensor '%s': its shape overflows", P, name);
+        t->numel *= s;
+        t->shape[j] = (int64_t)s;
+    }
+    uint64_t b, e, size = (uint64_t)excb_st_dtypes[t->dtype].size;
+    if (!json_is_array(off) || json_array_size(off) != 2 || st_count(json_array_get(off, 0), &b) ||
+        st_count(json_array_get(off, 1), &e))
+        return fail(err, EXCB_EXIT_DATA, "%s: tensor '%s': data_offsets is not [begin, end], two non-negative integers", P, name);
+    if (e < b) return fail(err, EXCB_EXIT_DATA, "%s: tensor '%s': data_offsets [%llu, %llu] end before they begin", P, name,
+                           (unsigned long long)b, (unsigned long long)e);
+    if (e > data_len)
+        return fail(err, EXCB_EXIT_DATA, "%s: tensor '%s': data_offsets [%llu, %llu] run past the end of the data (%zu bytes)",
+                    P, name, (unsigned long long)b, (unsigned long long)e, data_len);
+    if (t->numel > UINT64_MAX / size || e - b != t->numel * size)
+        return fail(err, EXCB_EXIT_DATA, "%s: tensor '%s': %llu %s elements need %llu bytes, its data_offsets [%llu, %llu] give %llu",
+                    P, name, (unsigned long long)t->numel, excb_st_dtypes[t->dtype].name,
+                    (unsigned long long)(t->numel <= UINT64_MAX / size ? t->numel * size : UINT64_MAX),
+                    (unsigned long long)b, (unsigned long long)e, (unsigned long long)(e - b));
+    t->data = base + b;
+    t->bytes = (size_t)(e - b);
+    t->name = xstrdup(name);                              /* last: a failed entry owns nothing */
+    return 0;
+}
+
+static int st_metadata(ExcbSafetensors *st, json_t *v, char *err) {
+    if (json_is_null(v)) return 0;
+    if (!json_is_object(v)) return fail(err, EXCB_EXIT_DATA, "%s: __metadata__ is not a JSON object", st->path);
+    size_t n = json_object_size(v);
+    st->meta_key = xcalloc(n + 1, sizeof(char *));
+    st->meta_value = xcalloc(n + 1, sizeof(char *));
+    const char *k;
+    json_t *x;
+    json_object_foreach(v, k, x) {
+        if (!json_is_string(x)) return fail(err, EXCB_EXIT_DATA, "%s: __metadata__ '%s' is not a string", st->path, k);
+        st->meta_key[st->n_meta] = xstrdup(k);
+        st->meta_value[st->n_meta++] = xstrdup(json_string_value(x));
+    }
+    return 0;
+}
+
+static int cmp_st_data(const void *a, const void *b) {
+    const ExcbStTensor *x = a, *y = b;
+    if (x->data != y->data) return x->data < y->data ? -1 : 1;
+    return (x->bytes > y->bytes) - (x->bytes < y->bytes);
+}
+
+static int st_parse(ExcbSafetensors *st, char *err) {
+    const char *P = st->path;
+    if (st->len < 8) return fail(err, EXCB_EXIT_DATA, "%s: %zu bytes: too short for a safetensors file (an 8-byte header length first)", P, st->len);
+    uint64_t hlen = 0;
+    for (int i = 7; i >= 0; i--) hlen = hlen << 8 | st->buf[i];        /* little-endian */
+    if (hlen > ST_MAX_HEADER)
+        return fail(err, EXCB_EXIT_DATA, "%s: header length %llu is above the format's limit of %llu bytes", P,
+                    (unsigned long long)hlen, ST_MAX_HEADER);
+    if (hlen > st->len - 8)
+        return fail(err, EXCB_EXIT_DATA, "%s: header length %llu runs past the end of the file (%zu bytes follow the length)", P,
+                    (unsigned long long)hlen, st->len - 8);
+    if (hlen == 0 || st->buf[8] != '{')
+        return fail(err, EXCB_EXIT_DATA, "%s: the header does not begin with '{': not a safetensors file", P);
+    json_error_t je;
+    json_t *root = json_loadb((const char *)st->buf + 8, (size_t)hlen, JSON_REJECT_DUPLICATES, &je);
+    if (!root) return fail(err, EXCB_EXIT_DATA, "%s: header, byte %d of the JSON: %s", P, je.position, je.text);
+    const uint8_t *base = st->buf + 8 + hlen;
+    size_t data_len = st->len - 8 - (size_t)hlen;
+    int code = 0;
+    if (!json_is_object(root)) code = fail(err, EXCB_EXIT_DATA, "%s: the header is not a JSON object", P);
+    st->t = xcalloc(json_object_size(root) + 1, sizeof *st->t);
+    const char *key;
+    json_t *v;
+    json_object_foreach(root, key, v) {
+        if (code) break;
+        if (!strcmp(key, "__metadata__")) code = st_metadata(st, v, err);
+        else if (!(code = st_entry(P, key, v, base, data_len, &st->t[st->n], err))) st->n++;
+    }
+    json_decref(root);
+    if (code) return code;
+    qsort(st->t, st->n, sizeof *st->t, cmp_st_data);
+    uint64_t at = 0;                                   /* where the tensors so far end */
+    for (int i = 0; i < st->n; i++) {
+        uint64_t b = (uint64_t)(st->t[i].data - base);
+        if (b != at)
+            return fail(err, EXCB_EXIT_DATA, "%s: tensor '%s' begins at byte %llu of the data, the tensors before it end at %llu: %s",
+                        P, st->t[i].name, (unsigned long long)b, (unsigned long long)at,
+                        b > at ? "a hole" : "they overlap");
+        at = b + st->t[i].bytes;
+    }
+    if (at != data_len)
+        return fail(err, EXCB_EXIT_DATA, "%s: the tensors end at byte %llu of the data, which has %zu bytes", P,
+                    (unsigned long long)at, data_len);
+    return 0;
+}
+
+int excb_safetensors_parse(ExcbSafetensors *st, uint8_t *buf, size_t len, const char *path, char *err) {
+    memset(st, 0, sizeof *st);
+    snprintf(st->path, sizeof st->path, "%s", path);
+    st->buf = buf;
+    st->len = len;
+    int code = st_parse(st, err);
+    if (code) excb_safetensors_close(st);
+    return code;
+}
+
+int excb_safetensors_open(ExcbSafetensors *st, const char *path, char *err) {
+    uint8_t *buf = NULL;
+    size_t cap = 0, len = 0;
+    int code = read_whole_file(path, &buf, &cap, &len, ST_MAX_BYTES, err);
+    if (code) { free(buf); memset(st, 0, sizeof *st); return code; }
+    return excb_safetensors_parse(st, buf, len, path, err);
+}
+
+const ExcbStTensor *excb_safetensors_find(const ExcbSafetensors *st, const char *name) {
+    for (int i = 0; i < st->n; i++)
+        if (!strcmp(st->t[i].name, name)) return &st->t[i];
+    return NULL;
+}
+
+const char *excb_safetensors_meta(const ExcbSafetensors *st, const char *key) {
+    for (int i = 0; i < st->n_meta; i++)
+        if (!strcmp(st->meta_key[i], key)) return st->meta_value[i];
+    return NULL;
+}
+
+/* --- writing: the header in the caller's order, the data in the order of falling element size (so
+   an I64 scalar never pushes the F32 tensors after it off their alignment), then the caller's ------- */
+typedef struct {
+    char name[96];
+    int dtype, ndim;
+    int64_t shape[4];
+    const void *data;
+    size_t bytes;
+} StOut;
+
+static int st_write(const char *path, const StOut *e, int n, json_t *meta, char *err) {
+    int *order = xmalloc(sizeof(int) * (n + 1));
+    uint64_t *begin = xmalloc(sizeof(uint64_t) * (n + 1)), at = 0;
+    int k = 0;
+    for (int size = 8; size >= 1; size /= 2)
+        for (int i = 0; i < n; i++)
+            if (excb_st_dtypes[e[i].dtype].size == size) { order[k++] = i; begin[i] = at; at += e[i].bytes; }
+    json_t *root = json_object();
+    for (int i = 0; i < n; i++) {
+        json_t *shape = json_array();
+        for (int j = 0; j < e[i].ndim; j++) json_array_append_new(shape, json_integer(e[i].shape[j]));
+        json_object_set_new(root, e[i].name, json_pack("{s:s, s:o, s:[I, I]}", "dtype", excb_st_dtypes[e[i].dtype].name,
+                                                       "shape", shape, "data_offsets", (json_int_t)begin[i],
+                                                       (json_int_t)(begin[i] + e[i].bytes)));
+    }
+    if ((int)json_object_size(root) != n) {
+        json_decref(root); free(order); free(begin);
+        return fail(err, EXCB_EXIT_SOFTWARE, "%s: two tensors of one name (internal error)", path);
+    }
+    if (meta) json_object_set(root, "__metadata__", meta);
+    char *text = json_dumps(root, JSON_COMPACT);        /* keys in insertion order (jansson >= 2.8) */
+    json_decref(root);
+    size_t hl = strlen(text), padded = (hl + 7) / 8 * 8;          /* the data starts 8-byte aligned */
+    uint8_t len8[8];
+    for (int i = 0; i < 8; i++) len8[i] = (uint8_t)((uint64_t)padded >> (8 * i));
+    char tmp[4200];
+    FILE *f = atomic_create(path, tmp, err);
+    int code = f ? 0 : EXCB_EXIT_CANTCREAT;
+    if (f) {
+        fwrite(len8, 1, 8, f);
+        fwrite(text, 1, hl, f);
+        for (size_t i = hl; i < padded; i++) fputc(' ', f);
+        for (int i = 0; i < n; i++) fwrite(e[order[i]].data, 1, e[order[i]].bytes, f);
+        code = atomic_commit(f, tmp, path, err);
+    }
+    free(text); free(order); free(begin);
+    return code;
+}
+
+/* --- the state dict of a model: which tensor is where --------------------------------------------- */
+typedef enum { W_PARAM, W_RUNNING_MEAN, W_RUNNING_VAR, W_BATCHES, W_GAIN } WeightKind;
+typedef struct {
+    char name[96];             /* the full name, "backbone."/"classifier." prefixed                    */
+    WeightKind kind;
+    int index;                 /* the tensor (W_PARAM, W_GAIN: the prototypes'), or the BatchNorm       */
+    int dtype, ndim;
+    int64_t shape[4];
+    size_t numel;
+} WeightEntry;
+
+static int is_backbone_name(const char *name) { return !strncmp(name, "backbone.", 9); }
+
+/* Every entry of the model's state dict, in PyTorch's order: the parameters in the table's order, a
+   BatchNorm's running_mean, running_var and num_batches_tracked after its bias, weight_g after the
+   prototypes' weight_v. Returns the count; *out is malloc'd. */
+static int weight_entries(const ExcbModel *m, WeightEntry **out) {
+    WeightEntry *w = xcalloc((size_t)m->n_tensors + 3 * (size_t)m->n_bn + 1, sizeof *w);
+    int n = 0;
+    for (int t = 0; t < m->n_tensors; t++) {
+        const ExcbTensor *T = &m->tensors[t];
+        w[n] = (WeightEntry){.kind = W_PARAM, .index = t, .dtype = EXCB_ST_F32, .ndim = T->ndim, .numel = T->numel};
+        snprintf(w[n].name, sizeof w[n].name, "%s", T->name);
+        for (int j = 0; j < T->ndim; j++) w[n].shape[j] = T->shape[j];
+        n++;
+        if (t == m->centroids) {                           /* torch.nn.utils.weight_norm(dim = 0)'s g */
+            w[n] = (WeightEntry){.kind = W_GAIN, .index = t, .dtype = EXCB_ST_F32, .ndim = 2,
+                                 .shape = {T->shape[0], 1}, .numel = (size_t)T->shape[0]};
+            snprintf(w[n].name, sizeof w[n].name, "%.*s_g", (int)strlen(T->name) - 2, T->name);
+            n++;
+        }
+        for (int b = 0; b < m->n_bn; b++) {
+            if (m->bn_beta[b] != t) continue;
+            int stem = (int)strlen(T->name) - 5;           /* the name less ".bias" */
+            static const char *const buffer[3] = {"running_mean", "running_var", "num_batches_tracked"};
+            for (int j = 0; j < 3; j++) {
+                w[n] = (WeightEntry){.kind = W_RUNNING_MEAN + j, .index = b, .dtype = j < 2 ? EXCB_ST_F32 : EXCB_ST_I64,
+                                     .ndim = j < 2, .shape = {m->bn_channels[b]}, .numel = j < 2 ? (size_t)m->bn_channels[b] : 1};
+                snprintf(w[n].name, sizeof w[n].name, "%.*s.%s", stem, T->name, buffer[j]);
+                n++;
+            }
+        }
+    }
+    *out = w;
+    return n;
+}
+
+/* where entry e's values live in m for one network; NULL for the two that excb does not hold */
+static real *weight_place(const ExcbModel *m, int teacher, const WeightEntry *e) {
+    switch (e->kind) {
+    case W_PARAM: return (teacher ? m->teacher : m->params) + m->tensors[e->index].offset;
+    case W_RUNNING_MEAN: return (teacher ? m->teacher_running : m->running) + m->bn_stats[e->index];
+    case W_RUNNING_VAR: return (teacher ? m->teacher_running : m->running) + m->bn_stats[e->index] + m->bn_channels[e->index];
+    default: return NULL;                              /* W_BATCHES, W_GAIN: constants */
+    }
+}
+
+int excb_weights_save(const char *path, const ExcbModel *m, int teacher, int backbone_only, const char *config_text,
+                      char *err) {
+    WeightEntry *w;
+    int n = weight_entries(m, &w), k = 0;
+    size_t floats = 0;
+    for (int i = 0; i < n; i++) floats += w[i].dtype == EXCB_ST_F32 ? w[i].numel : 0;
+    float *vals = xmalloc(sizeof(float) * (floats + 1)), *at = vals;   /* real may be double: F32 copies */
+    int64_t batches = m->step;       /* BN's forward count in training mode: one per step, teacher too */
+    StOut *o = xcalloc(n + 1, sizeof *o);
+    for (int i = 0; i < n; i++) {
+        if (backbone_only && !is_backbone_name(w[i].name)) continue;
+        StOut *s = &o[k++];
+        snprintf(s->name, sizeof s->name, "%s", backbone_only ? w[i].name + 9 : w[i].name);
+        s->dtype = w[i].dtype;
+        s->ndim = w[i].ndim;
+        memcpy(s->shape, w[i].shape, sizeof s->shape);
+        s->bytes = w[i].numel * excb_st_dtypes[w[i].dtype].size;
+        if (w[i].kind == W_BATCHES) { s->data = &batches; continue; }
+        const real *src = weight_place(m, teacher, &w[i]);
+        for (size_t j = 0; j < w[i].numel; j++) at[j] = src ? (float)src[j] : 1.0f;     /* W_GAIN: ones */
+        s->data = at;
+        at += w[i].numel;
+    }
+    char step[32];
+    snprintf(step, sizeof step, "%ld", m->step);
+    json_t *meta = json_pack("{s:s, s:s, s:s, s:s, s:s, s:s}", "format", "pt", "excb.version", EXCB_VERSION,
+                             "excb.network", teacher ? "teacher" : "student", "excb.names",
+                             backbone_only ? "torchvision" : "excb", "excb.step", step, "excb.config", config_text);
+    int code = meta ? st_write(path, o, k, meta, err)
+                    : fail(err, EXCB_EXIT_DATA, "%s: the config is not UTF-8 text", path);
+    json_decref(meta);
+    free(o); free(vals); free(w);
+    return code;
+}
+
+/* --- reading a state dict into a model ------------------------------------------------------------ */
+/* A file's name as the model would call it: the prefixes module. (DDP) stripped, then a name outside
+   the heads gets "backbone." when it lacks it (torchvision's names). `set` ("teacher."/"student.", or
+   "") must come first and is stripped; NULL: the name is not of that set. */
+static const char *canonical_weight_name(const char *name, const char *set, char *buf, size_t cap) {
+    size_t ls = strlen(set);
+    if (strncmp(name, set, ls)) return NULL;
+    name += ls;
+    while (!strncmp(name, "module.", 7)) name += 7;
+    if (is_backbone_name(name) || !strncmp(name, "classifier.", 11)) snprintf(buf, cap, "%s", name);
+    else snprintf(buf, cap, "backbone.%s", name);
+    return buf;
+}
+
+/* the file's tensor named `full` (canonically), or NULL */
+static const ExcbStTensor *weights_find(const ExcbSafetensors *st, const char *set, const char *full) {
+    char buf[512];
+    for (int i = 0; i < st->n; i++) {
+        const char *c = canonical_weight_name(st->t[i].name, set, buf, sizeof buf);
+        if (c && !strcmp(c, full)) return &st->t[i];
+    }
+    return NULL;
+}
+
+/* The backbone read off the names and shapes (torchvision's ResNet: conv1, layerS.J.convI, downsample),
+   and the heads' widths when the heads are there, as settings of rc. 0, or EXCB_EXIT_DATA. */
+static int weights_infer_config(const ExcbSafetensors *st, const char *set, ExcbRunConfig *rc, int *heads, char *err) {
+    const char *P = st->path;
+    const ExcbStTensor *c1 = weights_find(st, set, "backbone.conv1.weight");
+    if (!c1 || c1->ndim != 4)
+        return fail(err, EXCB_EXIT_DATA, "%s: no 4-d %sconv1.weight (or %sbackbone.conv1.weight): not a ResNet state dict excb reads",
+                    P, set, set);
+    int k = (int)c1->shape[2];
+    if (c1->shape[3] != k || (k != 7 && k != 3))
+        return fail(err, EXCB_EXIT_DATA, "%s: conv1.weight is %lldx%lld: excb's ResNet stems are 7x7 (torchvision's) or 3x3 (CIFAR)",
+                    P, (long long)c1->shape[2], (long long)c1->shape[3]);
+    char name[128], val[256];
+    int stages = 0;
+    for (int s = 1; s <= EXCB_MAX_STAGES + 1; s++) {
+        snprintf(name, sizeof name, "backbone.layer%d.0.conv1.weight", s);
+        if (!weights_find(st, set, name)) break;
+        if (s > EXCB_MAX_STAGES) return fail(err, EXCB_EXIT_DATA, "%s: more than %d stages (layer%d)", P, EXCB_MAX_STAGES, s);
+        stages = s;
+    }
+    if (!stages) return fail(err, EXCB_EXIT_DATA, "%s: no %slayer1.0.conv1.weight: not a ResNet state dict excb reads", P, set);
+    char widths[128] = "", blocks[128] = "";
+    size_t wl = 0, bl = 0;
+    for (int s = 1; s <= stages; s++) {
+        int j = 0;
+        for (;; j++) {
+            snprintf(name, sizeof name, "backbone.layer%d.%d.conv1.weight", s, j);
+            if (!weights_find(st, set, name)) break;
+        }
+        snprintf(name, sizeof name, "backbone.layer%d.0.conv1.weight", s);
+        const ExcbStTensor *t = weights_find(st, set, name);
+        wl += snprintf(widths + wl, sizeof widths - wl, "%s%lld", s > 1 ? "," : "", (long long)t->shape[0]);
+        bl += snprintf(blocks + bl, sizeof blocks - bl, "%s%d", s > 1 ? "," : "", j);
+    }
+    struct { const char *key; const char *value; } set_to[6] = {
+        {"stem", k == 7 ? "imagenet" : "cifar"},
+        {"block", weights_find(st, set, "backbone.layer1.0.conv3.weight") ? "bottleneck" : "basic"},
+        {"widths", widths}, {"blocks", blocks},
+    };
+    int n_set = 4;
+    const ExcbStTensor *p0 = weights_find(st, set, "classifier.projector.mlp.0.weight"),
+                       *p6 = weights_find(st, set, "classifier.projector.mlp.6.weight"),
+                       *cv = weights_find(st, set, "classifier.centroid_layer.weight_v");
+    *heads = p0 && p6 && p0->ndim == 2 && p6->ndim == 2;
+    char hidden[24], d[24], K[24];
+    if (*heads) {
+        snprintf(hidden, sizeof hidden, "%lld", (long long)p0->shape[0]);
+        snprintf(d, sizeof d, "%lld", (long long)p6->shape[0]);
+        set_to[n_set].key = "hidden"; set_to[n_set++].value = hidden;
+        set_to[n_set].key = "d"; set_to[n_set++].value = d;
+        if (cv && cv->ndim == 2) {
+            snprintf(K, sizeof K, "%lld", (long long)cv->shape[0]);
+            set_to[n_set].key = "K"; set_to[n_set++].value = K;
+        }
+    }
+    for (int i = 0; i < n_set; i++) {
+        snprintf(val, sizeof val, "%s", set_to[i].value);
+        char why[EXCB_ERR_LEN];
+        if (excb_config_set(rc, set_to[i].key, val, why))
+            return fail(err, EXCB_EXIT_DATA, "%s: the backbone read off its names does not fit excb: %s", P, why);
+    }
+    return 0;
+}
+
+/* an F32 tensor of the file into dst (n values), after checking its dtype and shape against e */
+static int weights_copy(const char *P, const ExcbStTensor *t, const WeightEntry *e, real *dst, char *err) {
+    int same = t->ndim == e->ndim;
+    for (int j = 0; same && j < e->ndim; j++) same = t->shape[j] == e->shape[j];
+    if (e->kind == W_BATCHES) {                    /* an integer scalar; excb's BN has no use for it */
+        if (t->numel != 1 || (t->dtype != EXCB_ST_I64 && t->dtype != EXCB_ST_I32))
+            return fail(err, EXCB_EXIT_DATA, "%s: %s is not an integer scalar (I64 in PyTorch's state dicts)", P, t->name);
+        return 0;
+    }
+    if (t->dtype != EXCB_ST_F32)
+        return fail(err, EXCB_EXIT_DATA, "%s: %s is %s; excb reads F32 weights (convert them first, e.g. .float())", P,
+                    t->name, excb_st_dtypes[t->dtype].name);
+    if (!same) {
+        char want[96] = "", got[160] = "";
+        for (int j = 0, l = 0; j < e->ndim; j++) l += snprintf(want + l, sizeof want - l, "%s%lld", j ? ", " : "", (long long)e->shape[j]);
+        for (int j = 0, l = 0; j < t->ndim && l < 140; j++) l += snprintf(got + l, sizeof got - l, "%s%lld", j ? ", " : "", (long long)t->shape[j]);
+        return fail(err, EXCB_EXIT_DATA, "%s: %s has shape [%s], the model's %s is [%s]", P, t->name, got, e->name, want);
+    }
+    for (size_t j = 0; j < e->numel; j++) {
+        float v;
+        memcpy(&v, t->data + 4 * j, 4);            /* the file's data need not be aligned */
+        if (e->kind == W_GAIN) {
+            if (v != 1.0f)
+                return fail(err, EXCB_EXIT_DATA, "%s: %s[%zu] = %g: excb's prototypes have the gain g = 1 (weight_g frozen at 1)",
+                            P, t->name, j, (double)v);
+        } else dst[j] = (real)v;
+    }
+    return 0;
+}
+
+/* the file's tensors of the set that the model did not take (used[i] = 0), named on stderr: ten of
+   them, then a count; returns how many */
+static int weights_report_ignored(const ExcbSafetensors *st, const char *set, const uint8_t *used) {
+    int ignored = 0;
+    for (int i = 0; i < st->n; i++) {
+        if (used[i] || strncmp(st->t[i].name, set, strlen(set))) continue;
+        if (ignored < 10) fprintf(stderr, "%s%s", ignored ? ", " : "excb: not in the model, ignored: ", st->t[i].name);
+        ignored++;
+    }
+    if (ignored > 10) fprintf(stderr, " and %d more", ignored - 10);
+    if (ignored) fprintf(stderr, " (%s)\n", st->path);
+    return ignored;
+}
+
+/* the base preset of a file without excb's config: the data set its stem and channels suggest */
+static const char *weights_preset(int in_ch, int imagenet_stem) {
+    return in_ch == 1 ? "fashion-mnist" : imagenet_stem ? "imagenet-r50" : "cifar10-r18";
+}
+
+int excb_weights_load(const char *path, const char *which, ExcbSettingsHook hook, void *ctx, ExcbRunConfig *rc,
+                      ExcbModel *m, ExcbWeightsInfo *info, char *err) {
+    ExcbSafetensors st;
+    memset(info, 0, sizeof *info);
+    memset(m, 0, sizeof *m);
+    int code = excb_safetensors_open(&st, path, err);
+    if (code) return code;
+    /* the set: "teacher."/"student." when the file holds networks under those prefixes */
+    int has[2] = {0, 0};
+    for (int i = 0; i < st.n; i++) {
+        has[0] |= !strncmp(st.t[i].name, "teacher.", 8);
+        has[1] |= !strncmp(st.t[i].name, "student.", 8);
+    }
+    if (which && strcmp(which, "teacher") && strcmp(which, "student"))
+        code = fail(err, EXCB_EXIT_USAGE, "the network is 'teacher' or 'student', not '%s'", which);
+    else if (which && !has[!strcmp(which, "student")] && (has[0] || has[1]))
+        code = fail(err, EXCB_EXIT_DATA, "%s: no tensor begins with '%s.'", path, which);
+    if (code) { excb_safetensors_close(&st); return code; }
+    const char *pick = which ? which : has[0] ? "teacher" : has[1] ? "student" : "";
+    char set[16] = "";
+    if (has[0] || has[1]) snprintf(set, sizeof set, "%s.", pick);
+    snprintf(info->set, sizeof info->set, "%s", set[0] ? pick : "");
+    /* the config: excb's own (an excb export), else read off the names and shapes; the channels from
+       the stem either way (a run's config takes them from its data) */
+    const char *text = excb_safetensors_meta(&st, "excb.config");
+    const ExcbStTensor *c1 = weights_find(&st, set, "backbone.conv1.weight");
+    int in_ch = c1 && c1->ndim == 4 ? (int)c1->shape[1] : 3, heads = 0;
+    info->from_excb = text != NULL;
+    if (text) code = excb_config_parse(rc, text, path, err);
+    else {
+        excb_preset(rc, weights_preset(in_ch, c1 && c1->ndim == 4 && c1->shape[2] == 7), err);
+        rc->model.batch = 16;          /* the evaluation's forwards take 2 x 16 images; any B would do */
+        code = weights_infer_config(&st, set, rc, &heads, err);
+    }
+    rc->model.in_ch = in_ch;
+    if (!code && hook) code = hook(rc, ctx, err);          /* the command line's settings, last */
+    if (!code) code = excb_config_validate(rc, err);
+    if (!code && excb_build(m, &rc->model)) code = fail(err, EXCB_EXIT_CONFIG, "%s: its config does not build a model", path);
+    if (code) { excb_safetensors_close(&st); return code; }
+    if (text) heads = weights_find(&st, set, "classifier.projector.mlp.0.weight") != NULL;
+    /* every tensor the model needs from the file (the heads only when it has them: otherwise they keep
+       their seeded initialisation), into the student and the teacher alike */
+    WeightEntry *w;
+    int n = weight_entries(m, &w), missing = 0;
+    uint8_t *used = xcalloc(st.n + 1, 1);
+    char first_missing[96] = "";
+    for (int i = 0; i < n && !code; i++) {
+        if (!heads && !is_backbone_name(w[i].name)) continue;
+        const ExcbStTensor *t = weights_find(&st, set, w[i].name);
+        if (!t) {
+            if (w[i].kind == W_BATCHES || w[i].kind == W_GAIN) continue;   /* optional: constants */
+            if (!missing++) snprintf(first_missing, sizeof first_missing, "%s", w[i].name);
+            continue;
+        }
+        real *dst = weight_place(m, 0, &w[i]);
+        if ((code = weights_copy(path, t, &w[i], dst, err))) break;
+        used[t - st.t] = 1;
+        info->matched++;
+        if (dst) memcpy(weight_place(m, 1, &w[i]), dst, sizeof(real) * w[i].numel);
+    }
+    if (!code && missing)
+        code = fail(err, EXCB_EXIT_DATA, "%s: %d tensor%s of the model %s not in the file, the first: %s (as excb names it)",
+                    path, missing, missing > 1 ? "s" : "", missing > 1 ? "are" : "is", first_missing);
+    if (!code) {
+        info->ignored = weights_report_ignored(&st, set, used);
+        info->heads = heads;
+        const char *step = excb_safetensors_meta(&st, "excb.step");
+        m->step = step ? strtol(step, NULL, 10) : 0;
+        memset(m->momentum, 0, sizeof(real) * m->n_params);
+    }
+    free(used);
+    free(w);
+    excb_safetensors_close(&st);
+    if (code) excb_free(m);
+    return code;
 }
 
 /* ================================================================================================
@@ -6698,26 +7301,6 @@ static int mkdir_p(const char *dir, char *err) {
     if (mkdir(p, 0777) && errno != EEXIST) return fail(err, EXCB_EXIT_CANTCREAT, "cannot create %s: %s", p, strerror(errno));
     struct stat st;
     if (stat(p, &st) || !S_ISDIR(st.st_mode)) return fail(err, EXCB_EXIT_CANTCREAT, "%s is not a directory", p);
-    return 0;
-}
-
-static int write_text_atomic(const char *path, const char *text, char *err) {
-    char tmp[4200];
-    snprintf(tmp, sizeof tmp, "%s.tmp", path);
-    tmp_begin(tmp);
-    FILE *f = fopen(tmp, "w");
-    if (!f) { tmp_end(); return fail(err, EXCB_EXIT_CANTCREAT, "cannot create %s: %s", tmp, strerror(errno)); }
-    int e = 0;                                   /* the errno of the first call that failed */
-    if (fputs(text, f) < 0 || fflush(f) || fsync(fileno(f))) e = errno ? errno : EIO;
-    if (fclose(f) && !e) e = errno ? errno : EIO;
-    if (!e && rename(tmp, path)) e = errno;
-    if (!e && fsync_dir_of(path)) e = errno;
-    if (e) {
-        unlink(tmp);
-        tmp_end();
-        return fail(err, EXCB_EXIT_IO, "writing %s failed: %s", path, strerror(e));
-    }
-    tmp_end();
     return 0;
 }
 
@@ -6909,10 +7492,11 @@ static long drop_bad_rows(const ExcbDataset *ds, long *idx, long *n, real *feat,
     return dropped;
 }
 
-/* k-NN on (subsets of) the bank and query splits; with full = 1 also the linear probe and the
-   clustering metrics of the query split. m = NULL: the same measures on the mean-centred pixels
+/* k-NN on (subsets of) the bank and query splits; `what` adds the linear probe (EVAL_PROBE) and the
+   clustering metrics of the query split (EVAL_CLUSTERS; of a model with prototypes). m = NULL: the same measures on the mean-centred pixels
    (excb_pixel_features), without clusters. */
-static int evaluate(ExcbModel *m, const ExcbRunConfig *rc, EvalSets *es, long bank_max, long query_max, int full,
+enum { EVAL_KNN = 0, EVAL_PROBE = 1, EVAL_CLUSTERS = 2, EVAL_FULL = 3 };   /* evaluate()'s `what` */
+static int evaluate(ExcbModel *m, const ExcbRunConfig *rc, EvalSets *es, long bank_max, long query_max, int what,
                     int teacher, EvalResult *res, char *err) {
     double t0 = now_seconds();
     memset(res, 0, sizeof *res);
@@ -6925,7 +7509,7 @@ static int evaluate(ExcbModel *m, const ExcbRunConfig *rc, EvalSets *es, long ba
     int C = es->bank.n_classes > es->query.n_classes ? es->bank.n_classes : es->query.n_classes;
     real *fb = xmalloc(sizeof(real) * nb * D), *fq = xmalloc(sizeof(real) * nq * D);
     int32_t *yb = xmalloc(sizeof(int32_t) * nb), *yq = xmalloc(sizeof(int32_t) * nq);
-    int32_t *aq = full && m && m->n_protos ? xmalloc(sizeof(int32_t) * nq) : NULL;   /* clusters: of the prototypes */
+    int32_t *aq = (what & EVAL_CLUSTERS) && m && m->n_protos ? xmalloc(sizeof(int32_t) * nq) : NULL;
     int code;
     if (m) {
         code = excb_extract_features(m, teacher, &es->bank, &vc, ib, nb, fb, NULL, err);
@@ -6941,6 +7525,10 @@ static int evaluate(ExcbModel *m, const ExcbRunConfig *rc, EvalSets *es, long ba
         if (!nb || !nq) code = fail(err, EXCB_EXIT_DATA, "%s: every image of the %s split was bad", es->bank.path,
                                     !nb ? es->bank.split : es->query.split);
     }
+    for (long i = 0; !code && i < (nb > nq ? nb : nq) * (long)D; i++)   /* NaN features would vote for anything */
+        if ((i < nb * D && !isfinite(fb[i])) || (i < nq * D && !isfinite(fq[i])))
+            code = fail(err, EXCB_EXIT_DATA, "the features of %s image %ld are not finite (NaN or Inf): the network's weights "
+                        "or BatchNorm statistics are not", i < nb * D && !isfinite(fb[i]) ? "bank" : "query", i / D);
     if (!code && !m) subtract_mean_row(fb, nb, fq, nq, D);
     if (!code) {
         for (long i = 0; i < nb; i++) yb[i] = es->bank.labels[ib[i]];
@@ -6949,12 +7537,12 @@ static int evaluate(ExcbModel *m, const ExcbRunConfig *rc, EvalSets *es, long ba
         res->n_query = nq;
         res->n_ks = rc->n_knn_ks;
         excb_knn(fb, yb, nb, fq, yq, nq, D, C, rc->knn_ks, rc->n_knn_ks, rc->knn_t, res->top1, res->top5);
-        if (full) {
+        if (what & EVAL_PROBE) {
             res->probed = 1;
             res->probe_test = excb_linear_probe(fb, yb, nb, fq, yq, nq, D, C, rc->probe_epochs, rc->probe_batch,
                                                 rc->probe_lr, rc->probe_wd, cfg->seed, &res->probe_train);
             /* a run asked to stop (section 17): the probe stopped at its next epoch, so the full
-               evaluation is dropped; the epochs' short k-NN (full = 0) runs to its end, so that an
+               evaluation is dropped; the epochs' short k-NN (EVAL_KNN) runs to its end, so that an
                epoch's record and its checkpoint stay one unit */
             if (stop_signal) code = EXCB_EXIT_SIGNAL + stop_signal;
             if (aq) {
@@ -7338,7 +7926,7 @@ int excb_train(ExcbRunConfig *rc_in, const char *out_dir, const char *resume_fro
         if (epoch_end) {
             EvalResult knn;
             int do_knn = have_eval && ((rc.knn_every > 0 && (epoch + 1) % rc.knn_every == 0) || m.step == rc.model.total_steps);
-            if (do_knn && (code = evaluate(&m, &rc, &es, rc.knn_bank_max, rc.knn_query_max, 0, eval_teacher, &knn, err))) break;
+            if (do_knn && (code = evaluate(&m, &rc, &es, rc.knn_bank_max, rc.knn_query_max, EVAL_KNN, eval_teacher, &knn, err))) break;
             epoch_record(&r, &m, &ts, epoch, do_knn ? &knn : NULL, &rc, now_seconds() - epoch_t0);
             memset(ts.acc, 0, sizeof ts.acc);
             memset(ts.epoch_counts, 0, sizeof(int64_t) * m.n_labels);
@@ -7357,7 +7945,7 @@ int excb_train(ExcbRunConfig *rc_in, const char *out_dir, const char *resume_fro
         /* the final evaluation on the whole bank and query splits */
         EvalResult res;
         if (!quiet) fprintf(stderr, "excb train: final evaluation (k-NN, linear probe, clusters) ...\n");
-        code = evaluate(&m, &rc, &es, 0, 0, 1, eval_teacher, &res, err);
+        code = evaluate(&m, &rc, &es, 0, 0, EVAL_FULL, eval_teacher, &res, err);
         if (stop_signal && code == EXCB_EXIT_SIGNAL + stop_signal) { interrupted = stop_signal; code = 0; }  /* cut short */
         else if (!code) {
             fprintf(r.metrics, "{\"type\":\"eval\",\"step\":%ld,\"features\":\"%s\",", m.step, eval_net);
@@ -7492,6 +8080,30 @@ static int eval_image(ExcbDataset *ds, long i, int C, ExcbImage *img, int *skipp
     return 0;
 }
 
+void excb_backbone_features(ExcbModel *m, int teacher, const real *x, int n, real *feat) {
+    const ExcbConfig *c = &m->cfg;
+    int N = c->n_global * c->batch, D = m->D;
+    size_t image = (size_t)c->in_ch * c->global_size * c->global_size;
+    const real *P = teacher ? m->teacher : m->params;
+    real *run = teacher ? m->teacher_running : m->running, *pad = NULL;
+    int eval_bn = m->eval_bn;
+    m->eval_bn = 1;
+    for (int i0 = 0; i0 < n; i0 += N) {
+        int rows = n - i0 < N ? n - i0 : N;
+        const real *xi = x + (size_t)i0 * image;
+        if (rows < N) {    /* the arena's forward takes N images; BN in evaluation mode keeps rows apart */
+            if (!pad) pad = xcalloc((size_t)N * image, sizeof(real));
+            memcpy(pad, xi, sizeof(real) * rows * image);
+            xi = pad;
+        }
+        backbone_forward(m, P, run, &m->act_global, xi, m->f, N);
+        for (int r = 0; r < rows; r++)
+            for (int j = 0; j < D; j++) feat[(size_t)(i0 + r) * D + j] = m->f[(size_t)j * N + r];
+    }
+    m->eval_bn = eval_bn;
+    free(pad);
+}
+
 int excb_extract_features(ExcbModel *m, int teacher, ExcbDataset *ds, const ExcbViewConfig *vc,
                           const long *idx, long n, real *feat, int32_t *assign, char *err) {
     const ExcbConfig *c = &m->cfg;
@@ -7514,11 +8126,7 @@ int excb_extract_features(ExcbModel *m, int teacher, ExcbDataset *ds, const Excb
             else eval_view(vc, &img, x + (size_t)r * C * G * G, &scr);
         }
         if (code) break;
-        /* the arena's global-crop activations hold N images; unused rows keep stale inputs, which BN in
-           evaluation mode does not mix into the used rows */
-        backbone_forward(m, P, run, &m->act_global, x, m->f, N);
-        for (int r = 0; r < rows; r++)
-            for (int j = 0; j < D; j++) feat[(size_t)(i0 + r) * D + j] = m->f[(size_t)j * N + r];
+        excb_backbone_features(m, teacher, x, rows, feat + (size_t)i0 * D);   /* one forward: m->f has them */
         if (assign) {
             projector_forward(m, P, run, m->f, N);
             l2norm_rows_forward(m->ut, m->ut_den, m->h, N, d, N, (real)c->norm_eps);
@@ -7918,6 +8526,16 @@ static void usage(FILE *f) {
         "              --student (default: teacher) --knn-k 10,20,100,200 --knn-t 0.07 --data SPEC\n"
         "              --bank-split S --query-split S --probe-epochs N --probe-lr X --probe-wd X --set KEY=VALUE\n"
         "              --skip-bad-images: leave undecodable images out of the bank and the queries (counted)\n"
+        "              excb eval --weights FILE.safetensors: the same of a weights file (excb export's, a torchvision\n"
+        "              ResNet's, a DINO/ExCB-style state dict; tools/pth_to_safetensors.py converts a .pth)\n"
+        "  export      excb export CHECKPOINT|RUN_DIR --out FILE.safetensors: the teacher's (--student: the student's)\n"
+        "              weights and BatchNorm buffers under PyTorch's names, the config in __metadata__;\n"
+        "              --backbone-only: the backbone alone, as torchvision.models.resnet* names it\n"
+        "  import      excb import FILE.safetensors --out CHECKPOINT [--student] [--set KEY=VALUE]: a weights file as\n"
+        "              an excb checkpoint (backbone read off the names; heads from the file or from the seed)\n"
+        "  features    excb features CHECKPOINT|RUN_DIR|--weights FILE --out FILE.safetensors [--data SPEC]\n"
+        "              [--split S (the query split)] [--student]: the frozen features excb eval uses (F32, n x D)\n"
+        "              and the labels (I64), for numpy: safetensors.numpy.load_file\n"
         "  plot        excb plot RUN_DIR: PNG curves (loss, diagnostics, cluster usage, k-NN, cluster sizes)\n"
         "              into RUN_DIR/plots with gnuplot (apt-get install gnuplot-nox)\n"
         "  inspect     excb inspect CHECKPOINT: verify it and list its tensors (name, type, shape, CRC-32)\n"
@@ -8388,6 +9006,42 @@ static int push_setting(const char *cmd, Setting *sets, int *n, const char *key,
     return 0;
 }
 
+/* the settings of a command line, applied in order (an ExcbSettingsHook) */
+typedef struct { const Setting *s; int n; } SettingList;
+static int apply_settings(ExcbRunConfig *rc, void *ctx, char *err) {
+    const SettingList *l = ctx;
+    for (int i = 0; i < l->n; i++) {
+        int code = excb_config_set(rc, l->s[i].key, l->s[i].value, err);
+        if (code) return code;
+    }
+    return 0;
+}
+
+/* A checkpoint, or a run directory's newest good one (its path into path[4200]), into rc and a model
+   built from its config; hook (may be NULL) applies further settings first. 0 or an exit code. */
+static int checkpoint_model(const char *target, ExcbSettingsHook hook, void *ctx, ExcbRunConfig *rc, ExcbModel *m,
+                            char *path, char *err) {
+    int code, in_ch = 0;
+    char *text = NULL;
+    memset(m, 0, sizeof *m);
+    if (is_dir(target)) {
+        if ((code = excb_find_checkpoint(target, path, 4200, 1, err))) return code;
+    } else snprintf(path, 4200, "%s", target);
+    memset(rc, 0, sizeof *rc);
+    code = checkpoint_config(path, &text, &in_ch, err);
+    if (!code) code = excb_config_parse(rc, text, path, err);
+    free(text);
+    if (code) return code;
+    if (in_ch > 0) rc->model.in_ch = in_ch;
+    if (hook && (code = hook(rc, ctx, err))) return code;
+    if ((code = excb_config_validate(rc, err))) return code;
+    if (excb_build(m, &rc->model)) return fail(err, EXCB_EXIT_CONFIG, "checkpoint %s: its config does not build a model", path);
+    ExcbTrainState ts;
+    if ((code = excb_checkpoint_load(path, m, &ts, err))) { excb_free(m); return code; }
+    excb_train_state_free(&ts);
+    return 0;
+}
+
 static int help_config(void) {
     ExcbRunConfig rc;
     char err[EXCB_ERR_LEN];
@@ -8576,7 +9230,7 @@ static int cmd_train(int argc, char **argv) {
 /* --- excb eval ------------------------------------------------------------------------------------ */
 static int cmd_eval(int argc, char **argv) {
     const char *target = NULL;
-    int student = 0, pixels = 0, n_sets = 0;
+    int student = 0, pixels = 0, weights = 0, n_sets = 0;
     static Setting sets[MAX_SETS];
     char err[EXCB_ERR_LEN];
     static const struct { const char *opt, *key; } shortcut[] = {
@@ -8589,6 +9243,7 @@ static int cmd_eval(int argc, char **argv) {
         if (!strcmp(a, "--help") || !strcmp(a, "-h")) { usage(stdout); return 0; }
         if (!strcmp(a, "--student")) { student = 1; continue; }
         if (!strcmp(a, "--pixels")) { pixels = 1; continue; }
+        if (!strcmp(a, "--weights")) { weights = 1; continue; }      /* the target is a safetensors file */
         if (!strcmp(a, "--skip-bad-images")) {
             if (push_setting("eval", sets, &n_sets, "skip_bad", -1, "1")) return EXCB_EXIT_USAGE;
             continue;
@@ -8615,41 +9270,25 @@ static int cmd_eval(int argc, char **argv) {
         if (!key) { fprintf(stderr, "excb eval: unknown option '%s'\n", a); return EXCB_EXIT_USAGE; }
         if (push_setting("eval", sets, &n_sets, key, key_len, v)) return EXCB_EXIT_USAGE;
     }
-    if (!target == !pixels) {
-        fprintf(stderr, "excb eval: %s\n", pixels ? "--pixels evaluates the pixels, not a checkpoint: drop one of the two"
-                                                  : "which checkpoint? excb eval CHECKPOINT|RUN_DIR (or --pixels)");
+    if (!target == !pixels || (pixels && weights)) {
+        fprintf(stderr, "excb eval: %s\n", pixels ? "--pixels evaluates the pixels, not a checkpoint or weights: drop one of the two"
+                                                  : "which checkpoint? excb eval CHECKPOINT|RUN_DIR, --weights FILE.safetensors or --pixels");
         return EXCB_EXIT_USAGE;
     }
     char path[4200] = "";
-    struct stat st;
     int code;
     ExcbRunConfig rc;
-    memset(&rc, 0, sizeof rc);
-    if (pixels) {
-        excb_preset(&rc, "fashion-mnist", err);        /* its evaluation settings; --data, --set change them */
-    } else {
-        if (!stat(target, &st) && S_ISDIR(st.st_mode)) {
-            if ((code = excb_find_checkpoint(target, path, sizeof path, 1, err))) { fprintf(stderr, "excb eval: %s\n", err); return code; }
-        } else snprintf(path, sizeof path, "%s", target);
-        char *text = NULL;
-        if ((code = excb_checkpoint_config(path, &text, err)) || (code = excb_config_parse(&rc, text, path, err))) {
-            fprintf(stderr, "excb eval: %s\n", err);
-            free(text);
-            return code;
-        }
-        free(text);
-    }
-    for (int i = 0; i < n_sets; i++)
-        if ((code = excb_config_set(&rc, sets[i].key, sets[i].value, err))) { fprintf(stderr, "excb eval: %s\n", err); return code; }
-    if ((code = excb_config_validate(&rc, err))) { fprintf(stderr, "excb eval: %s\n", err); return code; }
+    SettingList more = {sets, n_sets};
     EvalSets es;
-    if ((code = open_eval_sets(&rc, &es, err))) { fprintf(stderr, "excb eval: %s\n", err); return code; }
-    rc.model.in_ch = es.bank.channels;
     EvalResult res;
     if (pixels) {
+        excb_preset(&rc, "fashion-mnist", err);        /* its evaluation settings; --data, --set change them */
+        if ((code = apply_settings(&rc, &more, err)) || (code = excb_config_validate(&rc, err)) ||
+            (code = open_eval_sets(&rc, &es, err))) { fprintf(stderr, "excb eval: %s\n", err); return code; }
+        rc.model.in_ch = es.bank.channels;
         /* square images of one size are taken whole; others are resized and centre-cropped to global_size */
         if (es.bank.height && es.bank.height == es.bank.width) rc.model.global_size = es.bank.height;
-        if ((code = evaluate(NULL, &rc, &es, 0, 0, 1, 0, &res, err))) fprintf(stderr, "excb eval: %s\n", err);
+        if ((code = evaluate(NULL, &rc, &es, 0, 0, EVAL_FULL, 0, &res, err))) fprintf(stderr, "excb eval: %s\n", err);
         else {
             printf("excb eval --pixels %s\n", es.bank.path);
             print_eval(stdout, NULL, &rc, &es, &res, 0);
@@ -8658,24 +9297,194 @@ static int cmd_eval(int argc, char **argv) {
         return code;
     }
     ExcbModel m;
-    ExcbTrainState ts;
-    if (excb_build(&m, &rc.model)) { close_eval_sets(&es); return EXCB_EXIT_CONFIG; }
-    if ((code = excb_checkpoint_load(path, &m, &ts, err))) {
-        fprintf(stderr, "excb eval: %s\n", err);
+    ExcbWeightsInfo info = {.heads = 1};
+    if (weights) {
+        snprintf(path, sizeof path, "%s", target);
+        code = excb_weights_load(target, student ? "student" : NULL, apply_settings, &more, &rc, &m, &info, err);
+    } else code = checkpoint_model(target, apply_settings, &more, &rc, &m, path, err);
+    if (code) { fprintf(stderr, "excb eval: %s\n", err); return code; }
+    if ((code = open_eval_sets(&rc, &es, err))) { fprintf(stderr, "excb eval: %s\n", err); excb_free(&m); return code; }
+    if (es.bank.channels != m.cfg.in_ch) {
+        fprintf(stderr, "excb eval: %s has %d-channel images, the network of %s takes %d\n", es.bank.path, es.bank.channels,
+                path, m.cfg.in_ch);
         excb_free(&m); close_eval_sets(&es);
-        return code;
+        return EXCB_EXIT_DATA;
     }
-    excb_train_state_free(&ts);
     fprintf(stderr, "excb eval: %s (step %ld)\n", path, m.step);
     int teacher = !student && !m.method->student_only;   /* a student-only method's teacher never ran */
-    code = evaluate(&m, &rc, &es, 0, 0, 1, teacher, &res, err);
+    int what = info.heads ? EVAL_FULL : EVAL_PROBE;       /* no prototypes in the file: no clusters   */
+    code = evaluate(&m, &rc, &es, 0, 0, what, teacher, &res, err);
     if (code) fprintf(stderr, "excb eval: %s\n", err);
     else {
-        printf("excb eval %s\n", path);
+        printf("excb eval %s%s\n", weights ? "--weights " : "", path);
         print_eval(stdout, &m, &rc, &es, &res, teacher);
+        if (!info.heads) printf("clusters: none (%s has no projector and prototypes)\n", path);
     }
     excb_free(&m);
     close_eval_sets(&es);
+    return code;
+}
+
+/* --- excb export, import, features: weights and features for other tools (section 16b) --------------
+ * export    CHECKPOINT|RUN_DIR --out FILE.safetensors [--student] [--backbone-only]
+ * import    FILE.safetensors --out CHECKPOINT [--student] [--set KEY=VALUE]...
+ * features  CHECKPOINT|RUN_DIR|--weights FILE --out FILE.safetensors [--data SPEC] [--split S] [--student]
+ * The network is the teacher's unless --student (a student-only method: the student), as in excb eval. */
+typedef struct {
+    const char *target, *out, *data, *split;
+    int student, backbone_only, weights;
+    Setting sets[MAX_SETS];
+    int n_sets;
+} WeightsArgs;
+
+/* the three commands' options; `allowed` names those the command takes. 0 or 64 */
+static int weights_args(const char *cmd, int argc, char **argv, const char *allowed, WeightsArgs *a) {
+    memset(a, 0, sizeof *a);
+    for (int i = 0; i < argc; i++) {
+        const char *o = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
+        int takes = o[0] == '-' && strstr(allowed, o) != NULL;
+        if (!strcmp(o, "--help") || !strcmp(o, "-h")) { usage(stdout); exit(0); }
+        if (o[0] != '-') {
+            if (a->target) { fprintf(stderr, "excb %s: one input, got '%s' and '%s'\n", cmd, a->target, o); return EXCB_EXIT_USAGE; }
+            a->target = o;
+        } else if (!takes) {
+            fprintf(stderr, "excb %s: unknown option '%s' (this command takes %s)\n", cmd, o, allowed);
+            return EXCB_EXIT_USAGE;
+        } else if (!strcmp(o, "--student")) a->student = 1;
+        else if (!strcmp(o, "--teacher")) a->student = 0;
+        else if (!strcmp(o, "--backbone-only")) a->backbone_only = 1;
+        else if (!strcmp(o, "--weights")) a->weights = 1;
+        else if (!v) { fprintf(stderr, "excb %s: option '%s' needs a value\n", cmd, o); return EXCB_EXIT_USAGE; }
+        else {
+            i++;
+            if (!strcmp(o, "--out")) a->out = v;
+            else if (!strcmp(o, "--data")) a->data = v;
+            else if (!strcmp(o, "--split")) a->split = v;
+            else {                                                        /* --set KEY=VALUE */
+                const char *eq = strchr(v, '=');
+                if (!eq || eq == v) { fprintf(stderr, "excb %s: --set needs key=value, got '%s'\n", cmd, v); return EXCB_EXIT_USAGE; }
+                if (push_setting(cmd, a->sets, &a->n_sets, v, (int)(eq - v), eq + 1)) return EXCB_EXIT_USAGE;
+            }
+        }
+    }
+    if (a->data && push_setting(cmd, a->sets, &a->n_sets, "data", -1, a->data)) return EXCB_EXIT_USAGE;
+    if (!a->target || !a->out) {
+        fprintf(stderr, "excb %s: %s (excb --help)\n", cmd, !a->target ? "which input?" : "--out FILE is needed");
+        return EXCB_EXIT_USAGE;
+    }
+    return 0;
+}
+
+/* the model of a checkpoint, or (weights) of a safetensors file; the network read: 1 teacher, 0 student */
+static int weights_args_model(const char *cmd, const WeightsArgs *a, ExcbRunConfig *rc, ExcbModel *m, char *path,
+                              ExcbWeightsInfo *info, int *teacher) {
+    char err[EXCB_ERR_LEN];
+    SettingList more = {a->sets, a->n_sets};
+    int code;
+    *info = (ExcbWeightsInfo){.heads = 1};
+    if (a->weights) {
+        snprintf(path, 4200, "%s", a->target);
+        code = excb_weights_load(a->target, a->student ? "student" : NULL, apply_settings, &more, rc, m, info, err);
+    } else code = checkpoint_model(a->target, apply_settings, &more, rc, m, path, err);
+    if (code) { fprintf(stderr, "excb %s: %s\n", cmd, err); return code; }
+    *teacher = !a->student && !m->method->student_only;
+    return 0;
+}
+
+static int cmd_export(int argc, char **argv) {
+    WeightsArgs a;
+    int code = weights_args("export", argc, argv, "--out --student --teacher --backbone-only", &a), teacher;
+    if (code) return code;
+    ExcbRunConfig rc;
+    ExcbModel m;
+    ExcbWeightsInfo info;
+    char path[4200], err[EXCB_ERR_LEN];
+    if ((code = weights_args_model("export", &a, &rc, &m, path, &info, &teacher))) return code;
+    char *text = excb_config_dump(&rc, 0);
+    code = excb_weights_save(a.out, &m, teacher, a.backbone_only, text, err);
+    if (code) fprintf(stderr, "excb export: %s\n", err);
+    else fprintf(stderr, "excb export: %s (step %ld, the %s) -> %s: %s names%s\n", path, m.step, teacher ? "teacher" : "student",
+                 a.out, a.backbone_only ? "torchvision's" : "excb's (the official code's)",
+                 a.backbone_only ? ", the backbone alone" : "");
+    free(text);
+    excb_free(&m);
+    return code;
+}
+
+static int cmd_import(int argc, char **argv) {
+    WeightsArgs a;
+    int code = weights_args("import", argc, argv, "--out --student --teacher --set", &a), teacher;
+    if (code) return code;
+    a.weights = 1;
+    ExcbRunConfig rc;
+    ExcbModel m;
+    ExcbWeightsInfo info;
+    char path[4200], err[EXCB_ERR_LEN];
+    if ((code = weights_args_model("import", &a, &rc, &m, path, &info, &teacher))) return code;
+    ExcbTrainState ts = {0};                          /* no training state: step as exported, the rest 0 */
+    ts.prev_labels = xmalloc(sizeof(int32_t));
+    ts.epoch_counts = xcalloc(m.n_labels + 1, sizeof(int64_t));
+    char *text = excb_config_dump(&rc, 0);
+    code = excb_checkpoint_save(a.out, &m, &ts, text, err);
+    if (code) fprintf(stderr, "excb import: %s\n", err);
+    else fprintf(stderr, "excb import: %s -> %s: %d tensors%s%s%s, %s, %s\n", path, a.out, info.matched,
+                 info.set[0] ? " of the " : "", info.set, info.set[0] ? " set" : "",
+                 info.from_excb ? "excb's config" : "the backbone read off the names and shapes",
+                 info.heads ? "heads from the file" : "heads initialised from the seed (not in the file)");
+    free(text);
+    excb_train_state_free(&ts);
+    excb_free(&m);
+    return code;
+}
+
+static int cmd_features(int argc, char **argv) {
+    WeightsArgs a;
+    int code = weights_args("features", argc, argv, "--out --student --teacher --weights --data --split --set", &a), teacher;
+    if (code) return code;
+    ExcbRunConfig rc;
+    ExcbModel m;
+    ExcbWeightsInfo info;
+    char path[4200], err[EXCB_ERR_LEN];
+    if ((code = weights_args_model("features", &a, &rc, &m, path, &info, &teacher))) return code;
+    const char *split = a.split ? a.split : rc.query_split;
+    ExcbDataset ds;
+    if ((code = excb_data_open(&ds, rc.data, split, err))) { fprintf(stderr, "excb features: %s\n", err); excb_free(&m); return code; }
+    if (ds.channels != m.cfg.in_ch) {
+        fprintf(stderr, "excb features: %s has %d-channel images, the network of %s takes %d\n", ds.path, ds.channels, path,
+                m.cfg.in_ch);
+        excb_data_close(&ds); excb_free(&m);
+        return EXCB_EXIT_DATA;
+    }
+    ExcbViewConfig vc;
+    excb_view_config_for(&vc, &m.cfg, rc.epochs, rc.blur);
+    long n = ds.n;
+    int D = m.D;
+    real *feat = xmalloc(sizeof(real) * (n * D + 1));
+    code = excb_extract_features(&m, teacher, &ds, &vc, NULL, n, feat, NULL, err);
+    if (!code) {
+        float *f32 = xmalloc(sizeof(float) * (n * D + 1));
+        int64_t *labels = xmalloc(sizeof(int64_t) * (n + 1));
+        for (long i = 0; i < n * D; i++) f32[i] = (float)feat[i];
+        for (long i = 0; i < n; i++) labels[i] = ds.labels ? ds.labels[i] : -1;
+        StOut o[2] = {{.name = "features", .dtype = EXCB_ST_F32, .ndim = 2, .shape = {n, D}, .data = f32, .bytes = sizeof(float) * n * D},
+                      {.name = "labels", .dtype = EXCB_ST_I64, .ndim = 1, .shape = {n}, .data = labels, .bytes = sizeof(int64_t) * n}};
+        char step[32];
+        snprintf(step, sizeof step, "%ld", m.step);
+        json_t *meta = json_pack("{s:s, s:s, s:s, s:s, s:s, s:s, s:s, s:s}", "format", "np", "excb.version", EXCB_VERSION,
+                                 "excb.weights", path, "excb.network", teacher ? "teacher" : "student", "excb.step", step,
+                                 "excb.data", ds.path, "excb.split", split, "excb.features",
+                                 "the backbone's pooled output, BatchNorm running statistics, the evaluation view "
+                                 "(the whole image, or resize to G*256/224 and centre-crop G), as excb eval; labels -1: none");
+        code = meta ? st_write(a.out, o, 2, meta, err) : fail(err, EXCB_EXIT_DATA, "a path is not UTF-8 text");
+        json_decref(meta);
+        free(f32); free(labels);
+    }
+    if (code) fprintf(stderr, "excb features: %s\n", err);
+    else fprintf(stderr, "excb features: %s (step %ld, the %s), %s (%s split): %ld x %d -> %s\n", path, m.step,
+                 teacher ? "teacher" : "student", ds.path, split, n, D, a.out);
+    free(feat);
+    excb_data_close(&ds);
+    excb_free(&m);
     return code;
 }
 
@@ -9477,6 +10286,9 @@ static int run_command(int argc, char **argv) {
     if (!strcmp(argv[1], "views")) return cmd_views(argc - 2, argv + 2);
     if (!strcmp(argv[1], "train")) return cmd_train(argc - 2, argv + 2);
     if (!strcmp(argv[1], "eval")) return cmd_eval(argc - 2, argv + 2);
+    if (!strcmp(argv[1], "export")) return cmd_export(argc - 2, argv + 2);
+    if (!strcmp(argv[1], "import")) return cmd_import(argc - 2, argv + 2);
+    if (!strcmp(argv[1], "features")) return cmd_features(argc - 2, argv + 2);
     if (!strcmp(argv[1], "plot")) return cmd_plot(argc - 2, argv + 2);
     if (!strcmp(argv[1], "inspect")) return cmd_inspect(argc - 2, argv + 2);
     if (!strcmp(argv[1], "audit")) return cmd_audit(argc - 2, argv + 2);

@@ -273,6 +273,7 @@ typedef struct ExcbModel {
     size_t n_running;          /* BN running mean/var (evaluation only), student and teacher          */
     int n_bn;                  /* every BatchNorm's statistics block: (offset in `running`, channels) */
     size_t bn_stats[EXCB_MAX_TENSORS]; int bn_channels[EXCB_MAX_TENSORS];
+    int bn_beta[EXCB_MAX_TENSORS];     /* and its shift's tensor: PyTorch's buffers follow it (16b)    */
     real *running, *teacher_running;
     /* the method (excb.c section 5): its operations, and its buffers by name. State buffers persist
        across steps (one allocation, `mstate`, saved in checkpoints as "method.NAME", copied to and from
@@ -1013,5 +1014,64 @@ typedef struct {
 void excb_cluster_scores(const int32_t *pred, const int32_t *truth, long n, int K, int C, ExcbClusterScores *s);
 /* the optimal one-to-one assignment maximising sum w[i][perm[i]] of an n x n matrix (Hungarian method) */
 void excb_hungarian_max(const double *w, int n, int *perm);
+
+/* --- weights in and out: safetensors with PyTorch's names (excb.c section 16b) --- */
+/* A safetensors file read and verified (the format exactly: an 8-byte little-endian header length, a
+   JSON header of at most 100 MB parsed by jansson, dtype/shape/data_offsets per tensor, offsets that
+   cover the byte buffer with no hole and no overlap, __metadata__ of strings). Tensors are in the
+   order of their data. */
+#define EXCB_ST_MAX_DIMS 8
+typedef struct {
+    char *name;
+    int dtype;                 /* EXCB_ST_F32, ...: an index into excb_st_dtypes                      */
+    int ndim;
+    int64_t shape[EXCB_ST_MAX_DIMS];
+    uint64_t numel;
+    const uint8_t *data;       /* into the file's bytes                                               */
+    size_t bytes;
+} ExcbStTensor;
+typedef struct {
+    char path[4096];
+    uint8_t *buf; size_t len;
+    int n; ExcbStTensor *t;
+    int n_meta; char **meta_key, **meta_value;
+} ExcbSafetensors;
+enum { EXCB_ST_BOOL, EXCB_ST_U8, EXCB_ST_I8, EXCB_ST_F8_E5M2, EXCB_ST_F8_E4M3, EXCB_ST_I16, EXCB_ST_U16, EXCB_ST_F16,
+       EXCB_ST_BF16, EXCB_ST_I32, EXCB_ST_U32, EXCB_ST_F32, EXCB_ST_F64, EXCB_ST_I64, EXCB_ST_U64, EXCB_ST_N_DTYPES };
+typedef struct { const char *name; int size; } ExcbStDtype;
+extern const ExcbStDtype excb_st_dtypes[EXCB_ST_N_DTYPES];   /* their names in the header, bytes each */
+/* the bytes buf[0..len) (taken over: freed by excb_safetensors_close, also on failure) as the file
+   `path`; 0, or EXCB_EXIT_DATA with err naming the file and the problem */
+int excb_safetensors_parse(ExcbSafetensors *st, uint8_t *buf, size_t len, const char *path, char *err);
+int excb_safetensors_open(ExcbSafetensors *st, const char *path, char *err);   /* + 66 unreadable */
+const ExcbStTensor *excb_safetensors_find(const ExcbSafetensors *st, const char *name);
+const char *excb_safetensors_meta(const ExcbSafetensors *st, const char *key);   /* NULL: absent */
+void excb_safetensors_close(ExcbSafetensors *st);
+
+/* What a weights file holds, as loaded by excb_weights_load. */
+typedef struct {
+    int matched, ignored;      /* tensors used; tensors of the file that are not the model's          */
+    int heads;                 /* 1: the projector, predictor and prototypes came from the file       */
+    int from_excb;             /* 1: the file carries excb's config (an excb export)                  */
+    char set[16];              /* the prefix group taken: "teacher", "student" or ""                  */
+} ExcbWeightsInfo;
+/* The model's weights under PyTorch's names: one network (the teacher's or the student's), its BatchNorm
+   buffers (running_mean, running_var, num_batches_tracked), the prototypes as weight_v with weight_g = 1,
+   the config text and step in __metadata__. backbone_only: the backbone alone, named as torchvision
+   names it (no "backbone." prefix). Written atomically; 0 or an exit code with err. */
+int excb_weights_save(const char *path, const ExcbModel *m, int teacher, int backbone_only, const char *config_text,
+                      char *err);
+/* A weights file (excb's export, a torchvision ResNet state dict, a DINO/ExCB-style one) into a model
+   built here, whose config rc gets: from the file's excb config when it has one, else the backbone read
+   off the tensor names and shapes with the defaults of the closest preset. which: "teacher", "student"
+   or NULL (the teacher's when the file has both). Prefixes module., backbone. and teacher./student. are
+   stripped as prefixes; names left unmatched are listed on stderr. hook (may be NULL) then applies further
+   settings (the command line's) before the model is built. Both networks of m get the weights.
+   0, or EXCB_EXIT_DATA/NOINPUT/CONFIG with err. */
+typedef int (*ExcbSettingsHook)(ExcbRunConfig *rc, void *ctx, char *err);   /* more settings: 0 or a code */
+int excb_weights_load(const char *path, const char *which, ExcbSettingsHook hook, void *ctx, ExcbRunConfig *rc,
+                      ExcbModel *m, ExcbWeightsInfo *info, char *err);
+/* the backbone's pooled features (n, D) of n input images x (n, C, G, G), BatchNorm in evaluation mode */
+void excb_backbone_features(ExcbModel *m, int teacher, const real *x, int n, real *feat);
 
 #endif /* EXCB_H */

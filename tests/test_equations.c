@@ -325,6 +325,10 @@ Test(schedules, learning_rate) {
     EXPECT_NEAR(lr_at(10, 100, 10, 0.6, 1e-4), 0.6, 1e-15, "peak");
     EXPECT_NEAR(lr_at(55, 100, 10, 0.6, 1e-4), 0.30003, 1e-12, "half-way");
     EXPECT_NEAR(lr_at(100, 100, 10, 0.6, 1e-4), 6e-5, 1e-15, "end");
+    /* a warm-up as long as the run (warmup_epochs = epochs): the last step's cosine would be 0/0; DINO's
+       scheduler then has no cosine part, so the run ends at the peak: t=64 of T=W=64 -> 0.6 */
+    EXPECT_NEAR(lr_at(63, 64, 64, 0.6, 1e-4), 0.6 * 63 / 64, 1e-15, "warm-up to the end");
+    EXPECT_NEAR(lr_at(64, 64, 64, 0.6, 1e-4), 0.6, 1e-15, "warm-up as long as the run, last step");
 }
 
 Test(schedules, centroid_weight_decay_wdx10c1) {

@@ -290,10 +290,11 @@ test-tsan:
 # grows in a scratch copy, never in the repository). Crashes land in tests/fuzz/crash-*.
 # The closing figures of issue 13 (10^7 executions per target, one core, about 75 minutes in all):
 #   make fuzz FUZZ_TARGETS="cifar stl ckpt" FUZZ_LIMIT=-runs=10000000
+# and of issue 19: make fuzz FUZZ_TARGETS=safetensors FUZZ_LIMIT=-runs=10000000
 FUZZ_CC      ?= clang
 FUZZ_SECONDS ?= 20
 FUZZ_LIMIT   ?= -max_total_time=$(FUZZ_SECONDS)
-FUZZ_TARGETS := idx image cifar stl ckpt
+FUZZ_TARGETS := idx image cifar stl ckpt safetensors
 FUZZ_FLAGS   := -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined -DTESTING
 FUZZ_BINS    := $(addprefix tests/fuzz/fuzz_,$(FUZZ_TARGETS))
 fuzz-build: $(FUZZ_BINS)

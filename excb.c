@@ -6764,14 +6764,17 @@ static int cmp_st_data(const void *a, const void *b) {
 static int st_parse(ExcbSafetensors *st, char *err) {
     const char *P = st->path;
     if (st->len < 8) return fail(err, EXCB_EXIT_DATA, "%s: %zu bytes: too short for a safetensors file (an 8-byte header length first)", P, st->len);
+    if (!memcmp(st->buf, "EXCBCKPT", 8))
+        return fail(err, EXCB_EXIT_DATA, "%s: an excb checkpoint, not a safetensors file (commands take a checkpoint "
+                    "without --weights; excb export makes the safetensors file)", P);
     uint64_t hlen = 0;
     for (int i = 7; i >= 0; i--) hlen = hlen << 8 | st->buf[i];        /* little-endian */
     if (hlen > ST_MAX_HEADER)
-        return fail(err, EXCB_EXIT_DATA, "%s: header length %llu is above the format's limit of %llu bytes", P,
-                    (unsigned long long)hlen, ST_MAX_HEADER);
+        return fail(err, EXCB_EXIT_DATA, "%s: header length %llu is above the format's limit of %llu bytes (not a safetensors file?)",
+                    P, (unsigned long long)hlen, ST_MAX_HEADER);
     if (hlen > st->len - 8)
-        return fail(err, EXCB_EXIT_DATA, "%s: header length %llu runs past the end of the file (%zu bytes follow the length)", P,
-                    (unsigned long long)hlen, st->len - 8);
+        return fail(err, EXCB_EXIT_DATA, "%s: header length %llu runs past the end of the file (%zu bytes follow the length; "
+                    "cut short, or not a safetensors file)", P, (unsigned long long)hlen, st->len - 8);
     if (hlen == 0 || st->buf[8] != '{')
         return fail(err, EXCB_EXIT_DATA, "%s: the header does not begin with '{': not a safetensors file", P);
     json_error_t je;
@@ -6966,11 +6969,18 @@ int excb_weights_save(const char *path, const ExcbModel *m, int teacher, int bac
         s->data = at;
         at += w[i].numel;
     }
-    char step[32];
+    char step[32], mean[64] = "", std[64] = "";
     snprintf(step, sizeof step, "%ld", m->step);
-    json_t *meta = json_pack("{s:s, s:s, s:s, s:s, s:s, s:s}", "format", "pt", "excb.version", EXCB_VERSION,
+    ExcbViewConfig vc;                       /* the input normalisation a PyTorch user has to repeat */
+    excb_view_config_for(&vc, &m->cfg, 1, 0);
+    for (int c = 0; c < m->cfg.in_ch && c < 3; c++) {
+        snprintf(mean + strlen(mean), sizeof mean - strlen(mean), "%s%.9g", c ? "," : "", (double)vc.mean[c]);
+        snprintf(std + strlen(std), sizeof std - strlen(std), "%s%.9g", c ? "," : "", (double)vc.std[c]);
+    }
+    json_t *meta = json_pack("{s:s, s:s, s:s, s:s, s:s, s:s, s:s, s:s}", "format", "pt", "excb.version", EXCB_VERSION,
                              "excb.network", teacher ? "teacher" : "student", "excb.names",
-                             backbone_only ? "torchvision" : "excb", "excb.step", step, "excb.config", config_text);
+                             backbone_only ? "torchvision" : "excb", "excb.step", step, "excb.input_mean", mean,
+                             "excb.input_std", std, "excb.config", config_text);
     int code = meta ? st_write(path, o, k, meta, err)
                     : fail(err, EXCB_EXIT_DATA, "%s: the config is not UTF-8 text", path);
     json_decref(meta);

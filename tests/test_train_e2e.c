@@ -825,6 +825,88 @@ Test(e2e, readme_promises) {
     cr_expect(stat(p("nothing"), &st) != 0, "--resume created the directory it did not find");
 }
 
+/* --- weights in and out (README, "Weights for PyTorch") ------------------------------------------------ */
+/* the log's k-NN, probe and cluster lines (the ones that depend on the weights, not on the paths) */
+static char *eval_lines(void) {
+    char *log = slurp_text(p("log")), *out = calloc(1, strlen(log ? log : "") + 1);
+    for (char *line = log ? strtok(log, "\n") : NULL; line; line = strtok(NULL, "\n"))
+        if (strstr(line, "  k = ") || strstr(line, "linear probe:") || strstr(line, "clusters:")) strcat(strcat(out, line), "\n");
+    free(log);
+    return out;
+}
+
+Test(e2e, weights_export_import_features_and_eval_agree) {
+    cr_assert_eq(sh(TRAIN "--out '%s' --stop-after 8", p("data"), p("a")), 0);
+    char ck[600];                                          /* p()'s buffers rotate: a copy */
+    snprintf(ck, sizeof ck, "%s", p("a/ckpt-0000000008.excb"));
+    /* export -> import -> export: the same bytes; the imported checkpoint evaluates as the run does */
+    cr_assert_eq(sh("./excb export '%s' --out '%s'", p("a"), p("w.safetensors")), 0);
+    cr_expect(log_has("step 8, the teacher"));
+    cr_assert_eq(sh("./excb import '%s' --out '%s'", p("w.safetensors"), p("imp.excb")), 0);
+    cr_assert_eq(sh("./excb export '%s' --out '%s'", p("imp.excb"), p("w2.safetensors")), 0);
+    cr_expect_eq(sh("cmp '%s' '%s'", p("w.safetensors"), p("w2.safetensors")), 0, "export(import(export)) is the export");
+    cr_assert_eq(sh("./excb eval '%s'", ck), 0);
+    char *of_run = eval_lines();
+    cr_assert_eq(sh("./excb eval --weights '%s'", p("w.safetensors")), 0);
+    char *of_weights = eval_lines();
+    cr_assert_eq(sh("./excb eval '%s'", p("imp.excb")), 0);
+    char *of_import = eval_lines();
+    cr_expect(strstr(of_run, "  k = ") && strstr(of_run, "clusters:"), "%s", of_run);
+    cr_expect_str_eq(of_weights, of_run, "eval --weights of the export = eval of the checkpoint");
+    cr_expect_str_eq(of_import, of_run, "eval of the imported checkpoint = eval of the checkpoint");
+    free(of_run); free(of_weights); free(of_import);
+    /* the backbone alone: the same k-NN and probe, and no clusters (the file has no prototypes) */
+    cr_assert_eq(sh("./excb export '%s' --backbone-only --out '%s'", ck, p("bb.safetensors")), 0);
+    cr_assert_eq(sh("./excb eval --weights '%s'", p("bb.safetensors")), 0);
+    cr_expect(log_has("clusters: none"));
+    /* features: read back; the data's labels; excb eval's features, computed here in this process */
+    cr_assert_eq(sh("./excb features '%s' --split test --out '%s'", p("a"), p("f.safetensors")), 0);
+    ExcbSafetensors st;
+    char err[EXCB_ERR_LEN];
+    cr_assert_eq(excb_safetensors_open(&st, p("f.safetensors"), err), 0, "%s", err);
+    const ExcbStTensor *f = excb_safetensors_find(&st, "features"), *y = excb_safetensors_find(&st, "labels");
+    cr_assert(f && y && f->dtype == EXCB_ST_F32 && y->dtype == EXCB_ST_I64 && f->ndim == 2 && y->ndim == 1);
+    cr_expect(f->shape[0] == 64 && y->shape[0] == 64, "the 64 test images: %lld, %lld", (long long)f->shape[0], (long long)y->shape[0]);
+    int bad_labels = 0;
+    for (int i = 0; i < 64; i++) {
+        int64_t v;
+        memcpy(&v, y->data + 8 * i, 8);
+        bad_labels += v != i % 4;                          /* make_split: class i mod 4 */
+    }
+    cr_expect_eq(bad_labels, 0);
+    ExcbModel m;
+    ExcbTrainState ts;
+    load_ckpt(ck, &m, &ts);
+    ExcbDataset ds;
+    ExcbViewConfig vc;
+    cr_assert_eq(excb_data_open(&ds, p("data"), "test", err), 0, "%s", err);
+    excb_view_config_for(&vc, &m.cfg, 2, 0);
+    int D = m.D;
+    cr_assert_eq(f->shape[1], D);
+    real *want = malloc(sizeof(real) * 64 * D);
+    cr_assert_eq(excb_extract_features(&m, 1, &ds, &vc, NULL, 64, want, NULL, err), 0, "%s", err);
+    int differ = 0;
+    for (int i = 0; i < 64 * D; i++) {
+        float v;
+        memcpy(&v, f->data + 4 * i, 4);
+        differ += v != (float)want[i];
+    }
+    cr_expect_eq(differ, 0, "the file's features are excb eval's, bit for bit");
+    free(want);
+    excb_data_close(&ds);
+    excb_free(&m);
+    excb_train_state_free(&ts);
+    excb_safetensors_close(&st);
+    /* what is refused: a checkpoint given as weights (65, named), no --out (64), no input (66) */
+    cr_expect_eq(sh("./excb eval --weights '%s'", ck), EXCB_EXIT_DATA);
+    cr_expect(log_has(ck) && log_has("safetensors"));
+    cr_expect_eq(sh("./excb export '%s'", ck), EXCB_EXIT_USAGE);
+    cr_expect(log_has("--out"));
+    cr_expect_eq(sh("./excb import '%s' --out '%s'", p("none.safetensors"), p("x.excb")), EXCB_EXIT_NOINPUT);
+    struct stat sb;
+    cr_expect(stat(p("x.excb"), &sb) != 0, "a failed import leaves no file");
+}
+
 /* --- excb audit ------------------------------------------------------------------------------------ */
 /* The CI form of the small-batch audit on Fashion-MNIST (make data): excb and none at B = 16 on 4,000
    images; the audit's own check (none collapses, excb does not) must hold, the table, the results and

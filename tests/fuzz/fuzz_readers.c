@@ -1,11 +1,14 @@
 /* fuzz_readers.c: libFuzzer targets for every reader and decoder of excb.c section 11.
  *
- * One source, five targets, chosen at compile time with -DFUZZ_<TARGET>:
+ * One source, six targets, chosen at compile time with -DFUZZ_<TARGET>:
  *   FUZZ_IDX     the IDX parser, on the input as is and, when it is gzip, after excb_gunzip
  *   FUZZ_IMAGE   excb_decode_image: PNG (libpng simplified API) and JPEG (libjpeg-turbo) by magic
  *   FUZZ_CIFAR   excb_data_open on the input saved as a CIFAR-100 train.bin, then every image read
  *   FUZZ_STL     excb_data_open on an STL-10 folder: the input's first byte chooses how many
  *                images train_X.bin holds, the rest becomes train_y.bin; then every image read
+ *   FUZZ_SAFETENSORS  the safetensors reader (excb.c section 16b), from memory: a file it accepts must
+ *                have every tensor inside the buffer (each byte is read), unique names, and tensors that
+ *                tile the data exactly
  *   FUZZ_CKPT    the checkpoint reader (excb.c section 16): excb_checkpoint_config, the config parser on
  *                its text, and excb_checkpoint_load into a tiny model. The CRCs are recomputed after the
  *                fuzzer's mutation (every in-bounds entry's, then the file's), so the mutations reach the
@@ -132,8 +135,28 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     read_everything("train");
 #elif defined(FUZZ_CKPT)
     fuzz_checkpoint(data, size);
+#elif defined(FUZZ_SAFETENSORS)
+    uint8_t *b = malloc(size ? size : 1);          /* the parser takes the buffer over */
+    memcpy(b, data, size);
+    ExcbSafetensors st;
+    if (excb_safetensors_parse(&st, b, size, "fuzz.safetensors", err) == 0) {
+        size_t covered = 0;
+        volatile uint8_t sink = 0;
+        for (int i = 0; i < st.n; i++) {
+            const ExcbStTensor *t = &st.t[i];
+            for (size_t j = 0; j < t->bytes; j++) sink ^= t->data[j];      /* out of bounds: ASan says */
+            if (excb_safetensors_find(&st, t->name) != t) abort();         /* a name given twice      */
+            covered += t->bytes;
+        }
+        if (st.n && (size_t)(st.t[st.n - 1].data + st.t[st.n - 1].bytes - st.buf) != size) abort();
+        if (st.n && covered != size - (size_t)(st.t[0].data - st.buf)) abort();   /* holes or overlaps */
+        for (int i = 0; i < st.n_meta; i++)
+            if (excb_safetensors_meta(&st, st.meta_key[i]) == NULL) abort();
+        (void)sink;
+        excb_safetensors_close(&st);
+    }
 #else
-#error "define one of FUZZ_IDX, FUZZ_IMAGE, FUZZ_CIFAR, FUZZ_STL, FUZZ_CKPT"
+#error "define one of FUZZ_IDX, FUZZ_IMAGE, FUZZ_CIFAR, FUZZ_STL, FUZZ_CKPT, FUZZ_SAFETENSORS"
 #endif
     return 0;
 }

@@ -23,35 +23,10 @@ import sys
 import torch
 import torch.nn as nn
 from safetensors.torch import save_file
-from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
+from torchvision.models.resnet import BasicBlock, Bottleneck
 
-
-class CutResNet(ResNet):
-    """torchvision's ResNet with other stage widths (its layers made by its own _make_layer), an
-    optional CIFAR stem (conv 3x3 stride 1, no max-pool: the SwAV/solo-learn CIFAR variant) and fewer
-    stages (the missing layers become Identity: no tensors)."""
-
-    def __init__(self, block, layers, widths, in_ch=3, cifar=False):
-        super().__init__(block, [max(n, 1) for n in layers] + [1] * (4 - len(layers)))
-        self.inplanes = widths[0]
-        k, s, p = (3, 1, 1) if cifar else (7, 2, 3)
-        self.conv1 = nn.Conv2d(in_ch, widths[0], kernel_size=k, stride=s, padding=p, bias=False)
-        self.bn1 = nn.BatchNorm2d(widths[0])
-        if cifar:
-            self.maxpool = nn.Identity()
-        for i in range(4):
-            name = f"layer{i + 1}"
-            if i < len(layers):
-                setattr(self, name, self._make_layer(block, widths[i], layers[i], stride=1 if i == 0 else 2))
-            else:
-                setattr(self, name, nn.Identity())
-        self.fc = nn.Linear(widths[len(layers) - 1] * block.expansion, 10)
-        for m in self.modules():  # torchvision's own initialisation (resnet.py, ResNet.__init__)
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.constant_(m.weight, 1)
-                nn.init.constant_(m.bias, 0)
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "tools"))
+from excb_torch import TorchvisionResNet as CutResNet  # noqa: E402 -- torchvision's class, cut widths
 
 
 def settle(net, in_ch, side, gen):

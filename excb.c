@@ -16,7 +16,8 @@
  * schedules (Appendix A), one training step; then the data sets (IDX, CIFAR, STL-10, PNG/JPEG
  * folders), the multi-crop views (paper_notes.md §8b) in PIL's arithmetic, a threaded deterministic
  * loader; then whole runs: the config and presets, k-means centroid initialisation (paper_notes.md §9),
- * checkpoints, the training loop, evaluation (k-NN, linear probe, clustering metrics), benchmarks and
+ * checkpoints, weights in and out as safetensors under PyTorch's names (section 16b), the training loop,
+ * evaluation (k-NN, linear probe, clustering metrics), benchmarks and
  * the command line, whose `excb audit` runs the grids that put the paper's small-batch claim and the
  * audit items A1..A25 to the test. Every forward sits right above its backward.
  *

@@ -859,6 +859,11 @@ Test(e2e, weights_export_import_features_and_eval_agree) {
     cr_assert_eq(sh("./excb export '%s' --backbone-only --out '%s'", ck, p("bb.safetensors")), 0);
     cr_assert_eq(sh("./excb eval --weights '%s'", p("bb.safetensors")), 0);
     cr_expect(log_has("clusters: none"));
+    /* NaN in the last BatchNorm's running variance (the file's last bytes): no k-NN of NaN features */
+    cr_assert_eq(sh("printf '\\377\\377\\377\\377' | dd of='%s' bs=1 seek=$(($(stat -c %%s '%s') - 4)) conv=notrunc",
+                    p("bb.safetensors"), p("bb.safetensors")), 0);
+    cr_expect_eq(sh("./excb eval --weights '%s'", p("bb.safetensors")), EXCB_EXIT_DATA);
+    cr_expect(log_has("are not finite"));
     /* features: read back; the data's labels; excb eval's features, computed here in this process */
     cr_assert_eq(sh("./excb features '%s' --split test --out '%s'", p("a"), p("f.safetensors")), 0);
     ExcbSafetensors st;

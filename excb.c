@@ -9503,16 +9503,16 @@ static int cmd_features(int argc, char **argv) {
  * Reads RUN_DIR/metrics.jsonl (and the newest checkpoint's cluster sizes), writes the curves as plain
  * columns into RUN_DIR/plots/ (steps.dat, epochs.dat, cluster_sizes.dat) with a gnuplot script, and runs gnuplot (Debian: gnuplot-nox) on it.
  * The .dat files and plots.gp stay: the plots can be redrawn or restyled without excb. */
-static double json_number(const char *line, const char *key) {
-    char pat[96];
-    snprintf(pat, sizeof pat, "\"%s\":", key);
-    const char *p = strstr(line, pat);
-    if (!p) return NAN;
-    p += strlen(pat);
-    if (!strncmp(p, "null", 4)) return NAN;
-    char *end;
-    double v = strtod(p, &end);
-    return end == p ? NAN : v;
+/* metrics.jsonl and eval.json are read back with jansson, a record at a time: a number field (NAN when
+   it is absent, null or not a number), and a record's "type" */
+static double json_number(const json_t *o, const char *key) {
+    const json_t *v = json_object_get(o, key);
+    return json_is_number(v) ? json_number_value(v) : NAN;
+}
+
+static int json_record_is(const json_t *o, const char *type) {
+    const char *t = json_string_value(json_object_get(o, "type"));
+    return t && !strcmp(t, type);
 }
 
 static int cmp_real_desc(const void *a, const void *b) {
@@ -9577,32 +9577,37 @@ static int cmd_plot(int argc, char **argv) {
     if (!fs || !fe) { fclose(in); fprintf(stderr, "excb plot: cannot write into %s\n", plots); return EXCB_EXIT_CANTCREAT; }
     fprintf(fs, "# step loss lr teacher_conf student_conf distinct_frac assign_entropy changed_labels\n");
     fprintf(fe, "# epoch(1-based) loss empty_clusters cluster_size_min cluster_size_max label_entropy_norm knn_top1 (first k)\n");
-    static char line[1 << 16];
+    char *line = NULL;
+    size_t line_cap = 0;
     long n_steps = 0, n_epochs = 0, n_knn = 0;
     int knn_k = 20;
-    while (fgets(line, sizeof line, in)) {
-        if (strstr(line, "\"type\":\"step\"")) {
-            fprintf(fs, "%ld %.9g %.9g %.9g %.9g %.9g %.9g %.9g\n", (long)json_number(line, "step"), json_number(line, "loss"),
-                    json_number(line, "lr"), json_number(line, "teacher_conf"), json_number(line, "student_conf"),
-                    json_number(line, "distinct_frac"), json_number(line, "assign_entropy"), json_number(line, "changed_labels"));
+    while (getline(&line, &line_cap, in) >= 0) {
+        json_t *o = json_loads(line, 0, NULL);                /* a line that is not a record: skipped */
+        if (json_record_is(o, "step")) {
+            fprintf(fs, "%ld %.9g %.9g %.9g %.9g %.9g %.9g %.9g\n", (long)json_number(o, "step"), json_number(o, "loss"),
+                    json_number(o, "lr"), json_number(o, "teacher_conf"), json_number(o, "student_conf"),
+                    json_number(o, "distinct_frac"), json_number(o, "assign_entropy"), json_number(o, "changed_labels"));
             n_steps++;
-        } else if (strstr(line, "\"type\":\"epoch\"")) {
-            double knn = json_number(line, "knn_top1_k20");   /* k = 20 (the README's), else the first k */
-            const char *kp = strstr(line, "\"knn_top1_k");
+        } else if (json_record_is(o, "epoch")) {
+            double knn = json_number(o, "knn_top1_k20");      /* k = 20 (the README's), else the first k */
+            const char *key;
+            json_t *v;
             if (!isnan(knn)) knn_k = 20;
-            else if (kp) {
-                knn_k = atoi(kp + 11);
-                char key[32];
-                snprintf(key, sizeof key, "knn_top1_k%d", knn_k);
-                knn = json_number(line, key);
-            }
+            else json_object_foreach(o, key, v)
+                if (!strncmp(key, "knn_top1_k", 10) && json_is_number(v)) {
+                    knn_k = atoi(key + 10);
+                    knn = json_number_value(v);
+                    break;
+                }
             n_knn += !isnan(knn);
-            fprintf(fe, "%ld %.9g %.9g %.9g %.9g %.9g %.9g\n", (long)json_number(line, "epoch") + 1, json_number(line, "loss"),
-                    json_number(line, "empty_clusters"), json_number(line, "cluster_size_min"),
-                    json_number(line, "cluster_size_max"), json_number(line, "label_entropy_norm"), knn);
+            fprintf(fe, "%ld %.9g %.9g %.9g %.9g %.9g %.9g\n", (long)json_number(o, "epoch") + 1, json_number(o, "loss"),
+                    json_number(o, "empty_clusters"), json_number(o, "cluster_size_min"),
+                    json_number(o, "cluster_size_max"), json_number(o, "label_entropy_norm"), knn);
             n_epochs++;
         }
+        json_decref(o);
     }
+    free(line);
     fclose(in);
     int bad_fs = close_checked(fs, p1, "plot"), bad_fe = close_checked(fe, p2, "plot");
     if (bad_fs || bad_fe) return EXCB_EXIT_IO;
@@ -9754,9 +9759,11 @@ static void audit_read(AuditRun *r, FILE *curve) {
     r->steps = 0;
     path_in(path, sizeof path, r->dir, "eval.json");
     if (!read_text_file(path, &text, err)) {
-        r->knn = json_number(text, "knn_top1_k20");
-        r->nmi = json_number(text, "nmi");
-        r->probe = json_number(text, "probe_test_top1");
+        json_t *o = json_loads(text, 0, NULL);
+        r->knn = json_number(o, "knn_top1_k20");
+        r->nmi = json_number(o, "nmi");
+        r->probe = json_number(o, "probe_test_top1");
+        json_decref(o);
         free(text);
     }
     path_in(path, sizeof path, r->dir, "audit-wall.txt");
@@ -9764,24 +9771,28 @@ static void audit_read(AuditRun *r, FILE *curve) {
     path_in(path, sizeof path, r->dir, "metrics.jsonl");
     FILE *f = fopen(path, "r");
     if (!f) return;
-    static char line[1 << 16];
+    char *line = NULL;
+    size_t line_cap = 0;
     double *d = NULL, *h = NULL;
     long n = 0, cap = 0;
-    while (fgets(line, sizeof line, f)) {
-        if (strstr(line, "\"type\":\"step\"")) {
+    while (getline(&line, &line_cap, f) >= 0) {
+        json_t *o = json_loads(line, 0, NULL);
+        if (json_record_is(o, "step")) {
             if (n == cap) {
                 cap = cap ? 2 * cap : 1024;
                 d = realloc(d, sizeof(double) * cap);
                 h = realloc(h, sizeof(double) * cap);
                 if (!d || !h) { fprintf(stderr, "excb audit: out of memory\n"); exit(EXCB_EXIT_OSERR); }
             }
-            d[n] = json_number(line, "distinct_frac");
-            h[n] = json_number(line, "assign_entropy");
-            r->steps = (long)json_number(line, "step");
+            d[n] = json_number(o, "distinct_frac");
+            h[n] = json_number(o, "assign_entropy");
+            r->steps = (long)json_number(o, "step");
             if (curve) fprintf(curve, "%ld %.6g\n", r->steps, d[n]);
             n++;
-        } else if (strstr(line, "\"type\":\"epoch\"")) r->empty_end = json_number(line, "empty_clusters");
+        } else if (json_record_is(o, "epoch")) r->empty_end = json_number(o, "empty_clusters");
+        json_decref(o);
     }
+    free(line);
     fclose(f);
     if (n) {                  /* the end: the mean over the last tenth of the records; the minimum over all */
         long from = n - (n + 9) / 10;

@@ -271,7 +271,7 @@ ASAN := -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-f
 test-asan: excb
 	$(need_criterion)
 	$(CC) -std=c11 -Wall -Wextra -Wno-unknown-pragmas -Wno-format-truncation -ffp-contract=off -fopenmp $(ASAN) -DTESTING -c -o excb_asan.o excb.c
-	for t in test_data test_views test_equations; do \
+	for t in test_data test_views test_equations test_weights; do \
 	  $(CC) -std=c11 -ffp-contract=off -fopenmp $(ASAN) $(shell pkg-config --cflags criterion) -I. -o tests/$$t.asan tests/$$t.c excb_asan.o \
 	    $(shell pkg-config --libs criterion) -lm -fopenmp -lpthread -lz -lpng -ljpeg -ljansson || exit 1; \
 	  ASAN_OPTIONS=detect_leaks=1 LSAN_OPTIONS=suppressions=tests/lsan.supp ./tests/$$t.asan --jobs 1 || exit 1; \

@@ -6392,6 +6392,7 @@ static FILE *atomic_create(const char *path, char *tmp, char *err) {
     tmp_begin(tmp);                        /* a second signal removes it (section 17) */
     FILE *f = fopen(tmp, "wb");
     if (!f) { fail(err, EXCB_EXIT_CANTCREAT, "cannot create %s: %s", tmp, strerror(errno)); tmp_end(); }
+    errno = 0;                             /* from here on, an errno is the writes' */
     return f;
 }
 
@@ -6401,10 +6402,14 @@ static int atomic_commit(FILE *f, const char *tmp, const char *path, char *err) 
     if (!e && (fflush(f) || fsync(fileno(f)))) e = errno ? errno : EIO;
     if (fclose(f) && !e) e = errno ? errno : EIO;
     if (!e && rename(tmp, path)) e = errno;
-    if (!e && fsync_dir_of(path)) e = errno;
-    if (e) unlink(tmp);
+    else if (!e) {                         /* in place; only its directory entry may not be durable */
+        tmp_end();
+        return fsync_dir_of(path) ? fail(err, EXCB_EXIT_IO, "%s is written, but syncing its directory failed: %s", path,
+                                         strerror(errno)) : 0;
+    }
+    unlink(tmp);
     tmp_end();
-    return e ? fail(err, EXCB_EXIT_IO, "writing %s failed: %s", path, strerror(e)) : 0;
+    return fail(err, EXCB_EXIT_IO, "writing %s failed: %s (nothing was replaced)", path, strerror(e));
 }
 
 static int write_text_atomic(const char *path, const char *text, char *err) {
@@ -6430,10 +6435,8 @@ int excb_checkpoint_save(const char *path, const ExcbModel *m, const ExcbTrainSt
         off = (off + l.e[i].bytes + 63) / 64 * 64;
     }
     char tmp[4200];
-    snprintf(tmp, sizeof tmp, "%s.tmp", path);
-    tmp_begin(tmp);                        /* a second signal removes it (section 17) */
-    FILE *f = fopen(tmp, "wb");
-    if (!f) { tmp_end(); free(l.e); return fail(err, EXCB_EXIT_CANTCREAT, "cannot create %s: %s", tmp, strerror(errno)); }
+    FILE *f = atomic_create(path, tmp, err);    /* a crash leaves the previous checkpoint as it was */
+    if (!f) { free(l.e); return EXCB_EXIT_CANTCREAT; }
     uint32_t crc = 0;
     uint8_t hdr[CK_HEADER] = {0}, ent[CK_ENTRY], pad[64] = {0};
     memcpy(hdr, "EXCBCKPT", 8);
@@ -6465,25 +6468,9 @@ int excb_checkpoint_save(const char *path, const ExcbModel *m, const ExcbTrainSt
     uint8_t trailer[CK_TRAILER] = {0};
     put32(trailer, crc);
     memcpy(trailer + 8, "EXCBEND", 8);
-    if (!bad) bad = fwrite(trailer, 1, CK_TRAILER, f) != CK_TRAILER;
-    int saved_errno = bad ? errno : 0;             /* the errno of the first call that failed */
-    if (!bad && (fflush(f) || fsync(fileno(f)))) { bad = 1; saved_errno = errno; }
-    if (fclose(f) && !bad) { bad = 1; saved_errno = errno; }
+    if (!bad) fwrite(trailer, 1, CK_TRAILER, f);
     free(l.e);
-    if (bad) {
-        unlink(tmp);
-        tmp_end();
-        return fail(err, EXCB_EXIT_IO, "writing %s failed: %s (the previous checkpoint is untouched)", tmp,
-                    strerror(saved_errno ? saved_errno : EIO));
-    }
-    if (rename(tmp, path) || fsync_dir_of(path)) {
-        saved_errno = errno;
-        unlink(tmp);
-        tmp_end();
-        return fail(err, EXCB_EXIT_IO, "committing %s failed: %s", path, strerror(saved_errno));
-    }
-    tmp_end();
-    return 0;
+    return atomic_commit(f, tmp, path, err);    /* every write checked there (ferror), then renamed */
 }
 
 /* A checkpoint read into memory and verified: trailer, file CRC, header, table, every entry's CRC. */
@@ -6859,20 +6846,22 @@ static int st_write(const char *path, const StOut *e, int n, json_t *meta, char 
         for (int i = 0; i < n; i++)
             if (excb_st_dtypes[e[i].dtype].size == size) { order[k++] = i; begin[i] = at; at += e[i].bytes; }
     json_t *root = json_object();
+    int bad = 0;                                       /* a name that is not UTF-8, or given twice */
     for (int i = 0; i < n; i++) {
         json_t *shape = json_array();
         for (int j = 0; j < e[i].ndim; j++) json_array_append_new(shape, json_integer(e[i].shape[j]));
-        json_object_set_new(root, e[i].name, json_pack("{s:s, s:o, s:[I, I]}", "dtype", excb_st_dtypes[e[i].dtype].name,
-                                                       "shape", shape, "data_offsets", (json_int_t)begin[i],
-                                                       (json_int_t)(begin[i] + e[i].bytes)));
+        bad |= json_object_set_new(root, e[i].name, json_pack("{s:s, s:o, s:[I, I]}", "dtype", excb_st_dtypes[e[i].dtype].name,
+                                                              "shape", shape, "data_offsets", (json_int_t)begin[i],
+                                                              (json_int_t)(begin[i] + e[i].bytes)));
     }
-    if ((int)json_object_size(root) != n) {
-        json_decref(root); free(order); free(begin);
-        return fail(err, EXCB_EXIT_SOFTWARE, "%s: two tensors of one name (internal error)", path);
-    }
+    bad |= (int)json_object_size(root) != n;
     if (meta) json_object_set(root, "__metadata__", meta);
-    char *text = json_dumps(root, JSON_COMPACT);        /* keys in insertion order (jansson >= 2.8) */
+    char *text = bad ? NULL : json_dumps(root, JSON_COMPACT);   /* keys in insertion order (jansson >= 2.8) */
     json_decref(root);
+    if (!text) {
+        free(order); free(begin);
+        return fail(err, EXCB_EXIT_SOFTWARE, "%s: the header could not be made (a tensor name twice, or not UTF-8)", path);
+    }
     size_t hl = strlen(text), padded = (hl + 7) / 8 * 8;          /* the data starts 8-byte aligned */
     uint8_t len8[8];
     for (int i = 0; i < 8; i++) len8[i] = (uint8_t)((uint64_t)padded >> (8 * i));
@@ -6983,96 +6972,131 @@ int excb_weights_save(const char *path, const ExcbModel *m, int teacher, int bac
                              backbone_only ? "torchvision" : "excb", "excb.step", step, "excb.input_mean", mean,
                              "excb.input_std", std, "excb.config", config_text);
     int code = meta ? st_write(path, o, k, meta, err)
-                    : fail(err, EXCB_EXIT_DATA, "%s: the config is not UTF-8 text", path);
+                    : fail(err, EXCB_EXIT_DATA, "%s: the config (a path in it?) is not UTF-8 text, which the metadata takes only",
+                           path);
     json_decref(meta);
     free(o); free(vals); free(w);
     return code;
 }
 
 /* --- reading a state dict into a model ------------------------------------------------------------ */
-/* A file's name as the model would call it: the prefixes module. (DDP) stripped, then a name outside
-   the heads gets "backbone." when it lacks it (torchvision's names). `set` ("teacher."/"student.", or
-   "") must come first and is stripped; NULL: the name is not of that set. */
-static const char *canonical_weight_name(const char *name, const char *set, char *buf, size_t cap) {
-    size_t ls = strlen(set);
-    if (strncmp(name, set, ls)) return NULL;
-    name += ls;
-    while (!strncmp(name, "module.", 7)) name += 7;
-    if (is_backbone_name(name) || !strncmp(name, "classifier.", 11)) snprintf(buf, cap, "%s", name);
-    else snprintf(buf, cap, "backbone.%s", name);
+/* "[a, b, c]" of a shape, for messages */
+static const char *shape_text(const int64_t *shape, int ndim, char *buf, size_t cap) {
+    size_t l = snprintf(buf, cap, "[");
+    for (int j = 0; j < ndim && l < cap; j++) l += snprintf(buf + l, cap - l, "%s%lld", j ? ", " : "", (long long)shape[j]);
+    if (l < cap) snprintf(buf + l, cap - l, "]");
     return buf;
 }
 
-/* the file's tensor named `full` (canonically), or NULL */
-static const ExcbStTensor *weights_find(const ExcbSafetensors *st, const char *set, const char *full) {
-    char buf[512];
+/* The file's tensors of one set under the names the model gives them, sorted for binary search. A
+   name is canonical once `set` ("teacher."/"student.", or "") is cut off its front, then every module.
+   (DDP), and a name outside the heads gets "backbone." when it lacks it (torchvision's names). Two
+   tensors with one canonical name (conv1.weight beside module.conv1.weight) are refused. */
+typedef struct { char *name; int tensor; } WeightName;
+typedef struct { const ExcbSafetensors *st; WeightName *w; int n; } WeightIndex;
+
+static int cmp_weight_name(const void *a, const void *b) {
+    return strcmp(((const WeightName *)a)->name, ((const WeightName *)b)->name);
+}
+
+static void weight_index_free(WeightIndex *ix) {
+    for (int i = 0; i < ix->n; i++) free(ix->w[i].name);
+    free(ix->w);
+    memset(ix, 0, sizeof *ix);
+}
+
+static int weight_index(WeightIndex *ix, const ExcbSafetensors *st, const char *set, char *err) {
+    size_t ls = strlen(set);
+    *ix = (WeightIndex){.st = st, .w = xcalloc(st->n + 1, sizeof(WeightName))};
     for (int i = 0; i < st->n; i++) {
-        const char *c = canonical_weight_name(st->t[i].name, set, buf, sizeof buf);
-        if (c && !strcmp(c, full)) return &st->t[i];
+        const char *name = st->t[i].name;
+        if (strncmp(name, set, ls)) continue;
+        name += ls;
+        while (!strncmp(name, "module.", 7)) name += 7;
+        int prefix = !is_backbone_name(name) && strncmp(name, "classifier.", 11);
+        char *c = xmalloc(strlen(name) + 10);
+        sprintf(c, "%s%s", prefix ? "backbone." : "", name);
+        ix->w[ix->n++] = (WeightName){c, i};
     }
-    return NULL;
+    qsort(ix->w, ix->n, sizeof *ix->w, cmp_weight_name);
+    for (int i = 1; i < ix->n; i++)
+        if (!strcmp(ix->w[i - 1].name, ix->w[i].name)) {
+            int code = fail(err, EXCB_EXIT_DATA, "%s: '%s' and '%s' are both the model's %s: which one is meant?", st->path,
+                            st->t[ix->w[i - 1].tensor].name, st->t[ix->w[i].tensor].name, ix->w[i].name);
+            weight_index_free(ix);
+            return code;
+        }
+    return 0;
+}
+
+/* the file's tensor the model calls `full`, or NULL */
+static const ExcbStTensor *weights_find(const WeightIndex *ix, const char *full) {
+    WeightName key = {(char *)full, 0};
+    const WeightName *w = bsearch(&key, ix->w, ix->n, sizeof *ix->w, cmp_weight_name);
+    return w ? &ix->st->t[w->tensor] : NULL;
+}
+
+/* a convolution's weight the structure is read from: NULL when absent, else 4-d with every extent in
+   1..2^20 (a zero-sized or absurd tensor would make a model of any size); 0 or EXCB_EXIT_DATA */
+static int conv_weight(const WeightIndex *ix, const char *name, const ExcbStTensor **t, char *err) {
+    *t = weights_find(ix, name);
+    if (!*t) return 0;
+    int ok = (*t)->ndim == 4;
+    for (int j = 0; ok && j < 4; j++) ok = (*t)->shape[j] >= 1 && (*t)->shape[j] <= (1 << 20);
+    char s[160];
+    return ok ? 0 : fail(err, EXCB_EXIT_DATA, "%s: %s has shape %s: not a convolution's weight", ix->st->path, (*t)->name,
+                         shape_text((*t)->shape, (*t)->ndim, s, sizeof s));
 }
 
 /* The backbone read off the names and shapes (torchvision's ResNet: conv1, layerS.J.convI, downsample),
    and the heads' widths when the heads are there, as settings of rc. 0, or EXCB_EXIT_DATA. */
-static int weights_infer_config(const ExcbSafetensors *st, const char *set, ExcbRunConfig *rc, int *heads, char *err) {
-    const char *P = st->path;
-    const ExcbStTensor *c1 = weights_find(st, set, "backbone.conv1.weight");
-    if (!c1 || c1->ndim != 4)
-        return fail(err, EXCB_EXIT_DATA, "%s: no 4-d %sconv1.weight (or %sbackbone.conv1.weight): not a ResNet state dict excb reads",
-                    P, set, set);
-    int k = (int)c1->shape[2];
-    if (c1->shape[3] != k || (k != 7 && k != 3))
+static int weights_infer_config(const WeightIndex *ix, ExcbRunConfig *rc, int *heads, char *err) {
+    const char *P = ix->st->path;
+    const ExcbStTensor *c1, *t;
+    int code = conv_weight(ix, "backbone.conv1.weight", &c1, err);
+    if (code) return code;
+    if (!c1) return fail(err, EXCB_EXIT_DATA, "%s: no conv1.weight (or backbone.conv1.weight): not a ResNet state dict excb reads", P);
+    if (c1->shape[3] != c1->shape[2] || (c1->shape[2] != 7 && c1->shape[2] != 3))
         return fail(err, EXCB_EXIT_DATA, "%s: conv1.weight is %lldx%lld: excb's ResNet stems are 7x7 (torchvision's) or 3x3 (CIFAR)",
                     P, (long long)c1->shape[2], (long long)c1->shape[3]);
-    char name[128], val[256];
-    int stages = 0;
+    char name[128], widths[128] = "", blocks[128] = "";
+    size_t wl = 0, bl = 0;
+    int stages = 0, total = 0;
     for (int s = 1; s <= EXCB_MAX_STAGES + 1; s++) {
         snprintf(name, sizeof name, "backbone.layer%d.0.conv1.weight", s);
-        if (!weights_find(st, set, name)) break;
+        if ((code = conv_weight(ix, name, &t, err))) return code;
+        if (!t) break;
         if (s > EXCB_MAX_STAGES) return fail(err, EXCB_EXIT_DATA, "%s: more than %d stages (layer%d)", P, EXCB_MAX_STAGES, s);
-        stages = s;
-    }
-    if (!stages) return fail(err, EXCB_EXIT_DATA, "%s: no %slayer1.0.conv1.weight: not a ResNet state dict excb reads", P, set);
-    char widths[128] = "", blocks[128] = "";
-    size_t wl = 0, bl = 0;
-    for (int s = 1; s <= stages; s++) {
-        int j = 0;
-        for (;; j++) {
+        int j = 1;
+        for (;; j++) {                                 /* the stage's blocks: layerS.0, layerS.1, ... */
             snprintf(name, sizeof name, "backbone.layer%d.%d.conv1.weight", s, j);
-            if (!weights_find(st, set, name)) break;
+            if (!weights_find(ix, name)) break;
+            if (total + j >= EXCB_MAX_BLOCKS) return fail(err, EXCB_EXIT_DATA, "%s: more than %d residual blocks", P, EXCB_MAX_BLOCKS);
         }
-        snprintf(name, sizeof name, "backbone.layer%d.0.conv1.weight", s);
-        const ExcbStTensor *t = weights_find(st, set, name);
+        total += j;
         wl += snprintf(widths + wl, sizeof widths - wl, "%s%lld", s > 1 ? "," : "", (long long)t->shape[0]);
         bl += snprintf(blocks + bl, sizeof blocks - bl, "%s%d", s > 1 ? "," : "", j);
+        stages = s;
     }
-    struct { const char *key; const char *value; } set_to[6] = {
-        {"stem", k == 7 ? "imagenet" : "cifar"},
-        {"block", weights_find(st, set, "backbone.layer1.0.conv3.weight") ? "bottleneck" : "basic"},
-        {"widths", widths}, {"blocks", blocks},
-    };
-    int n_set = 4;
-    const ExcbStTensor *p0 = weights_find(st, set, "classifier.projector.mlp.0.weight"),
-                       *p6 = weights_find(st, set, "classifier.projector.mlp.6.weight"),
-                       *cv = weights_find(st, set, "classifier.centroid_layer.weight_v");
+    if (!stages) return fail(err, EXCB_EXIT_DATA, "%s: no layer1.0.conv1.weight: not a ResNet state dict excb reads", P);
+    const ExcbStTensor *p0 = weights_find(ix, "classifier.projector.mlp.0.weight"),
+                       *p6 = weights_find(ix, "classifier.projector.mlp.6.weight"),
+                       *cv = weights_find(ix, "classifier.centroid_layer.weight_v");
     *heads = p0 && p6 && p0->ndim == 2 && p6->ndim == 2;
     char hidden[24], d[24], K[24];
-    if (*heads) {
-        snprintf(hidden, sizeof hidden, "%lld", (long long)p0->shape[0]);
-        snprintf(d, sizeof d, "%lld", (long long)p6->shape[0]);
-        set_to[n_set].key = "hidden"; set_to[n_set++].value = hidden;
-        set_to[n_set].key = "d"; set_to[n_set++].value = d;
-        if (cv && cv->ndim == 2) {
-            snprintf(K, sizeof K, "%lld", (long long)cv->shape[0]);
-            set_to[n_set].key = "K"; set_to[n_set++].value = K;
-        }
-    }
-    for (int i = 0; i < n_set; i++) {
-        snprintf(val, sizeof val, "%s", set_to[i].value);
+    snprintf(hidden, sizeof hidden, "%lld", *heads ? (long long)p0->shape[0] : 0LL);
+    snprintf(d, sizeof d, "%lld", *heads ? (long long)p6->shape[0] : 0LL);
+    snprintf(K, sizeof K, "%lld", cv && cv->ndim == 2 ? (long long)cv->shape[0] : 0LL);
+    const struct { const char *key, *value; int when; } to[] = {
+        {"stem", c1->shape[2] == 7 ? "imagenet" : "cifar", 1},
+        {"block", weights_find(ix, "backbone.layer1.0.conv3.weight") ? "bottleneck" : "basic", 1},
+        {"widths", widths, 1}, {"blocks", blocks, 1},
+        {"hidden", hidden, *heads}, {"d", d, *heads}, {"K", K, *heads && cv && cv->ndim == 2},
+    };
+    for (size_t i = 0; i < sizeof to / sizeof to[0]; i++) {
         char why[EXCB_ERR_LEN];
-        if (excb_config_set(rc, set_to[i].key, val, why))
-            return fail(err, EXCB_EXIT_DATA, "%s: the backbone read off its names does not fit excb: %s", P, why);
+        if (to[i].when && excb_config_set(rc, to[i].key, to[i].value, why))
+            return fail(err, EXCB_EXIT_DATA, "%s: the network read off its names does not fit excb: %s", P, why);
     }
     return 0;
 }
@@ -7090,10 +7114,9 @@ static int weights_copy(const char *P, const ExcbStTensor *t, const WeightEntry 
         return fail(err, EXCB_EXIT_DATA, "%s: %s is %s; excb reads F32 weights (convert them first, e.g. .float())", P,
                     t->name, excb_st_dtypes[t->dtype].name);
     if (!same) {
-        char want[96] = "", got[160] = "";
-        for (int j = 0, l = 0; j < e->ndim; j++) l += snprintf(want + l, sizeof want - l, "%s%lld", j ? ", " : "", (long long)e->shape[j]);
-        for (int j = 0, l = 0; j < t->ndim && l < 140; j++) l += snprintf(got + l, sizeof got - l, "%s%lld", j ? ", " : "", (long long)t->shape[j]);
-        return fail(err, EXCB_EXIT_DATA, "%s: %s has shape [%s], the model's %s is [%s]", P, t->name, got, e->name, want);
+        char want[160], got[160];
+        return fail(err, EXCB_EXIT_DATA, "%s: %s has shape %s, the model's %s is %s", P, t->name,
+                    shape_text(t->shape, t->ndim, got, sizeof got), e->name, shape_text(e->shape, e->ndim, want, sizeof want));
     }
     for (size_t j = 0; j < e->numel; j++) {
         float v;
@@ -7107,17 +7130,33 @@ static int weights_copy(const char *P, const ExcbStTensor *t, const WeightEntry 
     return 0;
 }
 
+/* The model the config makes, against the file: every backbone tensor (and the heads, when the file
+   has them) comes from the file, so a model that needs far more floats than the file holds comes from
+   shapes that contradict each other. Checked before anything is allocated. */
+static int weights_fit_file(const ExcbSafetensors *st, const ExcbConfig *cfg, int heads, char *err) {
+    ExcbConfig c = *cfg;
+    if (!heads) { c.hidden = 1; c.d = 1; c.K = 2; }       /* the backbone alone, near enough */
+    ExcbMemoryPlan mp;
+    if (excb_memory_plan(&c, &mp)) return fail(err, EXCB_EXIT_DATA, "%s: its network does not make an excb model", st->path);
+    uint64_t need = mp.params / (4 * sizeof(real)), have = 0;
+    for (int i = 0; i < st->n; i++) have += st->t[i].bytes / 4;
+    if (need > 2 * have + (1 << 20))
+        return fail(err, EXCB_EXIT_DATA, "%s: the network its names describe has %llu parameters, the file holds %llu values: "
+                    "its shapes contradict each other", st->path, (unsigned long long)need, (unsigned long long)have);
+    return 0;
+}
+
 /* the file's tensors of the set that the model did not take (used[i] = 0), named on stderr: ten of
    them, then a count; returns how many */
-static int weights_report_ignored(const ExcbSafetensors *st, const char *set, const uint8_t *used) {
+static int weights_report_ignored(const WeightIndex *ix, const uint8_t *used) {
     int ignored = 0;
-    for (int i = 0; i < st->n; i++) {
-        if (used[i] || strncmp(st->t[i].name, set, strlen(set))) continue;
-        if (ignored < 10) fprintf(stderr, "%s%s", ignored ? ", " : "excb: not in the model, ignored: ", st->t[i].name);
+    for (int i = 0; i < ix->n; i++) {
+        if (used[ix->w[i].tensor]) continue;
+        if (ignored < 10) fprintf(stderr, "%s%s", ignored ? ", " : "excb: not in the model, ignored: ", ix->st->t[ix->w[i].tensor].name);
         ignored++;
     }
     if (ignored > 10) fprintf(stderr, " and %d more", ignored - 10);
-    if (ignored) fprintf(stderr, " (%s)\n", st->path);
+    if (ignored) fprintf(stderr, " (%s)\n", ix->st->path);
     return ignored;
 }
 
@@ -7126,46 +7165,64 @@ static const char *weights_preset(int in_ch, int imagenet_stem) {
     return in_ch == 1 ? "fashion-mnist" : imagenet_stem ? "imagenet-r50" : "cifar10-r18";
 }
 
+/* the set of a file ("teacher", "student" or "" when it has no such prefixes) for `which` */
+static int weights_set(const ExcbSafetensors *st, const char *which, char *set, char *err) {
+    int has[2] = {0, 0};
+    for (int i = 0; i < st->n; i++) {
+        has[0] |= !strncmp(st->t[i].name, "teacher.", 8);
+        has[1] |= !strncmp(st->t[i].name, "student.", 8);
+    }
+    if (which && strcmp(which, "teacher") && strcmp(which, "student"))
+        return fail(err, EXCB_EXIT_USAGE, "the network is 'teacher' or 'student', not '%s'", which);
+    if (!has[0] && !has[1]) {
+        if (which) fprintf(stderr, "excb: %s has no teacher./student. sets: its one network is read\n", st->path);
+        set[0] = 0;
+        return 0;
+    }
+    const char *pick = which ? which : has[0] ? "teacher" : "student";
+    if (!has[!strcmp(pick, "student") ? 1 : 0]) return fail(err, EXCB_EXIT_DATA, "%s: no tensor begins with '%s.'", st->path, pick);
+    sprintf(set, "%s.", pick);
+    return 0;
+}
+
 int excb_weights_load(const char *path, const char *which, ExcbSettingsHook hook, void *ctx, ExcbRunConfig *rc,
                       ExcbModel *m, ExcbWeightsInfo *info, char *err) {
     ExcbSafetensors st;
+    WeightIndex ix = {0};
     memset(info, 0, sizeof *info);
     memset(m, 0, sizeof *m);
+    memset(rc, 0, sizeof *rc);
+    char set[16];
     int code = excb_safetensors_open(&st, path, err);
     if (code) return code;
-    /* the set: "teacher."/"student." when the file holds networks under those prefixes */
-    int has[2] = {0, 0};
-    for (int i = 0; i < st.n; i++) {
-        has[0] |= !strncmp(st.t[i].name, "teacher.", 8);
-        has[1] |= !strncmp(st.t[i].name, "student.", 8);
-    }
-    if (which && strcmp(which, "teacher") && strcmp(which, "student"))
-        code = fail(err, EXCB_EXIT_USAGE, "the network is 'teacher' or 'student', not '%s'", which);
-    else if (which && !has[!strcmp(which, "student")] && (has[0] || has[1]))
-        code = fail(err, EXCB_EXIT_DATA, "%s: no tensor begins with '%s.'", path, which);
+    if (!(code = weights_set(&st, which, set, err))) code = weight_index(&ix, &st, set, err);
     if (code) { excb_safetensors_close(&st); return code; }
-    const char *pick = which ? which : has[0] ? "teacher" : has[1] ? "student" : "";
-    char set[16] = "";
-    if (has[0] || has[1]) snprintf(set, sizeof set, "%s.", pick);
-    snprintf(info->set, sizeof info->set, "%s", set[0] ? pick : "");
+    snprintf(info->set, sizeof info->set, "%.*s", set[0] ? (int)strlen(set) - 1 : 0, set);
     /* the config: excb's own (an excb export), else read off the names and shapes; the channels from
        the stem either way (a run's config takes them from its data) */
     const char *text = excb_safetensors_meta(&st, "excb.config");
-    const ExcbStTensor *c1 = weights_find(&st, set, "backbone.conv1.weight");
-    int in_ch = c1 && c1->ndim == 4 ? (int)c1->shape[1] : 3, heads = 0;
+    const ExcbStTensor *c1;
+    int heads = 0;
     info->from_excb = text != NULL;
-    if (text) code = excb_config_parse(rc, text, path, err);
-    else {
-        excb_preset(rc, weights_preset(in_ch, c1 && c1->ndim == 4 && c1->shape[2] == 7), err);
+    code = conv_weight(&ix, "backbone.conv1.weight", &c1, err);
+    if (!code && c1 && c1->shape[1] != 1 && c1->shape[1] != 3)
+        code = fail(err, EXCB_EXIT_DATA, "%s: %s takes %lld input channels; excb's images have 1 or 3", path, c1->name,
+                    (long long)c1->shape[1]);
+    int in_ch = c1 ? (int)c1->shape[1] : 3;
+    if (!code && text) {
+        code = excb_config_parse(rc, text, path, err);
+        heads = weights_find(&ix, "classifier.projector.mlp.0.weight") != NULL;
+    } else if (!code) {
+        excb_preset(rc, weights_preset(in_ch, c1 && c1->shape[2] == 7), err);
         rc->model.batch = 16;          /* the evaluation's forwards take 2 x 16 images; any B would do */
-        code = weights_infer_config(&st, set, rc, &heads, err);
+        code = weights_infer_config(&ix, rc, &heads, err);
     }
     rc->model.in_ch = in_ch;
     if (!code && hook) code = hook(rc, ctx, err);          /* the command line's settings, last */
     if (!code) code = excb_config_validate(rc, err);
+    if (!code) code = weights_fit_file(&st, &rc->model, heads, err);
     if (!code && excb_build(m, &rc->model)) code = fail(err, EXCB_EXIT_CONFIG, "%s: its config does not build a model", path);
-    if (code) { excb_safetensors_close(&st); return code; }
-    if (text) heads = weights_find(&st, set, "classifier.projector.mlp.0.weight") != NULL;
+    if (code) { weight_index_free(&ix); excb_safetensors_close(&st); return code; }
     /* every tensor the model needs from the file (the heads only when it has them: otherwise they keep
        their seeded initialisation), into the student and the teacher alike */
     WeightEntry *w;
@@ -7174,7 +7231,7 @@ int excb_weights_load(const char *path, const char *which, ExcbSettingsHook hook
     char first_missing[96] = "";
     for (int i = 0; i < n && !code; i++) {
         if (!heads && !is_backbone_name(w[i].name)) continue;
-        const ExcbStTensor *t = weights_find(&st, set, w[i].name);
+        const ExcbStTensor *t = weights_find(&ix, w[i].name);
         if (!t) {
             if (w[i].kind == W_BATCHES || w[i].kind == W_GAIN) continue;   /* optional: constants */
             if (!missing++) snprintf(first_missing, sizeof first_missing, "%s", w[i].name);
@@ -7189,15 +7246,20 @@ int excb_weights_load(const char *path, const char *which, ExcbSettingsHook hook
     if (!code && missing)
         code = fail(err, EXCB_EXIT_DATA, "%s: %d tensor%s of the model %s not in the file, the first: %s (as excb names it)",
                     path, missing, missing > 1 ? "s" : "", missing > 1 ? "are" : "is", first_missing);
+    const char *step = excb_safetensors_meta(&st, "excb.step");
+    char *end = NULL;
+    long steps = step ? strtol(step, &end, 10) : 0;
+    if (!code && step && (end == step || *end || steps < 0))
+        code = fail(err, EXCB_EXIT_DATA, "%s: __metadata__ excb.step '%s' is not a step count", path, step);
     if (!code) {
-        info->ignored = weights_report_ignored(&st, set, used);
+        info->ignored = weights_report_ignored(&ix, used);
         info->heads = heads;
-        const char *step = excb_safetensors_meta(&st, "excb.step");
-        m->step = step ? strtol(step, NULL, 10) : 0;
+        m->step = steps;
         memset(m->momentum, 0, sizeof(real) * m->n_params);
     }
     free(used);
     free(w);
+    weight_index_free(&ix);
     excb_safetensors_close(&st);
     if (code) excb_free(m);
     return code;
@@ -8124,7 +8186,7 @@ int excb_extract_features(ExcbModel *m, int teacher, ExcbDataset *ds, const Excb
     real *x = xcalloc((size_t)N * C * G * G, sizeof(real));
     ExcbImage img = {0};
     ExcbViewScratch scr = {0};
-    int code = 0;
+    int code = 0, eval_bn = m->eval_bn;
     m->eval_bn = 1;
     if (assign) centroids_forward(m, P);
     for (long i0 = 0; i0 < n && !code; i0 += N) {
@@ -8151,7 +8213,7 @@ int excb_extract_features(ExcbModel *m, int teacher, ExcbDataset *ds, const Excb
             }
         }
     }
-    m->eval_bn = 0;
+    m->eval_bn = eval_bn;
     free(x);
     excb_image_free(&img);
     free(scr.a); free(scr.b); free(scr.f);
@@ -9053,6 +9115,24 @@ static int checkpoint_model(const char *target, ExcbSettingsHook hook, void *ctx
     return 0;
 }
 
+/* The model a command evaluates: of a checkpoint or run directory, or (weights) of a safetensors file,
+   whose prefix set is the student's when asked; info says what the file held (a checkpoint holds all) */
+static int model_of(const char *target, int weights, int student, ExcbSettingsHook hook, void *ctx, ExcbRunConfig *rc,
+                    ExcbModel *m, char *path, ExcbWeightsInfo *info, char *err) {
+    *info = (ExcbWeightsInfo){.heads = 1};
+    if (!weights) return checkpoint_model(target, hook, ctx, rc, m, path, err);
+    snprintf(path, 4200, "%s", target);
+    return excb_weights_load(target, student ? "student" : NULL, hook, ctx, rc, m, info, err);
+}
+
+/* images with the channels the network takes, or exit 65 said on stderr for command `cmd` */
+static int data_fits_model(const char *cmd, const ExcbDataset *ds, const ExcbModel *m, const char *path) {
+    if (ds->channels == m->cfg.in_ch) return 0;
+    fprintf(stderr, "excb %s: %s has %d-channel images, the network of %s takes %d\n", cmd, ds->path, ds->channels, path,
+            m->cfg.in_ch);
+    return EXCB_EXIT_DATA;
+}
+
 static int help_config(void) {
     ExcbRunConfig rc;
     char err[EXCB_ERR_LEN];
@@ -9308,19 +9388,13 @@ static int cmd_eval(int argc, char **argv) {
         return code;
     }
     ExcbModel m;
-    ExcbWeightsInfo info = {.heads = 1};
-    if (weights) {
-        snprintf(path, sizeof path, "%s", target);
-        code = excb_weights_load(target, student ? "student" : NULL, apply_settings, &more, &rc, &m, &info, err);
-    } else code = checkpoint_model(target, apply_settings, &more, &rc, &m, path, err);
-    if (code) { fprintf(stderr, "excb eval: %s\n", err); return code; }
-    if ((code = open_eval_sets(&rc, &es, err))) { fprintf(stderr, "excb eval: %s\n", err); excb_free(&m); return code; }
-    if (es.bank.channels != m.cfg.in_ch) {
-        fprintf(stderr, "excb eval: %s has %d-channel images, the network of %s takes %d\n", es.bank.path, es.bank.channels,
-                path, m.cfg.in_ch);
-        excb_free(&m); close_eval_sets(&es);
-        return EXCB_EXIT_DATA;
+    ExcbWeightsInfo info;
+    if ((code = model_of(target, weights, student, apply_settings, &more, &rc, &m, path, &info, err))) {
+        fprintf(stderr, "excb eval: %s\n", err);
+        return code;
     }
+    if ((code = open_eval_sets(&rc, &es, err))) { fprintf(stderr, "excb eval: %s\n", err); excb_free(&m); return code; }
+    if ((code = data_fits_model("eval", &es.bank, &m, path))) { excb_free(&m); close_eval_sets(&es); return code; }
     fprintf(stderr, "excb eval: %s (step %ld)\n", path, m.step);
     int teacher = !student && !m.method->student_only;   /* a student-only method's teacher never ran */
     int what = info.heads ? EVAL_FULL : EVAL_PROBE;       /* no prototypes in the file: no clusters   */
@@ -9348,13 +9422,16 @@ typedef struct {
     int n_sets;
 } WeightsArgs;
 
-/* the three commands' options; `allowed` names those the command takes. 0 or 64 */
+/* the three commands' options; `allowed` names those the command takes. 0, 64, or -1 after --help */
 static int weights_args(const char *cmd, int argc, char **argv, const char *allowed, WeightsArgs *a) {
     memset(a, 0, sizeof *a);
     for (int i = 0; i < argc; i++) {
         const char *o = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
-        int takes = o[0] == '-' && strstr(allowed, o) != NULL;
-        if (!strcmp(o, "--help") || !strcmp(o, "-h")) { usage(stdout); exit(0); }
+        size_t lo = strlen(o);
+        int takes = 0;                                   /* o is one of the words of `allowed` */
+        for (const char *w = strstr(allowed, o); w && !takes; w = strstr(w + 1, o))
+            takes = lo > 1 && (w == allowed || w[-1] == ' ') && (w[lo] == ' ' || !w[lo]);
+        if (!strcmp(o, "--help") || !strcmp(o, "-h")) { usage(stdout); return -1; }
         if (o[0] != '-') {
             if (a->target) { fprintf(stderr, "excb %s: one input, got '%s' and '%s'\n", cmd, a->target, o); return EXCB_EXIT_USAGE; }
             a->target = o;
@@ -9391,12 +9468,7 @@ static int weights_args_model(const char *cmd, const WeightsArgs *a, ExcbRunConf
                               ExcbWeightsInfo *info, int *teacher) {
     char err[EXCB_ERR_LEN];
     SettingList more = {a->sets, a->n_sets};
-    int code;
-    *info = (ExcbWeightsInfo){.heads = 1};
-    if (a->weights) {
-        snprintf(path, 4200, "%s", a->target);
-        code = excb_weights_load(a->target, a->student ? "student" : NULL, apply_settings, &more, rc, m, info, err);
-    } else code = checkpoint_model(a->target, apply_settings, &more, rc, m, path, err);
+    int code = model_of(a->target, a->weights, a->student, apply_settings, &more, rc, m, path, info, err);
     if (code) { fprintf(stderr, "excb %s: %s\n", cmd, err); return code; }
     *teacher = !a->student && !m->method->student_only;
     return 0;
@@ -9405,7 +9477,7 @@ static int weights_args_model(const char *cmd, const WeightsArgs *a, ExcbRunConf
 static int cmd_export(int argc, char **argv) {
     WeightsArgs a;
     int code = weights_args("export", argc, argv, "--out --student --teacher --backbone-only", &a), teacher;
-    if (code) return code;
+    if (code) return code < 0 ? 0 : code;
     ExcbRunConfig rc;
     ExcbModel m;
     ExcbWeightsInfo info;
@@ -9425,7 +9497,7 @@ static int cmd_export(int argc, char **argv) {
 static int cmd_import(int argc, char **argv) {
     WeightsArgs a;
     int code = weights_args("import", argc, argv, "--out --student --teacher --set", &a), teacher;
-    if (code) return code;
+    if (code) return code < 0 ? 0 : code;
     a.weights = 1;
     ExcbRunConfig rc;
     ExcbModel m;
@@ -9451,7 +9523,7 @@ static int cmd_import(int argc, char **argv) {
 static int cmd_features(int argc, char **argv) {
     WeightsArgs a;
     int code = weights_args("features", argc, argv, "--out --student --teacher --weights --data --split --set", &a), teacher;
-    if (code) return code;
+    if (code) return code < 0 ? 0 : code;
     ExcbRunConfig rc;
     ExcbModel m;
     ExcbWeightsInfo info;
@@ -9460,12 +9532,7 @@ static int cmd_features(int argc, char **argv) {
     const char *split = a.split ? a.split : rc.query_split;
     ExcbDataset ds;
     if ((code = excb_data_open(&ds, rc.data, split, err))) { fprintf(stderr, "excb features: %s\n", err); excb_free(&m); return code; }
-    if (ds.channels != m.cfg.in_ch) {
-        fprintf(stderr, "excb features: %s has %d-channel images, the network of %s takes %d\n", ds.path, ds.channels, path,
-                m.cfg.in_ch);
-        excb_data_close(&ds); excb_free(&m);
-        return EXCB_EXIT_DATA;
-    }
+    if ((code = data_fits_model("features", &ds, &m, path))) { excb_data_close(&ds); excb_free(&m); return code; }
     ExcbViewConfig vc;
     excb_view_config_for(&vc, &m.cfg, rc.epochs, rc.blur);
     long n = ds.n;
@@ -9486,7 +9553,9 @@ static int cmd_features(int argc, char **argv) {
                                  "excb.data", ds.path, "excb.split", split, "excb.features",
                                  "the backbone's pooled output, BatchNorm running statistics, the evaluation view "
                                  "(the whole image, or resize to G*256/224 and centre-crop G), as excb eval; labels -1: none");
-        code = meta ? st_write(a.out, o, 2, meta, err) : fail(err, EXCB_EXIT_DATA, "a path is not UTF-8 text");
+        code = meta ? st_write(a.out, o, 2, meta, err)
+                    : fail(err, EXCB_EXIT_DATA, "%s: the paths %s and %s go into its metadata, which takes UTF-8 text only",
+                           a.out, path, ds.path);
         json_decref(meta);
         free(f32); free(labels);
     }

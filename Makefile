@@ -65,6 +65,7 @@ CUDA_LIBS := -L$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib64 -lcudnn -lcublas
 # $(call probe,NAME,FLAGS): the line the program printed when tools/probes/NAME.c compiled with FLAGS,
 # linked and ran with exit 0; empty otherwise. (Piping a backslash-escaped include line to the preprocessor is no test:
 # GNU make 4.3 keeps the backslash, the preprocessor sees no directive and "succeeds" whatever is there.)
+comma := ,
 probe = $(shell d=$$(mktemp -d) && $(CC) -w -o $$d/p tools/probes/$(1).c $(2) >/dev/null 2>&1 && $$d/p 2>/dev/null | head -1; rm -rf $$d)
 
 # `make run`, `make test` and `make deps` install first and probe afterwards, in a second make, so
@@ -117,6 +118,18 @@ ifneq ($(CUDA),)
   CFLAGS += -DEXCB_CUDA
   LDLIBS += $(CUDA_LIBS)
   $(info ✓ $(CUDA) found in $(CUDA_HOME): the GPU path is built)
+  # NCCL (in the CUDA toolkit): the gradient all-reduce on the GPUs when every rank has one of its own;
+  # without it (or with ranks sharing a GPU) device buffers go through host memory over MPI
+  ifneq ($(EXCB_NO_NCCL),1)
+    NCCL := $(call probe,nccl,-I$(CUDA_HOME)/include -L$(CUDA_HOME)/lib64 -Wl$(comma)-rpath$(comma)$(CUDA_HOME)/lib64 -lnccl)
+  endif
+  ifneq ($(NCCL),)
+    NVCCFLAGS += -DEXCB_NCCL
+    LDLIBS += -lnccl
+    $(info ✓ $(NCCL) found: mpirun ranks with a GPU each all-reduce their gradients with NCCL)
+  else
+    $(info ✗ NCCL not found: GPU ranks reduce through host memory over MPI)
+  endif
 else ifeq ($(EXCB_CPU_ONLY),1)
   $(info ✗ CUDA path not built (EXCB_CPU_ONLY=1): CPU only)
 else

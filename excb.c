@@ -29,8 +29,9 @@
  * each with its share of every batch, and excb train --chunks R computes the same shares in one process,
  * the reference mpirun must equal bit for bit.
  *
- * What is not here yet: BF16 on the GPU, several GPUs (NCCL), ViT, LARS and AdamW, GPU twins of DINO,
- * SwAV, CoKe, CARP and mvbt (and of A4's audit counts).
+ * What is not here yet: BF16 on the GPU, ViT, LARS and AdamW, GPU twins of DINO, SwAV, CoKe, CARP and
+ * mvbt (and of A4's audit counts). Several GPUs (NCCL, or ranks sharing one through MPI) are built
+ * but have not run on a GPU yet.
  *
  * Build and test:  make && make test.  Benchmarks:  ./excb bench --config resnet20s [--device cuda],
  * ./excb bench-data --data fashion-mnist
@@ -1238,6 +1239,8 @@ static int fail(char *err, int code, const char *fmt, ...);     /* section 11: e
 #define MC(f) (offsetof(ExcbRunConfig, model) + offsetof(ExcbConfig, f))   /* a setting of the model */
 
 static void gather_step_labels(ExcbModel *m);   /* section 10b: the global batch's teacher labels */
+static void model_sum_real(ExcbModel *m, real *x, size_t n, int mean);              /* section 10b */
+static double *model_sum_f64_to_host(ExcbModel *m, double *x, size_t n);            /* section 10b */
 
 /* the teacher rows of the whole global batch, Vg x ranks x batch (section 10b; one process: Vg x batch) */
 static int global_rows(const ExcbModel *m) {
@@ -3254,12 +3257,12 @@ static void step_diagnostics(ExcbModel *m, ExcbStepStats *st) {
         int R = m->comm->size;
         double sums[2] = {out[0] * NG, out[1] * NG};
         excb_comm_sum_f64(m->comm, sums, 2);
-        excb_comm_sum_f64(m->comm, m->qbar, K);
+        const double *qbar = model_sum_f64_to_host(m, m->qbar, K);
         out[0] = sums[0] / ((double)NG * R);
         out[1] = sums[1] / ((double)NG * R);
         out[2] = 0;
         for (int k = 0; k < K; k++) {
-            double qk = m->qbar[k] / R;
+            double qk = qbar[k] / R;
             if (qk > 0) out[2] -= qk * log(qk);
         }
     }
@@ -3403,7 +3406,7 @@ void excb_backward(ExcbModel *m) {
     /* a frozen centroid (SwAV, S3) has no gradient, as PyTorch's p.grad = None: it is not updated */
     if (K && excb_centroids_frozen(m)) m->ops->zero(PT(G, m->centroids), m->tensors[m->centroids].numel);
     /* data parallel (10b): the mean of the ranks' gradients, each of its own share's mean loss (DDP) */
-    if (m->comm) excb_comm_sum_real(m->comm, G, m->n_params, 1);
+    if (m->comm) model_sum_real(m, G, m->n_params, 1);
 }
 
 void excb_update(ExcbModel *m, ExcbStepStats *st) {
@@ -3492,6 +3495,7 @@ static double cpu_sum_squares(const real *x, size_t n) {
 }
 
 static void cpu_to_host(void *dst, const void *src, size_t bytes) { memcpy(dst, src, bytes); }
+static void cpu_to_device(void *dst, const void *src, size_t bytes) { memcpy(dst, src, bytes); }
 
 const ExcbOps excb_cpu_ops = {
     .name = "cpu",
@@ -3526,6 +3530,7 @@ const ExcbOps excb_cpu_ops = {
     .add_gated = cpu_add_gated,
     .sum_squares = cpu_sum_squares,
     .to_host = cpu_to_host,
+    .to_device = cpu_to_device,
 };
 
 /* --- without the CUDA path: the GPU entry points say so -----------------------------------------
@@ -3554,6 +3559,10 @@ void excb_cuda_free(real *p, size_t floats) { (void)p; (void)floats; }
 double excb_cuda_peak_flops(ExcbPrecision precision) { (void)precision; return 0; }
 int excb_cuda_nondeterministic_plans(void) { return 0; }
 void excb_cuda_conv_report(int *plans, int *packed) { *plans = *packed = 0; }
+int excb_cuda_join(ExcbComm *world, ExcbPrecision precision, char *how, size_t cap, char *err) {
+    (void)world; (void)precision; (void)how; (void)cap;
+    return excb_cuda_attach(NULL, NULL, 0, err);
+}
 #endif
 
 /* ================================================================================================
@@ -3571,7 +3580,9 @@ void excb_cuda_conv_report(int *plans, int *packed) { *plans = *packed = 0; }
  *     update of its state), CARP's p-bar, mvbt's standardisation and cross-correlations;
  *   - the loss and the diagnostics' sums.
  * A method that keeps batch-wide state not reduced yet says so (ExcbMethod.ranks = 0: one process
- * only); the GPU twin trains in one process for now.
+ * only). On GPUs (mpirun ... --device cuda) the device buffers of these reductions go through host
+ * memory (model_sum_real and the functions after it), but for the gradients, which NCCL all-reduces on
+ * the GPUs when every rank has one of its own (excb_kernels.cu, excb_cuda_join; not yet run on a GPU).
  *
  * Equivalence by design. A floating-point sum depends on its order, and MPI's reductions choose theirs
  * (by message size, by topology). Here every reduction adds the R ranks' values element by element,
@@ -3805,16 +3816,72 @@ void excb_comm_broadcast(ExcbComm *c, void *x, size_t bytes) {
 #endif
 }
 
+/* --- a model's own buffers in the reductions. On the GPU (m->gpu) they are device memory: they go
+ * through host memory, which MPI moves (ranks sharing a GPU: NCCL refuses two ranks on one device);
+ * the gradients, nearly all the bytes, stay on the GPUs when NCCL joined the ranks (one GPU each).
+ * One rank per process has a GPU model (--chunks with --device cuda is refused), so one staging
+ * buffer per process serves it. On the CPU these are the excb_comm_* calls themselves. ------------- */
+static void *host_stage(size_t bytes) {
+    static void *buf;
+    static size_t cap;
+    if (bytes > cap) {
+        free(buf);
+        buf = xmalloc(bytes);
+        cap = bytes;
+    }
+    return buf;
+}
+
+static void model_sum_real(ExcbModel *m, real *x, size_t n, int mean) {
+    if (!m->gpu) { excb_comm_sum_real(m->comm, x, n, mean); return; }
+    if (m->comm->device_sum_real) { m->comm->device_sum_real(m->comm, x, n, mean); return; }
+    real *h = host_stage(sizeof(real) * n);
+    m->ops->to_host(h, x, sizeof(real) * n);
+    excb_comm_sum_real(m->comm, h, n, mean);
+    m->ops->to_device(x, h, sizeof(real) * n);
+}
+
+/* the sum over ranks of the model's K doubles x, on the host: x itself on the CPU, a host copy (the
+   staging buffer, valid until the next reduction) on the GPU */
+static double *model_sum_f64_to_host(ExcbModel *m, double *x, size_t n) {
+    double *h = x;
+    if (m->gpu) m->ops->to_host(h = host_stage(sizeof(double) * n), x, sizeof(double) * n);
+    excb_comm_sum_f64(m->comm, h, n);
+    return h;
+}
+
+/* every rank's `bytes` of the model's buffer in, concatenated in rank order, into out on the host */
+static void model_gather_to_host(ExcbModel *m, ExcbComm *c, const void *in, void *out, size_t bytes) {
+    const void *h = in;
+    if (m->gpu) {
+        void *t = host_stage(bytes);
+        m->ops->to_host(t, in, bytes);
+        h = t;
+    }
+    excb_comm_gather(c, h, out, bytes);
+}
+
 /* The step's teacher labels of the whole global batch, in the single process's order: rank r's row
    (v, i) is row v B + r B/R + i of the batch. Into m->labels_all; the methods' updates and the run's
    monitors read them there. */
 static void gather_step_labels(ExcbModel *m) {
     int R = m->comm->size, Bl = m->cfg.batch, Vg = m->cfg.n_global, NG = Vg * Bl;
-    int32_t *all = m->labels_all + (size_t)NG * R;         /* scratch: the ranks' parts, rank after rank */
-    excb_comm_gather(m->comm, m->labels, all, sizeof(int32_t) * NG);
+    size_t part = sizeof(int32_t) * NG;
+    /* the ranks' parts, rank after rank, and then in the batch's order: scratch behind labels_all in
+       the arena on the CPU; two host buffers on the GPU (a gathered copy of the labels lives there too) */
+    int32_t *all = m->labels_all + (size_t)NG * R, *out = m->labels_all;
+    if (m->gpu) {
+        all = xmalloc(2 * part * R);
+        out = all + (size_t)NG * R;
+    }
+    model_gather_to_host(m, m->comm, m->labels, all, part);
     for (int r = 0; r < R; r++)
         for (int v = 0; v < Vg; v++)
-            memcpy(m->labels_all + ((size_t)v * R + r) * Bl, all + ((size_t)r * Vg + v) * Bl, sizeof(int32_t) * Bl);
+            memcpy(out + ((size_t)v * R + r) * Bl, all + ((size_t)r * Vg + v) * Bl, sizeof(int32_t) * Bl);
+    if (m->gpu) {
+        m->ops->to_device(m->labels_all, out, part * R);
+        free(all);
+    }
 }
 
 /* ================================================================================================
@@ -6024,9 +6091,9 @@ static int ranks_refusal(const ExcbRunConfig *rc, char *err) {
     if (rc->model.excb.count_source || rc->model.excb.count_kind)
         return fail(err, EXCB_EXIT_CONFIG, "count_source and count_kind (A4's audit counts) train in one process only "
                     "for now");
-    if (rc->device == EXCB_DEVICE_CUDA)
-        return fail(err, EXCB_EXIT_USAGE, "--device cuda with %d ranks: the GPU twin trains in one process for now "
-                    "(NCCL is not wired in yet)", R);
+    if (rc->device == EXCB_DEVICE_CUDA && mpi_world.size <= 1)    /* one device state per process */
+        return fail(err, EXCB_EXIT_USAGE, "--chunks %d with --device cuda: the chunks would share one process's GPU "
+                    "state; mpirun -np %d runs the ranks on the GPU(s)", R, R);
     return 0;
 }
 
@@ -6154,7 +6221,7 @@ static void ranks_teacher_rows(Ranks *rk, ExcbModel *run, const ExcbBatch *bt, i
     ShareWork w = {.rk = rk, .m = run, .bt = bt, .view = view, .rows = rows};
     if (rk->n_chunks) { chunks_run(rk->k, share_teacher_rows, &w); return; }
     teacher_projections(run, bt->xg);
-    if (rk->world) excb_comm_gather(rk->world, run->ut + (size_t)view * share, rows, sizeof(real) * share);
+    if (rk->world) model_gather_to_host(run, rk->world, run->ut + (size_t)view * share, rows, sizeof(real) * share);
     else run->ops->to_host(rows, run->ut + (size_t)view * share, sizeof(real) * share);
 }
 
@@ -7829,7 +7896,10 @@ int excb_train(ExcbRunConfig *rc_in, const char *out_dir, const char *resume_fro
     int eval_teacher = !m.method->student_only;
     const char *eval_net = eval_teacher ? "teacher" : "student";
     if (rc.device == EXCB_DEVICE_CUDA) {
-        if ((code = excb_cuda_attach(&dm, &m, (ExcbPrecision)rc.precision, err))) {
+        char how[300];                          /* ranks: each its GPU, joined by NCCL or through MPI */
+        if (rk.world && !(code = excb_cuda_join(rk.world, (ExcbPrecision)rc.precision, how, sizeof how, err)) && writer)
+            fprintf(stderr, "excb train: %s\n", how);
+        if (code || (code = excb_cuda_attach(&dm, &m, (ExcbPrecision)rc.precision, err))) {
             excb_free(&m);
             excb_data_close(&ds);
             return code;

@@ -477,6 +477,9 @@ typedef struct ExcbComm {
     struct ExcbChunks *chunks; /* CHUNKS: the scheduler the R shares take turns in                   */
     double seconds, bytes;     /* time spent in reductions, and the bytes this rank contributed      */
     long calls;
+    /* a sum of device buffers on the devices themselves: NCCL's all-reduce when every rank has a GPU of
+       its own (excb_kernels.cu); NULL: device buffers go through host memory (section 10b) */
+    void (*device_sum_real)(struct ExcbComm *c, real *x, size_t n, int mean);
 } ExcbComm;
 /* x[0..n) <- the sum over ranks of every rank's x, added in rank order in double (real: rounded once,
    divided by R first when mean) */
@@ -653,6 +656,7 @@ typedef struct ExcbOps {
     void (*add_gated)(real *dst, const real *src, const real *gate, size_t n);
     double (*sum_squares)(const real *x, size_t n);
     void (*to_host)(void *dst, const void *src, size_t bytes);
+    void (*to_device)(void *dst, const void *src, size_t bytes);   /* host to where the model is */
 } ExcbOps;
 extern const ExcbOps excb_cpu_ops;
 extern const ExcbOps excb_cuda_ops;          /* excb_kernels.cu, in CUDA builds only */
@@ -670,6 +674,11 @@ int excb_cuda_built(void);
 int excb_cuda_probe(char *desc, size_t cap);
 /* handles and stream for one precision (attach calls it; the tests call it before single operators) */
 int excb_cuda_init(ExcbPrecision precision, char *err);
+/* a rank of `world` (mpirun, section 10b) takes its GPU before excb_cuda_init: the node's local rank
+   modulo the GPUs it sees. When every rank has a GPU of its own (and NCCL is built in), NCCL joins them
+   and world->device_sum_real all-reduces the gradients on the GPUs; otherwise device buffers go through
+   host memory over MPI. *how says which. 0, or an exit code with err. */
+int excb_cuda_join(ExcbComm *world, ExcbPrecision precision, char *how, size_t cap, char *err);
 /* the device twin dm of a built host model m: dm is a copy of m whose parameters, optimiser state,
    BN statistics, method state and activation arena live on the GPU (uploaded from m) and whose ops are
    excb_cuda_ops. 0, or an exit code with err (EXCB_EXIT_USAGE for a method without a GPU twin). */

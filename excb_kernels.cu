@@ -69,6 +69,11 @@ static void die(const char *what, const char *msg, int out_of_memory, const char
     die(#call, cudnnGetErrorString(e_), e_ == CUDNN_STATUS_INTERNAL_ERROR_DEVICE_ALLOCATION_FAILED || \
         e_ == CUDNN_STATUS_INTERNAL_ERROR_HOST_ALLOCATION_FAILED, __FILE__, __LINE__); } while (0)
 #define KERNEL_CHECK() CUDA_CHECK(cudaGetLastError())
+#ifdef EXCB_NCCL
+#include <nccl.h>
+#define NCCL_CHECK(call) do { ncclResult_t e_ = (call); if (e_ != ncclSuccess) \
+    die(#call, ncclGetErrorString(e_), 0, __FILE__, __LINE__); } while (0)
+#endif
 
 /* A convolution's cuDNN plan: descriptors and the fastest deterministic algorithm of each direction,
    found once per shape (the equivalent of PyTorch's cudnn.benchmark = True). */
@@ -105,6 +110,8 @@ struct ExcbCuda {
     uint8_t *groups;                               /* each parameter's weight-decay group (E14)     */
     size_t bytes, peak;                            /* device memory held by this file               */
     int nondeterministic_plans;                    /* convolution directions without a deterministic algorithm */
+    int device;                                    /* the GPU this process takes (excb_cuda_join)   */
+    double *bn_global; size_t bn_global_cap;       /* SyncBN: the global batch's sums (device)      */
 };
 static struct ExcbCuda g;                          /* one GPU per process                            */
 
@@ -502,18 +509,47 @@ static float *bn_scratch(int C, int n_chunks, double **part) {
     return (float *)(p + (size_t)C * n_chunks * 2);
 }
 
+/* SyncBN on the device (excb.c section 10b): this rank's partials folded per channel on the host, in
+   chunk order as bn_stats_kernel adds them; the ranks' sums added in rank order by excb_comm_sum_f64
+   (through host memory: 2C doubles a BatchNorm, for ranks on one GPU or on several); the global batch's
+   sums back on the device as one chunk, (sum, sum of squares) per channel like a partial. */
+static const double *bn_global_sums(ExcbComm *comm, const double *part, int C, int n_chunks) {
+    const double *h = fetch_partials(part, (size_t)C * n_chunks * 2);
+    double *red = (double *)malloc(sizeof(double) * 2 * C);
+    for (int c = 0; c < C; c++) {
+        double s = 0, s2 = 0;
+        for (int j = 0; j < n_chunks; j++) {
+            s += h[((size_t)c * n_chunks + j) * 2];
+            s2 += h[((size_t)c * n_chunks + j) * 2 + 1];
+        }
+        red[2 * c] = s;
+        red[2 * c + 1] = s2;
+    }
+    excb_comm_sum_f64(comm, red, 2 * (size_t)C);
+    if (2 * (size_t)C > g.bn_global_cap) {
+        dfree(g.bn_global, sizeof(double) * g.bn_global_cap);
+        g.bn_global = (double *)dmalloc(sizeof(double) * 2 * C);
+        g.bn_global_cap = 2 * (size_t)C;
+    }
+    copy_sync(g.bn_global, red, sizeof(double) * 2 * C, cudaMemcpyHostToDevice);
+    free(red);
+    return g.bn_global;
+}
+
+static int bn_ranks(const ExcbComm *comm) { return comm && comm->size > 1 ? comm->size : 1; }
+
 static void cuda_batchnorm_forward(real *out, real *mean, real *rstd, real *run_mean, real *run_var, const real *y,
                                    const real *gamma, const real *beta, const real *residual, int relu, int C,
                                    int NHW, real eps, real momentum, int channels_last, ExcbComm *comm) {
     (void)channels_last;               /* always 0 here: this table's backbone layout is (C, N, H, W) */
-    (void)comm;                        /* NULL: the device twin trains in one process for now (section 10b) */
-    int n_chunks = (NHW + BN_CHUNK - 1) / BN_CHUNK;
+    int n_chunks = (NHW + BN_CHUNK - 1) / BN_CHUNK, R = bn_ranks(comm);
     double *part;
     float *scale = bn_scratch(C, n_chunks, &part), *shift = scale + C;
     bn_partial_kernel<<<dim3(n_chunks, C), BN_THREADS, 0, g.stream>>>(y, NHW, n_chunks, part);
     KERNEL_CHECK();
-    bn_stats_kernel<<<(C + 127) / 128, 128, 0, g.stream>>>(part, n_chunks, C, NHW, eps, momentum, mean, rstd, run_mean,
-                                                           run_var, gamma, beta, scale, shift);
+    const double *sums = R > 1 ? bn_global_sums(comm, part, C, n_chunks) : part;   /* SyncBN: the ranks' */
+    bn_stats_kernel<<<(C + 127) / 128, 128, 0, g.stream>>>(sums, R > 1 ? 1 : n_chunks, C, NHW * R, eps, momentum, mean,
+                                                           rstd, run_mean, run_var, gamma, beta, scale, shift);
     KERNEL_CHECK();
     bn_apply_kernel<<<blocks_for((size_t)C * NHW, 256), 256, 0, g.stream>>>(out, y, scale, shift, residual, relu, C, NHW);
     KERNEL_CHECK();
@@ -541,8 +577,10 @@ __global__ void bn_back_partial_kernel(const float *dout, const float *out, cons
     }
 }
 
-__global__ void bn_back_stats_kernel(const double *part, int n_chunks, int C, int NHW, float *dgamma, float *dbeta,
-                                     float *a_out, float *b_out) {
+/* the affine gradients get this rank's sums (the gradient all-reduce adds the shares); the input's
+   gradient the means over the global batch: glob's sums over n values (SyncBN), or this rank's */
+__global__ void bn_back_stats_kernel(const double *part, int n_chunks, const double *glob, int C, int n, float *dgamma,
+                                     float *dbeta, float *a_out, float *b_out) {
     int c = blockIdx.x * blockDim.x + threadIdx.x;
     if (c >= C) return;
     double sum_g = 0, sum_gx = 0;
@@ -552,8 +590,12 @@ __global__ void bn_back_stats_kernel(const double *part, int n_chunks, int C, in
     }
     dbeta[c] += (float)sum_g;
     dgamma[c] += (float)sum_gx;
-    a_out[c] = (float)(sum_g / NHW);
-    b_out[c] = (float)(sum_gx / NHW);
+    if (glob) {
+        sum_g = glob[2 * c];
+        sum_gx = glob[2 * c + 1];
+    }
+    a_out[c] = (float)(sum_g / n);
+    b_out[c] = (float)(sum_gx / n);
 }
 
 __global__ void bn_back_apply_kernel(float *dy, const float *dout, const float *out, const float *y,
@@ -572,14 +614,14 @@ static void cuda_batchnorm_backward(real *dy, real *dgamma, real *dbeta, const r
                                     const real *y, const real *mean, const real *rstd, const real *gamma, int relu,
                                     int C, int NHW, int channels_last, ExcbComm *comm) {
     (void)channels_last;               /* always 0 here, as above */
-    (void)comm;                        /* NULL, as above */
-    int n_chunks = (NHW + BN_CHUNK - 1) / BN_CHUNK;
+    int n_chunks = (NHW + BN_CHUNK - 1) / BN_CHUNK, R = bn_ranks(comm);
     double *part;
     float *a = bn_scratch(C, n_chunks, &part), *b = a + C;
     bn_back_partial_kernel<<<dim3(n_chunks, C), BN_THREADS, 0, g.stream>>>(dout, out, y, mean, rstd, relu, NHW,
                                                                            n_chunks, part);
     KERNEL_CHECK();
-    bn_back_stats_kernel<<<(C + 127) / 128, 128, 0, g.stream>>>(part, n_chunks, C, NHW, dgamma, dbeta, a, b);
+    const double *glob = R > 1 ? bn_global_sums(comm, part, C, n_chunks) : NULL;
+    bn_back_stats_kernel<<<(C + 127) / 128, 128, 0, g.stream>>>(part, n_chunks, glob, C, NHW * R, dgamma, dbeta, a, b);
     KERNEL_CHECK();
     bn_back_apply_kernel<<<blocks_for((size_t)C * NHW, 256), 256, 0, g.stream>>>(dy, dout, out, y, mean, rstd, gamma,
                                                                                  a, b, relu, C, NHW);
@@ -1111,6 +1153,8 @@ static void cuda_to_host(void *dst, const void *src, size_t bytes) {
     CUDA_CHECK(cudaStreamSynchronize(g.stream));
 }
 
+static void cuda_to_device(void *dst, const void *src, size_t bytes) { copy_sync(dst, src, bytes, cudaMemcpyHostToDevice); }
+
 /* ================================================================================================
  * 8. The operator table, the device twin of a model, and the probe
  * ================================================================================================ */
@@ -1147,6 +1191,7 @@ extern "C" const ExcbOps excb_cuda_ops = {
     cuda_add_gated,
     cuda_sum_squares,
     cuda_to_host,
+    cuda_to_device,
 };
 
 extern "C" int excb_cuda_built(void) { return 1; }
@@ -1194,7 +1239,7 @@ extern "C" int excb_cuda_init(ExcbPrecision precision, char *err) {
         return EXCB_EXIT_UNAVAILABLE;
     }
     g.precision = precision;
-    CUDA_CHECK(cudaSetDevice(0));
+    CUDA_CHECK(cudaSetDevice(g.device));           /* 0, or the rank's (excb_cuda_join) */
     CUDA_CHECK(cudaStreamCreateWithFlags(&g.stream, cudaStreamNonBlocking));
     CUBLAS_CHECK(cublasCreate(&g.blas));
     CUBLAS_CHECK(cublasSetStream(g.blas, g.stream));
@@ -1205,6 +1250,66 @@ extern "C" int excb_cuda_init(ExcbPrecision precision, char *err) {
     CUDNN_CHECK(cudnnSetStream(g.dnn, g.stream));
     g.used = (int32_t *)dmalloc(sizeof(int32_t));
     g.ready = 1;
+    return 0;
+}
+
+/* --- several ranks (excb.c section 10b) -------------------------------------------------------------
+ * Each rank takes the GPU of its local rank modulo the node's GPUs. With one GPU per rank (and NCCL
+ * built in), NCCL joins them, its id broadcast over MPI, and all-reduces the gradients on the GPUs (the
+ * sum, then x 1/R: NCCL's own order, not excb.c's rank order, so not bit for bit the --chunks run).
+ * Ranks that share a GPU (NCCL refuses two ranks on one device) reduce everything through host memory
+ * over MPI, as the small reductions (BatchNorm sums, counts, diagnostics) always do. */
+#ifdef EXCB_NCCL
+static ncclComm_t nccl;
+
+static void nccl_sum_real(ExcbComm *c, real *x, size_t n, int mean) {
+    cudaEvent_t t0, t1;
+    CUDA_CHECK(cudaEventCreate(&t0));
+    CUDA_CHECK(cudaEventCreate(&t1));
+    CUDA_CHECK(cudaEventRecord(t0, g.stream));
+    NCCL_CHECK(ncclAllReduce(x, x, n, ncclFloat, ncclSum, nccl, g.stream));
+    if (mean) {
+        float inv = 1.0f / (float)c->size;
+        CUBLAS_CHECK(cublasSscal(g.blas, (int)n, &inv, x, 1));
+    }
+    CUDA_CHECK(cudaEventRecord(t1, g.stream));
+    CUDA_CHECK(cudaEventSynchronize(t1));
+    float ms = 0;
+    CUDA_CHECK(cudaEventElapsedTime(&ms, t0, t1));
+    cudaEventDestroy(t0);
+    cudaEventDestroy(t1);
+    c->seconds += ms / 1000.0;             /* the accounting excb.c's reductions keep (section 10b) */
+    c->bytes += (double)n * sizeof(real);
+    c->calls++;
+}
+#endif
+
+extern "C" int excb_cuda_join(ExcbComm *world, ExcbPrecision precision, char *how, size_t cap, char *err) {
+    int n = 0;
+    if (cudaGetDeviceCount(&n) != cudaSuccess || n == 0) {
+        cudaGetLastError();
+        return excb_cuda_init(precision, err);               /* says why there is no GPU */
+    }
+    const char *lr = getenv("OMPI_COMM_WORLD_LOCAL_RANK"), *ls = getenv("OMPI_COMM_WORLD_LOCAL_SIZE");
+    int local_rank = lr ? atoi(lr) : world->rank, local_size = ls ? atoi(ls) : world->size;
+    g.device = local_rank % n;
+    int shared = excb_comm_max(world, local_size > n);     /* any node with fewer GPUs than ranks */
+    int code = excb_cuda_init(precision, err);
+    if (code) return code;
+#ifdef EXCB_NCCL
+    if (!shared) {
+        ncclUniqueId id;
+        if (world->rank == 0) NCCL_CHECK(ncclGetUniqueId(&id));
+        excb_comm_broadcast(world, &id, sizeof id);
+        NCCL_CHECK(ncclCommInitRank(&nccl, world->size, id, world->rank));
+        world->device_sum_real = nccl_sum_real;
+        snprintf(how, cap, "%d ranks with a GPU each (this rank: device %d): gradients all-reduced by NCCL, BatchNorm "
+                 "sums and counts through host memory over MPI", world->size, g.device);
+        return 0;
+    }
+#endif
+    snprintf(how, cap, "%d ranks on %d GPU(s) a node (this rank: device %d): every reduction through host memory over "
+             "MPI (%s)", world->size, n, g.device, shared ? "NCCL takes one GPU per rank" : "NCCL is not built in");
     return 0;
 }
 

@@ -1056,6 +1056,54 @@ static double max_diff(const float *a, const float *b, size_t n) {
     for (size_t i = 0; i < n; i++) m = fmax(m, fabs((double)a[i] - b[i]));
     return m;
 }
+/* Two runs' checkpoints against each other, tensor by tensor: each within `tol` of its largest
+   magnitude (biases whose exact gradient is 0, the Linear layers before a BatchNorm and the shifts a
+   later standardisation removes, within 5e-5 absolutely), BN statistics and float method state alike,
+   the labels equal. Returns the worst relative difference. */
+static double expect_runs_close(const char *ck_one, const char *ck, double tol, const char *what_run) {
+    ExcbModel a, b;
+    ExcbTrainState ta, tb;
+    load_ckpt(ck_one, &a, &ta);
+    load_ckpt(ck, &b, &tb);
+    const float *bufs_a[3] = {a.params, a.teacher, a.momentum}, *bufs_b[3] = {b.params, b.teacher, b.momentum};
+    static const char *const what[3] = {"student", "teacher", "momentum"};
+    double worst = 0;
+    for (int t = 0; t < a.n_tensors; t++) {
+        int zero_grad_bias = 0;
+        for (int l = 0; l < 3; l++) zero_grad_bias |= a.proj[l].has_bn && a.proj[l].b == t;
+        zero_grad_bias |= a.pred[0].has_bn && a.pred[0].b == t;
+        zero_grad_bias |= t == a.pred_bn_beta;       /* BN(h)'s shift, which the predictor's BN undoes too */
+        zero_grad_bias |= a.method->bn_rows && a.proj[2].b == t;    /* CoKe: h's bias, before BN(h) */
+        zero_grad_bias |= !strcmp(a.method->name, "mvbt") && a.proj[2].b == t;   /* T1 standardises h */
+        for (int w = 0; w < 3; w++) {
+            const ExcbTensor *T = &a.tensors[t];
+            double d = max_diff(bufs_a[w] + T->offset, bufs_b[w] + T->offset, T->numel);
+            if (zero_grad_bias) {
+                cr_expect_leq(d, 5e-5, "%s, %s %s (gradient 0 in exact arithmetic): %g", what_run, what[w], T->name, d);
+                continue;
+            }
+            double rel = d / fmax(max_abs(bufs_a[w] + T->offset, T->numel), 1e-30);
+            worst = fmax(worst, rel);
+            cr_expect_leq(rel, tol, "%s, %s %s: %g of its largest magnitude", what_run, what[w], T->name, rel);
+        }
+    }
+    double rs = max_diff(a.running, b.running, a.n_running) / max_abs(a.running, a.n_running);
+    double rt = max_diff(a.teacher_running, b.teacher_running, a.n_running) / max_abs(a.teacher_running, a.n_running);
+    cr_expect_leq(rs, tol, "%s, BN running statistics: %g", what_run, rs);
+    cr_expect_leq(rt, tol, "%s, teacher BN running statistics: %g", what_run, rt);
+    for (int i = 0; i < a.n_mbuf; i++)               /* the method's state: s, the centre, the queue, ... */
+        if (a.mbuf_spec[i].state && !a.mbuf_spec[i].integer) {
+            double scale = max_abs(a.mbuf[i], a.mbuf_spec[i].floats);
+            double rel = scale > 0 ? max_diff(a.mbuf[i], b.mbuf[i], a.mbuf_spec[i].floats) / scale : 0;
+            worst = fmax(worst, rel);
+            cr_expect_leq(rel, tol, "%s, method.%s: %g", what_run, a.mbuf_spec[i].name, rel);
+        }
+    cr_expect_eq(memcmp(ta.prev_labels, tb.prev_labels, sizeof(int32_t) * ta.n_samples), 0, "%s: the labels", what_run);
+    excb_train_state_free(&ta); excb_train_state_free(&tb);
+    excb_free(&a); excb_free(&b);
+    return worst;
+}
+
 Test(e2e, chunks_match_one_process_to_a_stated_tolerance) {
     /* SwAV's queue is in use from step 3 (two pushes of 8 rows fill its 16): compared after step 4 */
     static const struct { int R; const char *set; int step; } cases[] = {
@@ -1074,52 +1122,44 @@ Test(e2e, chunks_match_one_process_to_a_stated_tolerance) {
                         cases[c].step, R, cases[c].set), 0);
         snprintf(ck_one, sizeof ck_one, "%s/ckpt-%010d.excb", one, cases[c].step);
         snprintf(ck, sizeof ck, "%s/ckpt-%010d.excb", run, cases[c].step);
-        ExcbModel a, b;
-        ExcbTrainState ta, tb;
-        load_ckpt(p(ck_one), &a, &ta);
-        load_ckpt(p(ck), &b, &tb);
-        const float *bufs_a[3] = {a.params, a.teacher, a.momentum}, *bufs_b[3] = {b.params, b.teacher, b.momentum};
-        static const char *const what[3] = {"student", "teacher", "momentum"};
-        double worst = 0;
-        for (int t = 0; t < a.n_tensors; t++) {
-            int zero_grad_bias = 0;
-            for (int l = 0; l < 3; l++) zero_grad_bias |= a.proj[l].has_bn && a.proj[l].b == t;
-            zero_grad_bias |= a.pred[0].has_bn && a.pred[0].b == t;
-            zero_grad_bias |= t == a.pred_bn_beta;       /* BN(h)'s shift, which the predictor's BN undoes too */
-            zero_grad_bias |= a.method->bn_rows && a.proj[2].b == t;    /* CoKe: h's bias, before BN(h) */
-            zero_grad_bias |= !strcmp(a.method->name, "mvbt") && a.proj[2].b == t;   /* T1 standardises h */
-            for (int w = 0; w < 3; w++) {
-                const ExcbTensor *T = &a.tensors[t];
-                double d = max_diff(bufs_a[w] + T->offset, bufs_b[w] + T->offset, T->numel);
-                if (zero_grad_bias) {
-                    cr_expect_leq(d, 5e-5, "%s R = %d, %s %s (gradient 0 in exact arithmetic): %g", cases[c].set, R,
-                                  what[w], T->name, d);
-                    continue;
-                }
-                double rel = d / fmax(max_abs(bufs_a[w] + T->offset, T->numel), 1e-30);
-                worst = fmax(worst, rel);
-                cr_expect_leq(rel, 2e-5, "%s R = %d, %s %s: %g of its largest magnitude", cases[c].set, R, what[w],
-                              T->name, rel);
-            }
-        }
-        double rs = max_diff(a.running, b.running, a.n_running) / max_abs(a.running, a.n_running);
-        double rt = max_diff(a.teacher_running, b.teacher_running, a.n_running) / max_abs(a.teacher_running, a.n_running);
-        cr_expect_leq(rs, 2e-5, "%s R = %d, BN running statistics: %g", cases[c].set, R, rs);
-        cr_expect_leq(rt, 2e-5, "%s R = %d, teacher BN running statistics: %g", cases[c].set, R, rt);
-        for (int i = 0; i < a.n_mbuf; i++)               /* the method's state: s, the centre, the queue, ... */
-            if (a.mbuf_spec[i].state && !a.mbuf_spec[i].integer) {
-                double scale = max_abs(a.mbuf[i], a.mbuf_spec[i].floats);
-                double rel = scale > 0 ? max_diff(a.mbuf[i], b.mbuf[i], a.mbuf_spec[i].floats) / scale : 0;
-                worst = fmax(worst, rel);
-                cr_expect_leq(rel, 2e-5, "%s R = %d, method.%s: %g", cases[c].set, R, a.mbuf_spec[i].name, rel);
-            }
-        cr_expect_eq(memcmp(ta.prev_labels, tb.prev_labels, sizeof(int32_t) * ta.n_samples), 0, "%s R = %d: the labels",
-                     cases[c].set, R);
+        char label[200];
+        snprintf(label, sizeof label, "%s R = %d", cases[c].set, R);
+        double worst = expect_runs_close(p(ck_one), p(ck), 2e-5, label);
         cr_log_info("%s R = %d: worst relative difference %.3g\n", cases[c].set, R, worst);
-        excb_train_state_free(&ta); excb_train_state_free(&tb);
-        excb_free(&a); excb_free(&b);
     }
 }
+
+/* --- the GPU twin over ranks: run on a machine with a GPU, reported SKIP elsewhere ------------------- */
+static void need_mpi_and_gpu(void) {
+    need_mpi();
+    char desc[512];
+    if (excb_cuda_probe(desc, sizeof desc)) cr_skip_test("no GPU: %s", desc);
+}
+
+/* 2 ranks against one process, both on the GPU, ExCB after two steps: ranks on one GPU (every reduction
+   through host memory over MPI; CUDA_VISIBLE_DEVICES=0 makes them share it) or, with `own`, one GPU
+   each (NCCL's gradient all-reduce; SKIP unless the run says NCCL joined them). The tolerance is the
+   chunks test's: the same sums, in other orders. */
+static void gpu_ranks_against_one(int own) {
+    need_mpi_and_gpu();
+    const char *one = own ? "g1n" : "g1s", *two = own ? "g2n" : "g2s";
+    cr_assert_eq(sh(TRAIN "--out '%s' --device cuda --set kmeans_init=0 --stop-after 2", p("data"), p(one)), 0);
+    cr_assert_eq(sh("%s" MPIRUN TRAIN "--out '%s' --device cuda --set kmeans_init=0 --stop-after 2",
+                    own ? "" : "CUDA_VISIBLE_DEVICES=0 ", 2, p("data"), p(two)), 0);
+    if (own && !log_has("all-reduced by NCCL")) cr_skip_test("fewer than 2 GPUs visible: the ranks shared one");
+    cr_expect(own || log_has("through host memory over MPI"), "the shared GPU's path was taken");
+    /* --chunks keeps one device state per process: with --device cuda it is refused (64) */
+    cr_expect_eq(sh(TRAIN "--out '%s' --device cuda --chunks 2", p("data"), p("gc")), EXCB_EXIT_USAGE);
+    cr_expect(log_has("mpirun -np 2"));
+    char a[600], b[600];
+    snprintf(a, sizeof a, "%s/ckpt-0000000002.excb", p(one));
+    snprintf(b, sizeof b, "%s/ckpt-0000000002.excb", p(two));
+    double worst = expect_runs_close(a, b, 2e-5, own ? "2 GPUs, NCCL" : "2 ranks on one GPU");
+    cr_log_info("GPU, 2 ranks (%s) against one process: worst relative difference %.3g\n", own ? "NCCL" : "shared", worst);
+}
+
+Test(e2e, gpu_ranks_sharing_one_gpu_match_one_gpu_process) { gpu_ranks_against_one(0); }
+Test(e2e, gpu_ranks_with_nccl_match_one_gpu_process) { gpu_ranks_against_one(1); }
 
 /* a run of R ranks resumes on R' ranks: R = R' (another transport) continues bit for bit; 2 -> 4 gives
    what the chunked reference gives for 2 -> 4; a batch R does not divide, A4's audit counts (not reduced

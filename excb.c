@@ -5765,14 +5765,28 @@ static void config_value(const ExcbRunConfig *rc, const ConfigKey *k, char *out,
     }
 }
 
-/* a string as a JSON string body: quotes, backslashes and control characters escaped */
+/* the length of the well-formed UTF-8 sequence at s (RFC 3629: no overlong forms, no surrogates, at
+   most U+10FFFF), 0 when s does not start one */
+static int utf8_length(const unsigned char *s) {
+    if (s[0] < 0x80) return 1;
+    int n = s[0] >= 0xC2 && s[0] <= 0xDF ? 2 : s[0] >= 0xE0 && s[0] <= 0xEF ? 3 : s[0] >= 0xF0 && s[0] <= 0xF4 ? 4 : 0;
+    unsigned lo = s[0] == 0xE0 ? 0xA0 : s[0] == 0xF0 ? 0x90 : 0x80, hi = s[0] == 0xED ? 0x9F : s[0] == 0xF4 ? 0x8F : 0xBF;
+    for (int i = 1; i < n; i++, lo = 0x80, hi = 0xBF)
+        if (s[i] < lo || s[i] > hi) return 0;          /* a NUL ends the string here too */
+    return n;
+}
+
+/* a string as a JSON string body: quotes, backslashes and control characters escaped; a byte that is
+   not part of well-formed UTF-8 (a Latin-1 file name, say) as \u00XX, so that the line stays JSON that
+   any parser reads (it then reads that byte as the code point of the same number) */
 static void json_escape(char *out, size_t cap, const char *in) {
     size_t n = 0;
-    for (; *in && n + 7 < cap; in++) {
-        unsigned char ch = (unsigned char)*in;
-        if (ch == '"' || ch == '\\') { out[n++] = '\\'; out[n++] = (char)ch; }
-        else if (ch < 0x20) n += snprintf(out + n, cap - n, "\\u%04x", ch);
-        else out[n++] = (char)ch;
+    for (const unsigned char *s = (const unsigned char *)in; *s && n + 7 < cap;) {
+        int len = utf8_length(s);
+        if (*s == '"' || *s == '\\') { out[n++] = '\\'; out[n++] = (char)*s++; }
+        else if (*s < 0x20 || !len) n += snprintf(out + n, cap - n, "\\u%04x", *s++);
+        else if (n + len + 7 < cap) while (len--) out[n++] = (char)*s++;
+        else break;
     }
     out[n] = 0;
 }
@@ -6898,7 +6912,7 @@ const char *excb_safetensors_meta(const ExcbSafetensors *st, const char *key) {
 /* --- writing: the header in the caller's order, the data in the order of falling element size (so
    an I64 scalar never pushes the F32 tensors after it off their alignment), then the caller's ------- */
 typedef struct {
-    char name[96];
+    char name[128];
     int dtype, ndim;
     int64_t shape[4];
     const void *data;
@@ -6949,7 +6963,7 @@ static int st_write(const char *path, const StOut *e, int n, json_t *meta, char 
 /* --- the state dict of a model: which tensor is where --------------------------------------------- */
 typedef enum { W_PARAM, W_RUNNING_MEAN, W_RUNNING_VAR, W_BATCHES, W_GAIN } WeightKind;
 typedef struct {
-    char name[96];             /* the full name, "backbone."/"classifier." prefixed                    */
+    char name[128];            /* the full name, "backbone."/"classifier." prefixed                    */
     WeightKind kind;
     int index;                 /* the tensor (W_PARAM, W_GAIN: the prototypes'), or the BatchNorm       */
     int dtype, ndim;
@@ -7295,7 +7309,7 @@ int excb_weights_load(const char *path, const char *which, ExcbSettingsHook hook
     WeightEntry *w;
     int n = weight_entries(m, &w), missing = 0;
     uint8_t *used = xcalloc(st.n + 1, 1);
-    char first_missing[96] = "";
+    char first_missing[128] = "";
     for (int i = 0; i < n && !code; i++) {
         if (!heads && !is_backbone_name(w[i].name)) continue;
         const ExcbStTensor *t = weights_find(&ix, w[i].name);

@@ -5,6 +5,7 @@
  * short training run) are in test_train_e2e.c. */
 #define _DEFAULT_SOURCE
 #include "testutil.h"
+#include <jansson.h>
 #include <sys/stat.h>
 #include <unistd.h>
 #include <zlib.h>
@@ -62,6 +63,35 @@ Test(config, string_values_with_any_byte_survive_the_dump) {
         memset(&c, 0, sizeof c);
         cr_expect_eq(excb_config_parse(&c, bad[i][0], "bad.conf", err), EXCB_EXIT_CONFIG, "case %d accepted", i);
         cr_expect(strstr(err, "bad.conf:1") && strstr(err, bad[i][1]), "case %d: %s", i, err);
+    }
+}
+
+/* the JSON dump (metrics.jsonl's run record) is JSON for any path: a Latin-1 byte, an overlong form, a
+   surrogate and a truncated sequence come out as \u00XX escapes, well-formed UTF-8 as it is */
+Test(config, the_json_dump_parses_whatever_bytes_a_path_holds) {
+    static const char *paths[] = {"caf\xe9/\xff", "\xc0\xaf overlong", "\xed\xa0\x80 surrogate", "cut \xe2\x82",
+                                  "\xc3\xa9t\xc3\xa9 \xf0\x9f\x98\x80 ok", "q\"uo\\te"};
+    static const char *want[] = {"caf\\u00e9/\\u00ff", "\\u00c0\\u00af overlong", "\\u00ed\\u00a0\\u0080 surrogate",
+                                 "cut \\u00e2\\u0082", "\xc3\xa9t\xc3\xa9 \xf0\x9f\x98\x80 ok", "q\\\"uo\\\\te"};
+    char err[EXCB_ERR_LEN];
+    for (size_t i = 0; i < sizeof paths / sizeof paths[0]; i++) {
+        ExcbRunConfig a;
+        excb_preset(&a, "tiny", err);
+        cr_assert_eq(excb_config_set(&a, "data", paths[i], err), 0, "%s", err);
+        char *text = excb_config_dump(&a, 1);
+        json_error_t je;
+        json_t *o = json_loads(text, 0, &je);
+        cr_assert(o, "path %zu: the dump is not JSON: %s", i, je.text);
+        const char *data = json_string_value(json_object_get(o, "data"));
+        /* the escapes read back as the code points of the bytes: compare with the expected text, parsed */
+        char expect[256];
+        snprintf(expect, sizeof expect, "{\"d\":\"%s\"}", want[i]);
+        json_t *w = json_loads(expect, 0, &je);
+        cr_assert(w, "expected %zu: %s", i, je.text);
+        cr_expect_str_eq(data, json_string_value(json_object_get(w, "d")), "path %zu", i);
+        json_decref(o);
+        json_decref(w);
+        free(text);
     }
 }
 

@@ -8038,8 +8038,9 @@ int excb_train(ExcbRunConfig *rc_in, const char *out_dir, const char *resume_fro
             break;
         }
         double loss = st.loss, gnorm = st.grad_norm;
-        if (run != &m) run->ops->to_host(m.labels, run->labels, sizeof(int32_t) * NG);   /* the labels, for A21 */
-        const int32_t *labels = m.labels_all;               /* the global batch's (10b); m.labels for R = 1 */
+        /* the global batch's labels (10b; m.labels itself for R = 1), from the GPU twin for A21 */
+        if (run != &m) run->ops->to_host(m.labels_all, run->labels_all, sizeof(int32_t) * NG);
+        const int32_t *labels = m.labels_all;
         /* A21's changed labels: view 1's label (the teacher's; CoKe: head 0's new assignment) against the
            one this image had when last seen */
         long changed = 0, seen = 0;

@@ -1260,7 +1260,8 @@ extern "C" int excb_cuda_init(ExcbPrecision precision, char *err) {
  * Ranks that share a GPU (NCCL refuses two ranks on one device) reduce everything through host memory
  * over MPI, as the small reductions (BatchNorm sums, counts, diagnostics) always do. */
 #ifdef EXCB_NCCL
-static ncclComm_t nccl;
+static ncclComm_t nccl;            /* for the process's life: the OS releases it at exit */
+static_assert(sizeof(real) == 4, "NCCL's all-reduce is told ncclFloat");
 
 static void nccl_sum_real(ExcbComm *c, real *x, size_t n, int mean) {
     cudaEvent_t t0, t1;
@@ -1286,9 +1287,12 @@ static void nccl_sum_real(ExcbComm *c, real *x, size_t n, int mean) {
 
 extern "C" int excb_cuda_join(ExcbComm *world, ExcbPrecision precision, char *how, size_t cap, char *err) {
     int n = 0;
-    if (cudaGetDeviceCount(&n) != cudaSuccess || n == 0) {
-        cudaGetLastError();
-        return excb_cuda_init(precision, err);               /* says why there is no GPU */
+    if (cudaGetDeviceCount(&n) != cudaSuccess) n = 0;
+    cudaGetLastError();
+    if (excb_comm_max(world, n == 0)) {             /* every rank takes this branch if any rank must */
+        if (n == 0) return excb_cuda_init(precision, err);     /* says why there is no GPU */
+        snprintf(err, EXCB_ERR_LEN, "--device cuda: another rank sees no GPU");
+        return EXCB_EXIT_UNAVAILABLE;
     }
     const char *lr = getenv("OMPI_COMM_WORLD_LOCAL_RANK"), *ls = getenv("OMPI_COMM_WORLD_LOCAL_SIZE");
     int local_rank = lr ? atoi(lr) : world->rank, local_size = ls ? atoi(ls) : world->size;

@@ -1139,15 +1139,17 @@ static void need_mpi_and_gpu(void) {
 /* 2 ranks against one process, both on the GPU, ExCB after two steps: ranks on one GPU (every reduction
    through host memory over MPI; CUDA_VISIBLE_DEVICES=0 makes them share it) or, with `own`, one GPU
    each (NCCL's gradient all-reduce; SKIP unless the run says NCCL joined them). The tolerance is the
-   chunks test's: the same sums, in other orders. */
+   chunks test's, the same sums in other orders, measured on the CPU only: the first GPU run states
+   its own (cuDNN may pick other algorithms for the ranks' smaller batches). */
 static void gpu_ranks_against_one(int own) {
     need_mpi_and_gpu();
     const char *one = own ? "g1n" : "g1s", *two = own ? "g2n" : "g2s";
     cr_assert_eq(sh(TRAIN "--out '%s' --device cuda --set kmeans_init=0 --stop-after 2", p("data"), p(one)), 0);
     cr_assert_eq(sh("%s" MPIRUN TRAIN "--out '%s' --device cuda --set kmeans_init=0 --stop-after 2",
                     own ? "" : "CUDA_VISIBLE_DEVICES=0 ", 2, p("data"), p(two)), 0);
+    if (own && log_has("NCCL is not built in")) cr_skip_test("this build has no NCCL (make found none)");
     if (own && !log_has("all-reduced by NCCL")) cr_skip_test("fewer than 2 GPUs visible: the ranks shared one");
-    cr_expect(own || log_has("through host memory over MPI"), "the shared GPU's path was taken");
+    cr_expect(own || log_has("every reduction through host memory"), "the shared GPU's path was taken");
     /* --chunks keeps one device state per process: with --device cuda it is refused (64) */
     cr_expect_eq(sh(TRAIN "--out '%s' --device cuda --chunks 2", p("data"), p("gc")), EXCB_EXIT_USAGE);
     cr_expect(log_has("mpirun -np 2"));

@@ -3868,20 +3868,21 @@ static void gather_step_labels(ExcbModel *m) {
     int R = m->comm->size, Bl = m->cfg.batch, Vg = m->cfg.n_global, NG = Vg * Bl;
     size_t part = sizeof(int32_t) * NG;
     /* the ranks' parts, rank after rank, and then in the batch's order: scratch behind labels_all in
-       the arena on the CPU; two host buffers on the GPU (a gathered copy of the labels lives there too) */
+       the arena on the CPU; the staging buffer on the GPU */
+    const int32_t *mine = m->labels;
     int32_t *all = m->labels_all + (size_t)NG * R, *out = m->labels_all;
-    if (m->gpu) {
-        all = xmalloc(2 * part * R);
+    if (m->gpu) {                               /* this rank's labels, the parts, the result: host */
+        int32_t *h = host_stage(part * (1 + 2 * (size_t)R));
+        m->ops->to_host(h, m->labels, part);
+        mine = h;
+        all = h + NG;
         out = all + (size_t)NG * R;
     }
-    model_gather_to_host(m, m->comm, m->labels, all, part);
+    excb_comm_gather(m->comm, mine, all, part);
     for (int r = 0; r < R; r++)
         for (int v = 0; v < Vg; v++)
             memcpy(out + ((size_t)v * R + r) * Bl, all + ((size_t)r * Vg + v) * Bl, sizeof(int32_t) * Bl);
-    if (m->gpu) {
-        m->ops->to_device(m->labels_all, out, part * R);
-        free(all);
-    }
+    if (m->gpu) m->ops->to_device(m->labels_all, out, part * R);
 }
 
 /* ================================================================================================
@@ -9548,12 +9549,17 @@ static int weights_args(const char *cmd, int argc, char **argv, const char *allo
     return 0;
 }
 
-/* the model of a checkpoint, or (weights) of a safetensors file; the network read: 1 teacher, 0 student */
-static int weights_args_model(const char *cmd, const WeightsArgs *a, ExcbRunConfig *rc, ExcbModel *m, char *path,
-                              ExcbWeightsInfo *info, int *teacher) {
+/* the three commands' start: their options (`weights` 1: the input is a weights file whatever the
+   options say), then the model of the checkpoint or the safetensors file and the network read (1 the
+   teacher, 0 the student). 0, an exit code said on stderr, or -1 after --help */
+static int weights_command(const char *cmd, int argc, char **argv, const char *allowed, int weights, WeightsArgs *a,
+                           ExcbRunConfig *rc, ExcbModel *m, char *path, ExcbWeightsInfo *info, int *teacher) {
     char err[EXCB_ERR_LEN];
+    int code = weights_args(cmd, argc, argv, allowed, a);
+    if (code) return code;
+    a->weights |= weights;
     SettingList more = {a->sets, a->n_sets};
-    int code = model_of(a->target, a->weights, a->student, apply_settings, &more, rc, m, path, info, err);
+    code = model_of(a->target, a->weights, a->student, apply_settings, &more, rc, m, path, info, err);
     if (code) { fprintf(stderr, "excb %s: %s\n", cmd, err); return code; }
     *teacher = !a->student && !m->method->student_only;
     return 0;
@@ -9561,13 +9567,13 @@ static int weights_args_model(const char *cmd, const WeightsArgs *a, ExcbRunConf
 
 static int cmd_export(int argc, char **argv) {
     WeightsArgs a;
-    int code = weights_args("export", argc, argv, "--out --student --teacher --backbone-only", &a), teacher;
-    if (code) return code < 0 ? 0 : code;
     ExcbRunConfig rc;
     ExcbModel m;
     ExcbWeightsInfo info;
     char path[4200], err[EXCB_ERR_LEN];
-    if ((code = weights_args_model("export", &a, &rc, &m, path, &info, &teacher))) return code;
+    int teacher, code = weights_command("export", argc, argv, "--out --student --teacher --backbone-only", 0, &a, &rc, &m,
+                                        path, &info, &teacher);
+    if (code) return code < 0 ? 0 : code;
     char *text = excb_config_dump(&rc, 0);
     code = excb_weights_save(a.out, &m, teacher, a.backbone_only, text, err);
     if (code) fprintf(stderr, "excb export: %s\n", err);
@@ -9581,14 +9587,13 @@ static int cmd_export(int argc, char **argv) {
 
 static int cmd_import(int argc, char **argv) {
     WeightsArgs a;
-    int code = weights_args("import", argc, argv, "--out --student --teacher --set", &a), teacher;
-    if (code) return code < 0 ? 0 : code;
-    a.weights = 1;
     ExcbRunConfig rc;
     ExcbModel m;
     ExcbWeightsInfo info;
     char path[4200], err[EXCB_ERR_LEN];
-    if ((code = weights_args_model("import", &a, &rc, &m, path, &info, &teacher))) return code;
+    int teacher, code = weights_command("import", argc, argv, "--out --student --teacher --set", 1, &a, &rc, &m, path,
+                                        &info, &teacher);
+    if (code) return code < 0 ? 0 : code;
     ExcbTrainState ts = {0};                          /* no training state: step as exported, the rest 0 */
     ts.prev_labels = xmalloc(sizeof(int32_t));
     ts.epoch_counts = xcalloc(m.n_labels + 1, sizeof(int64_t));
@@ -9607,13 +9612,13 @@ static int cmd_import(int argc, char **argv) {
 
 static int cmd_features(int argc, char **argv) {
     WeightsArgs a;
-    int code = weights_args("features", argc, argv, "--out --student --teacher --weights --data --split --set", &a), teacher;
-    if (code) return code < 0 ? 0 : code;
     ExcbRunConfig rc;
     ExcbModel m;
     ExcbWeightsInfo info;
     char path[4200], err[EXCB_ERR_LEN];
-    if ((code = weights_args_model("features", &a, &rc, &m, path, &info, &teacher))) return code;
+    int teacher, code = weights_command("features", argc, argv, "--out --student --teacher --weights --data --split --set",
+                                        0, &a, &rc, &m, path, &info, &teacher);
+    if (code) return code < 0 ? 0 : code;
     const char *split = a.split ? a.split : rc.query_split;
     ExcbDataset ds;
     if ((code = excb_data_open(&ds, rc.data, split, err))) { fprintf(stderr, "excb features: %s\n", err); excb_free(&m); return code; }

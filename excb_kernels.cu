@@ -112,6 +112,7 @@ struct ExcbCuda {
     int nondeterministic_plans;                    /* convolution directions without a deterministic algorithm */
     int device;                                    /* the GPU this process takes (excb_cuda_join)   */
     double *bn_global; size_t bn_global_cap;       /* SyncBN: the global batch's sums (device)      */
+    double *bn_red; size_t bn_red_cap;             /* SyncBN: the same on the host, while reduced   */
 };
 static struct ExcbCuda g;                          /* one GPU per process                            */
 
@@ -515,7 +516,12 @@ static float *bn_scratch(int C, int n_chunks, double **part) {
    sums back on the device as one chunk, (sum, sum of squares) per channel like a partial. */
 static const double *bn_global_sums(ExcbComm *comm, const double *part, int C, int n_chunks) {
     const double *h = fetch_partials(part, (size_t)C * n_chunks * 2);
-    double *red = (double *)malloc(sizeof(double) * 2 * C);
+    if (2 * (size_t)C > g.bn_red_cap) {            /* grown once: no allocation per BatchNorm call */
+        free(g.bn_red);
+        g.bn_red = (double *)malloc(sizeof(double) * 2 * C);
+        g.bn_red_cap = 2 * (size_t)C;
+    }
+    double *red = g.bn_red;
     for (int c = 0; c < C; c++) {
         double s = 0, s2 = 0;
         for (int j = 0; j < n_chunks; j++) {
@@ -532,7 +538,6 @@ static const double *bn_global_sums(ExcbComm *comm, const double *part, int C, i
         g.bn_global_cap = 2 * (size_t)C;
     }
     copy_sync(g.bn_global, red, sizeof(double) * 2 * C, cudaMemcpyHostToDevice);
-    free(red);
     return g.bn_global;
 }
 

@@ -1187,25 +1187,18 @@ void cluster_size_update(real *s, int32_t *counts, const int32_t *labels, int N,
 /* The audit's variants of E2 (A4; paper_notes.md §10): which teacher output is counted and how.
  *   source balanced (the code): the balanced targets q (E6);  raw: softmax(z / tau_t), before E4-E5
  *   kind hard (the code): s_hat_k = the share of rows whose argmax is k;  soft: s_hat_k = mean_n p_nk
- * frac (K) gets s_hat; raw_labels (N) is scratch for raw hard counts. Rows are summed in order. */
-void cluster_size_fractions(real *frac, int32_t *raw_labels, const real *q, const real *z, int N, int K, double tau_t,
-                            int raw, int soft) {
+ * acc (K doubles) gets the sums over the N rows, in row order: hard, the number of rows whose argmax
+ * is k (exact); soft, sum_n p_nk. Several ranks add their acc in rank order before the division
+ * (section 10b), which is cluster_size_fractions. raw_labels (N) is scratch for the hard argmaxes. */
+void cluster_size_sums(double *acc, int32_t *raw_labels, const real *q, const real *z, int N, int K, double tau_t,
+                       int raw, int soft) {
+    for (int k = 0; k < K; k++) acc[k] = 0;
     if (!soft) {
-        const int32_t *lab = raw_labels;
         if (raw) row_argmax(raw_labels, z, N, K);        /* argmax softmax(z / tau) = argmax z   */
-        else for (int n = 0; n < N; n++) {
-            const real *qn = q + (size_t)n * K;
-            int best = 0;
-            for (int k = 1; k < K; k++)
-                if (qn[k] > qn[best]) best = k;
-            raw_labels[n] = best;
-        }
-        for (int k = 0; k < K; k++) frac[k] = 0;
-        for (int n = 0; n < N; n++) frac[lab[n]] += 1;   /* exact: counts below 2^24            */
-        for (int k = 0; k < K; k++) frac[k] = frac[k] / (real)N;
+        else row_argmax(raw_labels, q, N, K);
+        for (int n = 0; n < N; n++) acc[raw_labels[n]] += 1;
         return;
     }
-    double *acc = xcalloc(K, sizeof(double));
     real tau = (real)tau_t;
     for (int n = 0; n < N; n++) {
         const real *row = raw ? z + (size_t)n * K : q + (size_t)n * K;
@@ -1216,8 +1209,12 @@ void cluster_size_fractions(real *frac, int32_t *raw_labels, const real *q, cons
         for (int k = 0; k < K; k++) se += exp(row[k] / tau - mx);
         for (int k = 0; k < K; k++) acc[k] += exp(row[k] / tau - mx) / se;
     }
-    for (int k = 0; k < K; k++) frac[k] = (real)(acc[k] / N);
-    free(acc);
+}
+
+/* s_hat (K) from the sums over all N rows: a count is exact in float (below 2^24) and divided in
+   float; a soft sum is divided in double and rounded once */
+void cluster_size_fractions(real *frac, const double *acc, int N, int K, int soft) {
+    for (int k = 0; k < K; k++) frac[k] = soft ? (real)(acc[k] / N) : (real)acc[k] / (real)N;
 }
 
 /* ================================================================================================
@@ -1345,7 +1342,7 @@ void balanced_targets(real *q, int32_t *labels, real *zhat, const real *z, const
 
 
 /* ExCB's buffers: s is its whole state (K floats, O(K) memory whatever the data set's size) */
-enum { EXCB_S, EXCB_R, EXCB_LOWER, EXCB_HIGHER, EXCB_COUNTS, EXCB_FRAC, EXCB_RAW_LABELS, EXCB_N_BUFFERS };
+enum { EXCB_S, EXCB_R, EXCB_LOWER, EXCB_HIGHER, EXCB_COUNTS, EXCB_SUMS, EXCB_FRAC, EXCB_RAW_LABELS, EXCB_N_BUFFERS };
 static int excb_rule_buffers(const ExcbConfig *c, ExcbBuffer *b) {
     b[EXCB_S] = (ExcbBuffer){"cluster_sizes", (size_t)c->K, 1, 0};          /* s, E3                     */
     b[EXCB_R] = (ExcbBuffer){"r", (size_t)c->K, 0, 0};                      /* r, E3'                    */
@@ -1353,6 +1350,7 @@ static int excb_rule_buffers(const ExcbConfig *c, ExcbBuffer *b) {
     b[EXCB_HIGHER] = (ExcbBuffer){"higher", (size_t)c->K, 0, 0};
     b[EXCB_COUNTS] = (ExcbBuffer){"counts", (size_t)c->K, 0, 1};            /* E2's counts (int32)       */
     int variant = c->excb.count_source || c->excb.count_kind;              /* A4's audit switches        */
+    b[EXCB_SUMS] = (ExcbBuffer){"count_sums", variant ? (size_t)2 * c->K : 0, 0, 0};   /* K doubles  */
     b[EXCB_FRAC] = (ExcbBuffer){"count_fractions", variant ? (size_t)c->K : 0, 0, 0};
     b[EXCB_RAW_LABELS] = (ExcbBuffer){"count_labels", variant ? (size_t)c->n_global * c->batch : 0, 0, 1};
     return EXCB_N_BUFFERS;
@@ -1380,8 +1378,9 @@ static void none_targets(ExcbModel *m) {
 }
 
 /* E2, E3 after the loss, as the official code (criterion.py L83); `none` keeps s too, as a monitor.
-   The audit's other counts (A4: count_source, count_kind; CPU only) feed the same E3; the step's
-   distinct labels (A21) stay those of the targets. */
+   The audit's other counts (A4: count_source, count_kind; CPU only) feed the same E3, their sums
+   added over the ranks as DINO's centre (10b); the step's distinct labels (A21) stay those of the
+   targets. */
 static int excb_rule_update(ExcbModel *m) {
     const ExcbConfig *c = &m->cfg;
     const ExcbBalancingConfig *e = &c->excb;
@@ -1389,10 +1388,14 @@ static int excb_rule_update(ExcbModel *m) {
     if (!e->count_source && !e->count_kind)          /* E2 over the global batch's labels (10b) */
         return m->ops->cluster_size_update(m->mbuf[EXCB_S], m->mbuf[EXCB_COUNTS], m->labels_all, global_rows(m), c->K,
                                            e->m_s, e->fp16_count_term);
-    cluster_size_fractions(m->mbuf[EXCB_FRAC], m->mbuf[EXCB_RAW_LABELS], m->q, m->zt, NG, c->K, teacher_tau_at(c, m->step),
-                           e->count_source == EXCB_COUNT_RAW, e->count_kind == EXCB_COUNT_SOFT);
+    int soft = e->count_kind == EXCB_COUNT_SOFT;
+    double *acc = m->mbuf[EXCB_SUMS];
+    cluster_size_sums(acc, m->mbuf[EXCB_RAW_LABELS], m->q, m->zt, NG, c->K, teacher_tau_at(c, m->step),
+                      e->count_source == EXCB_COUNT_RAW, soft);
+    if (m->comm) excb_comm_sum_f64(m->comm, acc, c->K);      /* data parallel (10b): every rank's rows */
+    cluster_size_fractions(m->mbuf[EXCB_FRAC], acc, global_rows(m), c->K, soft);
     cluster_size_ema(m->mbuf[EXCB_S], m->mbuf[EXCB_FRAC], c->K, e->m_s, e->fp16_count_term);
-    return distinct_labels(m->mbuf[EXCB_COUNTS], m->labels, NG, c->K);
+    return distinct_labels(m->mbuf[EXCB_COUNTS], m->labels_all, global_rows(m), c->K);
 }
 
 static int excb_rule_diagnostics(const ExcbModel *m, const char **names, double *values) {
@@ -6103,9 +6106,6 @@ static int ranks_refusal(const ExcbRunConfig *rc, char *err) {
     if (!me->ranks)
         return fail(err, EXCB_EXIT_CONFIG, "method '%s' keeps batch-wide state that is not reduced across ranks yet: it "
                     "trains in one process (without mpirun or --chunks)", me->name);
-    if (rc->model.excb.count_source || rc->model.excb.count_kind)
-        return fail(err, EXCB_EXIT_CONFIG, "count_source and count_kind (A4's audit counts) train in one process only "
-                    "for now");
     if (rc->device == EXCB_DEVICE_CUDA && mpi_world.size <= 1)    /* one device state per process */
         return fail(err, EXCB_EXIT_USAGE, "--chunks %d with --device cuda: the chunks would share one process's GPU "
                     "state; mpirun -np %d runs the ranks on the GPU(s)", R, R);

@@ -573,8 +573,11 @@ void balanced_targets(real *q, int32_t *labels, real *zhat, const real *z, const
                       const real *higher, int N, int K, double boost, double clamp, double tau_t);
 /* E2, E3: s <- m_s s + (1-m_s) counts/N, the term rounded through float16 if fp16_term (A4). */
 void cluster_size_ema(real *s, const real *frac, int K, double m_s, int fp16_term);
-void cluster_size_fractions(real *frac, int32_t *raw_labels, const real *q, const real *z, int N, int K, double tau_t,
-                            int raw, int soft);
+/* A4's audit counts: acc (K doubles) <- the sums over N rows of the hard argmaxes or soft probabilities of
+   q (raw = 0) or softmax(z / tau_t) (raw = 1); frac <- acc / N, N the rows of every rank */
+void cluster_size_sums(double *acc, int32_t *raw_labels, const real *q, const real *z, int N, int K, double tau_t,
+                       int raw, int soft);
+void cluster_size_fractions(real *frac, const double *acc, int N, int K, int soft);
 void cluster_size_update(real *s, int32_t *counts, const int32_t *labels, int N, int K, double m_s,
                          int fp16_term);
 /* E7, E8, E11: the loss over the student rows, matched to the teacher targets q (Vg*B, K); each z is

@@ -3566,6 +3566,7 @@ int excb_cuda_join(ExcbComm *world, ExcbPrecision precision, char *how, size_t c
     (void)world; (void)precision; (void)how; (void)cap;
     return excb_cuda_attach(NULL, NULL, 0, err);
 }
+void excb_cuda_leave(ExcbComm *world) { (void)world; }
 #endif
 
 /* ================================================================================================
@@ -8181,6 +8182,7 @@ done_model:
     free(config_text);
     free(config_json);
     if (run != &m) excb_cuda_detach(run);
+    if (run != &m && rk.world) excb_cuda_leave(rk.world);
     ranks_close(&rk);
     excb_free(&m);
     excb_data_close(&ds);
@@ -10397,6 +10399,11 @@ int main(int argc, char **argv) {
         }
         MPI_Comm_rank(MPI_COMM_WORLD, &mpi_world.rank);
         MPI_Comm_size(MPI_COMM_WORLD, &mpi_world.size);
+        MPI_Comm node;                               /* the ranks that share this node's memory (GPUs) */
+        MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, mpi_world.rank, MPI_INFO_NULL, &node);
+        MPI_Comm_rank(node, &mpi_world.local_rank);
+        MPI_Comm_size(node, &mpi_world.local_size);
+        MPI_Comm_free(&node);
         mpi_world.kind = EXCB_COMM_MPI;
     }
 #endif

@@ -1259,13 +1259,15 @@ extern "C" int excb_cuda_init(ExcbPrecision precision, char *err) {
 }
 
 /* --- several ranks (excb.c section 10b) -------------------------------------------------------------
- * Each rank takes the GPU of its local rank modulo the node's GPUs. With one GPU per rank (and NCCL
- * built in), NCCL joins them, its id broadcast over MPI, and all-reduces the gradients on the GPUs (the
- * sum, then x 1/R: NCCL's own order, not excb.c's rank order, so not bit for bit the --chunks run).
- * Ranks that share a GPU (NCCL refuses two ranks on one device) reduce everything through host memory
- * over MPI, as the small reductions (BatchNorm sums, counts, diagnostics) always do. */
+ * Each rank takes the GPU of its node-local rank (MPI's shared-memory split) modulo the GPUs it sees.
+ * When no two ranks hold the same GPU (the ranks compare the UUIDs of theirs, so a scheduler that shows
+ * each rank one GPU of its own counts as one each) and NCCL is built in, NCCL joins them, its id
+ * broadcast over MPI, and all-reduces the gradients on the GPUs (the sum, then x 1/R: NCCL's own order,
+ * not excb.c's rank order, so not bit for bit the --chunks run). Ranks that share a GPU (NCCL refuses
+ * two ranks on one device) reduce everything through host memory over MPI, as the small reductions
+ * (BatchNorm sums, counts, diagnostics) always do. */
 #ifdef EXCB_NCCL
-static ncclComm_t nccl;            /* for the process's life: the OS releases it at exit */
+static ncclComm_t nccl;            /* from excb_cuda_join to excb_cuda_leave */
 static_assert(sizeof(real) == 4, "NCCL's all-reduce is told ncclFloat");
 
 static void nccl_sum_real(ExcbComm *c, real *x, size_t n, int mean) {
@@ -1299,10 +1301,18 @@ extern "C" int excb_cuda_join(ExcbComm *world, ExcbPrecision precision, char *ho
         snprintf(err, EXCB_ERR_LEN, "--device cuda: another rank sees no GPU");
         return EXCB_EXIT_UNAVAILABLE;
     }
-    const char *lr = getenv("OMPI_COMM_WORLD_LOCAL_RANK"), *ls = getenv("OMPI_COMM_WORLD_LOCAL_SIZE");
-    int local_rank = lr ? atoi(lr) : world->rank, local_size = ls ? atoi(ls) : world->size;
-    g.device = local_rank % n;
-    int shared = excb_comm_max(world, local_size > n);     /* any node with fewer GPUs than ranks */
+    g.device = (world->local_size ? world->local_rank : world->rank) % n;
+    /* shared: two ranks anywhere hold the same GPU. Every rank gathers every rank's UUID. */
+    cudaDeviceProp prop;
+    CUDA_CHECK(cudaGetDeviceProperties(&prop, g.device));
+    unsigned char *uuids = (unsigned char *)malloc(sizeof prop.uuid * (size_t)world->size);
+    if (!uuids) { snprintf(err, EXCB_ERR_LEN, "--device cuda: out of memory"); return EXCB_EXIT_OSERR; }
+    excb_comm_gather(world, &prop.uuid, uuids, sizeof prop.uuid);
+    int shared = 0;
+    for (int a = 0; a < world->size; a++)
+        for (int b = a + 1; b < world->size; b++)
+            shared |= !memcmp(uuids + a * sizeof prop.uuid, uuids + b * sizeof prop.uuid, sizeof prop.uuid);
+    free(uuids);
     int code = excb_cuda_init(precision, err);
     if (code) return code;
 #ifdef EXCB_NCCL
@@ -1317,9 +1327,23 @@ extern "C" int excb_cuda_join(ExcbComm *world, ExcbPrecision precision, char *ho
         return 0;
     }
 #endif
-    snprintf(how, cap, "%d ranks on %d GPU(s) a node (this rank: device %d): every reduction through host memory over "
-             "MPI (%s)", world->size, n, g.device, shared ? "NCCL takes one GPU per rank" : "NCCL is not built in");
+    snprintf(how, cap, "%d ranks, %d GPU(s) visible to this rank (device %d): every reduction through host memory over "
+             "MPI (%s)", world->size, n, g.device, shared ? "ranks share a GPU, and NCCL takes one GPU per rank"
+             : "NCCL is not built in");
     return 0;
+}
+
+extern "C" void excb_cuda_leave(ExcbComm *world) {
+#ifdef EXCB_NCCL
+    if (world->device_sum_real == nccl_sum_real) {
+        cudaStreamSynchronize(g.stream);
+        ncclCommDestroy(nccl);
+        nccl = NULL;
+        world->device_sum_real = NULL;
+    }
+#else
+    (void)world;
+#endif
 }
 
 /* the device twin: a struct copy of m with every buffer on the GPU */

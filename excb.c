@@ -8946,14 +8946,15 @@ static int cmd_bench(int argc, char **argv) {
     ExcbDataset ds;
     ExcbLoader L;
     if (o.data && (code = open_data("bench", &o, &cfg, &ds, &L))) return code;
-    /* under mpirun (section 10b): each rank steps its share of the same global batch of random inputs */
+    /* under mpirun (section 10b): each rank steps its share of the same global batch of random inputs,
+       on the CPU unless --device cuda says otherwise (as excb train) */
     int R = mpi_world.size > 1 ? mpi_world.size : 1, rank = mpi_world.rank, B = cfg.batch;
-    if (R > 1 && (o.data || o.device == EXCB_DEVICE_CUDA || B % R || B / R < 2)) {
-        if (!rank) fprintf(stderr, "excb bench: under mpirun, random inputs on the CPU and a batch of at least 2 images a "
-                           "rank that the %d ranks divide (B = %d)\n", R, B);
+    if (R > 1 && (o.data || B % R || B / R < 2)) {
+        if (!rank) fprintf(stderr, "excb bench: under mpirun, random inputs and a batch of at least 2 images a rank "
+                           "that the %d ranks divide (B = %d)\n", R, B);
         return EXCB_EXIT_USAGE;
     }
-
+    if (R > 1 && o.device == EXCB_DEVICE_AUTO) o.device = EXCB_DEVICE_CPU;
     if ((code = resolve_device("bench", &o.device, o.precision, &cfg, R > 1))) return code;
     cfg.batch = B / R;
     cfg.ranks = R;
@@ -8970,7 +8971,13 @@ static int cmd_bench(int argc, char **argv) {
     real *dxg = NULL, *dxl = NULL;
     if (o.device == EXCB_DEVICE_CUDA) {
         if (o.data) { fprintf(stderr, "excb bench: --data runs on the CPU only\n"); return EXCB_EXIT_USAGE; }
-        if ((code = excb_cuda_attach(&dm, &host, (ExcbPrecision)o.precision, err))) { fprintf(stderr, "excb bench: %s\n", err); return code; }
+        char how[300];                          /* ranks: each its GPU, joined by NCCL or through MPI */
+        if (R > 1 && !(code = excb_cuda_join(&mpi_world, (ExcbPrecision)o.precision, how, sizeof how, err)) && !rank)
+            fprintf(stderr, "excb bench: %s\n", how);
+        if (code || (code = excb_cuda_attach(&dm, &host, (ExcbPrecision)o.precision, err))) {
+            fprintf(stderr, "excb bench: %s\n", err);
+            return code;
+        }
         mp = &dm;
         dxg = excb_cuda_alloc(ng);                  /* fixed inputs live on the GPU, as the peer's do */
         dxl = excb_cuda_alloc(nl + 1);
@@ -9024,7 +9031,7 @@ static int cmd_bench(int argc, char **argv) {
     double lo, hi, med = median_of(ips, o.reps, &lo, &hi);
     struct rusage ru;
     getrusage(RUSAGE_SELF, &ru);
-    if (o.device == EXCB_DEVICE_CUDA) {
+    if (o.device == EXCB_DEVICE_CUDA && !rank) {
         size_t now_b, peak_b;
         excb_cuda_memory(&now_b, &peak_b);
         double peak_flops = excb_cuda_peak_flops((ExcbPrecision)o.precision);
@@ -9034,7 +9041,7 @@ static int cmd_bench(int argc, char **argv) {
                "(%.4f GFLOP/img) = %.1f %% of the GPU's %s peak %.1f TFLOP/s | GPU memory peak %.1f MiB | host peak %.1f MiB "
                "| %d reps x %d steps | loss %.5f | cuDNN: %d shapes, %d directions on packed copies, %d without a "
                "deterministic algorithm\n",
-               cfg.name, cfg.global_size, cfg.n_local ? cfg.local_size : 0, cfg.batch, cfg.K, precision_names[o.precision],
+               cfg.name, cfg.global_size, cfg.n_local ? cfg.local_size : 0, B, cfg.K, precision_names[o.precision],
                med, lo, hi, flop_per_img * med / 1e9, flop_per_img / 1e9,
                peak_flops > 0 ? 100 * flop_per_img * med / peak_flops : 0.0, precision_names[o.precision], peak_flops / 1e12,
                peak_b / 1048576.0, ru.ru_maxrss / 1024.0, o.reps, steps, st.loss, plans, packed,
@@ -9045,12 +9052,13 @@ static int cmd_bench(int argc, char **argv) {
                cfg.name, cfg.global_size, cfg.n_local ? cfg.local_size : 0, B, cfg.K, m->max_threads,
                med, lo, hi, flop_per_img * med / 1e9, flop_per_img / 1e9,
                ru.ru_maxrss / 1024.0, o.reps, steps, st.loss);
-        if (R > 1)
-            printf("excb bench: %d ranks (Open MPI), %d images each: %.1f ms a step in %.0f reductions of %.2f MB from "
-                   "each rank (waits for the other ranks included), of %.1f ms a step\n", R, cfg.batch,
-                   1e3 * mpi_world.seconds / (o.reps * steps), (double)mpi_world.calls / (o.reps * steps + 1),
-                   mpi_world.bytes / (o.reps * steps + 1) / 1e6, 1e3 * B / med);
     }
+    if (R > 1 && !rank)
+        printf("excb bench: %d ranks (Open MPI%s), %d images each: %.1f ms a step in %.0f reductions of %.2f MB from "
+               "each rank (waits for the other ranks included), of %.1f ms a step\n", R,
+               mpi_world.device_sum_real ? " and NCCL" : "", cfg.batch, 1e3 * mpi_world.seconds / (o.reps * steps),
+               (double)mpi_world.calls / (o.reps * steps + 1), mpi_world.bytes / (o.reps * steps + 1) / 1e6,
+               1e3 * B / med);
     if (o.data) {
         double dlo, dhi, dmed = median_of(ips_data, o.reps, &dlo, &dhi), rlo, rhi, rmed = median_of(ratio, o.reps, &rlo, &rhi);
         printf("excb bench %s on %s (%d loader worker(s)): %.2f img/s [%.2f–%.2f] = %.3f [%.3f–%.3f] of random "
@@ -9064,6 +9072,7 @@ static int cmd_bench(int argc, char **argv) {
         excb_cuda_free(dxg, ng);
         excb_cuda_free(dxl, nl + 1);
         excb_cuda_detach(&dm);
+        if (R > 1) excb_cuda_leave(&mpi_world);
     } else {
         free(xg);
         free(xl);

@@ -1151,6 +1151,10 @@ static void gpu_ranks_against_one(int own) {
     if (own && log_has("NCCL is not built in")) cr_skip_test("this build has no NCCL (make found none)");
     if (own && !log_has("all-reduced by NCCL")) cr_skip_test("fewer than 2 GPUs visible: the ranks shared one");
     cr_expect(own || log_has("every reduction through host memory"), "the shared GPU's path was taken");
+    /* excb bench on the same ranks: the reductions' time against the step's */
+    cr_expect_eq(sh("%s" MPIRUN "./excb bench --config tiny --reps 1 --min-seconds 1 --device cuda", own ? "" :
+                    "CUDA_VISIBLE_DEVICES=0 ", 2), 0);
+    cr_expect(log_has(own ? "2 ranks (Open MPI and NCCL), 2 images each" : "2 ranks (Open MPI), 2 images each"));
     /* --chunks keeps one device state per process: with --device cuda it is refused (64) */
     cr_expect_eq(sh(TRAIN "--out '%s' --device cuda --chunks 2", p("data"), p("gc")), EXCB_EXIT_USAGE);
     cr_expect(log_has("mpirun -np 2"));

@@ -3566,7 +3566,7 @@ int excb_cuda_join(ExcbComm *world, ExcbPrecision precision, char *how, size_t c
     (void)world; (void)precision; (void)how; (void)cap;
     return excb_cuda_attach(NULL, NULL, 0, err);
 }
-void excb_cuda_leave(ExcbComm *world) { (void)world; }
+void excb_cuda_leave(ExcbComm *world, int failed) { (void)world; (void)failed; }
 #endif
 
 /* ================================================================================================
@@ -7916,6 +7916,7 @@ int excb_train(ExcbRunConfig *rc_in, const char *out_dir, const char *resume_fro
         if (rk.world && !(code = excb_cuda_join(rk.world, (ExcbPrecision)rc.precision, how, sizeof how, err)) && writer)
             fprintf(stderr, "excb train: %s\n", how);
         if (code || (code = excb_cuda_attach(&dm, &m, (ExcbPrecision)rc.precision, err))) {
+            if (rk.world) excb_cuda_leave(rk.world, 1);
             excb_free(&m);
             excb_data_close(&ds);
             return code;
@@ -8182,7 +8183,7 @@ done_model:
     free(config_text);
     free(config_json);
     if (run != &m) excb_cuda_detach(run);
-    if (run != &m && rk.world) excb_cuda_leave(rk.world);
+    if (run != &m && rk.world) excb_cuda_leave(rk.world, code != 0);
     ranks_close(&rk);
     excb_free(&m);
     excb_data_close(&ds);
@@ -8975,6 +8976,7 @@ static int cmd_bench(int argc, char **argv) {
         if (R > 1 && !(code = excb_cuda_join(&mpi_world, (ExcbPrecision)o.precision, how, sizeof how, err)) && !rank)
             fprintf(stderr, "excb bench: %s\n", how);
         if (code || (code = excb_cuda_attach(&dm, &host, (ExcbPrecision)o.precision, err))) {
+            if (R > 1) excb_cuda_leave(&mpi_world, 1);
             fprintf(stderr, "excb bench: %s\n", err);
             return code;
         }
@@ -9001,7 +9003,8 @@ static int cmd_bench(int argc, char **argv) {
     if (steps < 1) steps = 1;
     if (R > 1) {                                 /* every rank the same steps: rank 0's count */
         excb_comm_broadcast(&mpi_world, &steps, sizeof steps);
-        mpi_world.seconds = 0;
+        mpi_world.seconds = mpi_world.bytes = 0;     /* the timed steps' reductions only */
+        mpi_world.calls = 0;
     }
     /* with --data, random and loaded steps alternate one by one, so slow drifts of the machine hit
        both alike; each repetition's two rates give one ratio */
@@ -9034,16 +9037,18 @@ static int cmd_bench(int argc, char **argv) {
     if (o.device == EXCB_DEVICE_CUDA && !rank) {
         size_t now_b, peak_b;
         excb_cuda_memory(&now_b, &peak_b);
-        double peak_flops = excb_cuda_peak_flops((ExcbPrecision)o.precision);
+        int gpus = R > 1 ? mpi_world.gpus : 1;              /* the ranks' distinct GPUs (10b) */
+        double peak_flops = gpus * excb_cuda_peak_flops((ExcbPrecision)o.precision);
         int plans, packed;
         excb_cuda_conv_report(&plans, &packed);
         printf("excb bench %s G=%d L=%d B=%d K=%d device=cuda precision=%s: %.2f img/s [%.2f–%.2f] | %.1f GFLOP/s "
-               "(%.4f GFLOP/img) = %.1f %% of the GPU's %s peak %.1f TFLOP/s | GPU memory peak %.1f MiB | host peak %.1f MiB "
+               "(%.4f GFLOP/img) = %.1f %% of %s %s peak %.1f TFLOP/s | GPU memory peak %.1f MiB | host peak %.1f MiB "
                "| %d reps x %d steps | loss %.5f | cuDNN: %d shapes, %d directions on packed copies, %d without a "
                "deterministic algorithm\n",
                cfg.name, cfg.global_size, cfg.n_local ? cfg.local_size : 0, B, cfg.K, precision_names[o.precision],
                med, lo, hi, flop_per_img * med / 1e9, flop_per_img / 1e9,
-               peak_flops > 0 ? 100 * flop_per_img * med / peak_flops : 0.0, precision_names[o.precision], peak_flops / 1e12,
+               peak_flops > 0 ? 100 * flop_per_img * med / peak_flops : 0.0, gpus > 1 ? "the GPUs'" : "the GPU's",
+               precision_names[o.precision], peak_flops / 1e12,
                peak_b / 1048576.0, ru.ru_maxrss / 1024.0, o.reps, steps, st.loss, plans, packed,
                excb_cuda_nondeterministic_plans());
     } else if (!rank) {
@@ -9057,7 +9062,7 @@ static int cmd_bench(int argc, char **argv) {
         printf("excb bench: %d ranks (Open MPI%s), %d images each: %.1f ms a step in %.0f reductions of %.2f MB from "
                "each rank (waits for the other ranks included), of %.1f ms a step\n", R,
                mpi_world.device_sum_real ? " and NCCL" : "", cfg.batch, 1e3 * mpi_world.seconds / (o.reps * steps),
-               (double)mpi_world.calls / (o.reps * steps + 1), mpi_world.bytes / (o.reps * steps + 1) / 1e6,
+               (double)mpi_world.calls / (o.reps * steps), mpi_world.bytes / (o.reps * steps) / 1e6,
                1e3 * B / med);
     if (o.data) {
         double dlo, dhi, dmed = median_of(ips_data, o.reps, &dlo, &dhi), rlo, rhi, rmed = median_of(ratio, o.reps, &rlo, &rhi);
@@ -9072,7 +9077,7 @@ static int cmd_bench(int argc, char **argv) {
         excb_cuda_free(dxg, ng);
         excb_cuda_free(dxl, nl + 1);
         excb_cuda_detach(&dm);
-        if (R > 1) excb_cuda_leave(&mpi_world);
+        if (R > 1) excb_cuda_leave(&mpi_world, 0);
     } else {
         free(xg);
         free(xl);

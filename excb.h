@@ -474,6 +474,7 @@ typedef enum { EXCB_COMM_CHUNKS = 1, EXCB_COMM_MPI = 2 } ExcbCommKind;
 typedef struct ExcbComm {
     int rank, size;            /* this rank, R                                                        */
     int local_rank, local_size;/* MPI: this rank among the ranks of its node, and how many there are  */
+    int gpus;                  /* the distinct GPUs the ranks hold (excb_cuda_join; 0 before)         */
     ExcbCommKind kind;
     struct ExcbChunks *chunks; /* CHUNKS: the scheduler the R shares take turns in                   */
     double seconds, bytes;     /* time spent in reductions, and the bytes this rank contributed      */
@@ -681,10 +682,12 @@ int excb_cuda_init(ExcbPrecision precision, char *err);
 /* a rank of `world` (mpirun, section 10b) takes its GPU before excb_cuda_init: the node's local rank
    modulo the GPUs it sees. When no two ranks have the same GPU (by its UUID) and NCCL is built in, NCCL
    joins them and world->device_sum_real all-reduces the gradients on the GPUs; otherwise device buffers
-   go through host memory over MPI. *how says which. 0, or an exit code with err. excb_cuda_leave
-   releases what the join made (NCCL's communicator); the world goes back to host reductions. */
+   go through host memory over MPI. *how says which. 0, or an exit code with err. Ranks on one GPU
+   whose compute mode admits one process are refused (69). excb_cuda_leave releases what the join made
+   (NCCL's communicator; `failed`: a rank may be leaving alone, so without waiting for the others); the
+   world goes back to host reductions. */
 int excb_cuda_join(ExcbComm *world, ExcbPrecision precision, char *how, size_t cap, char *err);
-void excb_cuda_leave(ExcbComm *world);
+void excb_cuda_leave(ExcbComm *world, int failed);
 /* the device twin dm of a built host model m: dm is a copy of m whose parameters, optimiser state,
    BN statistics, method state and activation arena live on the GPU (uploaded from m) and whose ops are
    excb_cuda_ops. 0, or an exit code with err (EXCB_EXIT_USAGE for a method without a GPU twin). */

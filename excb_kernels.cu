@@ -1293,6 +1293,10 @@ static void nccl_sum_real(ExcbComm *c, real *x, size_t n, int mean) {
 #endif
 
 extern "C" int excb_cuda_join(ExcbComm *world, ExcbPrecision precision, char *how, size_t cap, char *err) {
+    if (g.ready) {             /* a GPU taken before the join would keep every rank on device 0 */
+        snprintf(err, EXCB_ERR_LEN, "internal: excb_cuda_join after the GPU was set up in this process");
+        return EXCB_EXIT_SOFTWARE;
+    }
     int n = 0;
     if (cudaGetDeviceCount(&n) != cudaSuccess) n = 0;
     cudaGetLastError();
@@ -1308,11 +1312,28 @@ extern "C" int excb_cuda_join(ExcbComm *world, ExcbPrecision precision, char *ho
     unsigned char *uuids = (unsigned char *)malloc(sizeof prop.uuid * (size_t)world->size);
     if (!uuids) { snprintf(err, EXCB_ERR_LEN, "--device cuda: out of memory"); return EXCB_EXIT_OSERR; }
     excb_comm_gather(world, &prop.uuid, uuids, sizeof prop.uuid);
-    int shared = 0;
-    for (int a = 0; a < world->size; a++)
-        for (int b = a + 1; b < world->size; b++)
-            shared |= !memcmp(uuids + a * sizeof prop.uuid, uuids + b * sizeof prop.uuid, sizeof prop.uuid);
+    const size_t u = sizeof prop.uuid;
+    int mine_shared = 0;                                       /* another rank holds this rank's GPU */
+    world->gpus = 0;
+    for (int a = 0; a < world->size; a++) {
+        int first = 1;                                         /* no earlier rank holds a's GPU */
+        for (int b = 0; b < a; b++) first &= memcmp(uuids + a * u, uuids + b * u, u) != 0;
+        world->gpus += first;
+        mine_shared |= a != world->rank && !memcmp(uuids + a * u, uuids + world->rank * u, u);
+    }
     free(uuids);
+    int shared = world->gpus < world->size;
+    /* a GPU in an exclusive compute mode takes one process: two ranks on it would fail to start the second's
+       context, with CUDA's words only */
+    int mode = cudaComputeModeDefault;
+    CUDA_CHECK(cudaDeviceGetAttribute(&mode, cudaDevAttrComputeMode, g.device));
+    int exclusive = mine_shared && mode != cudaComputeModeDefault;
+    if (excb_comm_max(world, exclusive)) {
+        snprintf(err, EXCB_ERR_LEN, "--device cuda: %d ranks share a GPU whose compute mode lets one process in (%s): "
+                 "give each rank a GPU of its own, or set the compute mode to Default (nvidia-smi -c 0)", world->size,
+                 exclusive ? prop.name : "another rank's");
+        return EXCB_EXIT_UNAVAILABLE;
+    }
     int code = excb_cuda_init(precision, err);
     if (code) return code;
 #ifdef EXCB_NCCL
@@ -1333,16 +1354,20 @@ extern "C" int excb_cuda_join(ExcbComm *world, ExcbPrecision precision, char *ho
     return 0;
 }
 
-extern "C" void excb_cuda_leave(ExcbComm *world) {
+extern "C" void excb_cuda_leave(ExcbComm *world, int failed) {
 #ifdef EXCB_NCCL
     if (world->device_sum_real == nccl_sum_real) {
-        cudaStreamSynchronize(g.stream);
-        ncclCommDestroy(nccl);
+        /* a rank that fails alone must not wait for the others (MPI_Abort ends them next): abort */
+        if (failed) ncclCommAbort(nccl);
+        else {
+            cudaStreamSynchronize(g.stream);
+            ncclCommDestroy(nccl);
+        }
         nccl = NULL;
         world->device_sum_real = NULL;
     }
 #else
-    (void)world;
+    (void)world; (void)failed;
 #endif
 }
 
@@ -1453,10 +1478,10 @@ extern "C" void excb_cuda_free(real *p, size_t floats) { dfree(p, sizeof(real) *
 
 extern "C" double excb_cuda_peak_flops(ExcbPrecision precision) {
     int sms = 0, khz = 0, major = 0, minor = 0;
-    if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0) != cudaSuccess ||
-        cudaDeviceGetAttribute(&khz, cudaDevAttrClockRate, 0) != cudaSuccess ||
-        cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, 0) != cudaSuccess ||
-        cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, 0) != cudaSuccess) {
+    if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, g.device) != cudaSuccess ||   /* this rank's */
+        cudaDeviceGetAttribute(&khz, cudaDevAttrClockRate, g.device) != cudaSuccess ||
+        cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, g.device) != cudaSuccess ||
+        cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, g.device) != cudaSuccess) {
         cudaGetLastError();
         return 0;
     }

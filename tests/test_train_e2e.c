@@ -1138,22 +1138,26 @@ static void need_mpi_and_gpu(void) {
 }
 
 /* 2 ranks against one process, both on the GPU, ExCB after two steps: ranks on one GPU (every reduction
-   through host memory over MPI; CUDA_VISIBLE_DEVICES=0 makes them share it) or, with `own`, one GPU
+   through host memory over MPI; CUDA_VISIBLE_DEVICES with one entry makes them share it) or, with `own`, one GPU
    each (NCCL's gradient all-reduce; SKIP unless the run says NCCL joined them). The tolerance is the
    chunks test's, the same sums in other orders, measured on the CPU only: the first GPU run states
    its own (cuDNN may pick other algorithms for the ranks' smaller batches). */
 static void gpu_ranks_against_one(int own) {
     need_mpi_and_gpu();
     const char *one = own ? "g1n" : "g1s", *two = own ? "g2n" : "g2s";
+    /* the shared case: both ranks on the first GPU this process may use (the one its own run takes) */
+    char share[160] = "";
+    const char *visible = getenv("CUDA_VISIBLE_DEVICES");
+    if (!own) snprintf(share, sizeof share, "CUDA_VISIBLE_DEVICES=%.*s ", visible && *visible ? (int)strcspn(visible, ",") : 1,
+                       visible && *visible ? visible : "0");
     cr_assert_eq(sh(TRAIN "--out '%s' --device cuda --set kmeans_init=0 --stop-after 2", p("data"), p(one)), 0);
-    cr_assert_eq(sh("%s" MPIRUN TRAIN "--out '%s' --device cuda --set kmeans_init=0 --stop-after 2",
-                    own ? "" : "CUDA_VISIBLE_DEVICES=0 ", 2, p("data"), p(two)), 0);
+    cr_assert_eq(sh("%s" MPIRUN TRAIN "--out '%s' --device cuda --set kmeans_init=0 --stop-after 2", share, 2,
+                    p("data"), p(two)), 0);
     if (own && log_has("NCCL is not built in")) cr_skip_test("this build has no NCCL (make found none)");
     if (own && !log_has("all-reduced by NCCL")) cr_skip_test("fewer than 2 GPUs visible: the ranks shared one");
     cr_expect(own || log_has("every reduction through host memory"), "the shared GPU's path was taken");
     /* excb bench on the same ranks: the reductions' time against the step's */
-    cr_expect_eq(sh("%s" MPIRUN "./excb bench --config tiny --reps 1 --min-seconds 1 --device cuda", own ? "" :
-                    "CUDA_VISIBLE_DEVICES=0 ", 2), 0);
+    cr_expect_eq(sh("%s" MPIRUN "./excb bench --config tiny --reps 1 --min-seconds 1 --device cuda", share, 2), 0);
     cr_expect(log_has(own ? "2 ranks (Open MPI and NCCL), 2 images each" : "2 ranks (Open MPI), 2 images each"));
     /* --chunks keeps one device state per process: with --device cuda it is refused (64) */
     cr_expect_eq(sh(TRAIN "--out '%s' --device cuda --chunks 2", p("data"), p("gc")), EXCB_EXIT_USAGE);

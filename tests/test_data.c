@@ -17,16 +17,8 @@
 
 static char tmpdir[256];
 
-static void make_tmpdir(void) {
-    snprintf(tmpdir, sizeof tmpdir, "/tmp/excb_test_data_XXXXXX");
-    cr_assert(mkdtemp(tmpdir), "mkdtemp failed");
-}
-
-static void remove_tmpdir(void) {
-    char cmd[400];
-    snprintf(cmd, sizeof cmd, "rm -rf '%s'", tmpdir);
-    cr_assert_eq(system(cmd), 0);
-}
+static void make_tmpdir(void) { scratch_make(tmpdir, sizeof tmpdir, "test_data"); }
+static void remove_tmpdir(void) { scratch_remove(tmpdir); }
 
 TestSuite(data, .init = make_tmpdir, .fini = remove_tmpdir);
 

@@ -472,15 +472,8 @@ Test(clusters, hungarian_beats_greedy) {
 
 /* ---- checkpoints ---------------------------------------------------------------------------------- */
 static char ckdir[256];
-static void make_ckdir(void) {
-    snprintf(ckdir, sizeof ckdir, "/tmp/excb_test_ckpt_XXXXXX");
-    cr_assert(mkdtemp(ckdir));
-}
-static void remove_ckdir(void) {
-    char cmd[400];
-    snprintf(cmd, sizeof cmd, "rm -rf '%s'", ckdir);
-    cr_assert_eq(system(cmd), 0);
-}
+static void make_ckdir(void) { scratch_make(ckdir, sizeof ckdir, "test_ckpt"); }
+static void remove_ckdir(void) { scratch_remove(ckdir); }
 TestSuite(checkpoint, .init = make_ckdir, .fini = remove_ckdir);
 
 /* the parameter buffers pad each tensor to 64 bytes; padding is not saved (and is 0 in a real model) */

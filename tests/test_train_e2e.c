@@ -65,19 +65,14 @@ static void setup(void) {
     /* one compute thread per excb: Criterion runs as many tests at once as there are cores, and
        OpenMP threads that outnumber the cores spin at every barrier (a tiny run then takes minutes) */
     setenv("OMP_NUM_THREADS", "1", 1);
-    snprintf(dir, sizeof dir, "/tmp/excb_test_e2e_XXXXXX");
-    cr_assert(mkdtemp(dir));
+    scratch_make(dir, sizeof dir, "test_e2e");
     mkdir(p("data"), 0777);
     make_split(p("data/train-images-idx3-ubyte"), p("data/train-labels-idx1-ubyte"), 256, 1);
     make_split(p("data/t10k-images-idx3-ubyte"), p("data/t10k-labels-idx1-ubyte"), 64, 2);
     cr_assert(access("./excb", X_OK) == 0, "./excb missing: run from the repository root after make");
 }
 
-static void teardown(void) {
-    char cmd[400];
-    snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir);
-    cr_assert_eq(system(cmd), 0);
-}
+static void teardown(void) { scratch_remove(dir); }
 
 TestSuite(e2e, .init = setup, .fini = teardown, .timeout = 300);
 

@@ -17,16 +17,8 @@
 
 static char scratch[64];
 
-static void make_scratch(void) {
-    snprintf(scratch, sizeof scratch, "/tmp/excb_weights_XXXXXX");
-    cr_assert(mkdtemp(scratch), "mkdtemp");
-}
-
-static void remove_scratch(void) {
-    char cmd[128];
-    snprintf(cmd, sizeof cmd, "rm -rf %s", scratch);
-    cr_assert(system(cmd) == 0);
-}
+static void make_scratch(void) { scratch_make(scratch, sizeof scratch, "weights"); }
+static void remove_scratch(void) { scratch_remove(scratch); }
 
 /* a file of the given bytes: an 8-byte length (hlen, as given: it may lie), the header text, then data */
 static void write_raw(const char *path, uint64_t hlen, const char *header, const void *data, size_t n) {

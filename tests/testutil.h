@@ -10,6 +10,18 @@
 #include <string.h>
 #include "excb.h"
 
+/* A suite's scratch directory: /tmp/excb_NAME_XXXXXX made (dir: at least 64 bytes), and removed with all it
+ * holds. The suite defines _DEFAULT_SOURCE (mkdtemp) before it includes this header. */
+static inline void scratch_make(char *dir, size_t cap, const char *name) {
+    snprintf(dir, cap, "/tmp/excb_%s_XXXXXX", name);
+    cr_assert(mkdtemp(dir), "mkdtemp %s", dir);
+}
+static inline void scratch_remove(const char *dir) {
+    char cmd[400];
+    snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir);
+    cr_assert_eq(system(cmd), 0, "%s", cmd);
+}
+
 /* |got - want| <= tol, printing both values (Criterion's old float macro prints neither). */
 #define EXPECT_NEAR(got, want, tol, what, ...)                                                     \
     do {                                                                                           \
